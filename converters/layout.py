@@ -1,0 +1,171 @@
+"""The mapping from Hugging Face MOSS/CodeGen tensor names to the jmoss store layout.
+
+The store groups tensors by what the runtime moves together: one group per transformer layer
+(one contiguous file), plus ``embed`` (the token table, needed one row per token) and ``head``
+(final LayerNorm and lm_head). Names inside a group drop the ``transformer.h.{i}.`` prefix.
+
+The one re-layout done at conversion time: CodeGen's fused ``qkv_proj`` rows are laid out for
+4 TPU shards, each shard holding (query, VALUE, key) chunks of n_head/4 heads. The store keeps a
+fused matrix ``attn.qkv.weight`` of shape [3*n_embd, n_embd] whose rows are instead
+[query heads 0..H-1 | key heads 0..H-1 | value heads 0..H-1], each head's D rows in order, so the
+runtime splits q, k, v with plain slices. See ``qkv_row_order``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import numpy as np
+
+from jmoss.config import QKV_SHARDS, MossConfig
+
+EMBED = "embed"
+HEAD = "head"
+
+# Store names of one layer's tensors, in the order they are written to the layer file.
+LAYER_NAMES = (
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.qkv.weight",
+    "attn.out_proj.weight",
+    "mlp.fc_in.weight",
+    "mlp.fc_in.bias",
+    "mlp.fc_out.weight",
+    "mlp.fc_out.bias",
+)
+EMBED_NAMES = ("wte.weight",)
+HEAD_NAMES = ("ln_f.weight", "ln_f.bias", "lm_head.weight", "lm_head.bias")
+
+_LAYER_RE = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
+# Buffers some checkpoints carry that the runtime rebuilds or never needs.
+_IGNORED_SUFFIXES = ("attn.causal_mask", "attn.masked_bias", "attn.bias", "attn.embed_positions")
+_HF_LAYER_TO_STORE = {
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.qkv_proj.weight": "attn.qkv.weight",
+    "attn.out_proj.weight": "attn.out_proj.weight",
+    "mlp.fc_in.weight": "mlp.fc_in.weight",
+    "mlp.fc_in.bias": "mlp.fc_in.bias",
+    "mlp.fc_out.weight": "mlp.fc_out.weight",
+    "mlp.fc_out.bias": "mlp.fc_out.bias",
+}
+_HF_TOP_TO_STORE = {
+    "transformer.wte.weight": (EMBED, "wte.weight"),
+    "transformer.ln_f.weight": (HEAD, "ln_f.weight"),
+    "transformer.ln_f.bias": (HEAD, "ln_f.bias"),
+    "lm_head.weight": (HEAD, "lm_head.weight"),
+    "lm_head.bias": (HEAD, "lm_head.bias"),
+}
+
+Group = str | int  # "embed", "head", or a layer index
+
+
+def layer_file(i: int) -> str:
+    return f"layer_{i:03d}.safetensors"
+
+
+def group_file(group: Group) -> str:
+    """File name (inside a store) holding a group's tensors."""
+    if isinstance(group, int):
+        return layer_file(group)
+    return f"{group}.safetensors"
+
+
+def group_shapes(config: MossConfig, group: Group) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every tensor in a group, in file order."""
+    d, inner, vocab = config.n_embd, config.inner_dim, config.vocab_size
+    if group == EMBED:
+        return {"wte.weight": (vocab, d)}
+    if group == HEAD:
+        return {"ln_f.weight": (d,), "ln_f.bias": (d,), "lm_head.weight": (vocab, d), "lm_head.bias": (vocab,)}
+    return {
+        "ln_1.weight": (d,),
+        "ln_1.bias": (d,),
+        "attn.qkv.weight": (3 * d, d),
+        "attn.out_proj.weight": (d, d),
+        "mlp.fc_in.weight": (inner, d),
+        "mlp.fc_in.bias": (inner,),
+        "mlp.fc_out.weight": (d, inner),
+        "mlp.fc_out.bias": (d,),
+    }
+
+
+def all_groups(config: MossConfig) -> list[Group]:
+    """Every group in the order the runtime consumes them (and the converter writes them)."""
+    return [EMBED, *range(config.n_layer), HEAD]
+
+
+def group_nbytes(config: MossConfig, group: Group, itemsize: int = 2) -> int:
+    """Bytes of a group's tensors (fp16 by default), without file headers."""
+    return sum(int(np.prod(s)) for s in group_shapes(config, group).values()) * itemsize
+
+
+def map_hf_name(name: str, config: MossConfig) -> tuple[Group, str] | None:
+    """Map an HF tensor name to (group, store name); None for buffers the runtime ignores.
+
+    Raises KeyError for a name that belongs to no MOSS/CodeGen tensor, so the converter can say
+    which tensor of a checkpoint is unexpected (usually: a different architecture).
+    """
+    if name in _HF_TOP_TO_STORE:
+        return _HF_TOP_TO_STORE[name]
+    m = _LAYER_RE.match(name)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if rest.endswith(_IGNORED_SUFFIXES):
+            return None
+        if rest in _HF_LAYER_TO_STORE and i < config.n_layer:
+            return i, _HF_LAYER_TO_STORE[rest]
+    raise KeyError(name)
+
+
+def qkv_row_order(config: MossConfig) -> np.ndarray:
+    """Source rows of qkv_proj, in store order [q heads | k heads | v heads].
+
+    In the source, output feature r of part p (0=query, 1=value, 2=key), head h, dim e is
+        r = (h div (H/4)) * (3d/4) + p * (d/4) + (h mod (H/4)) * D + e
+    (moss-spec §1.5). Row j of the store matrix is source row order[j].
+    """
+    d, heads, dim = config.n_embd, config.n_head, config.head_dim
+    per_shard = heads // QKV_SHARDS
+    order = np.empty(3 * d, dtype=np.int64)
+    j = 0
+    for part in (0, 2, 1):  # query, key, value in the source's part numbering
+        for h in range(heads):
+            base = (h // per_shard) * (3 * d // QKV_SHARDS) + part * (d // QKV_SHARDS) + (h % per_shard) * dim
+            order[j : j + dim] = np.arange(base, base + dim)
+            j += dim
+    return order
+
+
+def relayout(store_name: str, array: np.ndarray, config: MossConfig) -> np.ndarray:
+    """Apply the store's re-layout to one tensor (only the fused qkv changes)."""
+    if store_name == "attn.qkv.weight":
+        return np.ascontiguousarray(array[qkv_row_order(config)])
+    return array
+
+
+def split_state_dict(
+    state_dict: Mapping[str, np.ndarray], config: MossConfig, dtype: np.dtype | str | None = None
+) -> dict[Group, dict[str, np.ndarray]]:
+    """Turn an in-memory HF state dict into store groups (re-laid out, optionally cast).
+
+    Used by tests and tools that build a model without going through files; the converter applies
+    the same ``map_hf_name`` + ``relayout`` one tensor at a time.
+    """
+    groups: dict[Group, dict[str, np.ndarray]] = {g: {} for g in all_groups(config)}
+    for name, value in state_dict.items():
+        target = map_hf_name(name, config)
+        if target is None:
+            continue
+        group, store_name = target
+        array = np.asarray(value)
+        if dtype is not None:
+            array = array.astype(dtype)
+        groups[group][store_name] = relayout(store_name, array, config)
+    for group in groups:
+        expected = group_shapes(config, group)
+        missing = [n for n in expected if n not in groups[group]]
+        if missing:
+            raise KeyError(f"state dict lacks {', '.join(missing)} for group {group!r}")
+    return groups

@@ -1,0 +1,30 @@
+"""jmoss: run MOSS (moss-moon-003) and CodeGen models with Jittor on ordinary hardware.
+
+    import jmoss
+    model = jmoss.load("fnlp/moss-moon-003-sft", device_memory="12GiB")
+    print(model.generate("<|Human|>: Hi<eoh>\n<|MOSS|>:", max_new_tokens=32))
+
+Importing jmoss does not import jittor; that happens when a model is loaded.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from jmoss.config import MossConfig
+from jmoss.errors import JmossError
+
+__all__ = ["__version__", "JmossError", "MossConfig", "load", "load_tokenizer", "Model"]
+
+
+def __getattr__(name: str):
+    # Lazy: keeps `import jmoss` and `jmoss --help` fast and free of jittor's start-up.
+    if name in ("load", "Model"):
+        from jmoss import api
+
+        return getattr(api, name)
+    if name == "load_tokenizer":
+        from jmoss.tokenizer import load_tokenizer
+
+        return load_tokenizer
+    raise AttributeError(f"module 'jmoss' has no attribute {name!r}")

@@ -1,0 +1,56 @@
+"""Errors jmoss raises to its users.
+
+Every error a user can cause (bad input, bad files, budgets that cannot work) is a
+``JmossError`` whose message says what went wrong and what to do about it, so the CLI can
+print it without a traceback and scripts can catch one type.
+"""
+
+from __future__ import annotations
+
+
+class JmossError(Exception):
+    """Base class of every error jmoss raises on purpose."""
+
+
+class ConfigError(JmossError):
+    """A model config.json is missing, malformed or describes an unsupported model."""
+
+
+class CheckpointError(JmossError):
+    """A source checkpoint cannot be read: missing shard, truncated or corrupt file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle inside a checkpoint asks for something other than tensors; nothing was executed."""
+
+
+class StoreError(JmossError):
+    """A converted jmoss store is missing, incomplete or fails verification."""
+
+
+class ModelNotFoundError(StoreError):
+    """A model name or path does not lead to a converted store."""
+
+
+class BudgetError(JmossError):
+    """A memory budget is malformed or too small to run the model."""
+
+
+class DeviceError(JmossError):
+    """The requested device (e.g. CUDA) is not usable on this machine."""
+
+
+class ContextLengthError(JmossError):
+    """A sequence would run past the model's maximum number of positions."""
+
+
+class TokenizerError(JmossError):
+    """Tokenizer files are missing or malformed."""
+
+
+class GenerationError(JmossError):
+    """Generation options are invalid."""
+
+
+class PluginError(JmossError):
+    """A plugin is unknown, misconfigured or failed to load."""

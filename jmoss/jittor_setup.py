@@ -1,0 +1,242 @@
+"""The one place jmoss sets up Jittor; every other module gets jittor from ``get_jittor()``.
+
+Jittor 1.3.11, imported naively, downloads oneDNN (and cutt, cutlass, nccl or a whole CUDA
+toolkit on GPU hosts), rewrites ``~/.cache/jittor/config.json`` whenever ``JITTOR_HOME`` differs
+from the last one used, prints ``[i ...]`` lines to the terminal, and builds gradient graphs for
+every float op. The measured pitfalls are in shared/reference/jittor-notes.md §1. Here we:
+
+- switch every download off (``use_mkl=0``, ``use_cutt=0``, ``use_cutlass=0``, ``use_nccl=0``,
+  ``use_mpi=0``, and ``nvcc_path=""`` unless CUDA is asked for and a usable nvcc exists);
+- keep jittor's caches in a jmoss-owned directory (``$JITTOR_HOME`` if the user set one, else
+  ``<jmoss home>/jittor``) by presetting jittor_utils' home, so nothing is written to
+  ``~/.cache/jittor`` and no choice becomes sticky;
+- import with Python-side logging live (``log_silent`` would also swallow ``LOG.f`` fatals) but
+  with the process's stdout/stderr captured, and show the captured text only if import fails;
+- then silence info and warning lines while letting errors and fatals through;
+- turn gradients off globally: jmoss only runs inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+from jmoss.errors import DeviceError, JmossError
+
+_lock = threading.Lock()
+_jittor: ModuleType | None = None
+_device: str | None = None
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def jmoss_home() -> Path:
+    """Root of jmoss's own files: converted models and caches (``$JMOSS_HOME`` overrides)."""
+    env = os.environ.get("JMOSS_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser().resolve() / "jmoss"
+
+
+def jittor_home() -> Path:
+    """Where jittor compiles and caches its kernels for jmoss."""
+    env = os.environ.get("JITTOR_HOME")
+    return Path(env).expanduser().resolve() if env else jmoss_home() / "jittor"
+
+
+def find_nvcc() -> str | None:
+    """A real nvcc binary (not a wrapper script), or None.
+
+    Jittor derives libcudart's location from nvcc's directory, so a wrapper in /usr/local/bin
+    breaks it (jittor-notes §1.1); prefer the toolkit's own bin directory.
+    """
+    candidates = [os.environ.get("JMOSS_NVCC"), os.environ.get("CUDA_HOME") and os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"),
+                  "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.realpath(candidate)
+    return None
+
+
+def nvcc_version(nvcc: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a driver); never initialises jittor."""
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def resolve_device(device: str | None) -> str:
+    """Map "auto"/None to "cpu" or "cuda": CUDA only when a GPU and a CUDA 11/12 nvcc exist."""
+    device = (device or "auto").lower()
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device != "auto":
+        return device
+    nvcc = find_nvcc()
+    version = nvcc_version(nvcc) if nvcc else None
+    if cuda_device_count() > 0 and version is not None and 11 <= version[0] <= 12:
+        return "cuda"
+    return "cpu"
+
+
+@contextlib.contextmanager
+def _captured_fds() -> Iterator[Path]:
+    """Send fd 1 and 2 to a temporary file (jittor's C++ side writes there directly)."""
+    with tempfile.TemporaryDirectory(prefix="jmoss-jt-") as tmp:
+        log = Path(tmp) / "import.log"
+        try:
+            fds = [sys.stdout.fileno(), sys.stderr.fileno()]
+        except (AttributeError, OSError, ValueError):  # stdout replaced by a non-file object
+            yield log
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(fd) for fd in fds]
+        with open(log, "wb") as sink:
+            try:
+                for fd in fds:
+                    os.dup2(sink.fileno(), fd)
+                yield log
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                for fd, old in zip(fds, saved):
+                    os.dup2(old, fd)
+                    os.close(old)
+
+
+@contextlib.contextmanager
+def _jittor_config_untouched() -> Iterator[None]:
+    """Undo jittor_utils.home()'s write of ~/.cache/jittor/config.json.
+
+    home() records any JITTOR_HOME it sees there, and later runs without the variable silently
+    reuse it (jittor-notes §1.3). jmoss always passes JITTOR_HOME explicitly, so it restores the
+    file (and removes the folder if jittor created it) to leave the user's setup as it was.
+    """
+    folder = Path.home() / ".cache" / "jittor"
+    config = folder / "config.json"
+    folder_existed = folder.exists()
+    before = config.read_bytes() if config.exists() else None
+    try:
+        yield
+    finally:
+        try:
+            if before is None:
+                config.unlink(missing_ok=True)
+            elif config.read_bytes() != before:
+                config.write_bytes(before)
+            if not folder_existed:
+                folder.rmdir()  # only succeeds if jittor left it empty
+        except OSError:
+            pass
+
+
+def _quiet_python_logs(jittor_utils: ModuleType) -> None:
+    """Drop jittor's Python-side info/warning lines; keep errors and fatals raising."""
+    log = jittor_utils.LOG
+    original = log._log
+
+    def _log(level, verbose, *msg):
+        if level in ("e", "f"):
+            return original(level, verbose, *msg)
+        return None
+
+    log.log_silent = 0
+    log._log = _log
+
+
+def get_jittor(device: str | None = "cpu") -> ModuleType:
+    """Import and configure jittor once for ``device`` ("cpu", "cuda" or "auto"); return it."""
+    global _jittor, _device
+    wanted = resolve_device(device)
+    with _lock:
+        if _jittor is not None:
+            if wanted == "cuda" and _device != "cuda":
+                raise DeviceError(
+                    "jittor was already set up for the CPU in this process; ask for device='cuda' "
+                    "before anything else runs a model"
+                )
+            return _jittor
+        _jittor = _import_jittor(wanted)
+        _device = wanted
+        return _jittor
+
+
+def current_device() -> str | None:
+    return _device
+
+
+def _import_jittor(device: str) -> ModuleType:
+    env = {
+        "use_mkl": "0",
+        "use_cutt": "0",
+        "use_cutlass": "0",
+        "use_nccl": "0",
+        "use_mpi": "0",
+        "FIX_TORCH_ERROR": "0",
+        "conv_opt": "1",  # CUDA: load only cuBLAS/cuRAND, no cuDNN/cuFFT dev files needed
+    }
+    if device == "cuda":
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise DeviceError("device 'cuda' needs the CUDA toolkit's nvcc; set JMOSS_NVCC=/path/to/nvcc or use --device cpu")
+        if cuda_device_count() == 0:
+            raise DeviceError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+        env["nvcc_path"] = nvcc
+    else:
+        env["nvcc_path"] = ""
+    os.environ.update(env)
+    os.environ.pop("log_silent", None)  # see module docstring: it would swallow fatal errors
+
+    home = jittor_home()
+    home.mkdir(parents=True, exist_ok=True)
+    marker = home / f".jmoss-ready-{device}"
+    os.environ["JITTOR_HOME"] = str(home)
+    if not marker.exists():
+        print(
+            f"jmoss: compiling Jittor's core for {device} into {home} (once; about 2 minutes on 2 cores)...",
+            file=sys.stderr,
+            flush=True,
+        )
+    with _captured_fds() as log, _jittor_config_untouched():
+        try:
+            import jittor
+        except BaseException as exc:  # import-time compile failures surface as many types
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+            raise JmossError(
+                f"importing jittor for {device} failed: {exc}\n{tail}\n"
+                "Run `jmoss doctor` to see what jittor needs on this machine."
+            ) from exc
+    marker.touch()
+    jittor.flags.log_silent = 1
+    _quiet_python_logs(jittor_utils)
+    jittor.flags.no_grad = 1
+    jittor.flags.use_cuda = 1 if device == "cuda" else 0
+    return jittor

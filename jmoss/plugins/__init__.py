@@ -1,0 +1,1 @@
+"""Plugins MOSS can call: registry, command parsing, result rendering."""

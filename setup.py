@@ -1,0 +1,62 @@
+"""jmoss: run MOSS (moss-moon-003) and CodeGen models with Jittor on ordinary hardware.
+
+``converters/`` and ``kernels/`` live at the top of the repository but install as
+``jmoss.converters`` and ``jmoss.kernels``, so nothing called plain ``converters`` or
+``kernels`` lands in site-packages.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "jmoss" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="jmoss",
+    version=VERSION,
+    description="A Jittor inference runtime for MOSS and CodeGen: safe conversion, memory-budgeted "
+    "execution, chat with plugins, HTTP server",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["jmoss", "jmoss.plugins", "jmoss.converters", "jmoss.kernels"],
+    package_dir={"jmoss": "jmoss", "jmoss.converters": "converters", "jmoss.kernels": "kernels"},
+    package_data={"jmoss.kernels": ["*.h", "*.cc"], "jmoss": ["data/*"]},
+    install_requires=[
+        "jittor==1.3.11.0",
+        "numpy>=1.24",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.20",
+        "click>=8.1",
+        "tqdm>=4.66",
+        "sympy>=1.12",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "search": ["bm25s>=0.2"],
+        "cuda": ["cupy-cuda12x>=13"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "pexpect>=4.9",
+            "torch==2.13.0",
+            "transformers>=4.40",
+            "openai>=1.30",
+            "httpx>=0.27",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "bm25s>=0.2",
+        ],
+    },
+    entry_points={"console_scripts": ["jmoss=jmoss.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
