@@ -8,8 +8,8 @@ every float op. The measured pitfalls are in shared/reference/jittor-notes.md §
 - switch every download off (``use_mkl=0``, ``use_cutt=0``, ``use_cutlass=0``, ``use_nccl=0``,
   ``use_mpi=0``, and ``nvcc_path=""`` unless CUDA is asked for and a usable nvcc exists);
 - keep jittor's caches in a jmoss-owned directory (``$JITTOR_HOME`` if the user set one, else
-  ``<jmoss home>/jittor``) by presetting jittor_utils' home, so nothing is written to
-  ``~/.cache/jittor`` and no choice becomes sticky;
+  ``<jmoss home>/jittor``), with HOME pointed there during the import so jittor writes nothing
+  to ``~/.cache/jittor`` and no choice becomes sticky;
 - import with Python-side logging live (``log_silent`` would also swallow ``LOG.f`` fatals) but
   with the process's stdout/stderr captured, and show the captured text only if import fails;
 - then silence info and warning lines while letting errors and fatals through;
@@ -133,42 +133,44 @@ def _captured_fds() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _jittor_config_untouched() -> Iterator[None]:
-    """Undo jittor_utils.home()'s write of ~/.cache/jittor/config.json.
+def _home_pointing_at(home: Path) -> Iterator[None]:
+    """Make ``Path.home()`` equal JITTOR_HOME while jittor imports.
 
-    home() records any JITTOR_HOME it sees there, and later runs without the variable silently
-    reuse it (jittor-notes §1.3). jmoss always passes JITTOR_HOME explicitly, so it restores the
-    file (and removes the folder if jittor created it) to leave the user's setup as it was.
+    jittor_utils.home() runs at import and writes ``~/.cache/jittor/config.json`` whenever
+    JITTOR_HOME differs from the stored default (``$HOME``); later runs without the variable then
+    silently reuse it (jittor-notes §1.3). With HOME == JITTOR_HOME nothing is written under the
+    user's real home, and no state is shared between concurrent jmoss processes.
     """
-    folder = Path.home() / ".cache" / "jittor"
-    config = folder / "config.json"
-    folder_existed = folder.exists()
-    before = config.read_bytes() if config.exists() else None
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
     try:
         yield
     finally:
-        try:
-            if before is None:
-                config.unlink(missing_ok=True)
-            elif config.read_bytes() != before:
-                config.write_bytes(before)
-            if not folder_existed:
-                folder.rmdir()  # only succeeds if jittor left it empty
-        except OSError:
-            pass
+        if saved is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = saved
 
 
 def _quiet_python_logs(jittor_utils: ModuleType) -> None:
-    """Drop jittor's Python-side info/warning lines; keep errors and fatals raising."""
+    """Silence jittor's Python-side info/warning lines and progress bars; keep errors and fatals.
+
+    ``LOG.log_silent`` also gates ``LOG.f`` (which is how jittor raises its fatal errors), so the
+    flag is set for the progress bars but lifted for the "e" and "f" levels.
+    """
     log = jittor_utils.LOG
     original = log._log
 
     def _log(level, verbose, *msg):
-        if level in ("e", "f"):
+        if level not in ("e", "f"):
+            return None
+        log.log_silent = 0
+        try:
             return original(level, verbose, *msg)
-        return None
+        finally:
+            log.log_silent = 1
 
-    log.log_silent = 0
+    log.log_silent = 1
     log._log = _log
 
 
@@ -225,7 +227,7 @@ def _import_jittor(device: str) -> ModuleType:
             file=sys.stderr,
             flush=True,
         )
-    with _captured_fds() as log, _jittor_config_untouched():
+    with _captured_fds() as log, _home_pointing_at(home):
         try:
             import jittor
         except BaseException as exc:  # import-time compile failures surface as many types
@@ -235,6 +237,8 @@ def _import_jittor(device: str) -> ModuleType:
                 "Run `jmoss doctor` to see what jittor needs on this machine."
             ) from exc
     marker.touch()
+    import jittor_utils
+
     jittor.flags.log_silent = 1
     _quiet_python_logs(jittor_utils)
     jittor.flags.no_grad = 1

@@ -1,0 +1,173 @@
+"""The public entry points: ``jmoss.load`` and ``Model``.
+
+    model = jmoss.load("fnlp/moss-moon-003-sft", device_memory="12GiB")
+    logits = model.logits([[1, 2, 3]])           # [batch, seq, vocab] float32, one full forward
+    session = model.session()                    # incremental prefill/decode with a static KV cache
+
+A Model ties together a config, where each layer's weights live (the weight source chosen from
+the placement plan), the jittor math of jmoss.model, and the tokenizer. Generation and chat are
+methods here but live in jmoss.generation / jmoss.chat.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from jmoss.config import MossConfig
+from jmoss.converters import layout
+from jmoss.errors import DeviceError, GenerationError
+from jmoss.jittor_setup import get_jittor, resolve_device
+from jmoss.model import JittorLinear, MossModel, rotary_tables
+from jmoss.session import Session
+
+if TYPE_CHECKING:
+    from jmoss.tokenizer import Tokenizer
+
+DTYPES = ("float32", "float16")
+
+
+class ResidentWeights:
+    """Every layer's weights held as jittor Vars for the whole run (no budget, or it all fits)."""
+
+    def __init__(self, jt, groups: Mapping[Any, Mapping[str, np.ndarray]], n_layer: int, dtype: str):
+        def to_vars(tensors: Mapping[str, np.ndarray]) -> dict:
+            out = {}
+            for name, array in tensors.items():
+                array = np.ascontiguousarray(array, dtype=dtype)  # no copy when already fp16/contiguous
+                out[name] = jt.array(array)
+            return out
+
+        self._layers = [to_vars(groups[i]) for i in range(n_layer)]
+        self._head = to_vars(groups[layout.HEAD])
+        for tensors in self._layers + [self._head]:
+            for var in tensors.values():
+                var.sync()
+
+    def layer(self, i: int) -> Mapping:
+        return self._layers[i]
+
+    def head(self) -> Mapping:
+        return self._head
+
+
+def _pick_linear_ops(jt, device: str, weight_dtype: str, compute_dtype: str):
+    """CPU fp16 weights with fp32 activations go through jmoss.kernels when they work here."""
+    if device == "cpu" and weight_dtype == "float16" and compute_dtype == "float32":
+        try:
+            from jmoss import kernels
+        except ImportError:
+            kernels = None
+        if kernels is not None and hasattr(kernels, "linear") and kernels.available():
+            return kernels
+    return JittorLinear(jt)
+
+
+class Model:
+    """A loaded MOSS/CodeGen model; see the module docstring for the surface."""
+
+    def __init__(
+        self,
+        config: MossConfig,
+        groups: Mapping[Any, Mapping[str, np.ndarray]],
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        compute_dtype: str | None = None,
+        tokenizer_path: str | Path | None = None,
+        weights=None,
+        path: Path | None = None,
+    ):
+        self.device = resolve_device(device)
+        self.jt = get_jittor(self.device)
+        self.config = config
+        self.path = path
+        self.dtype = dtype or ("float16" if self.device == "cuda" else "float32")
+        self.compute_dtype = compute_dtype or ("float16" if self.device == "cuda" else "float32")
+        for name, value in (("dtype", self.dtype), ("compute_dtype", self.compute_dtype)):
+            if value not in DTYPES:
+                raise DeviceError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+        self.rotary = rotary_tables(config)
+        self._wte = groups[layout.EMBED]["wte.weight"]  # host-side (often a read-only memmap)
+        self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
+        self.ops = _pick_linear_ops(self.jt, self.device, self.dtype, self.compute_dtype)
+        self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
+        self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
+        self._tokenizer: Tokenizer | None = None
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], config: MossConfig, **kwargs) -> "Model":
+        """Build from a Hugging Face-named state dict (numpy arrays or tensors with .numpy())."""
+        arrays = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in state_dict.items()}
+        return cls(config, layout.split_state_dict(arrays, config), **kwargs)
+
+    # -- tokens ----------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> "Tokenizer":
+        if self._tokenizer is None:
+            if self._tokenizer_path is None:
+                raise GenerationError("this model was built without tokenizer files; pass token ids")
+            from jmoss.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer_path)
+        return self._tokenizer
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Gather embedding rows on the host: decode needs one row per token, not the table."""
+        return np.asarray(self._wte[ids.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
+
+    # -- forward ---------------------------------------------------------------------------
+    def session(self, batch: int = 1, max_len: int | None = None) -> Session:
+        """A fresh incremental state (static KV cache) for ``batch`` sequences."""
+        return Session(self, batch=batch, max_len=max_len)
+
+    def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+        """One full forward without a persistent cache: float32 [batch, seq, vocab_size]."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise GenerationError("input_ids must be a non-empty [batch, seq] array of token ids")
+        session = self.session(batch=ids.shape[0], max_len=ids.shape[1])  # raises past n_positions
+        return session.prefill(ids, last_only=False)
+
+    # -- generation (jmoss.generation) ---------------------------------------------------------
+    def generate(self, prompt, **options) -> str | list[str]:
+        """Generate text for a prompt (text or token ids); options as in Hugging Face's generate."""
+        from jmoss.generation import generate
+
+        return generate(self, prompt, **options)
+
+    def stream(self, prompt, **options) -> Iterator[str]:
+        """Like generate, but yield text deltas as they are produced (never a split UTF-8 character)."""
+        from jmoss.generation import stream
+
+        return stream(self, prompt, **options)
+
+    def chat(self, meta_instruction: str | None = None, **kwargs):
+        """A multi-turn MOSS conversation whose KV cache is kept across turns."""
+        from jmoss.chat import Chat
+
+        return Chat(self, meta_instruction=meta_instruction, **kwargs)
+
+
+def load(
+    model: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    device_memory: int | str | None = None,
+    host_memory: int | str | None = None,
+    compute_dtype: str | None = None,
+) -> Model:
+    """Load a converted model (a store directory or a name given to ``jmoss convert``)."""
+    from jmoss.store import Store, resolve_model
+
+    store = Store.open(resolve_model(str(model)))
+    groups = {g: store.group(g) for g in layout.all_groups(store.config)}
+    if device_memory is not None or host_memory is not None:
+        raise DeviceError("memory budgets need the streaming engine (device_memory/host_memory)")
+    return Model(store.config, groups, device=device, dtype=dtype, compute_dtype=compute_dtype,
+                 tokenizer_path=store.path, path=store.path)

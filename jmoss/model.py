@@ -1,0 +1,221 @@
+"""MOSS / CodeGen forward pass in Jittor: a transcription of moss-spec §1, nothing else.
+
+Per block (one LayerNorm, attention and MLP in parallel on its output):
+
+    a      = LN_1(h)
+    h_next = out_proj(Attn(a)) + fc_out(gelu_new(fc_in(a))) + h
+
+Attention: q, k, v from the fused ``attn.qkv.weight`` (already re-laid out by the converter into
+[q heads | k heads | v heads], see converters/layout.py), GPT-J "rotate every two" rotary on the
+first ``rotary_dim`` dims of q and k at absolute positions, scores and softmax in float32 with
+the 1/sqrt(head_dim) scale, probabilities cast to the value dtype, then merged heads.
+
+Blocks compute with whatever weights they are handed for that call (a dict of jittor Vars in
+store names), so the streaming engine decides where each layer's weights come from. Linear layers
+go through ``LinearOps`` so the CPU fp16 kernels can replace jittor's matmul without the model
+knowing. The token embedding is gathered on the host (numpy): decode needs one row per token, so
+the 107008-row table never has to live on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from jmoss.config import MossConfig
+
+# Masked attention scores are replaced by this (the reference uses float32's minimum; any value
+# whose exp underflows to 0 after max-subtraction gives the same probabilities).
+MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+class LinearOps(Protocol):
+    """y = x @ weight.T + bias, optionally followed by gelu_new; x is 2-D [tokens, in]."""
+
+    def linear(self, x, weight, bias=None, activation: str | None = None): ...
+
+
+class JittorLinear:
+    """Plain jittor matmul: any dtype, any device; the reference path."""
+
+    def __init__(self, jt: ModuleType):
+        self.jt = jt
+
+    def linear(self, x, weight, bias=None, activation: str | None = None):
+        y = self.jt.nn.matmul_transpose(x, weight)
+        if bias is not None:
+            y = y + bias
+        if activation == "gelu_new":
+            y = gelu_new(self.jt, y)
+        return y
+
+
+def gelu_new(jt: ModuleType, x):
+    """GPT-2's tanh approximation of GELU (the activation MOSS/CodeGen were trained with)."""
+    return 0.5 * x * (1.0 + jt.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+
+
+def layer_norm(jt: ModuleType, x, weight, bias, eps: float, out_dtype: str):
+    """LayerNorm computed in float32 whatever the activation dtype, then cast back."""
+    x32 = x.float32()
+    mean = x32.mean(dim=-1, keepdims=True)
+    centred = x32 - mean
+    var = (centred * centred).mean(dim=-1, keepdims=True)
+    y = centred / jt.sqrt(var + eps) * weight.float32() + bias.float32()
+    return y.cast(out_dtype)
+
+
+def rotary_tables(config: MossConfig) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos for every position, [n_positions, rotary_dim/2] float32 (inv_freq in fp32)."""
+    half = config.rotary_dim // 2
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, config.rotary_dim, 2, dtype=np.float32) / config.rotary_dim))
+    angles = np.arange(config.n_positions, dtype=np.float32)[:, None] * inv_freq[None, :half]
+    return np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+
+
+def apply_rotary(jt: ModuleType, x, sin, cos, rotary_dim: int):
+    """Rotate adjacent pairs (2i, 2i+1) of the first rotary_dim dims; x is [B, T, H, D] float32.
+
+    sin/cos are [B, T, 1, rotary_dim/2]: out[2i] = x[2i]cos - x[2i+1]sin, out[2i+1] = x[2i+1]cos + x[2i]sin.
+    """
+    b, t, h, d = x.shape
+    rot = x[:, :, :, :rotary_dim].reshape(b, t, h, rotary_dim // 2, 2)
+    even, odd = rot[:, :, :, :, 0], rot[:, :, :, :, 1]
+    out = jt.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).reshape(b, t, h, rotary_dim)
+    if rotary_dim == d:
+        return out
+    return jt.concat([out, x[:, :, :, rotary_dim:]], dim=-1)
+
+
+class KVCache:
+    """Static per-layer key/value buffers [batch, heads, max_len, head_dim], written by position.
+
+    Allocated once per (batch, max_len); a forward step writes its new keys/values into slots
+    [start, start + T) and attends over [0, start + T). Keys are stored after rotary.
+    """
+
+    def __init__(self, jt: ModuleType, config: MossConfig, batch: int, max_len: int, dtype: str):
+        shape = (batch, config.n_head, max_len, config.head_dim)
+        self.batch, self.max_len, self.dtype = batch, max_len, dtype
+        self.keys = [jt.zeros(shape, dtype) for _ in range(config.n_layer)]
+        self.values = [jt.zeros(shape, dtype) for _ in range(config.n_layer)]
+        for var in self.keys + self.values:
+            var.sync()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(v.numel()) * v.dtype_size for v in self.keys + self.values)
+
+
+@dataclass
+class Step:
+    """What one forward call needs besides weights: where its tokens go and what they may see.
+
+    ``positions`` [B, T] are the rotary position ids (left-padding aware); ``key_mask`` [B, start+T]
+    is 1 for real tokens in the cache. sin/cos/bias are built once per step, shared by all layers.
+    """
+
+    start: int
+    length: int
+    sin: object  # jt.Var [B, T, 1, R/2]
+    cos: object
+    attn_bias: object  # jt.Var [B, 1, T, start+T] float32, 0 where allowed, MASK_VALUE elsewhere
+
+
+def make_step(
+    jt: ModuleType,
+    config: MossConfig,
+    tables: tuple[np.ndarray, np.ndarray],
+    start: int,
+    positions: np.ndarray,
+    key_mask: np.ndarray,
+) -> Step:
+    """Build the per-step rotary factors and the causal+padding mask on the host."""
+    batch, length = positions.shape
+    total = start + length
+    sin, cos = tables
+    allowed = np.tril(np.ones((length, total), dtype=bool), k=start)[None, :, :] & (key_mask[:, None, :total] > 0)
+    bias = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None, :, :]
+    return Step(
+        start=start,
+        length=length,
+        sin=jt.array(sin[positions][:, :, None, :]),
+        cos=jt.array(cos[positions][:, :, None, :]),
+        attn_bias=jt.array(bias),
+    )
+
+
+class MossModel:
+    """The transformer math; owns no weights (they are passed to each call)."""
+
+    def __init__(self, jt: ModuleType, config: MossConfig, ops: LinearOps, compute_dtype: str):
+        self.jt, self.config, self.ops, self.dtype = jt, config, ops, compute_dtype
+
+    def _linear(self, x, w: Mapping, name: str, activation: str | None = None):
+        b, t, k = x.shape
+        y = self.ops.linear(x.reshape(b * t, k), w[f"{name}.weight"], w.get(f"{name}.bias"), activation)
+        return y.cast(self.dtype).reshape(b, t, -1)
+
+    def block(self, h, w: Mapping, layer: int, cache: KVCache, step: Step):
+        """One MossBlock: h + Attn(LN(h)) + MLP(LN(h)); writes this step's keys/values to the cache."""
+        jt, cfg = self.jt, self.config
+        a = layer_norm(jt, h, w["ln_1.weight"], w["ln_1.bias"], cfg.layer_norm_epsilon, self.dtype)
+        return self.attention(a, w, layer, cache, step) + self.mlp(a, w) + h
+
+    def attention(self, a, w: Mapping, layer: int, cache: KVCache, step: Step):
+        jt, cfg = self.jt, self.config
+        b, t, d = a.shape
+        heads, dim = cfg.n_head, cfg.head_dim
+        qkv = self._linear(a, w, "attn.qkv")
+        q = qkv[:, :, :d].reshape(b, t, heads, dim).float32()
+        k = qkv[:, :, d : 2 * d].reshape(b, t, heads, dim).float32()
+        v = qkv[:, :, 2 * d :].reshape(b, t, heads, dim)
+        q = apply_rotary(jt, q, step.sin, step.cos, cfg.rotary_dim)
+        k = apply_rotary(jt, k, step.sin, step.cos, cfg.rotary_dim)
+
+        end = step.start + t
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys[:, :, step.start : end, :] = k.transpose(0, 2, 1, 3).cast(cache.dtype)
+        values[:, :, step.start : end, :] = v.transpose(0, 2, 1, 3).cast(cache.dtype)
+
+        q = q.transpose(0, 2, 1, 3)  # [B, H, T, D]
+        scores = jt.matmul(q, keys[:, :, :end, :].float32().transpose(0, 1, 3, 2)) / math.sqrt(dim)
+        probs = jt.nn.softmax(scores + step.attn_bias, dim=-1)
+        context = jt.matmul(probs.cast(cache.dtype), values[:, :, :end, :])  # [B, H, T, D]
+        merged = context.transpose(0, 2, 1, 3).reshape(b, t, d).cast(self.dtype)
+        return self._linear(merged, w, "attn.out_proj")
+
+    def mlp(self, a, w: Mapping):
+        return self._linear(self._linear(a, w, "mlp.fc_in", activation="gelu_new"), w, "mlp.fc_out")
+
+    def head(self, h, w: Mapping):
+        """Final LayerNorm and lm_head (with bias); logits in float32."""
+        cfg = self.config
+        h = layer_norm(self.jt, h, w["ln_f.weight"], w["ln_f.bias"], cfg.layer_norm_epsilon, self.dtype)
+        b, t, d = h.shape
+        return self.ops.linear(h.reshape(b * t, d), w["lm_head.weight"], w["lm_head.bias"]).float32().reshape(b, t, -1)
+
+    def forward(
+        self,
+        embeddings: np.ndarray,
+        layer_weights: Callable[[int], Mapping],
+        head_weights: Callable[[], Mapping],
+        cache: KVCache,
+        step: Step,
+        last_only: bool = False,
+    ):
+        """Run all blocks over host-gathered embeddings [B, T, d]; return float32 logits.
+
+        ``layer_weights(i)`` is called once per layer in order, so a streaming source can prefetch.
+        With ``last_only`` only the last position's logits are computed (decode and prefill need no more).
+        """
+        h = self.jt.array(embeddings).cast(self.dtype)
+        for i in range(self.config.n_layer):
+            h = self.block(h, layer_weights(i), i, cache, step)
+        if last_only:
+            h = h[:, -1:, :]
+        return self.head(h, head_weights())

@@ -1,0 +1,106 @@
+"""Incremental inference over one batch of sequences: prefill, then decode token by token.
+
+A Session owns a static KV cache sized once for (batch, max_len) and the bookkeeping that makes
+left-padded batches exact: per-row position ids (a padded row's first real token is position 0,
+as Hugging Face computes ``cumsum(mask) - 1``) and a key mask that hides pad slots. Generation,
+chat and the server all drive a model through this one class.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from jmoss.errors import ContextLengthError, GenerationError
+from jmoss.model import KVCache, make_step
+
+if TYPE_CHECKING:
+    from jmoss.api import Model
+
+
+class Session:
+    """KV cache + positions for ``batch`` sequences of at most ``max_len`` tokens each."""
+
+    def __init__(self, model: "Model", batch: int = 1, max_len: int | None = None):
+        n_positions = model.config.n_positions
+        max_len = n_positions if max_len is None else max_len
+        if not 0 < max_len <= n_positions:
+            raise ContextLengthError(
+                f"{max_len} positions requested but this model has n_positions={n_positions}; "
+                "shorten the input (MOSS cannot attend past its trained context)"
+            )
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.cache = KVCache(model.jt, model.config, batch, max_len, model.compute_dtype)
+        self.key_mask = np.zeros((batch, max_len), dtype=np.int8)
+        self.next_position = np.zeros(batch, dtype=np.int64)
+        self.length = 0  # cache slots used (pads included)
+
+    def reset(self) -> None:
+        """Forget everything; the cache buffers are reused, not reallocated."""
+        self.key_mask[:] = 0
+        self.next_position[:] = 0
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Drop cached tokens past ``length`` slots (e.g. to rewind a turn); only for unpadded rows."""
+        if not 0 <= length <= self.length:
+            raise GenerationError(f"cannot truncate a session of {self.length} tokens to {length}")
+        self.key_mask[:, length:] = 0
+        self.next_position[:] = self.key_mask[:, :length].sum(axis=1)
+        self.length = length
+
+    @property
+    def room(self) -> int:
+        """Tokens that still fit before max_len."""
+        return self.max_len - self.length
+
+    def prefill(self, rows: Sequence[Sequence[int]] | np.ndarray, last_only: bool = True) -> np.ndarray:
+        """Append tokens to every row and return logits (last position [B, V], or all [B, T, V]).
+
+        Rows of different lengths are left-padded (only allowed on an empty session, as padding
+        in the middle of a sequence would shift later positions).
+        """
+        rows = [list(map(int, r)) for r in rows]
+        if len(rows) != self.batch:
+            raise GenerationError(f"session holds {self.batch} sequences, got {len(rows)} rows")
+        width = max(len(r) for r in rows)
+        if width == 0:
+            raise GenerationError("prefill needs at least one token per row")
+        if any(len(r) != width for r in rows) and self.length:
+            raise GenerationError("rows of different lengths can only start a session (left padding)")
+        ids = np.zeros((self.batch, width), dtype=np.int64)
+        real = np.zeros((self.batch, width), dtype=np.int8)
+        for b, r in enumerate(rows):
+            if r:
+                ids[b, width - len(r) :] = r
+                real[b, width - len(r) :] = 1
+        return self._forward(ids, real, last_only)
+
+    def decode(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Append one token per row; return next-token logits [B, V]."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1)
+        return self._forward(ids, np.ones_like(ids, dtype=np.int8), last_only=True)
+
+    def _forward(self, ids: np.ndarray, real: np.ndarray, last_only: bool) -> np.ndarray:
+        model = self.model
+        batch, width = ids.shape
+        if self.length + width > self.max_len:
+            raise ContextLengthError(
+                f"{self.length} cached + {width} new tokens exceed this session's {self.max_len} positions "
+                f"(the model has n_positions={model.config.n_positions}); shorten the prompt or start a new session"
+            )
+        vocab = model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise GenerationError(f"token ids must be in 0..{vocab - 1}")
+        start = self.length
+        positions = self.next_position[:, None] + np.cumsum(real, axis=1) - 1
+        positions = np.where(real > 0, positions, 0)  # pad slots: any valid row of the table
+        self.key_mask[:, start : start + width] = real
+        step = make_step(model.jt, model.config, model.rotary, start, positions, self.key_mask)
+        embeddings = model.embed(ids)
+        logits = model.net.forward(embeddings, model.weights.layer, model.weights.head, self.cache, step, last_only)
+        out = logits.numpy()
+        self.length += width
+        self.next_position += real.sum(axis=1)
+        return out[:, -1, :] if last_only else out
