@@ -1,0 +1,197 @@
+"""The ``jmoss`` command: a thin layer over the Python API (every command is a function call there).
+
+Errors jmoss raises on purpose (JmossError) are printed as one "error:" line with what to do,
+exit status 1; bad flags are click usage errors, exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from jmoss import __version__
+from jmoss.errors import JmossError
+from jmoss.sizes import SIZE
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except JmossError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="jmoss")
+def main() -> None:
+    """Run MOSS (moss-moon-003) and CodeGen models with Jittor on ordinary hardware.
+
+    \b
+    Typical use:
+      jmoss demo                                        # offline end-to-end check, ~1 minute
+      jmoss convert fnlp/moss-moon-003-sft              # once: download + safe conversion
+      jmoss chat fnlp/moss-moon-003-sft --device-memory 12GiB
+    """
+
+
+def model_options(func):
+    """--device/--dtype/--device-memory/--host-memory, shared by every command that runs a model."""
+
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                  help="where to compute; auto = CUDA only when a usable GPU and toolkit exist")
+    @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
+                  help="weight dtype in memory (default: float16 on CUDA, float32 on CPU)")
+    @click.option("--device-memory", type=SIZE, default=None,
+                  help="memory budget on the device for weights, KV cache and buffers, e.g. 12GiB; "
+                       "layers beyond it are streamed per token (default: everything resident if it fits)")
+    @click.option("--host-memory", type=SIZE, default=None,
+                  help="host RAM for weights streamed to a GPU, e.g. 24GiB; the rest is read from disk")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _load(model: str, device: str, dtype: str | None, device_memory, host_memory):
+    import jmoss
+
+    return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory)
+
+
+def sampling_options(func):
+    @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+    @click.option("--greedy", is_flag=True, help="greedy decoding instead of sampling")
+    @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True)
+    @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
+    @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off")
+    @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.02, show_default=True)
+    @click.option("--seed", type=int, default=None, help="makes sampling reproducible")
+    @click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=None, help="seconds per reply")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, max_time) -> dict:
+    return dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p,
+                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, max_time=max_time)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt")
+@model_options
+@sampling_options
+@click.option("--stop", multiple=True, help="stop sequence (repeatable); the model's <eom> always stops")
+def generate(model, prompt, device, dtype, device_memory, host_memory, stop, **sampling):
+    """Print only the text MODEL generates after PROMPT, streamed.
+
+    MODEL is a converted store directory, or a model name given to `jmoss convert`
+    (e.g. fnlp/moss-moon-003-sft).
+    """
+    m = _load(model, device, dtype, device_memory, host_memory)
+    for delta in m.stream(prompt, stop=list(stop), **_gen_kwargs(**sampling)):
+        click.echo(delta, nl=False)
+    click.echo()
+
+
+@main.command()
+@click.argument("model")
+@model_options
+@sampling_options
+@click.option("--plugins", default="", help="comma-separated tools to enable: calculator,solver,search,text2image")
+@click.option("--search-docs", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="folder of .txt/.md documents the offline search plugin answers from")
+@click.option("--show-thoughts", is_flag=True, help="show Inner Thoughts, Commands and Results as they happen")
+def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs, show_thoughts, **sampling):
+    """Talk with MODEL; `clear` starts over, `stop` quits, Ctrl-C interrupts a reply.
+
+    MODEL is a converted store directory, or a model name given to `jmoss convert`
+    (e.g. fnlp/moss-moon-003-sft). The KV cache is kept across turns, so each turn only
+    processes its own tokens; past 2048 positions the oldest turns are dropped.
+    """
+    from jmoss.chat_cli import run_chat
+
+    m = _load(model, device, dtype, device_memory, host_memory)
+    names = [p.strip() for p in plugins.split(",") if p.strip()]
+    options = {"search": {"docs": search_docs}} if search_docs else {}
+    run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling))
+
+
+@main.command()
+@click.argument("source")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="store directory (default: $JMOSS_HOME/models/<org>--<name>)")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) to download")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def convert(source, out, revision, no_progress):
+    """Convert a checkpoint into a jmoss store, safely (no pickle code runs) and resumably.
+
+    SOURCE is a Hugging Face repo id (e.g. fnlp/moss-moon-003-sft) or a local folder with
+    pytorch_model*.bin (torch zip format), *.safetensors or a MOSS GPTQ int4/int8 checkpoint.
+    Re-running after an interruption resumes and skips verified layers.
+    """
+    from jmoss.converters.convert import convert as run
+
+    path = run(source, out, revision=revision, progress=not no_progress)
+    click.echo(f"converted {source} -> {path}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(store):
+    """Re-check every file of a converted STORE against its manifest's sha256."""
+    from jmoss.store import verify as run
+
+    run(store, progress=True)
+    click.echo(f"{store}: all files verified")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True,
+              help="which device to plan for")
+@click.option("--device-memory", type=SIZE, default=None, help="device budget, e.g. 12GiB")
+@click.option("--host-memory", type=SIZE, default=None, help="host budget, e.g. 24GiB")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache length (default n_positions)")
+@click.option("--link-gbps", type=float, default=None, help="host-to-device GB/s for the tok/s bound")
+def info(model, device, device_memory, host_memory, max_seq_len, link_gbps):
+    """Print MODEL's config and the placement plan for a budget (no weights are read).
+
+    MODEL is a store directory, a converted name, or a folder/file with a config.json.
+    """
+    from jmoss.config import MossConfig
+    from jmoss.placement import plan_placement
+
+    config = _config_for(model)
+    click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
+               f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
+    import psutil
+
+    plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
+                          available_device_bytes=None if device == "cuda" else psutil.virtual_memory().available,
+                          available_host_bytes=psutil.virtual_memory().available, max_seq_len=max_seq_len)
+    click.echo(plan.describe(link_gbps=link_gbps))
+
+
+def _config_for(model: str):
+    from jmoss.config import MossConfig
+    from jmoss.store import resolve_model
+
+    path = Path(model)
+    if path.is_file():
+        return MossConfig.from_json_file(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return MossConfig.from_json_file(path)
+    return MossConfig.from_json_file(resolve_model(model))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,316 @@
+"""Token generation: MOSS's sampling order, stop sequences, time limits and streaming text.
+
+Sampling follows MOSS (moss-spec §5.2): repetition penalty over every id in the sequence so far
+(prompt included; each distinct id once: negative logits multiplied, positive divided) ->
+temperature -> top-k -> top-p -> softmax -> sample. Greedy decoding applies the repetition
+penalty too, as Hugging Face's generate does. Ids at or past the tokenizer's size (the embedding
+has padding rows) are never produced.
+
+Text streaming never splits a UTF-8 character (the tokenizer's stream decoder holds back
+incomplete bytes) and never shows the beginning of a string stop sequence that may still match.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from jmoss.errors import GenerationError
+
+if TYPE_CHECKING:
+    from jmoss.api import Model
+    from jmoss.session import Session
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Options under the names Hugging Face users know; defaults are MOSS's."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 0
+    repetition_penalty: float = 1.02
+    stop: tuple = ()  # strings and/or token ids (or id sequences); the model's eos is always a stop
+    max_time: float | None = None
+    seed: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise GenerationError(f"temperature must be > 0 when sampling, got {self.temperature!r} (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise GenerationError(f"max_time must be a positive number of seconds, got {self.max_time!r}")
+
+    @classmethod
+    def from_kwargs(cls, **options) -> "GenerationOptions":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise GenerationError(f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        stop = options.get("stop")
+        if stop is None:
+            options["stop"] = ()
+        elif isinstance(stop, (str, int)):
+            options["stop"] = (stop,)
+        else:
+            options["stop"] = tuple(tuple(s) if isinstance(s, list) else s for s in stop)
+        return cls(**options)
+
+
+class Sampler:
+    """Turns next-token logits into token ids for a batch, in MOSS's order."""
+
+    def __init__(self, options: GenerationOptions, vocab_limit: int):
+        self.options = options
+        self.vocab_limit = vocab_limit
+        self.rng = np.random.default_rng(options.seed)
+
+    def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        return np.array([self.pick(row, history) for row, history in zip(logits, histories)], dtype=np.int64)
+
+    def pick(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        o = self.options
+        scores = np.array(logits[: self.vocab_limit], dtype=np.float32)
+        if o.repetition_penalty != 1.0 and len(history):
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            seen = seen[seen < self.vocab_limit]
+            values = scores[seen]
+            scores[seen] = np.where(values < 0, values * o.repetition_penalty, values / o.repetition_penalty)
+        if not o.do_sample:
+            return int(scores.argmax())
+        scores = scores / o.temperature
+        if o.top_k and o.top_k < scores.size:
+            kth = np.partition(scores, -o.top_k)[-o.top_k]
+            scores = np.where(scores < kth, -np.inf, scores)
+        if o.top_p < 1.0:
+            order = np.argsort(scores)  # ascending, as Hugging Face's top-p warper
+            probs = _softmax(scores[order])
+            remove = np.cumsum(probs) <= 1.0 - o.top_p
+            remove[-1] = False  # always keep the most likely token
+            scores[order[remove]] = -np.inf
+        probs = _softmax(scores)
+        return int(self.rng.choice(probs.size, p=probs))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+@dataclass
+class _Stops:
+    """Stop conditions split into token sequences (checked on ids) and strings (checked on text)."""
+
+    token_seqs: list[tuple[int, ...]] = field(default_factory=list)
+    strings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, model: "Model", stop: tuple) -> "_Stops":
+        stops = cls()
+        eos = model.config.eos_token_id
+        if eos is not None:
+            stops.token_seqs.append((int(eos),))
+        for s in stop:
+            if isinstance(s, (int, np.integer)):
+                stops.token_seqs.append((int(s),))
+            elif isinstance(s, tuple):
+                stops.token_seqs.append(tuple(int(t) for t in s))
+            elif isinstance(s, str):
+                special = model.tokenizer.token_to_id(s) if s else None
+                if special is not None and special in model.tokenizer.special_ids:
+                    stops.token_seqs.append((special,))  # e.g. "<eom>", "<eoc>": one token each
+                elif s:
+                    stops.strings.append(s)
+            else:
+                raise GenerationError(f"a stop must be a string, a token id or a list of ids, got {s!r}")
+        return stops
+
+    def token_hit(self, generated: Sequence[int]) -> int:
+        """Length of the stop sequence that ``generated`` ends with (0 if none)."""
+        for seq in self.token_seqs:
+            if len(generated) >= len(seq) and tuple(generated[-len(seq):]) == seq:
+                return len(seq)
+        return 0
+
+    def text_cut(self, text: str) -> int | None:
+        """Index where the earliest string stop starts in ``text``, or None."""
+        hits = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+        return min(hits) if hits else None
+
+    def held_back(self, text: str) -> int:
+        """How many trailing characters could still grow into a string stop."""
+        keep = 0
+        for s in self.strings:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        return keep
+
+
+def _as_rows(model: "Model", prompt) -> tuple[list[list[int]], bool]:
+    """Normalise a prompt (text, ids, or a list of either) to id rows; second value: was batched."""
+    if isinstance(prompt, str):
+        return [model.tokenizer.encode(prompt)], False
+    if isinstance(prompt, np.ndarray):
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+        return [[int(t) for t in prompt]], False
+    if isinstance(prompt, (list, tuple)) and prompt:
+        rows = [_as_rows(model, p)[0][0] for p in prompt]
+        return rows, True
+    raise GenerationError("prompt must be text, a list of token ids, or a non-empty list of those")
+
+
+def generate_ids(
+    model: "Model",
+    session: "Session",
+    rows: list[list[int]],
+    options: GenerationOptions,
+    *,
+    histories: list[list[int]] | None = None,
+) -> Iterator[list[int | None]]:
+    """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None once done).
+
+    A row ends on a stop token sequence (the stop tokens are yielded, so callers see why), at
+    max_new_tokens, at max_time, or when the session is full. ``histories`` are the ids the
+    repetition penalty sees before the new rows (the earlier turns of a chat).
+    """
+    stops = _Stops.build(model, options.stop)
+    sampler = Sampler(options, vocab_limit=_vocab_limit(model))
+    seen = [list(h) + list(r) for h, r in zip(histories or [[] for _ in rows], rows)]
+    generated: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    deadline = time.monotonic() + options.max_time if options.max_time else None
+    logits = session.prefill(rows)
+    for _ in range(options.max_new_tokens):
+        tokens = sampler(logits, seen)
+        step: list[int | None] = []
+        for b, token in enumerate(tokens):
+            if done[b]:
+                step.append(None)
+                continue
+            generated[b].append(int(token))
+            seen[b].append(int(token))
+            step.append(int(token))
+            if stops.token_hit(generated[b]):
+                done[b] = True
+        yield step
+        if all(done) or session.room == 0 or (deadline is not None and time.monotonic() >= deadline):
+            return
+        feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
+        logits = session.decode(feed)
+
+
+def _vocab_limit(model: "Model") -> int:
+    try:
+        return min(model.tokenizer.vocab_size, model.config.vocab_size)
+    except GenerationError:  # no tokenizer files: any embedding row may be produced
+        return model.config.vocab_size
+
+
+def stream(model: "Model", prompt, **options) -> Iterator[str]:
+    """Yield text deltas of one prompt's continuation; they concatenate to ``generate``'s result."""
+    opts = GenerationOptions.from_kwargs(**options)
+    rows, batched = _as_rows(model, prompt)
+    if batched:
+        raise GenerationError("stream takes one prompt; use generate for a batch")
+    yield from stream_tokens(model, model.session(max_len=_max_len(model, rows, opts)), rows[0], opts)
+
+
+def stream_tokens(model: "Model", session: "Session", row: list[int], opts: GenerationOptions,
+                  history: list[int] | None = None, tokens_out: list[int] | None = None) -> Iterator[str]:
+    """Text deltas for ``row`` appended to ``session`` (used by chat to continue a conversation).
+
+    The generated ids (stop tokens included) are appended to ``tokens_out`` when given.
+    """
+    stops = _Stops.build(model, opts.stop)
+    decoder = model.tokenizer.stream_decoder(skip_special_tokens=opts.skip_special_tokens)
+    text, emitted = "", 0
+    for step in generate_ids(model, session, [row], opts, histories=[history or []]):
+        token = step[0]
+        if token is None:
+            break
+        if tokens_out is not None:
+            tokens_out.append(token)
+        if stops.token_hit([token]):
+            break  # a single-token stop (eos, <eoc>…) is not part of the text
+        text += decoder.push(token)
+        cut = stops.text_cut(text)
+        if cut is not None:
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text) - stops.held_back(text)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text += decoder.flush()
+    cut = stops.text_cut(text)
+    end = cut if cut is not None else len(text)
+    if end > emitted:
+        yield text[emitted:end]
+
+
+def _max_len(model: "Model", rows: list[list[int]], opts: GenerationOptions) -> int:
+    longest = max(len(r) for r in rows)
+    if longest >= model.config.n_positions:
+        from jmoss.errors import ContextLengthError
+
+        raise ContextLengthError(
+            f"the prompt has {longest} tokens but the model has n_positions={model.config.n_positions}; shorten it"
+        )
+    return min(model.config.n_positions, longest + opts.max_new_tokens)
+
+
+def generate(model: "Model", prompt, **options) -> str | list[str]:
+    """Generated text for a prompt, or a list of texts for a list of prompts (one padded batch)."""
+    opts = GenerationOptions.from_kwargs(**options)
+    rows, batched = _as_rows(model, prompt)
+    if not batched:
+        return "".join(stream_tokens(model, model.session(max_len=_max_len(model, rows, opts)), rows[0], opts))
+    session = model.session(batch=len(rows), max_len=_max_len(model, rows, opts))
+    stops = _Stops.build(model, opts.stop)
+    outs: list[list[int]] = [[] for _ in rows]
+    for step in generate_ids(model, session, rows, opts):
+        for b, token in enumerate(step):
+            if token is not None:
+                outs[b].append(token)
+    texts = []
+    for ids in outs:
+        n = stops.token_hit(ids)
+        text = model.tokenizer.decode(ids[: len(ids) - n], skip_special_tokens=opts.skip_special_tokens)
+        cut = stops.text_cut(text)
+        texts.append(text if cut is None else text[:cut])
+    return texts
+
+
+def generate_tokens(model: "Model", prompt_ids: Sequence[int], **options) -> list[int]:
+    """Generated token ids for one prompt of ids (stop tokens excluded); no tokenizer needed."""
+    opts = replace(GenerationOptions.from_kwargs(**options))
+    rows = [list(map(int, prompt_ids))]
+    stops = _Stops(token_seqs=[(int(model.config.eos_token_id),)] if model.config.eos_token_id is not None else [])
+    for s in opts.stop:
+        if isinstance(s, (int, np.integer)):
+            stops.token_seqs.append((int(s),))
+    opts = replace(opts, stop=tuple(s for s in opts.stop if not isinstance(s, str)))
+    out: list[int] = []
+    for step in generate_ids(model, model.session(max_len=_max_len(model, rows, opts)), rows, opts):
+        if step[0] is None:
+            break
+        out.append(step[0])
+    return out[: len(out) - stops.token_hit(out)]
