@@ -121,7 +121,7 @@ def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs,
 
     m = _load(model, device, dtype, device_memory, host_memory)
     names = [p.strip() for p in plugins.split(",") if p.strip()]
-    options = {"search": {"docs": search_docs}} if search_docs else {}
+    options = {"search": {"folder": search_docs}} if search_docs else {}
     run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling))
 
 

@@ -54,3 +54,15 @@ class GenerationError(JmossError):
 
 class PluginError(JmossError):
     """A plugin is unknown, misconfigured or failed to load."""
+
+
+class DialogueError(JmossError):
+    """Prompt text does not follow MOSS's dialogue format (a field tag, space or end marker is missing)."""
+
+
+class CalculationError(PluginError):
+    """A Calculate expression is not bounded real arithmetic; MOSS is shown 'No result.'."""
+
+
+class SolverError(PluginError):
+    """A Solve request cannot be parsed or solved within its bounds; MOSS is shown 'No result.'."""

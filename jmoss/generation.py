@@ -197,7 +197,7 @@ def generate_ids(
     done = [False] * len(rows)
     deadline = time.monotonic() + options.max_time if options.max_time else None
     logits = session.prefill(rows)
-    for _ in range(options.max_new_tokens):
+    for n in range(1, options.max_new_tokens + 1):
         tokens = sampler(logits, seen)
         step: list[int | None] = []
         for b, token in enumerate(tokens):
@@ -210,7 +210,9 @@ def generate_ids(
             if stops.token_hit(generated[b]):
                 done[b] = True
         yield step
-        if all(done) or session.room == 0 or (deadline is not None and time.monotonic() >= deadline):
+        if all(done) or n == options.max_new_tokens or session.room == 0:
+            return  # no forward for a token nobody will read
+        if deadline is not None and time.monotonic() >= deadline:
             return
         feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
         logits = session.decode(feed)

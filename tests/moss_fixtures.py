@@ -18,7 +18,7 @@ from jmoss.config import MossConfig
 
 MOSS_EOM = 106068
 MOSS_BOS = 106028
-TINY_MOSS = dict(n_embd=64, n_head=4, rotary_dim=8, n_layer=2, vocab_size=107008, n_positions=256)
+TINY_MOSS = dict(n_embd=64, n_head=4, rotary_dim=8, n_layer=2, vocab_size=107008, n_positions=1024)
 
 
 def moss_tokenizer_dir(shared: Path, out: Path) -> Path:

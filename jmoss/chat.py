@@ -1,0 +1,232 @@
+"""Multi-turn MOSS chat with the KV cache kept across turns, and MOSS's two-pass plugin loop.
+
+The conversation is one growing list of token ids in MOSS's SFT format (jmoss.dialogue): the meta
+instruction, then per turn ``<|Human|>: …<eoh>\\n`` (plugins: Inner Thoughts, Commands, Results)
+and ``<|MOSS|>: …<eom>\\n``. The session caches a prefix of that list, so a new turn prefills
+only the ids after the cached prefix: its own prompt (and the closing ``<eom>\\n`` of the
+previous reply), never the history. When a turn would pass the model's n_positions, the oldest
+turns are dropped (the meta instruction is kept), the cache is rebuilt once, and the reply says so.
+
+With plugins, a turn is generated in two passes over the same cache: pass 1 writes Inner
+Thoughts and Commands until ``<eoc>``; the calls run (each bounded in time; failures become
+result text); their Results and ``<|MOSS|>:`` are appended; pass 2 writes the reply until ``<eom>``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from jmoss import dialogue
+from jmoss.errors import ContextLengthError
+from jmoss.generation import GenerationOptions, stream_tokens
+
+if TYPE_CHECKING:
+    from jmoss.api import Model
+    from jmoss.plugins import Call, CallResult, Plugin
+
+EOM, EOC = "<eom>", "<eoc>"
+
+
+@dataclass
+class Reply:
+    """One MOSS turn: the reply text and, with plugins, what happened before it."""
+
+    text: str = ""
+    inner_thoughts: str | None = None
+    commands: list["Call"] = field(default_factory=list)
+    results: str | None = None
+    finish_reason: str = "stop"  # "stop", "length" (max_new_tokens or context), "interrupted"
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    notices: list[str] = field(default_factory=list)
+
+
+Event = Callable[[str, str], None]  # (kind, text): kind in "thoughts", "commands", "results", "notice"
+
+
+class Chat:
+    """A MOSS conversation on one model; ``send`` a message, get a ``Reply``."""
+
+    def __init__(
+        self,
+        model: "Model",
+        meta_instruction: str | None = None,
+        *,
+        plugins: Iterable["Plugin"] | Iterable[str] | None = None,
+        plugin_options: dict | None = None,
+        plugin_timeout: float = 20.0,
+        max_len: int | None = None,
+        on_event: Event | None = None,
+        **defaults,
+    ):
+        from jmoss.plugins import capability_lines, load_plugins
+
+        self.model = model
+        self.tokenizer = model.tokenizer
+        names = [p for p in (plugins or []) if isinstance(p, str)]
+        self.plugins: list[Plugin] = [p for p in (plugins or []) if not isinstance(p, str)]
+        if names:
+            self.plugins += load_plugins(names, **(plugin_options or {}))
+        if meta_instruction is None:
+            meta_instruction = dialogue.base_meta_instruction()
+            if self.plugins:
+                meta_instruction += capability_lines(self.plugins)
+        self.meta_instruction = meta_instruction
+        self.plugin_timeout = plugin_timeout
+        self.defaults = defaults
+        self.on_event = on_event
+        self.session = model.session(max_len=max_len)
+        self.max_len = self.session.max_len
+        self.history: list[tuple[str, Reply]] = []
+        self.last_reply: Reply | None = None
+        self._meta_ids = self.tokenizer.encode(meta_instruction)
+        if len(self._meta_ids) >= self.max_len:
+            raise ContextLengthError(f"the meta instruction alone has {len(self._meta_ids)} tokens, past {self.max_len}")
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the conversation (the meta instruction stays); the cache buffers are reused."""
+        self.session.reset()
+        self._ids: list[int] = list(self._meta_ids)
+        self._turn_starts: list[int] = []
+        self.history = []
+
+    @property
+    def token_count(self) -> int:
+        return len(self._ids)
+
+    def send(self, text: str, **options) -> Reply:
+        for _ in self.stream(text, **options):
+            pass
+        assert self.last_reply is not None
+        return self.last_reply
+
+    def stream(self, text: str, **options) -> Iterator[str]:
+        """Yield the reply's text deltas; ``last_reply`` holds the whole Reply afterwards."""
+        opts = GenerationOptions.from_kwargs(**{**self.defaults, **options})
+        reply = Reply()
+        self.last_reply = reply
+        self._turn_starts.append(len(self._ids))
+        try:
+            if self.plugins:
+                self._ids += self.tokenizer.encode(dialogue.human(text))
+                yield from self._plugin_turn(reply, opts)
+            else:
+                self._ids += self.tokenizer.encode(dialogue.human(text) + dialogue.prefix(dialogue.MOSS))
+                yield from self._reply_pass(reply, opts)
+        finally:  # an interrupted reply stays in the conversation, closed with <eom>
+            self.history.append((text, reply))
+
+    # -- passes ------------------------------------------------------------------------------
+    def _reply_pass(self, reply: Reply, opts: GenerationOptions) -> Iterator[str]:
+        """Generate ``<|MOSS|>:``'s continuation until <eom>; close the turn whatever happens."""
+        tokens: list[int] = []
+        first = True
+        try:
+            for delta in self._generate(reply, opts, (EOM,), tokens):
+                if first:  # the model writes "<|MOSS|>: text"; the reply is the text
+                    delta, first = delta.lstrip(" "), not delta.strip(" ")
+                if delta:
+                    reply.text += delta
+                    yield delta
+        except BaseException:
+            reply.finish_reason = "interrupted"
+            raise
+        finally:
+            self._close(tokens, EOM, reply)
+
+    def _plugin_turn(self, reply: Reply, opts: GenerationOptions) -> Iterator[str]:
+        from jmoss.plugins import parse_commands, render_results, run_calls
+
+        tokens: list[int] = []
+        pass1 = GenerationOptions.from_kwargs(**{**opts.__dict__, "stop": (EOC, EOM), "skip_special_tokens": False})
+        try:
+            for _ in self._generate(reply, pass1, (), tokens):
+                pass
+        except BaseException:
+            reply.finish_reason = "interrupted"
+            self._close(tokens, EOM, reply)
+            raise
+        written = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        eom_id = self.tokenizer.token_to_id(EOM)
+        if tokens and tokens[-1] == eom_id or dialogue.prefix(dialogue.MOSS) in written:
+            # the model skipped the tools and answered: keep its text as the reply
+            reply.text = _field(written, dialogue.prefix(dialogue.MOSS), EOM) or written.replace(EOM, "").strip()
+            self._close(tokens, EOM, reply)
+            yield reply.text
+            return
+        reply.inner_thoughts = _field(written, dialogue.prefix(dialogue.INNER_THOUGHTS), "<eot>")
+        command_text = _field(written, dialogue.prefix(dialogue.COMMANDS), EOC) or "None"
+        self._emit("thoughts", reply.inner_thoughts or "")
+        self._emit("commands", command_text)
+        self._close(tokens, EOC, reply)  # "<eoc>\n" ends the Commands field, as in training
+        reply.commands = parse_commands(command_text)
+        results: list[CallResult] = run_calls(reply.commands, self.plugins, timeout=self.plugin_timeout)
+        reply.results = render_results(results)
+        self._emit("results", reply.results)
+        self._ids += self.tokenizer.encode(reply.results + dialogue.prefix(dialogue.MOSS))
+        yield from self._reply_pass(reply, opts)
+
+    def _generate(self, reply: Reply, opts: GenerationOptions, stop: tuple, tokens: list[int]) -> Iterator[str]:
+        room_needed = min(opts.max_new_tokens, max(1, self.max_len // 4))
+        self._fit(room_needed, reply)
+        row = self._ids[self.session.length:]
+        reply.prefilled_tokens += len(row)
+        budget = min(opts.max_new_tokens, self.max_len - len(self._ids))
+        if budget < opts.max_new_tokens:
+            reply.notices.append(f"reply limited to {budget} tokens by the {self.max_len}-position context")
+        run = GenerationOptions.from_kwargs(**{**opts.__dict__, "stop": tuple(opts.stop) + stop, "max_new_tokens": budget})
+        history = self._ids[: self.session.length]
+        yield from stream_tokens(self.model, self.session, row, run, history=history, tokens_out=tokens)
+        reply.generated_tokens += len(tokens)
+        if not tokens or tokens[-1] not in (self.tokenizer.token_to_id(s) for s in stop):
+            reply.finish_reason = "length"
+
+    def _close(self, tokens: list[int], marker: str, reply: Reply) -> None:
+        """Append what was generated and the field's end marker + newline to the conversation."""
+        self._ids += tokens
+        marker_id = self.tokenizer.token_to_id(marker)
+        if not tokens or tokens[-1] != marker_id:
+            self._ids.append(marker_id)
+        self._ids += self.tokenizer.encode("\n")
+        del tokens[:]
+
+    def _fit(self, room_needed: int, reply: Reply) -> None:
+        """Drop oldest turns (never the meta instruction or this turn) until ``room_needed`` fits."""
+        if len(self._ids) + room_needed <= self.max_len:
+            return
+        current = self._turn_starts[-1]
+        if len(self._meta_ids) + (len(self._ids) - current) + 1 > self.max_len:
+            raise ContextLengthError(
+                f"this message needs {len(self._ids) - current} tokens; with the meta instruction it cannot fit in "
+                f"{self.max_len} positions. Send a shorter message."
+            )
+        dropped = 0
+        starts = self._turn_starts
+        while len(starts) > 1:
+            keep_from = starts[1]
+            kept = len(self._meta_ids) + len(self._ids) - keep_from
+            self._ids = self._meta_ids + self._ids[keep_from:]
+            shift = keep_from - len(self._meta_ids)
+            starts = [s - shift for s in starts[1:]]
+            dropped += 1
+            if kept + room_needed <= self.max_len:
+                break
+        self._turn_starts = starts
+        self.history = self.history[dropped:]
+        self.session.reset()  # positions shift: the cache is rebuilt from the kept turns
+        notice = f"dropped the {dropped} oldest turn(s) to stay within {self.max_len} positions (meta instruction kept)"
+        reply.notices.append(notice)
+        self._emit("notice", notice)
+
+    def _emit(self, kind: str, text: str) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, text)
+
+
+def _field(text: str, start: str, end: str) -> str | None:
+    """The body of a field ``start …end`` inside generated text (without the leading space)."""
+    m = re.search(re.escape(start) + r" ?(.*?)(?:" + re.escape(end) + r"|$)", text, flags=re.S)
+    return m.group(1).strip("\n") if m else None

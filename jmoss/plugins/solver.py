@@ -1,0 +1,361 @@
+"""Equation-solver plugin: ``Solve("x+y=500;5x+8y=4000")`` with sympy, in MOSS's result format.
+
+What the SFT data tells about MOSS's backend (moss-spec §4.6, and the 54 recorded Solve results):
+
+- equations are separated by ";" or ","; a piece that is a bare name ("…; r") names the unknown;
+  a piece without "=" that is not a name makes the request fail ("3x+280" -> No result.);
+- "3x", "(4/3)x", ")(" are implicit products; "^" is power; "xy" is one unknown, not x*y;
+- arithmetic follows Python with sympy symbols: 4/3 is the float 1.333…, so "(4/3)x - x = 64"
+  answers "x = 192.000000000000", while "x/4" stays exact ("x = 160/3"); pi is math.pi;
+- one equation gives a list of roots: "x = 5", or "x_0 = -6\\nx_1 = 4" for several;
+- several equations give one line per unknown, "x = 19\\ny = 11", only when the solution is unique;
+  underdetermined, inconsistent or multi-branch systems give "No result.";
+- values print as sympy prints them: 160/3, 130.000000000000, -sqrt(15), -1 - sqrt(3)*I.
+
+The text is never passed to ``sympify``/``parse_expr`` (they call ``eval``): it is parsed with
+``ast`` and rebuilt from a whitelist, as in the calculator. sympy can take unbounded time, so all
+work happens in a worker process that is killed when a request runs past its time limit.
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import json
+import math
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from jmoss.errors import SolverError
+from jmoss.plugins import LINES, NO_RESULT, Plugin
+
+MAX_REQUEST_CHARS = 500
+MAX_EQUATIONS = 12
+MAX_NODES = 300
+MAX_SYMBOLIC_EXPONENT = 64
+DEFAULT_TIMEOUT = 5.0
+STARTUP_TIMEOUT = 60.0  # importing sympy in a fresh process; paid once per worker
+
+_TOKEN = re.compile(r"\s+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+|[A-Za-z_][A-Za-z0-9_]*|\*\*|.", re.S)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _implicit_products(text: str) -> str:
+    """Insert '*' where MOSS writes products by juxtaposition: 3x, 2.5y, (4/3)x, 3(x+1), )(."""
+    out: list[str] = []
+    prev = ""
+    for m in _TOKEN.finditer(text):
+        tok = m.group(0)
+        if tok.isspace():
+            out.append(tok)
+            prev = ""
+            continue
+        prev_is_value = bool(prev) and (prev[0].isdigit() or prev[0] == "." or prev == ")")
+        starts_value = tok[0].isalpha() or tok[0] == "_" or tok[0].isdigit() or tok == "("
+        if prev_is_value and starts_value and not (prev[0].isdigit() and tok[0].isdigit()):
+            out.append("*")
+        out.append(tok)
+        prev = tok
+    return "".join(out)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on ';' and ',' outside parentheses (so "log(x, 2)" stays whole)."""
+    parts, depth, cur = [], 0, []
+    for c in text:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c in ";," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    parts.append("".join(cur))
+    return parts
+
+
+class _Builder:
+    """Rebuilds a parsed expression from numbers, symbols and whitelisted functions only."""
+
+    def __init__(self, sympy: Any, deadline: float):
+        self.sp = sympy
+        self.deadline = deadline
+        self.nodes = 0
+        self.functions = {
+            "sqrt": (math.sqrt, sympy.sqrt),
+            "exp": (math.exp, sympy.exp),
+            "log": (math.log, sympy.log),
+            "sin": (math.sin, sympy.sin),
+            "cos": (math.cos, sympy.cos),
+            "tan": (math.tan, sympy.tan),
+            "abs": (abs, sympy.Abs),
+        }
+
+    def build(self, node: ast.AST) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise SolverError(f"equations have more than {MAX_NODES} parts")
+        if time.monotonic() > self.deadline:
+            raise SolverError("timed out while reading the equations")
+        if isinstance(node, ast.Expression):
+            return self.build(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            if isinstance(node.value, int) and node.value.bit_length() > 2000:
+                raise SolverError("number too large")
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id == "pi":
+                return math.pi
+            if node.id == "e":
+                return math.e
+            return self.sp.Symbol(node.id)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+            v = self.build(node.operand)
+            return v if isinstance(node.op, ast.UAdd) else -v
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
+            a, b = self.build(node.left), self.build(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            if isinstance(node.op, ast.Div):
+                return a / b
+            return self._power(a, b)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) == 1 and not node.keywords:
+            fns = self.functions.get(node.func.id)
+            if fns is None:
+                raise SolverError(f"unknown function {node.func.id!r}")
+            arg = self.build(node.args[0])
+            # Python numbers go through math (as MOSS's backend did), symbolic ones through sympy.
+            return fns[0](arg) if isinstance(arg, (int, float)) else fns[1](arg)
+        raise SolverError(f"{type(node).__name__} is not allowed in an equation")
+
+    def _power(self, a: Any, b: Any) -> Any:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            big = isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1
+            if big and (abs(a).bit_length() - 1) * b > 2000:  # size before computing, as in the calculator
+                raise SolverError("number too large")
+            result = a**b
+            if isinstance(result, complex):
+                raise SolverError("complex power")
+            return result
+        if not isinstance(b, (int, float)) or abs(b) > MAX_SYMBOLIC_EXPONENT:
+            raise SolverError(f"exponents must be numbers no larger than {MAX_SYMBOLIC_EXPONENT}")
+        return a**b
+
+
+def _to_sympy(sympy: Any, value: Any) -> Any:
+    # Python numbers from the builder become sympy numbers; text never reaches sympy's parser.
+    if isinstance(value, int):
+        return sympy.Integer(value)
+    if isinstance(value, float):
+        return sympy.Float(value)
+    return value
+
+
+def _parse_request(sympy: Any, equations: str, targets: Sequence[str], deadline: float) -> tuple[list, list]:
+    text = _implicit_products(equations.replace("^", "**"))
+    eqs, names = [], [t.strip() for t in targets]
+    for piece in _split_top_level(text):
+        piece = piece.strip()
+        if not piece:
+            continue
+        if _NAME.match(piece) and piece not in ("pi", "e"):
+            names.append(piece)
+            continue
+        sides = piece.replace("==", "=").split("=")
+        if len(sides) != 2:
+            raise SolverError(f"{piece!r} is not an equation 'left = right'")
+        try:
+            lhs, rhs = (ast.parse(s.strip(), mode="eval") for s in sides)
+        except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
+            raise SolverError(f"cannot read {piece!r}: {type(exc).__name__}") from None
+        b = _Builder(sympy, deadline)
+        eqs.append(_to_sympy(sympy, b.build(lhs)) - _to_sympy(sympy, b.build(rhs)))
+    if not eqs:
+        raise SolverError("no equation")
+    if len(eqs) > MAX_EQUATIONS:
+        raise SolverError(f"more than {MAX_EQUATIONS} equations")
+    if any(not _NAME.match(n) for n in names):
+        raise SolverError("unknowns must be names")
+    return eqs, [sympy.Symbol(n) for n in names]
+
+
+def _format(sympy: Any, eqs: list, symbols: list) -> str:
+    """Solve and print like MOSS's backend; anything but a definite answer is 'No result.'."""
+    if len(eqs) == 1 and len(symbols) <= 1:
+        eq = eqs[0]
+        free = eq.free_symbols
+        if not symbols and len(free) != 1:
+            return NO_RESULT
+        sym = symbols[0] if symbols else next(iter(free))
+        roots = sympy.solve(eq, sym)
+        if not isinstance(roots, list) or not roots or any(isinstance(r, (dict, tuple)) for r in roots):
+            return NO_RESULT
+        if len(roots) == 1:
+            return f"{sym} = {roots[0]}"
+        return "\n".join(f"{sym}_{i} = {r}" for i, r in enumerate(roots))
+    sol = sympy.solve(eqs, *symbols, dict=False)
+    if not isinstance(sol, dict) or not sol:
+        return NO_RESULT
+    if any(getattr(v, "free_symbols", None) for v in sol.values()):
+        return NO_RESULT  # underdetermined: values still depend on other unknowns
+    return "\n".join(f"{k} = {sol[k]}" for k in sorted(sol, key=sympy.default_sort_key))
+
+
+def solve_now(equations: str, targets: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Solve in this process, with no hard time limit; the worker calls this. Raises ``SolverError``."""
+    import sympy
+
+    if len(equations) > MAX_REQUEST_CHARS:
+        raise SolverError(f"request longer than {MAX_REQUEST_CHARS} characters")
+    deadline = time.monotonic() + timeout
+    eqs, symbols = _parse_request(sympy, equations, targets, deadline)
+    return _format(sympy, eqs, symbols)
+
+
+def _serve(stdin: Any, stdout: Any) -> None:
+    """Worker loop: one JSON request per line in, one JSON answer per line out."""
+    import sympy  # noqa: F401 - pay the import before saying ready
+
+    stdout.write("ready\n")
+    stdout.flush()
+    for line in stdin:
+        try:
+            equations, targets, timeout = json.loads(line)
+            answer = {"ok": solve_now(equations, targets, timeout)}
+        except Exception as exc:  # noqa: BLE001 - every failure is an answer
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        stdout.write(json.dumps(answer) + "\n")
+        stdout.flush()
+
+
+class SolverWorker:
+    """A sympy process reused across requests and killed (then replaced) when one runs too long.
+
+    It is a plain ``python -m jmoss.plugins.solver`` child speaking JSON lines, not a
+    multiprocessing child, so the user's main script is never re-imported in it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # so a source checkout works uninstalled
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jmoss.plugins.solver"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        self._proc = proc
+        if self._readline(STARTUP_TIMEOUT) != "ready":
+            self.stop()
+            raise SolverError(f"the sympy worker did not start within {STARTUP_TIMEOUT:g} s")
+
+    def _readline(self, timeout: float) -> str | None:
+        assert self._proc is not None and self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self._proc.stdout.readline()
+        return line.rstrip("\n") if line else None
+
+    def stop(self) -> None:
+        """Kill the worker process, if any."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(5)
+            for stream in (self._proc.stdin, self._proc.stdout):
+                if stream is not None:
+                    stream.close()
+        self._proc = None
+
+    def _ensure_started(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            self.stop()
+            self._start()
+
+    def ensure_started(self) -> None:
+        """Start the worker now so the first request does not pay sympy's import."""
+        with self._lock:
+            self._ensure_started()
+
+    def solve(self, equations: str, targets: Sequence[str], timeout: float) -> str:
+        """The answer text; raises ``SolverError`` (with the reason) for failures and time-outs."""
+        with self._lock:
+            self._ensure_started()
+            assert self._proc is not None and self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(json.dumps([equations, list(targets), timeout]) + "\n")
+                self._proc.stdin.flush()
+                line = self._readline(timeout)
+            except (OSError, ValueError) as exc:
+                self.stop()
+                raise SolverError(f"the sympy worker failed: {exc}") from None
+            if line is None:
+                self.stop()  # still computing (or dead): kill it, the next request starts a new one
+                raise SolverError(f"no answer within {timeout:g} s")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise SolverError(answer["error"])
+        return answer["ok"]
+
+
+_default_worker = SolverWorker()
+atexit.register(_default_worker.stop)
+
+
+def solve(equations: str, targets: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT) -> str:
+    """MOSS's result text for ``Solve(equations)``: "x = 19\\ny = 11", "x_0 = -6\\nx_1 = 4" or "No result.".
+
+    Never raises. ``timeout`` bounds the solving itself; the first call also starts the worker
+    process (up to ``STARTUP_TIMEOUT``).
+    """
+    if not isinstance(equations, str) or len(equations) > MAX_REQUEST_CHARS:
+        return NO_RESULT
+    try:
+        return _default_worker.solve(equations, targets, timeout)
+    except SolverError:
+        return NO_RESULT
+    except Exception:  # noqa: BLE001
+        return NO_RESULT
+
+
+class SolverPlugin(Plugin):
+    """``Solve(equation)``; rendered as ``Solve("…") =>`` and one line per unknown."""
+
+    name = "Solve"
+    capability = "Equation solver"
+    signature = "Solve(equation)"
+    style = LINES
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT):
+        self._solve_timeout = timeout
+        self.timeout = timeout + STARTUP_TIMEOUT
+
+    def run(self, args: Sequence[str]) -> list[str]:
+        """Result lines; extra arguments name the unknowns (``Solve("…", "x")``)."""
+        if not args:
+            return [NO_RESULT]
+        return solve(args[0], args[1:], self._solve_timeout).split("\n")
+
+
+if __name__ == "__main__":
+    _serve(sys.stdin, sys.stdout)

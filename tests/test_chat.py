@@ -1,0 +1,85 @@
+"""Multi-turn chat: MOSS's prompt format, KV cache reuse across turns, the context policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from jmoss import dialogue
+from jmoss.api import Model
+from jmoss.generation import generate_tokens
+from moss_fixtures import moss_tokenizer_dir, tiny_moss
+from torch_reference import state_dict_numpy
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, shared_dir):
+    torch_model, config = tiny_moss(seed=3)
+    tok = moss_tokenizer_dir(shared_dir, tmp_path_factory.mktemp("tok"))
+    return Model.from_state_dict(state_dict_numpy(torch_model), config, device="cpu", tokenizer_path=tok)
+
+
+def test_prompt_is_mosss_exact_format(model):
+    chat = model.chat(do_sample=False, max_new_tokens=8)
+    reply = chat.send("你好")
+    expected_start = dialogue.base_meta_instruction() + "<|Human|>: 你好<eoh>\n<|MOSS|>:"
+    text = model.tokenizer.decode(chat._ids, skip_special_tokens=False)
+    assert text.startswith(expected_start)
+    assert text.endswith("<eom>\n")
+    assert reply.text and reply.generated_tokens == 8 and reply.finish_reason == "length"
+
+
+def test_second_turn_prefills_only_its_own_tokens(model, report):
+    chat = model.chat(do_sample=False, max_new_tokens=10)
+    first = chat.send("Hello MOSS, how are you?")
+    before = chat.token_count
+    second = chat.send("Tell me about Fudan University.")
+    own = model.tokenizer.encode(dialogue.human("Tell me about Fudan University.") + "<|MOSS|>:")
+    # the previous reply's last sampled token + "<eom>\n" closing it, then this turn's prompt
+    closing = before - (first.prefilled_tokens + first.generated_tokens - 1)
+    assert first.prefilled_tokens == len(model.tokenizer.encode(dialogue.base_meta_instruction())) + len(
+        model.tokenizer.encode(dialogue.human("Hello MOSS, how are you?") + "<|MOSS|>:"))
+    assert second.prefilled_tokens == closing + len(own)
+    report(f"turn 1 prefilled {first.prefilled_tokens} tokens, turn 2 prefilled {second.prefilled_tokens} "
+           f"(its own {len(own)} + {closing} closing the previous reply) of {chat.token_count} in the conversation")
+
+
+def test_kv_reuse_gives_the_same_reply_as_recomputing_the_whole_conversation(model):
+    chat = model.chat(do_sample=False, max_new_tokens=12, repetition_penalty=1.0)
+    chat.send("What is 2 + 2?")
+    chat.send("And 3 + 3?")
+    prompt = list(chat._ids)
+    prompt_turn3 = prompt + model.tokenizer.encode(dialogue.human("Thanks!") + "<|MOSS|>:")
+    reply = chat.send("Thanks!")
+    fresh = generate_tokens(model, prompt_turn3, do_sample=False, max_new_tokens=12, repetition_penalty=1.0)
+    assert model.tokenizer.decode(fresh, skip_special_tokens=True).lstrip(" ") == reply.text
+
+
+def test_a_long_conversation_never_errors_on_the_context_limit(model, report):
+    chat = model.chat(do_sample=True, seed=0, max_new_tokens=60, max_len=512)
+    notices = []
+    for i in range(12):
+        reply = chat.send(f"This is message number {i}; please answer at length.")
+        notices += reply.notices
+        assert chat.token_count <= 512
+    assert any("dropped" in n for n in notices)
+    assert chat._ids[: len(chat._meta_ids)] == chat._meta_ids
+    report(f"12 turns in a 512-position window: {len(notices)} notices, e.g. {notices[0]!r}")
+
+
+def test_clear_starts_over_with_the_meta_instruction(model):
+    chat = model.chat(do_sample=False, max_new_tokens=4)
+    chat.send("one")
+    chat.clear()
+    assert chat._ids == chat._meta_ids and chat.history == [] and chat.session.length == 0
+    assert chat.send("two").prefilled_tokens == len(chat._meta_ids) + len(
+        model.tokenizer.encode(dialogue.human("two") + "<|MOSS|>:"))
+
+
+def test_an_interrupted_reply_keeps_the_session_usable(model):
+    chat = model.chat(do_sample=False, max_new_tokens=30)
+    stream = chat.stream("Interrupt me")
+    next(stream)
+    stream.close()  # what Ctrl-C in the CLI does
+    assert chat.last_reply.finish_reason == "interrupted"
+    assert model.tokenizer.decode(chat._ids, skip_special_tokens=False).endswith("<eom>\n")
+    assert chat.send("Still there?").text is not None
