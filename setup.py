@@ -35,10 +35,10 @@ setup(
         "tqdm>=4.66",
         "sympy>=1.12",
         "psutil>=5.9",
+        "bm25s>=0.2",
     ],
     extras_require={
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
-        "search": ["bm25s>=0.2"],
         "cuda": ["cupy-cuda12x>=13"],
         "test": [
             "pytest>=8",
@@ -50,7 +50,6 @@ setup(
             "httpx>=0.27",
             "fastapi>=0.110",
             "uvicorn>=0.29",
-            "bm25s>=0.2",
         ],
     },
     entry_points={"console_scripts": ["jmoss=jmoss.cli:main"]},

@@ -152,6 +152,37 @@ def _home_pointing_at(home: Path) -> Iterator[None]:
             os.environ["HOME"] = saved
 
 
+@contextlib.contextmanager
+def _no_jittor_sigint() -> Iterator[None]:
+    """Keep jittor from installing its SIGINT handler, which exits the process on Ctrl-C.
+
+    jmoss needs Ctrl-C as KeyboardInterrupt (stop a reply, keep the chat). Jittor's core skips
+    that handler when JPY_PARENT_PID is set (its Jupyter switch, read once at load).
+    """
+    was_set = "JPY_PARENT_PID" in os.environ
+    if not was_set:
+        os.environ["JPY_PARENT_PID"] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if not was_set:
+            os.environ.pop("JPY_PARENT_PID", None)
+
+
+def _restore_sigchld() -> None:
+    """Undo jittor's SIGCHLD handler: it exits the whole process when any child dies of a signal.
+
+    jmoss kills its own children on purpose (a sympy worker past its time limit, a conversion
+    test), so the default disposition is restored. Done through libc so it works off the main thread.
+    """
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.signal(int(signal.SIGCHLD), ctypes.c_void_p(0))  # SIG_DFL
+
+
 def _quiet_python_logs(jittor_utils: ModuleType) -> None:
     """Silence jittor's Python-side info/warning lines and progress bars; keep errors and fatals.
 
@@ -195,6 +226,20 @@ def current_device() -> str | None:
     return _device
 
 
+SAVE_MEM_ENV = "JMOSS_JITTOR_SAVE_MEM"
+SAVE_MEM_CC_FLAG = "-DJT_SAVE_MEM=1"
+
+
+def save_mem_requested() -> bool:
+    """True when this process should use Jittor's swap-enabled build (``JMOSS_JITTOR_SAVE_MEM=1``).
+
+    Only the ``swap="jittor"`` baseline sets it, in a subprocess of its own: the build lives in
+    ``<jittor home>-savemem`` (about 2 minutes to compile once) and cannot share a process with
+    the normal build.
+    """
+    return os.environ.get(SAVE_MEM_ENV, "") == "1"
+
+
 def _import_jittor(device: str) -> ModuleType:
     env = {
         "use_mkl": "0",
@@ -214,10 +259,17 @@ def _import_jittor(device: str) -> ModuleType:
         env["nvcc_path"] = nvcc
     else:
         env["nvcc_path"] = ""
+    home = jittor_home()
+    if save_mem_requested():
+        # Jittor's native swap (the baseline the streaming engine is compared with) is a
+        # compile-time switch (jittor-notes §2.1): it needs its own core build, so it gets its
+        # own JITTOR_HOME, and cc_flags must be set on every run or jittor silently rebuilds.
+        flags = os.environ.get("cc_flags", "")
+        env["cc_flags"] = flags if SAVE_MEM_CC_FLAG in flags else f"{flags} {SAVE_MEM_CC_FLAG}".strip()
+        home = home.with_name(home.name + "-savemem")
     os.environ.update(env)
     os.environ.pop("log_silent", None)  # see module docstring: it would swallow fatal errors
 
-    home = jittor_home()
     home.mkdir(parents=True, exist_ok=True)
     marker = home / f".jmoss-ready-{device}"
     os.environ["JITTOR_HOME"] = str(home)
@@ -227,7 +279,7 @@ def _import_jittor(device: str) -> ModuleType:
             file=sys.stderr,
             flush=True,
         )
-    with _captured_fds() as log, _home_pointing_at(home):
+    with _captured_fds() as log, _home_pointing_at(home), _no_jittor_sigint():
         try:
             import jittor
         except BaseException as exc:  # import-time compile failures surface as many types
@@ -237,6 +289,7 @@ def _import_jittor(device: str) -> ModuleType:
                 "Run `jmoss doctor` to see what jittor needs on this machine."
             ) from exc
     marker.touch()
+    _restore_sigchld()
     import jittor_utils
 
     jittor.flags.log_silent = 1

@@ -70,3 +70,28 @@ def test_unknown_device_is_a_clear_error():
 
     with pytest.raises(DeviceError, match="cpu, cuda"):
         resolve_device("tpu")
+
+
+SIGNALS_PROBE = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    from jmoss.jittor_setup import get_jittor
+    get_jittor("cpu")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child.kill()  # SIGKILL: jittor's own handler would quick-exit this process here
+    child.wait()
+    time.sleep(0.2)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    except KeyboardInterrupt:
+        print("SURVIVED-AND-INTERRUPTIBLE")
+    """
+)
+
+
+def test_children_dying_and_ctrl_c_do_not_kill_the_process():
+    """jittor exits the process on SIGINT and on any child killed by a signal; jmoss undoes both."""
+    proc = subprocess.run([sys.executable, "-c", SIGNALS_PROBE], capture_output=True, text=True, timeout=300)
+    assert "SURVIVED-AND-INTERRUPTIBLE" in proc.stdout, proc.stdout + proc.stderr
+    assert "quick exit" not in proc.stderr

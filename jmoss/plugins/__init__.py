@@ -282,7 +282,12 @@ def entry_point_plugins() -> dict[str, Callable[..., Plugin]]:
     return found
 
 
+# The names the CLI documents (`--plugins calculator,solver,search,text2image`).
+_ALIASES = {"calculator": "Calculate", "solver": "Solve", "search": "Search", "text2image": "Text2Image"}
+
+
 def _lookup(name: str, registry: Mapping[str, Callable[..., Plugin]]) -> str | None:
+    name = _ALIASES.get(name.strip().lower(), name)
     if name in registry:
         return name
     try:  # "calculator", "Web search" -> the command name

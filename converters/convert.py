@@ -1,0 +1,296 @@
+"""`jmoss convert`: stream a MOSS/CodeGen checkpoint, tensor by tensor, into a jmoss store.
+
+Data flow: ``sources.resolve`` finds the files (local folder or Hugging Face cache);
+``Source.iter_tensors`` describes each tensor without reading it; each tensor is then mapped
+(mmap), cast to fp16 (GPTQ parts are dequantized, see gptq.py), re-laid out (qkv rows, see
+layout.py) and written in bounded row chunks at its fixed offset in its group's ``.tmp`` file
+(the header is known from the config before any data arrives). When a group has all its
+tensors, the file is fsynced, read back and checked, renamed into place, and recorded in the
+resume journal (``store.JOURNAL``). A re-run after a crash or Ctrl-C re-hashes the recorded
+groups and skips them (and any shard that only holds them). ``jmoss.json`` is written last.
+
+Peak memory is one source tensor's mapped pages plus one chunk (16 MiB) of conversion
+buffers, or for GPTQ one Linear's packed tensors: never a shard or the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jmoss.config import MossConfig
+from jmoss.converters import gptq, layout
+from jmoss.converters.sources import GPTQ_SUFFIXES, Source, SourceTensor, resolve
+from jmoss.errors import CheckpointError, StoreError
+from jmoss.store import (
+    JOURNAL,
+    MANIFEST,
+    GroupWriter,
+    atomic_write_bytes,
+    default_store_dir,
+    default_store_dir_for_local,
+    finalize_store,
+    sha256_file,
+)
+
+CHUNK_BYTES = 16 << 20  # fp16 bytes produced per write: bounds the conversion buffers
+JOURNAL_VERSION = 1
+
+
+class _Journal:
+    """Groups already written and verified, keyed to the exact source and config."""
+
+    def __init__(self, out: Path, identity: dict[str, Any]) -> None:
+        self.path = out / JOURNAL
+        self.identity = identity
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.gptq_bits: set[int] = set()  # bit widths met so far (for the manifest of a resumed run)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return
+        if data.get("version") == JOURNAL_VERSION and data.get("identity") == identity:
+            self.groups = data.get("groups", {})
+            self.gptq_bits = set(data.get("gptq_bits", []))
+
+    def verified(self, out: Path, config: MossConfig) -> dict[layout.Group, dict[str, Any]]:
+        """Recorded groups whose files still hash to what was recorded."""
+        done = {}
+        for group in layout.all_groups(config):
+            record = self.groups.get(str(group))
+            path = out / layout.group_file(group)
+            if record and path.is_file() and path.stat().st_size == record["size"] and sha256_file(path) == record["sha256"]:
+                done[group] = record
+            else:
+                self.groups.pop(str(group), None)
+        return done
+
+    def record(self, group: layout.Group, record: dict[str, Any], gptq_bits: set[int]) -> None:
+        self.groups[str(group)] = record
+        self.gptq_bits |= gptq_bits
+        self.save()
+
+    def save(self) -> None:
+        data = {"version": JOURNAL_VERSION, "identity": self.identity, "groups": self.groups, "gptq_bits": sorted(self.gptq_bits)}
+        atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
+
+
+def _to_fp16(chunk: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    if dtype == "float16":
+        return np.ascontiguousarray(chunk)
+    if dtype == "bfloat16":  # bf16 is the top half of an fp32
+        wide = (chunk.astype(np.uint32) << 16).view(np.float32)
+    elif dtype in ("float32", "float64"):
+        wide = chunk
+    else:
+        raise CheckpointError(f"tensor {name} has dtype {dtype}; a MOSS/CodeGen weight is floating point")
+    out = wide.astype(np.float16)
+    if np.isinf(out).any() and not np.isinf(wide).any():
+        raise CheckpointError(f"tensor {name} has values beyond the fp16 range (|x| > 65504); jmoss stores fp16")
+    return out
+
+
+class _Converter:
+    """Routes source tensors to group writers; finishes each group as soon as it is complete."""
+
+    def __init__(self, out: Path, config: MossConfig, pending: list[layout.Group], journal: _Journal, bar: Any) -> None:
+        self.out, self.config, self.journal, self.bar = out, config, journal, bar
+        self.pending = set(pending)
+        self.writers: dict[layout.Group, GroupWriter] = {}
+        self.records: dict[layout.Group, dict[str, Any]] = {}
+        self.gptq_parts: dict[str, dict[str, np.ndarray]] = {}
+        self.gptq_bits: set[int] = set()
+        self.qkv_order = layout.qkv_row_order(config)
+
+    def target(self, name: str) -> tuple[layout.Group, str] | None:
+        """(group, store name) of a source tensor name; None for buffers the store drops."""
+        weight_name = name
+        for suffix in GPTQ_SUFFIXES:
+            if name.endswith(suffix):
+                weight_name = name[: -len(suffix)] + ".weight"
+        try:
+            return layout.map_hf_name(weight_name, self.config)
+        except KeyError:
+            raise CheckpointError(
+                f"tensor {name} is not part of a MOSS/CodeGen model with n_layer={self.config.n_layer}; "
+                "the checkpoint is another architecture or does not match its config.json"
+            ) from None
+
+    def wanted(self, name: str) -> bool:
+        try:
+            target = self.target(name)
+        except CheckpointError:
+            return True  # open the file so the error names the tensor
+        return target is not None and target[0] in self.pending
+
+    def writer(self, group: layout.Group) -> GroupWriter:
+        if group not in self.writers:
+            self.writers[group] = GroupWriter(self.out, self.config, group)
+        return self.writers[group]
+
+    def add(self, tensor: SourceTensor) -> None:
+        target = self.target(tensor.name)
+        if target is None or target[0] not in self.pending:
+            return  # ignored buffer (causal_mask) or an already-verified group: bytes never read
+        group, store_name = target
+        if tensor.name.endswith(GPTQ_SUFFIXES):
+            self._add_gptq_part(tensor, group, store_name)
+            return
+        expected = layout.group_shapes(self.config, group)[store_name]
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"tensor {tensor.name} in {tensor.file.name} has shape {list(tensor.shape)}, but config.json "
+                f"(n_embd={self.config.n_embd}, n_layer={self.config.n_layer}, vocab_size={self.config.vocab_size}) "
+                f"says {list(expected)}; the config does not belong to these weights"
+            )
+        order = self.qkv_order if store_name == "attn.qkv.weight" else None
+        with tensor.open() as array:
+            self._write(group, store_name, expected, lambda rows: _to_fp16(array[rows], tensor.dtype, tensor.name), order)
+            del array
+
+    def _add_gptq_part(self, tensor: SourceTensor, group: layout.Group, store_name: str) -> None:
+        base, suffix = tensor.name.rsplit(".", 1)
+        with tensor.open() as array:
+            part = np.array(array)  # packed parts are small; the fp16 result is written in chunks
+            del array
+        parts = self.gptq_parts.setdefault(base, {})
+        parts[suffix] = part
+        if len(parts) < 4:
+            return
+        del self.gptq_parts[base]
+        if parts["scales"].dtype == np.uint16:  # scales saved as bf16
+            parts["scales"] = (parts["scales"].astype(np.uint32) << 16).view(np.float32)
+        spec = gptq.infer_spec(base, parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"])
+        self.gptq_bits.add(spec.bits)
+        expected = layout.group_shapes(self.config, group)[store_name]
+        if (spec.out_features, spec.in_features) != expected:
+            raise CheckpointError(
+                f"{base} dequantizes to [{spec.out_features}, {spec.in_features}] but config.json says {list(expected)}"
+            )
+        zeros = gptq.unpack_zeros(parts["qzeros"], spec.bits)
+        order = self.qkv_order if store_name == "attn.qkv.weight" else None
+        self._write(
+            group,
+            store_name,
+            expected,
+            lambda rows: gptq.dequantize_rows(parts["qweight"], zeros, parts["scales"], parts["g_idx"], spec, rows),
+            order,
+        )
+
+    def _write(self, group, store_name: str, shape: tuple[int, ...], produce, order: np.ndarray | None) -> None:
+        """Write a tensor in chunks of rows; ``produce(rows)`` returns fp16 rows (slice or index array)."""
+        writer = self.writer(group)
+        if writer.rows_written(store_name):
+            raise CheckpointError(f"tensor {store_name} of group {group!r} appears twice in the checkpoint")
+        row_bytes = 2 * int(np.prod(shape[1:], dtype=np.int64))
+        step = max(1, CHUNK_BYTES // row_bytes)
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])
+            rows = order[start:stop] if order is not None else slice(start, stop)
+            chunk = produce(rows)
+            writer.write_rows(store_name, start, chunk)
+            self.bar.update(chunk.nbytes)
+        if writer.complete:
+            self.records[group] = writer.finish()
+            self.journal.record(group, self.records[group], self.gptq_bits)
+            del self.writers[group]
+            self.pending.discard(group)
+
+    def check_complete(self) -> None:
+        problems = []
+        for base, parts in self.gptq_parts.items():
+            problems.append(f"{base}: has {', '.join(sorted(parts))}, lacks {', '.join(sorted(set(('qweight', 'qzeros', 'scales', 'g_idx')) - set(parts)))}")
+        for group in layout.all_groups(self.config):
+            if group not in self.pending:
+                continue
+            writer = self.writers.get(group)
+            missing = writer.missing() if writer else list(layout.group_shapes(self.config, group))
+            label = f"layer {group}" if isinstance(group, int) else group
+            problems.append(f"{label}: {', '.join(missing)}")
+        if problems:
+            raise CheckpointError(
+                "the checkpoint lacks tensors the config requires (a shard missing from the index, or an "
+                "incomplete download):\n  " + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+            )
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+        self.writers.clear()
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True) -> Path:
+    """Convert ``source`` (HF repo id or local folder) into a jmoss store; return the store path.
+
+    Resumable: re-running the same command after an interruption keeps verified groups.
+    """
+    src: Source = resolve(source, revision)
+    config = MossConfig.from_json_file(src.config_path)
+    if out is None:
+        out = default_store_dir(src.id) if src.hub else default_store_dir_for_local(src.root)
+    out = Path(out).expanduser()
+    described = src.describe()
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        previous = manifest.get("source", {})
+        if {k: previous.get(k) for k in ("id", "revision", "format")} == {k: described[k] for k in ("id", "revision", "format")}:
+            if progress:
+                print(f"{src.id} is already converted at {out} (check it with `jmoss verify {out}`)")
+            return out
+        raise StoreError(
+            f"{out} already holds a model converted from {previous.get('id')} (revision {previous.get('revision')}); "
+            "choose another --out or delete that folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+    journal = _Journal(out, {"source": described, "config": config.to_dict()})
+    done = journal.verified(out, config)
+    journal.save()
+    pending = [g for g in layout.all_groups(config) if g not in done]
+    remaining = sum(layout.group_nbytes(config, g) + 4096 for g in pending)
+    free = shutil.disk_usage(_existing(out)).free
+    if free < remaining:
+        raise StoreError(
+            f"not enough disk space at {out}: converting needs {remaining / 2**30:.2f} GiB more, "
+            f"{free / 2**30:.2f} GiB is free; free some space or pass --out on another disk"
+        )
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=sum(layout.group_nbytes(config, g) for g in pending),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"convert {Path(src.id).name}",
+        disable=not progress,
+    )
+    converter = _Converter(out, config, pending, journal, bar)
+    try:
+        if pending:
+            for tensor in src.iter_tensors(converter.wanted):
+                converter.add(tensor)
+        converter.check_complete()
+    except BaseException:
+        converter.abort()
+        raise
+    finally:
+        bar.close()
+    records = {**done, **converter.records}
+    info = dict(described)
+    bits = converter.gptq_bits | journal.gptq_bits
+    if bits:
+        info["quantization"] = {"method": "gptq", "bits": sorted(bits), "dequantized_to": "float16"}
+    finalize_store(out, config, records, tokenizer_files=src.tokenizer_files, source=info)
+    journal.path.unlink(missing_ok=True)
+    return out

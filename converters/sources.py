@@ -1,0 +1,305 @@
+"""Where a checkpoint comes from, and its tensors enumerated lazily across files and formats.
+
+``resolve(source)`` accepts a local directory or a Hugging Face repo id. For a repo id only the
+files conversion needs are fetched with huggingface_hub (which honours HF_HOME,
+HF_HUB_OFFLINE and ``revision``): config.json, the tokenizer files, one weight index if there
+is one, and exactly the weight files it names (safetensors preferred over pickles when a repo
+has both). ``Source.iter_tensors`` then yields ``SourceTensor`` descriptions file by file; no
+tensor's bytes are read until its ``open()`` context is entered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import numpy as np
+
+from jmoss.converters.torch_zip import TorchZipCheckpoint, map_region, numpy_dtype
+from jmoss.errors import CheckpointError, ConfigError, ModelNotFoundError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+PYTORCH_SINGLE = "pytorch_model.bin"
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+)
+GPTQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+_SAFETENSORS_DTYPES = {
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "BF16": "bfloat16",
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "BOOL": "bool",
+}
+
+
+@dataclass
+class SourceTensor:
+    """One tensor of the source: what it is, and how to map its bytes when needed."""
+
+    name: str
+    dtype: str  # numpy dtype name, or "bfloat16" (delivered as raw uint16)
+    shape: tuple[int, ...]
+    file: Path
+    opener: Callable[[], ContextManager[np.ndarray]] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+
+    def open(self) -> ContextManager[np.ndarray]:
+        """A read-only view of the tensor, valid inside the ``with`` block (mmap-backed)."""
+        return self.opener()
+
+
+@dataclass
+class Source:
+    """A resolved checkpoint: local paths of everything conversion reads, plus provenance."""
+
+    id: str
+    revision: str | None
+    root: Path
+    config_path: Path
+    weight_format: str  # "safetensors" or "pytorch"
+    weight_files: list[Path]
+    index: dict[str, str] | None  # tensor name -> file name, when the checkpoint has an index
+    tokenizer_files: list[Path]
+    hub: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance recorded in the store manifest (and used to match a resumed conversion)."""
+        return {
+            "id": self.id,
+            "revision": self.revision,
+            "format": self.weight_format,
+            "files": [{"name": p.name, "size": p.stat().st_size} for p in self.weight_files],
+        }
+
+    def redownload_hint(self, file: Path | str) -> str:
+        name = Path(file).name
+        if self.hub:
+            return f"re-download it: `hf download {self.id} {name} --force-download`"
+        return f"re-download or re-copy {name} into {self.root}"
+
+    def is_gptq(self) -> bool:
+        names = self.index.keys() if self.index else (t.name for t in self.iter_tensors())
+        return any(n.endswith(".qweight") for n in names)
+
+    def iter_tensors(self, wanted: Callable[[str], bool] | None = None) -> Iterator[SourceTensor]:
+        """Every tensor, file by file (skipping files the index says hold nothing ``wanted``)."""
+        for path in self.weight_files:
+            if wanted is not None and self.index is not None:
+                if not any(wanted(n) for n, f in self.index.items() if f == path.name):
+                    continue
+            if self.weight_format == "safetensors":
+                yield from _safetensors_tensors(path, self.redownload_hint(path))
+            else:
+                yield from _torch_tensors(path, self.redownload_hint(path))
+
+
+def _torch_tensors(path: Path, hint: str) -> Iterator[SourceTensor]:
+    ckpt = TorchZipCheckpoint(path, hint=hint)
+    for name, ref in ckpt.tensors.items():
+        yield SourceTensor(name, ref.dtype, ref.shape, path, lambda n=name: ckpt.open_tensor(n))
+
+
+def _safetensors_tensors(path: Path, hint: str) -> Iterator[SourceTensor]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name} is truncated ({size} bytes, no safetensors header); {hint}")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size, 100 << 20):
+            raise CheckpointError(f"{path.name} is truncated or not a safetensors file (header length {n}, file {size} bytes); {hint}")
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path.name}: corrupt safetensors header ({exc}); {hint}") from None
+    start = 8 + n
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    end = max((v["data_offsets"][1] for _, v in entries), default=0)
+    if start + end > size:
+        raise CheckpointError(
+            f"{path.name} is truncated (expected at least {start + end} bytes, found {size}); {hint}"
+        )
+    for name, entry in entries:
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path.name}: tensor {name} has dtype {entry['dtype']}, which jmoss cannot convert")
+        shape = tuple(entry["shape"])
+        begin, stop = entry["data_offsets"]
+        if stop - begin != int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize:
+            raise CheckpointError(f"{path.name}: tensor {name} has {stop - begin} bytes for shape {shape}; corrupt file")
+        yield SourceTensor(name, dtype, shape, path, lambda b=start + begin, s=shape, d=dtype: _mapped(path, b, s, d))
+
+
+@contextlib.contextmanager
+def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: str) -> Iterator[np.ndarray]:
+    np_dtype = numpy_dtype(dtype)
+    with map_region(path, offset, int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize) as buf:
+        array = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+        try:
+            yield array
+        finally:
+            del array
+
+
+# ----------------------------------------------------------------------------------- resolving
+
+
+def _read_index(path: Path, hint: Callable[[str], str]) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path.name} is not a valid weight index ({exc}); {hint(path.name)}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+        raise CheckpointError(f"{path.name}: weight_map must map tensor names to file names in the same folder")
+    return weight_map
+
+
+def _ordered_files(weight_map: dict[str, str]) -> list[str]:
+    return sorted(set(weight_map.values()))
+
+
+def _local_source(root: Path) -> Source:
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"{root} has no config.json; point `jmoss convert` at a Hugging Face model folder")
+    hint = lambda name: f"re-download or re-copy {name} into {root}"  # noqa: E731
+    index, fmt, files = None, None, []
+    if (root / SAFETENSORS_INDEX).is_file():
+        index, fmt = _read_index(root / SAFETENSORS_INDEX, hint), "safetensors"
+    elif sorted(root.glob("*.safetensors")):
+        fmt, files = "safetensors", sorted(root.glob("*.safetensors"))
+    elif (root / PYTORCH_INDEX).is_file():
+        index, fmt = _read_index(root / PYTORCH_INDEX, hint), "pytorch"
+    elif sorted(root.glob("pytorch_model*.bin")):
+        fmt, files = "pytorch", sorted(root.glob("pytorch_model*.bin"))
+    else:
+        raise CheckpointError(
+            f"{root} has no weights: expected {SAFETENSORS_INDEX}, *.safetensors, {PYTORCH_INDEX} or pytorch_model*.bin"
+        )
+    if index is not None:
+        files = [root / name for name in _ordered_files(index)]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{root}: the weight index lists shard(s) that are missing: {', '.join(missing)}; download them into {root}"
+            )
+    return Source(
+        id=str(root),
+        revision=None,
+        root=root,
+        config_path=root / "config.json",
+        weight_format=fmt,
+        weight_files=files,
+        index=index,
+        tokenizer_files=[root / n for n in TOKENIZER_FILES if (root / n).is_file()],
+    )
+
+
+def _hub_source(repo_id: str, revision: str | None) -> Source:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+    def fetch(filename: str, required: bool = False) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except GatedRepoError:
+            raise ModelNotFoundError(f"{repo_id} is gated on Hugging Face: accept its terms and log in with `hf auth login`") from None
+        except RevisionNotFoundError:
+            raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}") from None
+        except RepositoryNotFoundError:
+            raise ModelNotFoundError(
+                f"no Hugging Face repo {repo_id!r} (or it is private: log in with `hf auth login`); "
+                "to convert a local folder give its path"
+            ) from None
+        except EntryNotFoundError:
+            if not required:
+                return None
+            where = " in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else ""
+            raise ModelNotFoundError(f"{repo_id}: {filename} not found{where}; check the repo id and --revision") from None
+        except OSError as exc:  # network down and nothing cached
+            raise ModelNotFoundError(
+                f"cannot download {filename} of {repo_id} ({exc}); check the network, or set HF_HUB_OFFLINE=1 "
+                "to use the local Hugging Face cache"
+            ) from None
+
+    config = fetch("config.json", required=True)
+    assert config is not None
+    index, fmt, files = None, None, []
+    for index_name, single, kind in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "safetensors"), (PYTORCH_INDEX, PYTORCH_SINGLE, "pytorch")):
+        index_path = fetch(index_name)
+        if index_path is not None:
+            hint = lambda name: f"re-download it: `hf download {repo_id} {name} --force-download`"  # noqa: E731
+            index, fmt = _read_index(index_path, hint), kind
+            files = []
+            for name in _ordered_files(index):
+                path = fetch(name)
+                if path is None:
+                    raise CheckpointError(f"{repo_id}: shard {name} listed in {index_name} is missing from the repo or the cache")
+                files.append(path)
+            break
+        single_path = fetch(single)
+        if single_path is not None:
+            fmt, files = kind, [single_path]
+            break
+    if fmt is None:
+        where = " in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else ""
+        raise CheckpointError(f"{repo_id} has no weights{where}: looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {PYTORCH_INDEX}, {PYTORCH_SINGLE}")
+    tokenizer = [p for p in (fetch(n) for n in TOKENIZER_FILES) if p is not None]
+    snapshot = config.parent
+    resolved = snapshot.name if snapshot.parent.name == "snapshots" else revision
+    return Source(
+        id=repo_id,
+        revision=resolved,
+        root=snapshot,
+        config_path=config,
+        weight_format=fmt,
+        weight_files=files,
+        index=index,
+        tokenizer_files=tokenizer,
+        hub=True,
+    )
+
+
+def resolve(source: str, revision: str | None = None) -> Source:
+    """A local checkpoint directory, or a Hugging Face repo id fetched into the HF cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; give the folder that holds config.json and the weights")
+        if revision is not None:
+            raise CheckpointError("--revision applies to Hugging Face repo ids, not to a local folder")
+        return _local_source(path.resolve())
+    parts = source.split("/")
+    if len(parts) != 2 or not all(parts) or source.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{source!r} is neither an existing folder nor a Hugging Face repo id ('org/name')")
+    return _hub_source(source, revision)
