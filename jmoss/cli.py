@@ -193,5 +193,32 @@ def _config_for(model: str):
     return MossConfig.from_json_file(resolve_model(model))
 
 
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="keep the checkpoint and store here instead of a temporary folder")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device-memory", type=SIZE, default=None, help="budget (default: a little above the plan's minimum)")
+def demo(workdir, max_new_tokens, device_memory):
+    """Run the whole pipeline offline on a small random-weight MOSS-architecture model.
+
+    Builds a checkpoint, converts it with the real converter, loads it under a memory budget
+    smaller than its weights and streams a generation, printing what each stage did. The weights
+    are random, so the generated text is meaningless: the point is that everything runs here.
+    """
+    from jmoss.demo import run_demo
+
+    run_demo(workdir, max_new_tokens=max_new_tokens, budget=device_memory, echo=click.echo,
+             write=lambda s: click.echo(s, nl=False))
+
+
+@main.command()
+def doctor():
+    """Report Jittor, compiler, CUDA toolkit and driver, and what Jittor would download here."""
+    from jmoss.doctor import report
+
+    for label, value in report():
+        click.echo(f"{label:>28}: {value}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,75 @@
+"""``jmoss doctor``: what Jittor needs on this machine, and what would go wrong, before it does.
+
+Jittor's first import compiles its core, may download oneDNN / cutt / cutlass / nccl / a CUDA
+toolkit, and does not build against CUDA 13 (jittor-notes §1). This report reads the machine
+without importing jittor's CUDA side, so it also works where that import would fail.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+import sys
+
+from jmoss.jittor_setup import cuda_device_count, find_nvcc, jittor_home, jmoss_home, nvcc_version
+
+# What a plain `import jittor` fetches, and the switch jmoss sets so it does not (jittor-notes §1.1).
+JITTOR_DOWNLOADS = [
+    ("oneDNN (dnnl 2.2.0)", "every import unless use_mkl=0", "use_mkl=0"),
+    ("cutt", "every CUDA import", "use_cutt=0"),
+    ("cutlass", "every CUDA import", "use_cutlass=0"),
+    ("nccl", "CUDA import when mpicc is found", "use_nccl=0, use_mpi=0"),
+    ("jtcuda toolkit (multi-GB)", "a driver is present but no nvcc is found", "nvcc_path"),
+]
+
+CUDA13_PROBLEMS = [
+    "helper_cuda.h reads cudaDeviceProp.computeMode and .clockRate, removed in CUDA 13: the core does not compile",
+    "CCCL 3 dropped cub::Max (CUDA softmax) and cub::CountingInputIterator / TransformInputIterator (cub_where_op)",
+]
+
+
+def _version(cmd: list[str]) -> str:
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        return "not found"
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"failed to run: {exc}"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "unknown"
+
+
+def report() -> list[tuple[str, str]]:
+    """(label, value) lines describing this machine for jmoss."""
+    try:
+        jittor_version = importlib.metadata.version("jittor")
+    except importlib.metadata.PackageNotFoundError:
+        jittor_version = "not installed (pip install jittor==1.3.11.0)"
+    nvcc = find_nvcc()
+    version = nvcc_version(nvcc) if nvcc else None
+    gpus = cuda_device_count()
+    lines = [
+        ("python", f"{sys.version.split()[0]} ({sys.executable})"),
+        ("platform", platform.platform()),
+        ("jittor", jittor_version),
+        ("C++ compiler", _version(["g++", "--version"])),
+        ("jmoss home", str(jmoss_home())),
+        ("jittor cache", str(jittor_home())),
+        ("CUDA driver", f"{gpus} GPU(s) visible" if gpus else "no CUDA GPU visible (libcuda absent or no device)"),
+        ("nvidia-smi", _version(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])),
+        ("nvcc", f"{nvcc} (CUDA {version[0]}.{version[1]})" if nvcc and version else "not found"),
+    ]
+    for name, when, switch in JITTOR_DOWNLOADS:
+        lines.append((f"download: {name}", f"plain jittor: {when}; jmoss sets {switch}, so never"))
+    if version and version[0] >= 13:
+        for problem in CUDA13_PROBLEMS:
+            lines.append(("CUDA 13", problem))
+        lines.append(("CUDA 13 fix", "install a CUDA 12.x toolkit beside it and point jmoss at it with "
+                                     "JMOSS_NVCC=/usr/local/cuda-12.x/bin/nvcc; jmoss --device auto uses the CPU "
+                                     "until then (jittor 1.3.11 cannot build against CUDA 13)"))
+    elif version:
+        lines.append(("CUDA", f"CUDA {version[0]}.{version[1]} is supported by jittor 1.3.11"))
+    lines.append(("device auto", "cuda" if gpus and version and 11 <= version[0] <= 12 else "cpu"))
+    return lines
