@@ -165,7 +165,8 @@ def verify(store):
 def info(model, device, device_memory, host_memory, max_seq_len, link_gbps):
     """Print MODEL's config and the placement plan for a budget (no weights are read).
 
-    MODEL is a store directory, a converted name, or a folder/file with a config.json.
+    MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
+    is for the budgets given, whatever this machine has (plan for a card you do not own yet).
     """
     from jmoss.config import MossConfig
     from jmoss.placement import plan_placement
@@ -173,11 +174,10 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps):
     config = _config_for(model)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
                f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
-    import psutil
-
+    # a what-if plan: budgets are not checked against this machine's free memory
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
-                          available_device_bytes=None if device == "cuda" else psutil.virtual_memory().available,
-                          available_host_bytes=psutil.virtual_memory().available, max_seq_len=max_seq_len)
+                          available_device_bytes=1 << 60 if device_memory is None else None,
+                          max_seq_len=max_seq_len)
     click.echo(plan.describe(link_gbps=link_gbps))
 
 
@@ -218,6 +218,71 @@ def doctor():
 
     for label, value in report():
         click.echo(f"{label:>28}: {value}")
+
+
+@main.command()
+@click.argument("model")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; loopback by default, 0.0.0.0 exposes the model to the network")
+@click.option("--port", type=click.IntRange(0, 65535), default=19324, show_default=True)
+@click.option("--model-name", default=None, help="the id clients send as `model` (default: MODEL as given)")
+@click.option("--plugins", default="", help="comma-separated tools chat requests may use: calculator,solver,search,text2image")
+@click.option("--search-docs", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="folder of .txt/.md documents the offline search plugin answers from")
+@click.option("--queue-size", type=click.IntRange(min=0), default=16, show_default=True,
+              help="requests that may wait behind the running one; more get 503 + Retry-After")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=None,
+              help="longest prompt accepted, meta instruction included (default: the model's context - 1)")
+@click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(min=1), default=512, show_default=True,
+              help="largest max_tokens a request may ask for")
+@click.option("--session-limit", type=click.IntRange(min=1), default=64, show_default=True,
+              help="uid conversations kept (least recently used are dropped)")
+@click.option("--session-ttl", type=click.FloatRange(min=0, min_open=True), default=3600.0, show_default=True,
+              help="seconds an idle uid conversation is kept")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve(model, device, dtype, device_memory, host_memory, host, port, model_name, plugins, search_docs, **limits):
+    """Serve MODEL over HTTP: MOSS's uid API at POST / and the OpenAI API under /v1.
+
+    MODEL is a converted store directory, or a model name given to `jmoss convert`.
+    One worker runs the model; requests queue for it in order (see --queue-size).
+    """
+    from jmoss.server import serve as run
+
+    m = _load(model, device, dtype, device_memory, host_memory)
+    names = [p.strip() for p in plugins.split(",") if p.strip()]
+    options = {"search": {"folder": search_docs}} if search_docs else {}
+    log_level = limits.pop("log_level")
+    click.echo(f"jmoss serving {model} on http://{host}:{port} (OpenAI API under /v1)", err=True)
+    run(m, host, port, log_level=log_level, model_name=model_name or model, plugins=names, plugin_options=options,
+        **limits)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device-memory", type=SIZE, default=None,
+              help="device budget, e.g. 300MB; layers beyond it are streamed (default: everything resident)")
+@click.option("--host-memory", type=SIZE, default=None, help="host RAM for weights streamed to a GPU, e.g. 24GiB")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch"]),
+              help="also run the same figures for Jittor's native swap (jittor) or transformers (torch)")
+def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare):
+    """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
+    bound, peak RSS; each run in its own process, comparisons side by side.
+
+    The first `--compare jittor` compiles Jittor's swap build once (about 2-5 minutes).
+    """
+    from jmoss.bench import COMPARISONS, format_table, run_bench
+
+    missing = [c for c in compare if c not in COMPARISONS]
+    if missing:
+        raise click.UsageError(f"--compare {missing[0]} is not available in this jmoss yet")
+    bound, rows = run_bench(model, device=device, device_memory=device_memory, host_memory=host_memory,
+                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare))
+    click.echo(format_table(bound, rows))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -183,6 +183,29 @@ def _restore_sigchld() -> None:
     libc.signal(int(signal.SIGCHLD), ctypes.c_void_p(0))  # SIG_DFL
 
 
+def _shield_compile_pool(jittor_utils: ModuleType) -> None:
+    """Keep Ctrl-C away from jittor's multiprocessing compile pool.
+
+    A terminal's Ctrl-C signals the whole process group: a pool worker then dies holding the
+    pool's queue lock, and jittor's atexit ``pool_cleanup`` deadlocks, so the process never exits.
+    Workers created from now on ignore SIGINT; a pool made during a cold import is replaced.
+    """
+    import signal
+
+    original = jittor_utils.pool_initializer
+
+    def initializer():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        original()
+
+    jittor_utils.pool_initializer = initializer
+    pool = getattr(jittor_utils, "p", None)
+    if pool is not None and jittor_utils.pool_size:
+        pool.__exit__(None, None, None)  # terminate the unshielded workers
+        jittor_utils.p = jittor_utils.Pool(jittor_utils.pool_size, initializer=initializer)
+        jittor_utils.p.__enter__()
+
+
 def _quiet_python_logs(jittor_utils: ModuleType) -> None:
     """Silence jittor's Python-side info/warning lines and progress bars; keep errors and fatals.
 
@@ -291,6 +314,8 @@ def _import_jittor(device: str) -> ModuleType:
     marker.touch()
     _restore_sigchld()
     import jittor_utils
+
+    _shield_compile_pool(jittor_utils)
 
     jittor.flags.log_silent = 1
     _quiet_python_logs(jittor_utils)

@@ -157,7 +157,7 @@ class MossModel:
 
     def _linear(self, x, w: Mapping, name: str, activation: str | None = None):
         b, t, k = x.shape
-        y = self.ops.linear(x.reshape(b * t, k), w[f"{name}.weight"], w.get(f"{name}.bias"), activation)
+        y = self.ops.linear(x.reshape(b * t, k), w[f"{name}.weight"], w.get(f"{name}.bias"), activation=activation)
         return y.cast(self.dtype).reshape(b, t, -1)
 
     def block(self, h, w: Mapping, layer: int, cache: KVCache, step: Step):

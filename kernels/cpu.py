@@ -1,0 +1,277 @@
+"""Fused fp16-weight linear layers for the CPU, run through Jittor's ``jt.code`` custom op.
+
+Jittor's own CPU matmul is single-threaded without oneDNN and moves fp16 weights at 0.2-1 GB/s
+(jittor-notes §5); batch-1 decoding is a stream of GEMVs, so the speed of a CPU token is the speed
+at which the weights are read. The C++ in ``cpu_kernels.h`` reads fp16 (or fp32) weights in their
+stored ``[N, K]`` layout, widens them in registers (F16C/AVX2 or AVX-512) and accumulates in fp32
+on every core, with bias and gelu_new fused into the same pass. No fp32 copy of a weight is ever
+made and nothing is allocated per call except the output Var.
+
+Public API (what ``jmoss.model`` codes against)::
+
+    linear(x, weight, bias=None, *, activation=None) -> jt.Var
+        x       float32 [..., K] (fp16 is accepted and widened first)
+        weight  float16 or float32 [N, K]   (torch layout: row n produces output n)
+        bias    float16 or float32 [N] or None
+        activation None or "gelu_new": 0.5*y*(1+tanh(sqrt(2/pi)*(y+0.044715*y^3))) after the bias
+        returns float32 [..., N]
+    available() -> bool     the kernels compile and give right answers on this CPU
+    info() -> dict          {"isa": "avx512"|"avx2+f16c"|"portable", "threads": int, ...}
+    configured(threads=None, isa=None)   context manager overriding both for a block (tests, bench)
+
+Threads come from ``JMOSS_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs this process may run
+on (``os.sched_getaffinity``). The instruction set is chosen at compile time from what
+``-march=native`` (jittor's flag for every kernel) enables; ``JMOSS_KERNELS_ISA=portable`` forces
+the plain C++ path, which must give the same results and is what any other CPU falls back to.
+
+Compilation: each (header text, dtypes, bias present or not) combination compiles once, about 2 s,
+into jittor's on-disk kernel cache; shapes, thread counts and the activation are runtime arguments
+and never recompile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+from jmoss.errors import DeviceError, JmossError
+
+_HEADER_PATH = Path(__file__).with_name("cpu_kernels.h")
+_ISA_NAMES = {0: "portable", 1: "avx2+f16c", 2: "avx512"}
+_ACTIVATIONS = {None: 0, "gelu_new": 1}
+ISAS = ("native", "portable")
+
+_lock = threading.Lock()
+_header_text: str | None = None
+_available: bool | None = None
+_isa_cache: dict[str, int] = {}
+
+
+def _default_threads() -> int:
+    for name in ("JMOSS_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                threads = int(value.split(",")[0])
+            except ValueError:
+                raise JmossError(f"{name}={value!r} is not a whole number of threads") from None
+            if threads < 1:
+                raise JmossError(f"{name}={value!r}: the thread count must be at least 1")
+            return threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _default_isa() -> str:
+    value = os.environ.get("JMOSS_KERNELS_ISA", "native").strip().lower() or "native"
+    if value not in ISAS:
+        raise JmossError(f"JMOSS_KERNELS_ISA={value!r}: choose one of {', '.join(ISAS)}")
+    return value
+
+
+_settings: dict[str, Any] = {"threads": None, "isa": None}
+
+
+def _threads() -> int:
+    if _settings["threads"] is None:
+        _settings["threads"] = _default_threads()
+    return _settings["threads"]
+
+
+def _isa() -> str:
+    if _settings["isa"] is None:
+        _settings["isa"] = _default_isa()
+    return _settings["isa"]
+
+
+@contextlib.contextmanager
+def configured(threads: int | None = None, isa: str | None = None) -> Iterator[None]:
+    """Run the block with a given thread count and/or ISA path ("native" or "portable").
+
+    Both are runtime choices: the thread count is a kernel argument, and each ISA path is its own
+    cached kernel, so switching costs nothing after the first compile.
+    """
+    if threads is not None and threads < 1:
+        raise JmossError(f"threads={threads}: the thread count must be at least 1")
+    if isa is not None and isa not in ISAS:
+        raise JmossError(f"isa={isa!r}: choose one of {', '.join(ISAS)}")
+    saved = (_threads(), _isa())
+    try:
+        if threads is not None:
+            _settings["threads"] = threads
+        if isa is not None:
+            _settings["isa"] = isa
+        yield
+    finally:
+        _settings["threads"], _settings["isa"] = saved
+
+
+def _jittor() -> ModuleType:
+    from jmoss.jittor_setup import current_device, get_jittor
+
+    jt = get_jittor(current_device() or "cpu")
+    if jt.flags.use_cuda:
+        raise DeviceError("jmoss.kernels.linear is a CPU kernel; jittor is running on CUDA in this process")
+    return jt
+
+
+def _header(isa: str) -> str:
+    global _header_text
+    if _header_text is None:
+        _header_text = _HEADER_PATH.read_text()
+    # The define changes the header text, hence jittor's cache key: each path is its own kernel.
+    return ("#define JMOSS_FORCE_PORTABLE 1\n" if isa == "portable" else "") + _header_text
+
+
+_LINEAR_SRC = """
+jmoss_k::linear(in0_p, jmoss_raw(in1_p), {bias}, out0_p, in0_shape0, in0_shape1, in1_shape0,
+                (int)data["threads"], (int)data["act"]);
+"""
+_SRC_BIAS = _LINEAR_SRC.format(bias="jmoss_raw(in2_p)")
+_SRC_NO_BIAS = _LINEAR_SRC.format(bias="(const float*)nullptr")
+
+
+def linear(x: "jt.Var", weight: "jt.Var", bias: "jt.Var | None" = None, *, activation: str | None = None) -> "jt.Var":
+    """``activation(x @ weight.T + bias)`` in fp32, reading ``weight`` in its own dtype.
+
+    One multi-threaded pass over the weights: small M is a GEMV at memory speed, larger M a
+    register-blocked GEMM; the bias and gelu_new run in the same op, so no intermediate [M, N]
+    tensor is written. See the module docstring for shapes and dtypes.
+    """
+    jt = _jittor()
+    if activation not in _ACTIVATIONS:
+        raise JmossError(f"activation={activation!r}: choose None or 'gelu_new'")
+    if weight.ndim != 2:
+        raise JmossError(f"weight must be 2-D [N, K], got shape {list(weight.shape)}")
+    n_out, k_in = (int(s) for s in weight.shape)
+    if x.ndim < 1 or int(x.shape[-1]) != k_in:
+        raise JmossError(f"x of shape {list(x.shape)} does not match weight [N={n_out}, K={k_in}]")
+    if str(weight.dtype) not in ("float16", "float32"):
+        raise JmossError(f"weight dtype {weight.dtype} is not supported: use float16 or float32")
+    lead = list(x.shape[:-1])
+    if str(x.dtype) != "float32":
+        x = x.float32()
+    x2 = x if x.ndim == 2 else x.reshape((-1, k_in))
+    inputs = [x2, weight]
+    if bias is not None:
+        if bias.ndim != 1 or int(bias.shape[0]) != n_out:
+            raise JmossError(f"bias of shape {list(bias.shape)} does not match weight [N={n_out}, K={k_in}]")
+        if str(bias.dtype) not in ("float16", "float32"):
+            raise JmossError(f"bias dtype {bias.dtype} is not supported: use float16 or float32")
+        inputs.append(bias)
+    m_rows = int(x2.shape[0])
+    y = jt.code(
+        [m_rows, n_out],
+        "float32",
+        inputs,
+        cpu_header=_header(_isa()),
+        cpu_src=_SRC_BIAS if bias is not None else _SRC_NO_BIAS,
+        data={"threads": _threads(), "act": _ACTIVATIONS[activation]},
+    )
+    return y if x.ndim == 2 else y.reshape(lead + [n_out])
+
+
+def isa_path(isa: str | None = None) -> str:
+    """Name of the instruction-set path the kernels compiled to, asked of the compiled code itself."""
+    isa = isa or _isa()
+    if isa not in _isa_cache:
+        jt = _jittor()
+        probe = jt.code([1], "int32", [jt.zeros([1], "int32")], cpu_header=_header(isa), cpu_src="out0_p[0] = JMOSS_ISA;")
+        _isa_cache[isa] = int(probe.numpy()[0])
+    return _ISA_NAMES[_isa_cache[isa]]
+
+
+def threads_used(threads: int | None = None) -> int:
+    """How many OpenMP threads a kernel asking for ``threads`` (default: the configured count) gets."""
+    jt = _jittor()
+    threads = threads or _threads()
+    probe = jt.code([1], "int32", [jt.zeros([1], "int32")], cpu_header=_header(_isa()),
+                    cpu_src="out0_p[0] = jmoss_threads_used((int)data[\"threads\"]);", data={"threads": threads})
+    return int(probe.numpy()[0])
+
+
+def memory_read_probe(nbytes: int = 1 << 30, repeats: int = 7, threads: int | None = None) -> float:
+    """Median GB/s at which the kernels' threads can stream-read a buffer of ``nbytes``.
+
+    This is the physical bound a GEMV is compared with: same threads, same compiler flags, same
+    wide loads, with no arithmetic to speak of. Use a buffer well beyond the last-level cache
+    (the default 1 GiB) to measure DRAM; the buffer is freed on return.
+    """
+    import time
+
+    import numpy as np
+
+    jt = _jittor()
+    threads = threads or _threads()
+    buf = jt.array(np.ones(max(16, nbytes // 4), np.float32))
+    buf.sync()
+    src = "out0_p[0] = jmoss_read_probe(in0_p, in0_shape0, (int)data[\"threads\"]);"
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        jt.code([1], "float32", [buf], cpu_header=_header(_isa()), cpu_src=src, data={"threads": threads}).sync()
+        if i:  # the first call compiles and faults pages in
+            times.append(time.perf_counter() - start)
+    del buf
+    jt.gc()
+    return (nbytes // 4 * 4) / float(np.median(times)) / 1e9
+
+
+def available() -> bool:
+    """True when the kernels compile and match a numpy check on this CPU-device jittor.
+
+    Checked once per process (the first call compiles, ~2 s, or reuses jittor's disk cache). The
+    model uses plain jittor ops when this is False, so any failure here means "slower", not
+    "broken".
+    """
+    global _available
+    with _lock:
+        if _available is None:
+            _available = _self_check()
+        return _available
+
+
+def _self_check() -> bool:
+    import numpy as np
+
+    try:
+        jt = _jittor()
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((3, 37)).astype(np.float32)
+        w = rng.standard_normal((19, 37)).astype(np.float16)
+        b = rng.standard_normal(19).astype(np.float16)
+        got = linear(jt.array(x), jt.array(w), jt.array(b)).numpy()
+    except (JmossError, RuntimeError, OSError):
+        return False
+    want = x.astype(np.float64) @ w.astype(np.float64).T + b.astype(np.float64)
+    return bool(np.allclose(got, want, rtol=1e-4, atol=1e-4))
+
+
+def info() -> dict[str, Any]:
+    """Which path the kernels take here: ISA, threads, and the CPU features that decided it."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    result: dict[str, Any] = {
+        "available": available(),
+        "threads": _threads(),
+        "requested_isa": _isa(),
+        "cpu_features": sorted(f for f in ("avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512_fp16") if f in flags),
+    }
+    if result["available"]:
+        result["isa"] = isa_path()
+        result["threads_used"] = threads_used()
+    else:
+        result["isa"] = None
+    return result

@@ -1,0 +1,105 @@
+"""The jmoss command line: driven as a user would, in a pseudo-terminal where it is interactive."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+import jmoss
+from jmoss.converters import layout
+from jmoss.store import write_store_from_groups
+from moss_fixtures import moss_tokenizer_dir, tiny_moss
+from torch_reference import state_dict_numpy
+
+JMOSS = [sys.executable, "-m", "jmoss.cli"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, shared_dir):
+    torch_model, config = tiny_moss(seed=11)
+    root = tmp_path_factory.mktemp("cli")
+    groups = layout.split_state_dict(state_dict_numpy(torch_model), config)
+    return write_store_from_groups(root / "store", config, groups, tokenizer_dir=moss_tokenizer_dir(shared_dir, root / "tok"))
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*JMOSS, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def test_help_and_version():
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("convert", "verify", "info", "generate", "chat", "demo", "doctor"):
+        assert command in out.stdout
+    assert run("--version").stdout.strip() == f"jmoss, version {jmoss.__version__}"
+    assert "--device-memory" in run("chat", "--help").stdout
+
+
+def test_generate_prints_only_the_generated_text(store):
+    out = run("generate", str(store), "<|Human|>: Hi<eoh>\n<|MOSS|>:", "--greedy", "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    expected = jmoss.load(store, device="cpu").generate("<|Human|>: Hi<eoh>\n<|MOSS|>:", do_sample=False, max_new_tokens=12)
+    assert out.stdout == expected + "\n"
+
+
+def test_unconverted_hub_name_offers_the_convert_command():
+    out = run("generate", "fnlp/some-model-not-converted", "hi")
+    assert out.returncode == 1
+    assert "jmoss convert fnlp/some-model-not-converted" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [["chat", "x", "--device-memory", "lots"], ["generate", "x", "y", "--top-p", "2"],
+                                  ["chat", "x", "--device", "tpu"]])
+def test_bad_flags_are_usage_errors(args):
+    out = run(*args)
+    assert out.returncode == 2 and "Usage:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_info_prints_the_plan_for_the_real_moss_config(shared_dir):
+    out = run("info", str(shared_dir / "assets/moss-moon-003-sft/config.json"), "--device-memory", "12GiB",
+              "--host-memory", "64GiB")
+    assert out.returncode == 0, out.stderr
+    assert "34 layers" in out.stdout and "layers 0-7" in out.stdout and "streamed per token" in out.stdout
+
+
+def test_chat_in_a_terminal_answers_clears_interrupts_and_stops(store):
+    child = pexpect.spawn(JMOSS[0], [*JMOSS[1:], "chat", str(store), "--greedy", "--max-new-tokens", "6"],
+                          encoding="utf-8", timeout=240, env=os.environ.copy(), dimensions=(40, 200))
+    child.expect("Welcome to MOSS")
+    child.expect_exact("<|Human|>: ")
+    child.sendline("你好")
+    child.expect_exact("<|MOSS|>: ")
+    child.expect_exact("<|Human|>: ")  # the reply ended and the next prompt came
+
+    child.sendline("clear")
+    child.expect("Welcome to MOSS")
+    child.expect_exact("<|Human|>: ")
+    child.sendline("Tell me something")
+    child.expect_exact("<|MOSS|>: ")
+    child.expect_exact("<|Human|>: ")
+
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(store):
+    child = pexpect.spawn(JMOSS[0], [*JMOSS[1:], "chat", str(store), "--max-new-tokens", "100000", "--seed", "1"],
+                          encoding="utf-8", timeout=240, env=os.environ.copy(), dimensions=(40, 200))
+    child.expect_exact("<|Human|>: ")
+    child.sendline("Write a very long story")
+    child.expect_exact("<|MOSS|>: ")
+    child.expect(r"\S")  # some reply text is streaming
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact("<|Human|>: ")
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
