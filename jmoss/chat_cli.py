@@ -58,7 +58,10 @@ def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: boo
             for delta in replies:
                 click.echo(delta, nl=False)
             click.echo()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            # Ctrl-C while jittor runs Python from C++ (its JIT compiler) arrives wrapped in a RuntimeError
+            if isinstance(exc, RuntimeError) and "KeyboardInterrupt" not in str(exc):
+                raise
             replies.close()
             click.secho(" [stopped]", fg="bright_black")
         except JmossError as exc:

@@ -71,14 +71,14 @@ def build_tokenizer(folder: Path, vocab_size: int = 2048) -> dict[str, int]:
     return {"vocab": len(vocab) + len(MARKERS), "bos": vocab[ENDOFTEXT], "eom": added["<eom>"]}
 
 
-def build_checkpoint(folder: Path, seed: int = 0) -> MossConfig:
+def build_checkpoint(folder: Path, seed: int = 0, shape: dict | None = None) -> MossConfig:
     """Random fp16 weights under Hugging Face MOSS names, in one model.safetensors, plus config.json."""
     from safetensors.numpy import save_file
 
     ids = build_tokenizer(folder)
     vocab_size = -(-ids["vocab"] // 64) * 64  # MOSS pads its embedding rows past the tokenizer
     config = MossConfig(model_type="moss", vocab_size=vocab_size, bos_token_id=ids["bos"], eos_token_id=ids["eom"],
-                        **DEMO_SHAPE)
+                        **(shape or DEMO_SHAPE))
     rng = np.random.default_rng(seed)
     d, inner = config.n_embd, config.inner_dim
 

@@ -103,3 +103,20 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(store):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_convert_and_verify_from_the_command_line(tmp_path):
+    from jmoss.demo import build_checkpoint
+
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    build_checkpoint(source, shape=dict(n_embd=128, n_head=4, rotary_dim=8, n_layer=4, n_positions=256))
+    out = run("convert", str(source), "--out", str(tmp_path / "store"), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert run("verify", str(tmp_path / "store")).returncode == 0
+    layer = tmp_path / "store" / "layer_003.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-1] ^= 0xFF
+    layer.write_bytes(bytes(data))
+    bad = run("verify", str(tmp_path / "store"))
+    assert bad.returncode == 1 and "layer_003.safetensors" in bad.stderr and "Traceback" not in bad.stderr
