@@ -79,6 +79,7 @@ class Model:
         tokenizer_path: str | Path | None = None,
         weights=None,
         path: Path | None = None,
+        plan=None,
     ):
         self.device = resolve_device(device)
         self.jt = get_jittor(self.device)
@@ -89,6 +90,7 @@ class Model:
         for name, value in (("dtype", self.dtype), ("compute_dtype", self.compute_dtype)):
             if value not in DTYPES:
                 raise DeviceError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+        self.plan = plan  # the jmoss.placement.Plan the weights follow (None: built without one)
         self.rotary = rotary_tables(config)
         self._wte = groups[layout.EMBED]["wte.weight"]  # host-side (often a read-only memmap)
         self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
@@ -153,6 +155,26 @@ class Model:
         return Chat(self, meta_instruction=meta_instruction, **kwargs)
 
 
+def _default_weight_dtype(device: str) -> str:
+    """float16 (as stored) on cuda, and on cpu when jmoss.kernels reads fp16 weights at memory
+    speed; float32 otherwise (jittor's own CPU fp16 matmul is unusably slow, jittor-notes §5)."""
+    if device == "cuda":
+        return "float16"
+    try:
+        from jmoss import kernels
+    except ImportError:
+        return "float32"
+    return "float16" if hasattr(kernels, "linear") and kernels.available() else "float32"
+
+
+def _available_memory(device: str) -> tuple[int | None, int]:
+    """(free device bytes or None when unknown, free host bytes), measured now."""
+    import psutil
+
+    host = int(psutil.virtual_memory().available)
+    return (host if device == "cpu" else None), host
+
+
 def load(
     model: str | Path,
     *,
@@ -161,13 +183,51 @@ def load(
     device_memory: int | str | None = None,
     host_memory: int | str | None = None,
     compute_dtype: str | None = None,
+    max_seq_len: int | None = None,
+    prefetch_depth: int = 2,
+    swap: str | None = None,
 ) -> Model:
-    """Load a converted model (a store directory or a name given to ``jmoss convert``)."""
+    """Load a converted model (a store directory or a name given to ``jmoss convert``).
+
+    ``device_memory``/``host_memory`` are sizes ("12GiB", "800MB", bytes) or None. None for the
+    device means everything resident, checked against the memory measured free now (BudgetError
+    with the numbers if it cannot fit). With a budget, jmoss.placement decides what stays
+    resident and jmoss.engine streams the rest every token; a budget below what one layer needs
+    fails here, naming the minimum. ``max_seq_len`` (default n_positions) sizes the KV cache the
+    budget pays for. ``swap="jittor"`` runs every weight as a plain Var under Jittor's own swap
+    with ``cpu_mem_limit`` = device_memory: the baseline, valid only in a process started with
+    JMOSS_JITTOR_SAVE_MEM=1 (``jmoss bench --compare jittor`` spawns one).
+    """
+    from jmoss.engine import JittorSwapWeights, build_weights
+    from jmoss.placement import plan_placement
+    from jmoss.sizes import parse_size
     from jmoss.store import Store, resolve_model
 
+    device_memory, host_memory = parse_size(device_memory), parse_size(host_memory)
     store = Store.open(resolve_model(str(model)))
+    device = resolve_device(device)
+    dtype = dtype or _default_weight_dtype(device)
+    if dtype not in DTYPES:
+        raise DeviceError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    embed = {layout.EMBED: store.group(layout.EMBED)}  # a host memmap: decode touches one row per token
+    common = dict(device=device, dtype=dtype, compute_dtype=compute_dtype, tokenizer_path=store.path, path=store.path)
+
+    if swap is not None:
+        if swap != "jittor" or device != "cpu" or device_memory is None:
+            raise DeviceError("swap='jittor' is the CPU baseline and needs device_memory (its cpu_mem_limit)")
+        jt = get_jittor(device)
+        weights = JittorSwapWeights(store, jt, dtype, device_memory)
+        return Model(store.config, embed, weights=weights, **common)
+
+    available_device, available_host = _available_memory(device)
+    plan = plan_placement(
+        store.config, device=device, device_memory=device_memory, host_memory=host_memory,
+        available_device_bytes=available_device, available_host_bytes=available_host,
+        max_seq_len=max_seq_len, prefetch_depth=prefetch_depth, weight_itemsize=2 if dtype == "float16" else 4,
+    )
+    streams = any(p.where != "device" for p in plan.placements if p.group != layout.EMBED)
+    if streams:
+        weights = build_weights(store, plan, get_jittor(device), dtype)
+        return Model(store.config, embed, weights=weights, plan=plan, **common)
     groups = {g: store.group(g) for g in layout.all_groups(store.config)}
-    if device_memory is not None or host_memory is not None:
-        raise DeviceError("memory budgets need the streaming engine (device_memory/host_memory)")
-    return Model(store.config, groups, device=device, dtype=dtype, compute_dtype=compute_dtype,
-                 tokenizer_path=store.path, path=store.path)
+    return Model(store.config, groups, plan=plan, **common)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from jmoss.errors import ContextLengthError, GenerationError
+from jmoss.errors import BudgetError, ContextLengthError, GenerationError
 from jmoss.model import KVCache, make_step
 
 if TYPE_CHECKING:
@@ -24,7 +24,16 @@ class Session:
 
     def __init__(self, model: "Model", batch: int = 1, max_len: int | None = None):
         n_positions = model.config.n_positions
-        max_len = n_positions if max_len is None else max_len
+        plan = getattr(model, "plan", None)
+        if max_len is None:
+            max_len = n_positions if plan is None else min(n_positions, plan.max_seq_len)
+        if plan is not None and plan.device_memory is not None and batch * max_len > plan.batch * plan.max_seq_len:
+            # The budget paid for a KV cache of plan.batch x plan.max_seq_len; a bigger one would
+            # silently break the promise the plan made.
+            raise BudgetError(
+                f"a session of {batch} x {max_len} positions needs more KV cache than this model's memory plan "
+                f"({plan.batch} x {plan.max_seq_len}); load it with max_seq_len={batch * max_len} or shorten the input"
+            )
         if not 0 < max_len <= n_positions:
             raise ContextLengthError(
                 f"{max_len} positions requested but this model has n_positions={n_positions}; "
