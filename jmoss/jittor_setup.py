@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -319,6 +320,9 @@ def _import_jittor(device: str) -> ModuleType:
 
     jittor.flags.log_silent = 1
     _quiet_python_logs(jittor_utils)
+    # jittor's objects are built with -Ofast, which switches the process to flush-to-zero; numpy
+    # then warns about float64's subnormals on every finfo lookup. Harmless for inference.
+    warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
     jittor.flags.no_grad = 1
     jittor.flags.use_cuda = 1 if device == "cuda" else 0
     return jittor
