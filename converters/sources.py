@@ -22,19 +22,12 @@ import numpy as np
 
 from jmoss.converters.torch_zip import TorchZipCheckpoint, map_region, numpy_dtype
 from jmoss.errors import CheckpointError, ConfigError, ModelNotFoundError
+from jmoss.store import TOKENIZER_FILES
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
 PYTORCH_SINGLE = "pytorch_model.bin"
-TOKENIZER_FILES = (
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-    "tokenizer.json",
-)
 GPTQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 _SAFETENSORS_DTYPES = {
