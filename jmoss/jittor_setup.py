@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -323,6 +324,9 @@ def _import_jittor(device: str) -> ModuleType:
     # jittor's objects are built with -Ofast, which switches the process to flush-to-zero; numpy
     # then warns about float64's subnormals on every finfo lookup. Harmless for inference.
     warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
+    # Every op compile runs `python_path utils/asm_tuner.py` through the shell; that child imports
+    # jittor_utils, which would create ~/.cache/jittor under the user's real HOME. Give it ours.
+    jittor.flags.python_path = f"HOME={shlex.quote(str(home))} {jittor.flags.python_path}"
     jittor.flags.no_grad = 1
     jittor.flags.use_cuda = 1 if device == "cuda" else 0
     return jittor

@@ -27,6 +27,9 @@ PROBE = textwrap.dedent(
     w = jt.array(np.ones((4, 3), dtype="float32"))
     y = jt.nn.matmul_transpose(x, w) * 2
     print("RESULT", current_device(), y.numpy().sum(), y.requires_grad, jt.flags.use_cuda)
+    # a constant unique to this run forces a fresh kernel compile (its helper runs as a child process)
+    import os
+    (jt.tanh(x * (1.0 + os.getpid() * 1e-7))).sum().sync()
     """
 )
 
