@@ -11,6 +11,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# setup.py installs the top-level converters/ and kernels/ as jmoss.converters and jmoss.kernels.
+# Run from a source checkout (python -m jmoss.cli in the repository root), they sit beside this
+# package instead: look for subpackages there too, so both layouts import the same way.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "converters")) and _os.path.isfile(
+    _os.path.join(_root, "converters", "__init__.py")
+):
+    __path__.append(_root)
+
 from jmoss.config import MossConfig
 from jmoss.errors import JmossError
 
