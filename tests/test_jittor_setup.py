@@ -78,6 +78,8 @@ def test_unknown_device_is_a_clear_error():
 SIGNALS_PROBE = textwrap.dedent(
     """
     import os, signal, subprocess, sys, time
+    # a parent started in the background hands SIGINT down ignored; start from Python's own handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from jmoss.jittor_setup import get_jittor
     get_jittor("cpu")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
