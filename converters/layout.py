@@ -169,3 +169,25 @@ def split_state_dict(
         if missing:
             raise KeyError(f"state dict lacks {', '.join(missing)} for group {group!r}")
     return groups
+
+
+def to_hf_state_dict(groups: Mapping[Group, Mapping[str, np.ndarray]], config: MossConfig) -> dict[str, np.ndarray]:
+    """The inverse of ``split_state_dict``: store groups back to Hugging Face CodeGen names.
+
+    Used to load a store's exact weights into transformers (``jmoss bench --compare torch``). The
+    qkv re-layout is a row permutation, so it is undone by scattering row j back to order[j].
+    """
+    store_to_hf_layer = {v: k for k, v in _HF_LAYER_TO_STORE.items()}
+    out: dict[str, np.ndarray] = {}
+    for hf_name, (group, store_name) in _HF_TOP_TO_STORE.items():
+        out[hf_name] = np.asarray(groups[group][store_name])
+    order = qkv_row_order(config)
+    for i in range(config.n_layer):
+        for store_name, array in groups[i].items():
+            array = np.asarray(array)
+            if store_name == "attn.qkv.weight":
+                source = np.empty_like(array)
+                source[order] = array
+                array = source
+            out[f"transformer.h.{i}.{store_to_hf_layer[store_name]}"] = array
+    return out

@@ -20,7 +20,7 @@ from jmoss.config import MossConfig
 from jmoss.converters import layout
 from jmoss.errors import DeviceError, GenerationError
 from jmoss.jittor_setup import get_jittor, resolve_device
-from jmoss.model import JittorLinear, MossModel, rotary_tables
+from jmoss.model import JittorOps, MossModel, rotary_tables
 from jmoss.session import Session
 
 if TYPE_CHECKING:
@@ -53,8 +53,9 @@ class ResidentWeights:
         return self._head
 
 
-def _pick_linear_ops(jt, device: str, weight_dtype: str, compute_dtype: str):
-    """CPU fp16 weights with fp32 activations go through jmoss.kernels when they work here."""
+def _pick_ops(jt, device: str, weight_dtype: str, compute_dtype: str):
+    """CPU fp16 weights with fp32 activations go through jmoss.kernels when they work here
+    (linear, LayerNorm and attention); everything else is plain jittor (``JittorOps``)."""
     if device == "cpu" and weight_dtype == "float16" and compute_dtype == "float32":
         try:
             from jmoss import kernels
@@ -62,7 +63,7 @@ def _pick_linear_ops(jt, device: str, weight_dtype: str, compute_dtype: str):
             kernels = None
         if kernels is not None and hasattr(kernels, "linear") and kernels.available():
             return kernels
-    return JittorLinear(jt)
+    return JittorOps(jt)
 
 
 class Model:
@@ -94,7 +95,7 @@ class Model:
         self.rotary = rotary_tables(config)
         self._wte = groups[layout.EMBED]["wte.weight"]  # host-side (often a read-only memmap)
         self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
-        self.ops = _pick_linear_ops(self.jt, self.device, self.dtype, self.compute_dtype)
+        self.ops = _pick_ops(self.jt, self.device, self.dtype, self.compute_dtype)
         self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
         self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self._tokenizer: Tokenizer | None = None

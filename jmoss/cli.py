@@ -274,6 +274,9 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
     bound, peak RSS; each run in its own process, comparisons side by side.
 
     The first `--compare jittor` compiles Jittor's swap build once (about 2-5 minutes).
+    `--compare torch` (needs torch and transformers) runs transformers' CodeGen on the same
+    weights with everything resident, in fp32, bf16 and fp16 at 1 and all threads, each in its
+    own process; both sides show their fastest configuration and list the rest.
     """
     from jmoss.bench import COMPARISONS, format_table, run_bench
 

@@ -11,9 +11,10 @@ first ``rotary_dim`` dims of q and k at absolute positions, scores and softmax i
 the 1/sqrt(head_dim) scale, probabilities cast to the value dtype, then merged heads.
 
 Blocks compute with whatever weights they are handed for that call (a dict of jittor Vars in
-store names), so the streaming engine decides where each layer's weights come from. Linear layers
-go through ``LinearOps`` so the CPU fp16 kernels can replace jittor's matmul without the model
-knowing. The token embedding is gathered on the host (numpy): decode needs one row per token, so
+store names), so the streaming engine decides where each layer's weights come from. Linear layers,
+LayerNorm and attention go through a ``ModelOps`` object: ``JittorOps`` below is the plain-jittor
+transcription of the math (and the reference), ``jmoss.kernels`` the fused CPU path that replaces
+it for fp16 weights with fp32 activations, without the model knowing. The token embedding is gathered on the host (numpy): decode needs one row per token, so
 the 107008-row table never has to live on the device.
 """
 
@@ -33,14 +34,24 @@ from jmoss.config import MossConfig
 MASK_VALUE = float(np.finfo(np.float32).min)
 
 
-class LinearOps(Protocol):
-    """y = x @ weight.T + bias, optionally followed by gelu_new; x is 2-D [tokens, in]."""
+class ModelOps(Protocol):
+    """The compute a block delegates: plain jittor here (the reference), or jmoss.kernels on CPU.
+
+    linear:     y = x @ weight.T + bias, optionally followed by gelu_new; x is 2-D [tokens, in]
+    layer_norm: LayerNorm over the last dim, computed and returned in float32
+    attention:  rotary on q and k, this step's k/v written into the layer's static cache at
+                [start, start+T), softmax attention over [0, start+T); returns [B, T, H*Dh]
+    """
 
     def linear(self, x, weight, bias=None, activation: str | None = None): ...
 
+    def layer_norm(self, x, weight, bias, eps: float): ...
 
-class JittorLinear:
-    """Plain jittor matmul: any dtype, any device; the reference path."""
+    def attention(self, qkv, keys, values, sin, cos, attn_bias, start: int, rotary_dim: int): ...
+
+
+class JittorOps:
+    """Plain jittor ops: any dtype, any device; the reference the kernels are tested against."""
 
     def __init__(self, jt: ModuleType):
         self.jt = jt
@@ -53,20 +64,42 @@ class JittorLinear:
             y = gelu_new(self.jt, y)
         return y
 
+    def layer_norm(self, x, weight, bias, eps: float):
+        """Float32 statistics whatever the activation dtype (fp16 variance would lose digits)."""
+        jt = self.jt
+        x32 = x.float32()
+        mean = x32.mean(dim=-1, keepdims=True)
+        centred = x32 - mean
+        var = (centred * centred).mean(dim=-1, keepdims=True)
+        return centred / jt.sqrt(var + eps) * weight.float32() + bias.float32()
+
+    def attention(self, qkv, keys, values, sin, cos, attn_bias, start: int, rotary_dim: int):
+        """Scores and softmax in float32 with the 1/sqrt(head_dim) scale; probabilities cast to
+        the cache dtype before they weight the values (as the reference does)."""
+        jt = self.jt
+        b, t, width = qkv.shape
+        heads, dim = keys.shape[1], keys.shape[3]
+        d = width // 3
+        q = qkv[:, :, :d].reshape(b, t, heads, dim).float32()
+        k = qkv[:, :, d : 2 * d].reshape(b, t, heads, dim).float32()
+        v = qkv[:, :, 2 * d :].reshape(b, t, heads, dim)
+        q = apply_rotary(jt, q, sin, cos, rotary_dim)
+        k = apply_rotary(jt, k, sin, cos, rotary_dim)
+
+        end = start + t
+        keys[:, :, start:end, :] = k.transpose(0, 2, 1, 3).cast(keys.dtype)
+        values[:, :, start:end, :] = v.transpose(0, 2, 1, 3).cast(values.dtype)
+
+        q = q.transpose(0, 2, 1, 3)  # [B, H, T, D]
+        scores = jt.matmul(q, keys[:, :, :end, :].float32().transpose(0, 1, 3, 2)) / math.sqrt(dim)
+        probs = jt.nn.softmax(scores + attn_bias, dim=-1)
+        context = jt.matmul(probs.cast(values.dtype), values[:, :, :end, :])  # [B, H, T, D]
+        return context.transpose(0, 2, 1, 3).reshape(b, t, d)
+
 
 def gelu_new(jt: ModuleType, x):
     """GPT-2's tanh approximation of GELU (the activation MOSS/CodeGen were trained with)."""
     return 0.5 * x * (1.0 + jt.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
-
-
-def layer_norm(jt: ModuleType, x, weight, bias, eps: float, out_dtype: str):
-    """LayerNorm computed in float32 whatever the activation dtype, then cast back."""
-    x32 = x.float32()
-    mean = x32.mean(dim=-1, keepdims=True)
-    centred = x32 - mean
-    var = (centred * centred).mean(dim=-1, keepdims=True)
-    y = centred / jt.sqrt(var + eps) * weight.float32() + bias.float32()
-    return y.cast(out_dtype)
 
 
 def rotary_tables(config: MossConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +141,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(v.numel()) * v.dtype_size for v in self.keys + self.values)
+        return sum(int(v.nbytes) for v in self.keys + self.values)
 
 
 @dataclass
@@ -152,7 +185,7 @@ def make_step(
 class MossModel:
     """The transformer math; owns no weights (they are passed to each call)."""
 
-    def __init__(self, jt: ModuleType, config: MossConfig, ops: LinearOps, compute_dtype: str):
+    def __init__(self, jt: ModuleType, config: MossConfig, ops: ModelOps, compute_dtype: str):
         self.jt, self.config, self.ops, self.dtype = jt, config, ops, compute_dtype
 
     def _linear(self, x, w: Mapping, name: str, activation: str | None = None):
@@ -162,40 +195,24 @@ class MossModel:
 
     def block(self, h, w: Mapping, layer: int, cache: KVCache, step: Step):
         """One MossBlock: h + Attn(LN(h)) + MLP(LN(h)); writes this step's keys/values to the cache."""
-        jt, cfg = self.jt, self.config
-        a = layer_norm(jt, h, w["ln_1.weight"], w["ln_1.bias"], cfg.layer_norm_epsilon, self.dtype)
+        a = self._layer_norm(h, w, "ln_1")
         return self.attention(a, w, layer, cache, step) + self.mlp(a, w) + h
 
+    def _layer_norm(self, x, w: Mapping, name: str):
+        return self.ops.layer_norm(x, w[f"{name}.weight"], w[f"{name}.bias"], self.config.layer_norm_epsilon).cast(self.dtype)
+
     def attention(self, a, w: Mapping, layer: int, cache: KVCache, step: Step):
-        jt, cfg = self.jt, self.config
-        b, t, d = a.shape
-        heads, dim = cfg.n_head, cfg.head_dim
         qkv = self._linear(a, w, "attn.qkv")
-        q = qkv[:, :, :d].reshape(b, t, heads, dim).float32()
-        k = qkv[:, :, d : 2 * d].reshape(b, t, heads, dim).float32()
-        v = qkv[:, :, 2 * d :].reshape(b, t, heads, dim)
-        q = apply_rotary(jt, q, step.sin, step.cos, cfg.rotary_dim)
-        k = apply_rotary(jt, k, step.sin, step.cos, cfg.rotary_dim)
-
-        end = step.start + t
-        keys, values = cache.keys[layer], cache.values[layer]
-        keys[:, :, step.start : end, :] = k.transpose(0, 2, 1, 3).cast(cache.dtype)
-        values[:, :, step.start : end, :] = v.transpose(0, 2, 1, 3).cast(cache.dtype)
-
-        q = q.transpose(0, 2, 1, 3)  # [B, H, T, D]
-        scores = jt.matmul(q, keys[:, :, :end, :].float32().transpose(0, 1, 3, 2)) / math.sqrt(dim)
-        probs = jt.nn.softmax(scores + step.attn_bias, dim=-1)
-        context = jt.matmul(probs.cast(cache.dtype), values[:, :, :end, :])  # [B, H, T, D]
-        merged = context.transpose(0, 2, 1, 3).reshape(b, t, d).cast(self.dtype)
-        return self._linear(merged, w, "attn.out_proj")
+        merged = self.ops.attention(qkv, cache.keys[layer], cache.values[layer], step.sin, step.cos, step.attn_bias,
+                                    step.start, self.config.rotary_dim)
+        return self._linear(merged.cast(self.dtype), w, "attn.out_proj")
 
     def mlp(self, a, w: Mapping):
         return self._linear(self._linear(a, w, "mlp.fc_in", activation="gelu_new"), w, "mlp.fc_out")
 
     def head(self, h, w: Mapping):
         """Final LayerNorm and lm_head (with bias); logits in float32."""
-        cfg = self.config
-        h = layer_norm(self.jt, h, w["ln_f.weight"], w["ln_f.bias"], cfg.layer_norm_epsilon, self.dtype)
+        h = self._layer_norm(h, w, "ln_f")
         b, t, d = h.shape
         return self.ops.linear(h.reshape(b * t, d), w["lm_head.weight"], w["lm_head.bias"]).float32().reshape(b, t, -1)
 

@@ -15,6 +15,13 @@ Public API (what ``jmoss.model`` codes against)::
         bias    float16 or float32 [N] or None
         activation None or "gelu_new": 0.5*y*(1+tanh(sqrt(2/pi)*(y+0.044715*y^3))) after the bias
         returns float32 [..., N]
+    layer_norm(x, weight, bias, eps) -> jt.Var
+        x float32 [..., D]; weight, bias float16 or float32 [D]; returns float32 [..., D]
+    attention(qkv, keys, values, sin, cos, attn_bias, start, rotary_dim) -> jt.Var
+        one decoder layer's attention after the qkv projection, for the model's ops interface:
+        qkv float32 [B, T, 3*H*Dh] ([q heads | k heads | v heads]); keys/values the layer's
+        float32 static cache [B, H, L, Dh], written at slots [start, start+T); sin/cos float32
+        [B, T, 1, R/2]; attn_bias float32 [B, 1, T, start+T]; returns float32 [B, T, H*Dh]
     available() -> bool     the kernels compile and give right answers on this CPU
     info() -> dict          {"isa": "avx512"|"avx2+f16c"|"portable", "threads": int, ...}
     configured(threads=None, isa=None)   context manager overriding both for a block (tests, bench)
@@ -37,6 +44,8 @@ import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
+
+import numpy as np
 
 from jmoss.errors import DeviceError, JmossError
 
@@ -175,6 +184,65 @@ def linear(x: "jt.Var", weight: "jt.Var", bias: "jt.Var | None" = None, *, activ
         data={"threads": _threads(), "act": _ACTIVATIONS[activation]},
     )
     return y if x.ndim == 2 else y.reshape(lead + [n_out])
+
+
+_LAYER_NORM_SRC = """
+jmoss_k::layer_norm(in0_p, jmoss_raw(in1_p), jmoss_raw(in2_p), out0_p, (jmoss_k::i64)data["rows"],
+                    in0_shape{last}, (float)data["eps"], (int)data["threads"]);
+"""
+
+
+def layer_norm(x: "jt.Var", weight: "jt.Var", bias: "jt.Var", eps: float) -> "jt.Var":
+    """LayerNorm over the last dim in fp32, one op (jittor's is ~8 ops per call)."""
+    jt = _jittor()
+    dim = int(x.shape[-1])
+    if tuple(weight.shape) != (dim,) or tuple(bias.shape) != (dim,):
+        raise JmossError(f"layer_norm weight {list(weight.shape)} / bias {list(bias.shape)} do not match x {list(x.shape)}")
+    if str(x.dtype) != "float32":
+        x = x.float32()
+    rows = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
+    return jt.code(x.shape, "float32", [x, weight, bias], cpu_header=_header(_isa()),
+                   cpu_src=_LAYER_NORM_SRC.format(last=x.ndim - 1),
+                   data={"rows": rows, "eps": float(eps), "threads": _threads()})
+
+
+_ROTARY_SRC = """
+jmoss_k::rotary_split(in0_p, in1_p, in2_p, out0_p, out1_p, out2_p, out1_shape0, out1_shape2, out1_shape1,
+                      out1_shape3, (jmoss_k::i64)data["rotary"]);
+"""
+_ATTENTION_SRC = """
+jmoss_k::attention(in0_p, in1_p, in2_p, in3_p, out0_p, in1_shape0, (jmoss_k::i64)data["length"], in1_shape1,
+                   in1_shape3, in1_shape2, (jmoss_k::i64)data["total"], (int)data["threads"]);
+"""
+
+
+def attention(qkv: "jt.Var", keys: "jt.Var", values: "jt.Var", sin: "jt.Var", cos: "jt.Var", attn_bias: "jt.Var",
+              start: int, rotary_dim: int) -> "jt.Var":
+    """Rotary, KV-cache write and softmax attention for one layer in three ops (see module docstring).
+
+    One kernel splits qkv and rotates q and k; jittor's own setitem writes k and v into the
+    cache slots (so the cache stays an ordinary Var that any jittor feature may move or swap);
+    the attention kernel then reads the cache in place over its first start+T slots.
+    """
+    jt = _jittor()
+    batch, length, width = (int(s) for s in qkv.shape)
+    _, heads, max_len, dim = (int(s) for s in keys.shape)
+    total = start + length
+    if width != 3 * heads * dim or tuple(values.shape) != tuple(keys.shape) or total > max_len:
+        raise JmossError(f"attention: qkv {list(qkv.shape)} / cache {list(keys.shape)} / start {start} disagree")
+    for name, var in (("qkv", qkv), ("keys", keys), ("values", values), ("sin", sin), ("cos", cos),
+                      ("attn_bias", attn_bias)):
+        if str(var.dtype) != "float32":
+            raise JmossError(f"attention: {name} must be float32, got {var.dtype}")
+    header = _header(_isa())
+    head_shape = [batch, heads, length, dim]
+    q, k, v = jt.code([[batch * length, heads * dim], head_shape, head_shape], ["float32"] * 3, [qkv, sin, cos],
+                      cpu_header=header, cpu_src=_ROTARY_SRC, data={"rotary": rotary_dim})
+    keys[:, :, start:total, :] = k
+    values[:, :, start:total, :] = v
+    context = jt.code([batch * length, heads * dim], "float32", [q, keys, values, attn_bias], cpu_header=header,
+                      cpu_src=_ATTENTION_SRC, data={"length": length, "total": total, "threads": _threads()})
+    return context.reshape(batch, length, heads * dim)
 
 
 def isa_path(isa: str | None = None) -> str:

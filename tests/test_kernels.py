@@ -213,3 +213,94 @@ def test_bad_environment_values_raise_jmoss_errors():
     for env in ({"JMOSS_THREADS": "lots"}, {"JMOSS_KERNELS_ISA": "sse9"}):
         proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and "JmossError" in proc.stderr, env
+
+
+# ------------------------------------------------------------------ fused LayerNorm and attention
+
+MASK = float(np.finfo(np.float32).min)
+
+
+@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("pdtype", [np.float16, np.float32])
+def test_layer_norm_matches_float64_reference_over_odd_shapes(isa, pdtype):
+    rng = np.random.default_rng(11)
+    for shape in [(1, 1024), (1, 7), (3, 5, 33), (17, 1031)]:
+        x = (rng.standard_normal(shape) * 3 + 1.5).astype(np.float32)  # an offset mean: E[x^2]-E[x]^2 would lose it
+        w = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(pdtype)
+        b = (0.1 * rng.standard_normal(shape[-1])).astype(pdtype)
+        x64 = x.astype(np.float64)
+        centred = x64 - x64.mean(-1, keepdims=True)
+        want = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * w.astype(np.float64) + b.astype(np.float64)
+        for threads in (1, 2):
+            with kernels.configured(threads=threads, isa=isa):
+                got = kernels.layer_norm(jt.array(x), jt.array(w), jt.array(b), 1e-5).numpy()
+            assert got.dtype == np.float32 and got.shape == shape
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{shape} threads={threads}")
+
+
+def reference_attention(qkv, keys, values, sin, cos, bias, start, rotary):
+    """float64 numpy transcription of the model's attention: rotate pairs, write the cache, softmax."""
+    b, t, width = qkv.shape
+    _, heads, max_len, dim = keys.shape
+    d = width // 3
+    q, k, v = (qkv[:, :, i * d:(i + 1) * d].astype(np.float64).reshape(b, t, heads, dim) for i in range(3))
+
+    def rotate(x):
+        out = x.copy()
+        s, c = sin.astype(np.float64), cos.astype(np.float64)  # [B, T, 1, R/2]
+        even, odd = x[..., 0:rotary:2], x[..., 1:rotary:2]
+        out[..., 0:rotary:2] = even * c - odd * s
+        out[..., 1:rotary:2] = odd * c + even * s
+        return out
+
+    q, k = rotate(q), rotate(k)
+    keys, values = keys.astype(np.float64).copy(), values.astype(np.float64).copy()
+    end = start + t
+    keys[:, :, start:end] = k.transpose(0, 2, 1, 3)
+    values[:, :, start:end] = v.transpose(0, 2, 1, 3)
+    scores = np.einsum("bthe,bhse->bhts", q, keys[:, :, :end]) / np.sqrt(dim) + bias.astype(np.float64)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    context = np.einsum("bhts,bhse->bthe", probs, values[:, :, :end]).reshape(b, t, d)
+    return context, keys, values
+
+
+@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize(
+    "batch, heads, dim, rotary, start, length, max_len",
+    [
+        (1, 16, 64, 32, 40, 1, 64),  # CodeGen-350M decode step
+        (2, 3, 10, 4, 5, 3, 11),  # odd head dim, partial rotary, prefill after cached tokens
+        (1, 2, 8, 8, 0, 7, 7),  # full rotary, prefill from empty, cache exactly full
+        (1, 1, 8, 2, 4200, 1, 4203),  # more keys than the kernel's stack scratch (4096)
+    ],
+)
+def test_attention_matches_float64_reference_and_writes_the_cache(isa, batch, heads, dim, rotary, start, length, max_len):
+    rng = np.random.default_rng(start + length)
+    width = 3 * heads * dim
+    qkv = rng.standard_normal((batch, length, width)).astype(np.float32)
+    keys = rng.standard_normal((batch, heads, max_len, dim)).astype(np.float32)  # slots past `start` are junk
+    values = rng.standard_normal((batch, heads, max_len, dim)).astype(np.float32)
+    angles = rng.uniform(0, 2 * np.pi, (batch, length, 1, rotary // 2))
+    sin, cos = np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+    total = start + length
+    allowed = np.tril(np.ones((length, total), bool), k=start)[None].repeat(batch, 0)
+    allowed[-1, :, : min(2, start)] = False  # the last row is left-padded: its first keys are hidden
+    bias = np.where(allowed, 0.0, MASK).astype(np.float32)[:, None]
+    want, want_keys, want_values = reference_attention(qkv, keys, values, sin, cos, bias, start, rotary)
+    for threads in (1, 2):
+        k_var, v_var = jt.array(keys), jt.array(values)
+        with kernels.configured(threads=threads, isa=isa):
+            got = kernels.attention(jt.array(qkv), k_var, v_var, jt.array(sin), jt.array(cos), jt.array(bias),
+                                    start, rotary).numpy()
+        assert got.dtype == np.float32 and got.shape == (batch, length, heads * dim)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"threads={threads}")
+        np.testing.assert_allclose(k_var.numpy(), want_keys, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(v_var.numpy(), want_values.astype(np.float32))
+
+
+def test_attention_rejects_mismatched_cache():
+    qkv = jt.ones((1, 1, 3 * 2 * 8))
+    with pytest.raises(JmossError, match="disagree"):
+        kernels.attention(qkv, jt.zeros((1, 3, 4, 8)), jt.zeros((1, 3, 4, 8)), jt.ones((1, 1, 1, 2)),
+                          jt.ones((1, 1, 1, 2)), jt.zeros((1, 1, 1, 1)), 0, 4)
