@@ -7,7 +7,9 @@ conversation, and the KV cache is reused across turns.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -35,6 +37,10 @@ def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: boo
     """Read messages from stdin until `stop` or end of input; stream MOSS's replies to stdout."""
     chat = Chat(model, meta_instruction, plugins=plugins, plugin_options=plugin_options,
                 on_event=_show_event(show_thoughts), **gen_kwargs)
+    if sys.stdin.isatty() and threading.current_thread() is threading.main_thread():
+        # an interactive chat always answers Ctrl-C, even when started from a shell that handed
+        # SIGINT down ignored (background jobs do)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     click.echo(WELCOME)
     while True:
         try:
