@@ -306,7 +306,10 @@ def _import_jittor(device: str) -> ModuleType:
         )
     with _captured_fds() as log, _home_pointing_at(home), _no_jittor_sigint():
         try:
-            import jittor
+            with warnings.catch_warnings():  # jittor's sources carry invalid escape sequences
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", SyntaxWarning)
+                import jittor
         except BaseException as exc:  # import-time compile failures surface as many types
             tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
             raise JmossError(
