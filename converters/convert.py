@@ -150,7 +150,7 @@ class _Converter:
         order = self.qkv_order if store_name == "attn.qkv.weight" else None
         with tensor.open() as array:
             self._write(group, store_name, expected, lambda rows: _to_fp16(array[rows], tensor.dtype, tensor.name), order)
-            del array
+            del array  # drop the view before the mapping closes: an exported buffer cannot be unmapped
 
     def _add_gptq_part(self, tensor: SourceTensor, group: layout.Group, store_name: str) -> None:
         base, suffix = tensor.name.rsplit(".", 1)

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "float16")
 
 
+def _check_dtype(name: str, value: str) -> None:
+    if value not in DTYPES:
+        raise DeviceError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+
+
 class ResidentWeights:
     """Every layer's weights held as jittor Vars for the whole run (no budget, or it all fits)."""
 
@@ -88,9 +93,8 @@ class Model:
         self.path = path
         self.dtype = dtype or ("float16" if self.device == "cuda" else "float32")
         self.compute_dtype = compute_dtype or ("float16" if self.device == "cuda" else "float32")
-        for name, value in (("dtype", self.dtype), ("compute_dtype", self.compute_dtype)):
-            if value not in DTYPES:
-                raise DeviceError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+        _check_dtype("dtype", self.dtype)
+        _check_dtype("compute_dtype", self.compute_dtype)
         self.plan = plan  # the jmoss.placement.Plan the weights follow (None: built without one)
         self.rotary = rotary_tables(config)
         self._wte = groups[layout.EMBED]["wte.weight"]  # host-side (often a read-only memmap)
@@ -208,8 +212,7 @@ def load(
     store = Store.open(resolve_model(str(model)))
     device = resolve_device(device)
     dtype = dtype or _default_weight_dtype(device)
-    if dtype not in DTYPES:
-        raise DeviceError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _check_dtype("dtype", dtype)  # before planning: the plan sizes weights by it
     embed = {layout.EMBED: store.group(layout.EMBED)}  # a host memmap: decode touches one row per token
     common = dict(device=device, dtype=dtype, compute_dtype=compute_dtype, tokenizer_path=store.path, path=store.path)
 

@@ -15,7 +15,7 @@ result text); their Results and ``<|MOSS|>:`` are appended; pass 2 writes the re
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from jmoss import dialogue
@@ -141,7 +141,7 @@ class Chat:
         from jmoss.plugins import parse_commands, render_results, run_calls
 
         tokens: list[int] = []
-        pass1 = GenerationOptions.from_kwargs(**{**opts.__dict__, "stop": (EOC, EOM), "skip_special_tokens": False})
+        pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False)
         try:
             for _ in self._generate(reply, pass1, (), tokens):
                 pass
@@ -177,7 +177,7 @@ class Chat:
         budget = min(opts.max_new_tokens, self.max_len - len(self._ids))
         if budget < opts.max_new_tokens:
             reply.notices.append(f"reply limited to {budget} tokens by the {self.max_len}-position context")
-        run = GenerationOptions.from_kwargs(**{**opts.__dict__, "stop": tuple(opts.stop) + stop, "max_new_tokens": budget})
+        run = replace(opts, stop=tuple(opts.stop) + stop, max_new_tokens=budget)
         history = self._ids[: self.session.length]
         yield from stream_tokens(self.model, self.session, row, run, history=history, tokens_out=tokens)
         reply.generated_tokens += len(tokens)

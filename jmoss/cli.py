@@ -6,7 +6,6 @@ exit status 1; bad flags are click usage errors, exit status 2.
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -38,23 +37,29 @@ def main() -> None:
     """
 
 
-def model_options(func):
-    """--device/--dtype/--device-memory/--host-memory, shared by every command that runs a model."""
+def _with_options(options: list):
+    """A decorator adding ``options`` to a command, listed in the order --help shows them."""
 
-    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                  help="where to compute; auto = CUDA only when a usable GPU and toolkit exist")
-    @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
-                  help="weight dtype in memory (default: float16 on CUDA, float32 on CPU)")
-    @click.option("--device-memory", type=SIZE, default=None,
-                  help="memory budget on the device for weights, KV cache and buffers, e.g. 12GiB; "
-                       "layers beyond it are streamed per token (default: everything resident if it fits)")
-    @click.option("--host-memory", type=SIZE, default=None,
-                  help="host RAM for weights streamed to a GPU, e.g. 24GiB; the rest is read from disk")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
 
-    return wrapper
+    return decorate
+
+
+# --device/--dtype/--device-memory/--host-memory, shared by every command that runs a model.
+model_options = _with_options([
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                 help="where to compute; auto = CUDA only when a usable GPU and toolkit exist"),
+    click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
+                 help="weight dtype in memory (default: float16 on CUDA, and on CPU where jmoss's fp16 kernels run; else float32)"),
+    click.option("--device-memory", type=SIZE, default=None,
+                 help="memory budget on the device for weights, KV cache and buffers, e.g. 12GiB; "
+                      "layers beyond it are streamed per token (default: everything resident if it fits)"),
+    click.option("--host-memory", type=SIZE, default=None,
+                 help="host RAM for weights streamed to a GPU, e.g. 24GiB; the rest is read from disk"),
+])
 
 
 def _load(model: str, device: str, dtype: str | None, device_memory, host_memory):
@@ -63,20 +68,22 @@ def _load(model: str, device: str, dtype: str | None, device_memory, host_memory
     return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory)
 
 
-def sampling_options(func):
-    @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-    @click.option("--greedy", is_flag=True, help="greedy decoding instead of sampling")
-    @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True)
-    @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
-    @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off")
-    @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.02, show_default=True)
-    @click.option("--seed", type=int, default=None, help="makes sampling reproducible")
-    @click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=None, help="seconds per reply")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
+sampling_options = _with_options([
+    click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True),
+    click.option("--greedy", is_flag=True, help="greedy decoding instead of sampling"),
+    click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True),
+    click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off"),
+    click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.02, show_default=True),
+    click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
+    click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=None, help="seconds per reply"),
+])
 
-    return wrapper
+
+def _plugin_args(plugins: str, search_docs: Path | None) -> tuple[list[str], dict]:
+    """--plugins a,b and --search-docs DIR as load_plugins takes them (names, per-plugin options)."""
+    names = [p.strip() for p in plugins.split(",") if p.strip()]
+    return names, ({"search": {"folder": search_docs}} if search_docs else {})
 
 
 def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, max_time) -> dict:
@@ -120,8 +127,7 @@ def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs,
     from jmoss.chat_cli import run_chat
 
     m = _load(model, device, dtype, device_memory, host_memory)
-    names = [p.strip() for p in plugins.split(",") if p.strip()]
-    options = {"search": {"folder": search_docs}} if search_docs else {}
+    names, options = _plugin_args(plugins, search_docs)
     run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling))
 
 
@@ -168,7 +174,6 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps):
     MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
     is for the budgets given, whatever this machine has (plan for a card you do not own yet).
     """
-    from jmoss.config import MossConfig
     from jmoss.placement import plan_placement
 
     config = _config_for(model)
@@ -251,8 +256,7 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
     from jmoss.server import serve as run
 
     m = _load(model, device, dtype, device_memory, host_memory)
-    names = [p.strip() for p in plugins.split(",") if p.strip()]
-    options = {"search": {"folder": search_docs}} if search_docs else {}
+    names, options = _plugin_args(plugins, search_docs)
     log_level = limits.pop("log_level")
     click.echo(f"jmoss serving {model} on http://{host}:{port} (OpenAI API under /v1)", err=True)
     run(m, host, port, log_level=log_level, model_name=model_name or model, plugins=names, plugin_options=options,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from jmoss.errors import GenerationError
+from jmoss.errors import ContextLengthError, GenerationError
 
 if TYPE_CHECKING:
     from jmoss.api import Model
@@ -271,8 +271,6 @@ def stream_tokens(model: "Model", session: "Session", row: list[int], opts: Gene
 def _max_len(model: "Model", rows: list[list[int]], opts: GenerationOptions) -> int:
     longest = max(len(r) for r in rows)
     if longest >= model.config.n_positions:
-        from jmoss.errors import ContextLengthError
-
         raise ContextLengthError(
             f"the prompt has {longest} tokens but the model has n_positions={model.config.n_positions}; shorten it"
         )
@@ -303,13 +301,10 @@ def generate(model: "Model", prompt, **options) -> str | list[str]:
 
 def generate_tokens(model: "Model", prompt_ids: Sequence[int], **options) -> list[int]:
     """Generated token ids for one prompt of ids (stop tokens excluded); no tokenizer needed."""
-    opts = replace(GenerationOptions.from_kwargs(**options))
+    opts = GenerationOptions.from_kwargs(**options)
+    opts = replace(opts, stop=tuple(s for s in opts.stop if not isinstance(s, str)))  # ids need no tokenizer
     rows = [list(map(int, prompt_ids))]
-    stops = _Stops(token_seqs=[(int(model.config.eos_token_id),)] if model.config.eos_token_id is not None else [])
-    for s in opts.stop:
-        if isinstance(s, (int, np.integer)):
-            stops.token_seqs.append((int(s),))
-    opts = replace(opts, stop=tuple(s for s in opts.stop if not isinstance(s, str)))
+    stops = _Stops.build(model, opts.stop)
     out: list[int] = []
     for step in generate_ids(model, model.session(max_len=_max_len(model, rows, opts)), rows, opts):
         if step[0] is None:

@@ -18,7 +18,6 @@ the bound is "budget + what any jmoss process costs before it holds a model".
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile

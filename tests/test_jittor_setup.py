@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 # Runs in a fresh interpreter: every socket connection fails (as on a machine without network),
 # no GPU is visible, and HOME is a fresh folder so we can see what jittor would leave there.
