@@ -23,6 +23,15 @@ _KIND_STYLE = {"thoughts": ("Inner Thoughts", "yellow"), "commands": ("Commands"
                "results": ("Results", "blue"), "notice": ("note", "bright_black")}
 
 
+def _is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C, also when native code that ran Python wrapped it: jittor's C++ (its JIT compiler) in
+    a RuntimeError, the Rust tokenizer (pyo3) in a PanicException."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    wrapped = isinstance(exc, RuntimeError) or type(exc).__name__ == "PanicException"
+    return wrapped and "KeyboardInterrupt" in str(exc)
+
+
 def _show_event(show_thoughts: bool):
     def on_event(kind: str, text: str) -> None:
         if kind == "notice" or show_thoughts:
@@ -64,12 +73,11 @@ def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: boo
             for delta in replies:
                 click.echo(delta, nl=False)
             click.echo()
-        except (KeyboardInterrupt, RuntimeError) as exc:
-            # Ctrl-C while jittor runs Python from C++ (its JIT compiler) arrives wrapped in a RuntimeError
-            if isinstance(exc, RuntimeError) and "KeyboardInterrupt" not in str(exc):
-                raise
-            replies.close()
-            click.secho(" [stopped]", fg="bright_black")
         except JmossError as exc:
             replies.close()
             click.secho(f"\nerror: {exc}", fg="red", err=True)
+        except BaseException as exc:
+            if not _is_interrupt(exc):
+                raise
+            replies.close()
+            click.secho(" [stopped]", fg="bright_black")

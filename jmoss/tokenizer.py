@@ -172,6 +172,10 @@ class Tokenizer:
         # Longest first, so the regex's leftmost match is also the longest one there (the trie's rule).
         alternatives = sorted(flags, key=len, reverse=True)
         self._split_re = re.compile("|".join(re.escape(t) for t in alternatives)) if alternatives else None
+        # The Rust backend imports numpy's C API the first time it is handed a list; a Ctrl-C landing
+        # in that import turns into a pyo3 PanicException that nothing can catch as an interrupt.
+        # Do that import now, while loading, rather than in the first encode of a chat turn.
+        backend.encode(["a"], is_pretokenized=True, add_special_tokens=False)
 
     # ---- encoding -------------------------------------------------------------------------------
 

@@ -120,3 +120,19 @@ def test_convert_and_verify_from_the_command_line(tmp_path):
     layer.write_bytes(bytes(data))
     bad = run("verify", str(tmp_path / "store"))
     assert bad.returncode == 1 and "layer_003.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_is_recognised_when_native_code_wraps_it():
+    """A Ctrl-C landing inside jittor's C++ or the Rust tokenizer comes back wrapped; chat still stops."""
+    from jmoss.chat_cli import _is_interrupt
+
+    class PanicException(BaseException):  # pyo3's type, as the tokenizer raises it
+        pass
+
+    assert _is_interrupt(KeyboardInterrupt())
+    assert _is_interrupt(RuntimeError("Wrong inputs ... KeyboardInterrupt: ..."))
+    assert _is_interrupt(PanicException("Failed to access NumPy array API capsule: PyErr { type: "
+                                        "<class 'KeyboardInterrupt'> ... }"))
+    assert not _is_interrupt(RuntimeError("jittor out of memory"))
+    assert not _is_interrupt(PanicException("index out of bounds"))
+    assert not _is_interrupt(ValueError("KeyboardInterrupt"))
