@@ -70,9 +70,9 @@ def impls(m: int, k: int, n: int, threads: int) -> dict[str, tuple[Callable[[], 
     tx16, txbf = tx.half(), tx.bfloat16()
     torch.set_num_threads(threads)
 
-    def jmoss_call(t: int) -> Callable[[], object]:
+    def jmoss_call(t: int, amx: bool = True) -> Callable[[], object]:
         def call() -> object:
-            with kernels.configured(threads=t):
+            with kernels.configured(threads=t, amx=amx):
                 return kernels.linear(xj, wj).sync()
 
         return call
@@ -87,6 +87,8 @@ def impls(m: int, k: int, n: int, threads: int) -> dict[str, tuple[Callable[[], 
     }
     if w16.nbytes <= SLOW_JITTOR_FP16_BYTES and m == 1:
         out["jittor matmul fp16 [K,N]"] = (lambda: jt.matmul(xj.float16(), wj16t).sync(), w16.nbytes)
+    if m >= kernels.cpu.AMX_MIN_M and kernels.amx_ready():  # prefill: AMX bf16x3 vs the fp32-FMA GEMM
+        out[f"jmoss fp16 fp32-FMA ({threads}T)"] = (jmoss_call(threads, amx=False), w16.nbytes)
     if threads == 1:
         del out["jmoss fp16 (1T)"]
     return out

@@ -25,8 +25,13 @@
 #if !defined(JMOSS_FORCE_PORTABLE) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)))
 #include <immintrin.h>
 #endif
+#if !defined(JMOSS_FORCE_PORTABLE) && defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <cmath>
 #include <algorithm>
 #include <omp.h>
@@ -40,6 +45,14 @@
 #define JMOSS_ISA 1
 #else
 #define JMOSS_ISA 0
+#endif
+
+// AMX-BF16 prefill path: compiled in where -march=native offers AMX (Sapphire Rapids and later),
+// and taken at run time only if Linux grants the tile state (see amx_ready) and the caller asks.
+#if JMOSS_ISA == 2 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define JMOSS_AMX 1
+#else
+#define JMOSS_AMX 0
 #endif
 
 namespace jmoss_k {
@@ -191,13 +204,354 @@ static inline float gelu_new(float v) {
     return v / (1.0f + expf(-2.0f * u));
 }
 
+#if JMOSS_ISA == 2
+// gelu_new on 16 lanes with the same formula and clamp. glibc's expf is not vectorised at -O2
+// (libmvec needs -ffast-math), and the scalar call cost ~8 ns per element: 20% of a CodeGen-350M
+// prefill. exp(t) = 2^n * e^r, n = round(t / ln 2), |r| <= ln2 / 2, e^r by its degree-7 Taylor
+// polynomial (truncation < 6e-9 relative), 2^n applied exactly by scalef. |t| <= 40 here.
+static inline __m512 vexp_bounded(__m512 t) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.4426950408889634f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);  // ln 2 = hi + lo (Cody-Waite)
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 gelu_new16(__m512 v) {
+    const __m512 c = _mm512_set1_ps(0.7978845608028654f);
+    __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v));
+    u = _mm512_min_ps(_mm512_set1_ps(20.0f), _mm512_max_ps(_mm512_set1_ps(-20.0f), u));
+    const __m512 e = vexp_bounded(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u));
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+#endif
+
+// gelu_new over n contiguous floats in place.
+static inline void gelu_row(float* row, i64 n) {
+    i64 i = 0;
+#if JMOSS_ISA == 2
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(row + i, gelu_new16(_mm512_loadu_ps(row + i)));
+    if (i < n) {
+        const __mmask16 keep = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(row + i, keep, gelu_new16(_mm512_maskz_loadu_ps(keep, row + i)));
+        return;
+    }
+#endif
+    for (; i < n; i++) row[i] = gelu_new(row[i]);
+}
+
+
+#if JMOSS_AMX
+// ------------------------------------------------------------------------------------------
+// Prefill GEMM on AMX tiles, "bf16x3": fp32-class accuracy from bf16 tile multiplies.
+//
+// Every fp16 weight is split exactly into two bf16 halves, w = wh + wl (fp16's 11-bit significand
+// fits in bf16's 8 + 8), and every fp32 activation into x = xh + xl + e, |xl| <= 2^-8 |x|,
+// |e| <= 2^-16 |x|. y = sum wh*xh + wl*xh + wh*xl, every product exact in the tile unit and
+// accumulated in fp32; the error per product is wl*xl + w*e, <= 2 * 2^-16 |w x| (3 * 2^-16 for fp32
+// weights, which also split with a 2^-16 residual). That is fp32-class: ~4e-6 of max|y| measured.
+//
+// Roles are swapped so that W needs no transpose: A tiles are 16 rows of W (row-major bf16, [n][k],
+// loaded with the row stride), B tiles are x^T in the VNNI pair layout, C tiles are 16 n x 16 m
+// (y^T blocks, turned back by a gather in the epilogue). x is split/packed once per call (M x K,
+// small). Each thread takes 16-row panels of W in chunks; while the tiles multiply one panel, the
+// core splits the next panel's weights into bf16 (split_slice), so W streams from memory once and
+// the conversion overlaps the tile work.
+//
+// What bounds it on the 2-core SPR VM (measured): a tile load of 1 KiB costs ~15 ns, a TDPBF16PS
+// ~5.5 ns, so the 10 loads per 12 products of amx_panel<4> dominate (~200 ns per 32-wide k step);
+// the fp16 split of a panel row costs ~0.13 ns per weight when its data is in cache.
+
+static inline bool amx_ready() {
+    // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): process-wide, asked once. Any
+    // failure (old kernel, a VM without the state) sends every call down the AVX-512 path.
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : 0;
+    return state == 1;
+}
+
+// Round-to-nearest-even to bf16, kept as fp32 bit patterns with the low half zeroed.
+static inline __m512i bf16_bits(__m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    return _mm512_and_si512(b, _mm512_set1_epi32((int)0xffff0000u));
+}
+
+static inline void split16(__m512 v, uint16_t* hi, uint16_t* lo) {
+#if defined(__AVX512BF16__)
+    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);  // RNE, same as bf16_bits
+    __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    _mm256_storeu_si256((__m256i*)hi, h);
+    _mm256_storeu_si256((__m256i*)lo, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
+#else
+    __m512i hb = bf16_bits(v);
+    __m512i lb = bf16_bits(_mm512_sub_ps(v, _mm512_castsi512_ps(hb)));
+    _mm256_storeu_si256((__m256i*)hi, _mm512_cvtepi32_epi16(_mm512_srli_epi32(hb, 16)));
+    _mm256_storeu_si256((__m256i*)lo, _mm512_cvtepi32_epi16(_mm512_srli_epi32(lb, 16)));
+#endif
+}
+
+// 32 fp16 weights into bf16 halves. fp16's 11-bit significand splits exactly into its top 8 bits,
+// rounded half away from zero (add half an ulp to the bit pattern, mask), and the signed remainder
+// of at most 3 bits: both exact bf16 values, so one two-register bf16 conversion per half packs
+// them with no rounding -- about half the instructions of split16. (Rounding, not truncating,
+// keeps |lo| <= 2^-9 |w|, which bounds the dropped lo*lo product; measured: truncation doubles
+// the GEMM's error.)
+static inline __m512 bf16_round_half_up(__m512 f) {
+    const __m512i b = _mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(0x8000));
+    return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+static inline void split32(const uint16_t* src, uint16_t* hi, uint16_t* lo) {
+#if defined(__AVX512BF16__)
+    const __m512 f0 = vload(src), f1 = vload(src + 16);
+    const __m512 h0 = bf16_round_half_up(f0), h1 = bf16_round_half_up(f1);
+    _mm512_storeu_si512((void*)hi, (__m512i)_mm512_cvtne2ps_pbh(h1, h0));
+    _mm512_storeu_si512((void*)lo, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(f1, h1), _mm512_sub_ps(f0, h0)));
+#else
+    split16(vload(src), hi, lo);
+    split16(vload(src + 16), hi + 16, lo + 16);
+#endif
+}
+
+static inline void split32(const float* src, uint16_t* hi, uint16_t* lo) {
+    split16(vload(src), hi, lo);
+    split16(vload(src + 16), hi + 16, lo + 16);
+}
+
+// Split a row of K values into bf16 hi/lo rows, zero-padded to Kp (a multiple of 32).
+template <class WT>
+static inline void split_row(const WT* src, i64 K, i64 Kp, uint16_t* hi, uint16_t* lo) {
+    i64 k = 0;
+    for (; k + 32 <= K; k += 32) split32(src + k, hi + k, lo + k);
+    for (; k + 16 <= K; k += 16) split16(vload(src + k), hi + k, lo + k);
+    if (k < K) {
+        float tmp[16] = {0};
+        for (i64 t = k; t < K; t++) tmp[t - k] = scalar_load(src + t);
+        split16(_mm512_loadu_ps(tmp), hi + k, lo + k);
+        k += 16;
+    }
+    if (k < Kp) {
+        std::memset(hi + k, 0, (Kp - k) * 2);
+        std::memset(lo + k, 0, (Kp - k) * 2);
+    }
+}
+
+// The 32 columns [k0, k0 + 32) of a row, split like split_row (zeros past K).
+template <class WT>
+static inline void split_slice(const WT* src, i64 k0, i64 K, uint16_t* hi, uint16_t* lo) {
+    if (k0 + 32 <= K) {
+        split32(src + k0, hi + k0, lo + k0);
+        return;
+    }
+    float tmp[32] = {0};
+    for (i64 t = k0; t < K; t++) tmp[t - k0] = scalar_load(src + t);
+    split16(_mm512_loadu_ps(tmp), hi + k0, lo + k0);
+    split16(_mm512_loadu_ps(tmp + 16), hi + k0 + 16, lo + k0 + 16);
+}
+
+struct alignas(64) amx_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+// The panel this thread computes next, split into bf16 halves slice by slice while the tiles work
+// on the current one: the vector split runs on the core while TMUL is busy (out-of-order overlap),
+// so converting W costs almost nothing on top of the tile products.
+template <class WT>
+struct next_panel {
+    const WT* w = nullptr;  // its first row, or nullptr when there is none to prepare
+    i64 rows = 0;           // real rows (<= 16); the rest are zero-filled
+    uint16_t* hi = nullptr;
+    uint16_t* lo = nullptr;
+};
+
+// G m-blocks (16 rows of x each) against one 16-row panel of W: C tiles 0..G-1, W hi/lo in 4/5,
+// x hi/lo in 6/7. Writes G 16x16 fp32 blocks (row = n, column = m) to cbuf. W halves are row-major
+// [16][Kp] (tile loads take the row stride), x halves are packed per m-block in VNNI pair order.
+template <int G, class WT>
+static inline void amx_panel(const uint16_t* wh, const uint16_t* wl, const uint16_t* xh, const uint16_t* xl,
+                             i64 K, i64 Kp, i64 ld, i64 mb0, float* cbuf, const next_panel<WT>& nx) {
+    const i64 half = Kp / 2;
+    if (G > 0) _tile_zero(0);
+    if (G > 1) _tile_zero(1);
+    if (G > 2) _tile_zero(2);
+    if (G > 3) _tile_zero(3);
+    for (i64 kb = 0; kb < Kp / 32; kb++) {
+        _tile_loadd(4, wh + kb * 32, ld * 2);
+        _tile_loadd(5, wl + kb * 32, ld * 2);
+#define JMOSS_AMX_STEP(J)                                   \
+        if (G > J) {                                        \
+            const i64 off = ((mb0 + J) * half + kb * 16) * 32; \
+            _tile_loadd(6, xh + off, 64);                   \
+            _tile_dpbf16ps(J, 4, 6);                        \
+            _tile_dpbf16ps(J, 5, 6);                        \
+            _tile_loadd(7, xl + off, 64);                   \
+            _tile_dpbf16ps(J, 4, 7);                        \
+        }
+        JMOSS_AMX_STEP(0) JMOSS_AMX_STEP(1) JMOSS_AMX_STEP(2) JMOSS_AMX_STEP(3)
+#undef JMOSS_AMX_STEP
+        if (nx.w) {
+            const i64 ahead = (kb + 4) * 32;  // ~4 k steps of latency cover for the rows' streams
+            for (i64 i = 0; i < nx.rows; i++) {
+                if (ahead < K)
+                    for (i64 b = 0; b < (i64)sizeof(WT) * 32; b += 64)
+                        _mm_prefetch((const char*)(nx.w + i * K + ahead) + b, _MM_HINT_T0);
+                split_slice(nx.w + i * K, kb * 32, K, nx.hi + i * ld, nx.lo + i * ld);
+            }
+        }
+    }
+    if (G > 0) _tile_stored(0, cbuf, 64);
+    if (G > 1) _tile_stored(1, cbuf + 256, 64);
+    if (G > 2) _tile_stored(2, cbuf + 512, 64);
+    if (G > 3) _tile_stored(3, cbuf + 768, 64);
+}
+
+// Panels of 16 W rows are handed out AMX_PANELS at a time, so a thread knows its next panel and
+// can prepare it during the current one (a shared machine still rebalances between chunks).
+static const i64 AMX_PANELS = 8;
+
+template <class WT, class BT>
+static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i64 M, i64 K, i64 N, int threads,
+                       int act) {
+    const i64 Kp = (K + 31) / 32 * 32, half = Kp / 2;
+    const i64 MBn = (M + 15) / 16, NBn = (N + 15) / 16;
+    // x^T packed per 16-row m-block as [k pair][16 m][2] bf16, hi and lo; reused between calls.
+    static thread_local std::vector<uint16_t> xpack;
+    if ((i64)xpack.size() < 2 * MBn * 16 * Kp) xpack.resize(2 * MBn * 16 * Kp);
+    uint16_t* xh = xpack.data();
+    uint16_t* xl = xh + MBn * 16 * Kp;
+    if (threads > NBn) threads = (int)std::max<i64>(1, NBn);
+#pragma omp parallel num_threads(threads)
+    {
+        static thread_local std::vector<uint16_t> scratch;
+        if ((i64)scratch.size() < 4 * Kp) scratch.resize(4 * Kp);
+        uint16_t* rh = scratch.data();
+        uint16_t* rl = rh + 2 * Kp;
+#pragma omp for schedule(static)
+        for (i64 m = 0; m < MBn * 16; m++) {
+            const i64 mb = m / 16, mm = m % 16;
+            if (m < M) {
+                split_row(x + m * K, K, Kp, rh, rl);
+            } else {
+                std::memset(rh, 0, Kp * 2);
+                std::memset(rl, 0, Kp * 2);
+            }
+            uint32_t* dh = (uint32_t*)xh + mb * half * 16 + mm;
+            uint32_t* dl = (uint32_t*)xl + mb * half * 16 + mm;
+            const uint32_t* sh = (const uint32_t*)rh;
+            const uint32_t* sl = (const uint32_t*)rl;
+            for (i64 r = 0; r < half; r++) {
+                dh[r * 16] = sh[r];
+                dl[r * 16] = sl[r];
+            }
+        }  // implicit barrier: x is packed before any panel reads it
+
+        amx_config cfg;
+        std::memset(&cfg, 0, sizeof(cfg));
+        cfg.palette = 1;
+        for (int t = 0; t < 8; t++) {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        _tile_loadconfig(&cfg);
+        // Two panel buffers (hi then lo, 16 rows each): the current one and the one being prepared.
+        // Rows are ld = Kp + 32 elements apart, not Kp: with K a multiple of 2048 a plain [16][Kp]
+        // layout puts every row of a tile in the same L1 set (4 KiB aliasing) and the tile loads and
+        // split stores thrash it (measured 3x slower at K = 4096). Halves/buffers are offset likewise.
+        const i64 ld = Kp + 32, half_elems = 16 * ld + 32, buf_elems = 2 * half_elems + 32;
+        static thread_local std::vector<uint16_t> wpack;
+        if ((i64)wpack.size() < 2 * buf_elems + 32) wpack.resize(2 * buf_elems + 32);
+        uint16_t* base = (uint16_t*)(((uintptr_t)wpack.data() + 63) & ~(uintptr_t)63);
+        uint16_t* panel[2] = {base, base + buf_elems};
+        int cur = 0;
+        i64 prepared = -1;  // the panel index whose halves already sit in panel[cur]
+        alignas(64) float cbuf[4 * 256];
+#pragma omp for schedule(dynamic, AMX_PANELS)
+        for (i64 nb = 0; nb < NBn; nb++) {
+            const i64 n0 = nb * 16, nn = std::min<i64>(16, N - n0);
+            uint16_t* wh = panel[cur];
+            uint16_t* wl = wh + half_elems;
+            if (prepared != nb) {
+                for (i64 i = 0; i < nn; i++) split_row(w + (n0 + i) * K, K, Kp, wh + i * ld, wl + i * ld);
+            }
+            for (i64 i = nn; i < 16; i++) {  // only the last panel of an N % 16 != 0 layer
+                std::memset(wh + i * ld, 0, Kp * 2);
+                std::memset(wl + i * ld, 0, Kp * 2);
+            }
+            next_panel<WT> nx;
+            if ((nb + 1) % AMX_PANELS != 0 && nb + 1 < NBn) {  // same chunk: this thread computes it next
+                nx.w = w + (n0 + 16) * K;
+                nx.rows = std::min<i64>(16, N - n0 - 16);
+                nx.hi = panel[cur ^ 1];
+                nx.lo = nx.hi + half_elems;
+            }
+            const next_panel<WT> none;
+            const __mmask16 keep = (__mmask16)((1u << nn) - 1);
+            const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                      _mm512_set1_epi32(16));
+            alignas(64) float bias_tmp[16] = {0};
+            if (bias)
+                for (i64 i = 0; i < nn; i++) bias_tmp[i] = scalar_load(bias + n0 + i);
+            const __m512 bias16 = _mm512_load_ps(bias_tmp);
+            for (i64 mb0 = 0; mb0 < MBn; mb0 += 4) {
+                const int g = (int)std::min<i64>(4, MBn - mb0);
+                const next_panel<WT>& prep = mb0 == 0 ? nx : none;
+                switch (g) {
+                    case 4: amx_panel<4>(wh, wl, xh, xl, K, Kp, ld, mb0, cbuf, prep); break;
+                    case 3: amx_panel<3>(wh, wl, xh, xl, K, Kp, ld, mb0, cbuf, prep); break;
+                    case 2: amx_panel<2>(wh, wl, xh, xl, K, Kp, ld, mb0, cbuf, prep); break;
+                    default: amx_panel<1>(wh, wl, xh, xl, K, Kp, ld, mb0, cbuf, prep); break;
+                }
+                // cbuf holds y^T blocks (row = n): one gather per output row turns them back.
+                const i64 m_end = std::min<i64>(M, (mb0 + g) * 16);
+                for (i64 m = mb0 * 16; m < m_end; m++) {
+                    const float* c = cbuf + (m - mb0 * 16) / 16 * 256 + (m % 16);
+                    float* row = y + m * N + n0;
+                    __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, c, 4), bias16);
+                    if (act == 1) v = gelu_new16(v);
+                    _mm512_mask_storeu_ps(row, keep, v);
+                }
+            }
+            if (nx.w) {
+                cur ^= 1;
+                prepared = nb + 1;
+            }
+        }
+        _tile_release();
+    }
+}
+#endif
+
 // Output columns (rows of W) are handed out in chunks of CHUNK rows from a shared counter
 // (OpenMP dynamic schedule): each chunk is a long sequential run of weights, and on a shared
 // machine a thread that loses its core does not hold the whole op back as a static split would.
 // Bias and activation are applied per chunk right after it is computed, while it is in cache.
 template <class WT, class BT>
 static void linear(const float* x, const WT* w, const BT* bias, float* y, i64 M, i64 K, i64 N, int threads,
-                   int act) {
+                   int act, int amx_min_m = 0) {
+#if JMOSS_AMX
+    if (amx_min_m > 0 && M >= amx_min_m && amx_ready()) {
+        // Every W panel sweeps all of the packed x, so long prompts go in slabs of rows whose packed
+        // x (4 bytes per element) stays near 1 MiB, in L2; never below 64 rows (one 4-tile group),
+        // where each W split still feeds 3 x 64 products per weight.
+        const i64 Kp = (K + 31) / 32 * 32;
+        const i64 slab = std::min<i64>(512, std::max<i64>(64, (i64(1) << 20) / (4 * Kp) / 64 * 64));
+        for (i64 m0 = 0; m0 < M; m0 += slab)
+            linear_amx(x + m0 * K, w, bias, y + m0 * N, std::min(slab, M - m0), K, N, threads, act);
+        return;
+    }
+#endif
     const i64 CHUNK = 32;
     const i64 nchunks = (N + CHUNK - 1) / CHUNK;
     if (threads < 1) threads = 1;
@@ -224,8 +578,7 @@ static void linear(const float* x, const WT* w, const BT* bias, float* y, i64 M,
                     for (i64 n = n_begin; n < n_end; n++) row[n] += scalar_load(bias + n);
                 }
                 if (act == 1) {
-#pragma omp simd
-                    for (i64 n = n_begin; n < n_end; n++) row[n] = gelu_new(row[n]);
+                    gelu_row(row + n_begin, n_end - n_begin);
                 }
             }
         }
@@ -375,6 +728,15 @@ static inline float jmoss_read_probe(const float* p, int64_t n, int threads) {
         total += s;
     }
     return total;
+}
+
+// 1 when the AMX-BF16 prefill path is compiled in and Linux grants the tile state here.
+static inline int jmoss_amx_ready() {
+#if JMOSS_AMX
+    return jmoss_k::amx_ready() ? 1 : 0;
+#else
+    return 0;
+#endif
 }
 
 // How many OpenMP threads a parallel region asked for `threads` really gets (tests, info()).

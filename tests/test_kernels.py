@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -36,15 +37,36 @@ SHAPES_NK = [(1, 1), (7, 13), (5, 16), (33, 100), (67, 1000), (130, 1031), (19, 
 MS = [1, 3, 17, 64]
 
 
-def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, activation: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """float64 result and its rigorous fp32-accumulation error bound."""
+# The AMX prefill path ("bf16x3", M >= kernels.cpu.AMX_MIN_M on the native ISA where the CPU has
+# AMX-BF16). Each operand v splits as v = vh + vl + e (bf16 halves, half-ulp rounding): |vl| <= 2^-8|v|
+# and |e| <= 2^-16|v| (e = 0 for fp16 weights, whose 11 bits fit two bf16s). The kernel computes
+# wh*xh + wl*xh + wh*xl exactly in the tiles, so each product's error is wl*xl + (wh+wl)*ex + ew*x:
+# <= 3 * 2^-16 |w x| (with slack for the (1 + 2^-8) factors), and the fp32 accumulation now sums 3K
+# exact products, each rounding bounded by U times the running sum of |terms| (<= 1.01 |w||x|).
+AMX_REL = 3.1 * 2.0**-16
+
+
+def seed(*parts: object) -> int:
+    """A per-case seed that is the same in every process (hash() of a str is salted per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def amx_taken(isa: str, m: int) -> bool:
+    return isa == "native" and m >= kernels.cpu.AMX_MIN_M and kernels.cpu._amx() and kernels.amx_ready()
+
+
+def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, activation: str | None,
+              amx: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """float64 result and its rigorous fp32-accumulation error bound (+ the bf16x3 term if amx)."""
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     y = x64 @ w64.T
-    scale = np.abs(x64) @ np.abs(w64).T
+    prod = np.abs(x64) @ np.abs(w64).T
+    scale = prod
     if b is not None:
         y = y + b.astype(np.float64)
         scale = scale + np.abs(b.astype(np.float64))
-    bound = (x.shape[-1] + 2) * U * scale
+    k = x.shape[-1]
+    bound = (3 * k + 2) * U * 1.01 * scale + AMX_REL * prod if amx else (k + 2) * U * scale
     if activation == "gelu_new":
         pre = y
         y = 0.5 * pre * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (pre + 0.044715 * pre**3)))
@@ -69,13 +91,13 @@ def check(got: np.ndarray, want: np.ndarray, bound: np.ndarray, what: str) -> No
 @pytest.mark.parametrize("bdtype", [None, np.float16, np.float32])
 @pytest.mark.parametrize("activation", [None, "gelu_new"])
 def test_linear_matches_float64_reference_over_odd_shapes_and_threads(isa, wdtype, bdtype, activation):
-    rng = np.random.default_rng(hash((isa, str(wdtype), str(bdtype), activation)) % 2**32)
+    rng = np.random.default_rng(seed(isa, str(wdtype), str(bdtype), activation))
     for n, k in SHAPES_NK:
         w = rng.standard_normal((n, k)).astype(wdtype)
         b = rng.standard_normal(n).astype(bdtype) if bdtype is not None else None
         for m in MS:
             x = rng.standard_normal((m, k)).astype(np.float32)
-            want, bound = reference(x, w, b, activation)
+            want, bound = reference(x, w, b, activation, amx=amx_taken(isa, m))
             for threads in (1, 2):
                 with kernels.configured(threads=threads, isa=isa):
                     got = run(x, w, b, activation)
@@ -92,7 +114,7 @@ def test_every_k_tail_element_counts(isa, m):
         x = np.zeros((m, k), np.float32)
         x[:, k - tail:] = rng.standard_normal((m, tail))
         w = rng.standard_normal((37, k)).astype(np.float16)
-        want, bound = reference(x, w, None, None)
+        want, bound = reference(x, w, None, None, amx=amx_taken(isa, m))
         with kernels.configured(isa=isa):
             check(run(x, w, None), want, bound, f"isa={isa} M={m} K={k}")
 
@@ -115,12 +137,75 @@ def test_native_and_portable_paths_agree_closely():
     x = rng.standard_normal((17, 1031)).astype(np.float32)
     w = rng.standard_normal((130, 1031)).astype(np.float16)
     b = rng.standard_normal(130).astype(np.float16)
-    with kernels.configured(isa="native"):
+    with kernels.configured(isa="native", amx=False):
         native = run(x, w, b, "gelu_new")
     with kernels.configured(isa="portable"):
         portable = run(x, w, b, "gelu_new")
     assert kernels.isa_path("portable") == "portable"
     np.testing.assert_allclose(native, portable, rtol=2e-5, atol=2e-4)
+    with kernels.configured(isa="native", amx=True):
+        amx = run(x, w, b, "gelu_new")
+    np.testing.assert_allclose(amx, portable, rtol=1e-4, atol=2e-3)  # bf16x3: <= 3 * 2^-16 per product
+
+
+AMX_SHAPES_NK = [(1, 1), (15, 33), (17, 31), (33, 100), (130, 1031), (47, 4099), (1024, 64)]
+AMX_MS = [7, 8, 15, 16, 17, 31, 64, 65, 70]
+
+
+@pytest.mark.skipif(not kernels.amx_ready(), reason="no AMX-BF16 on this CPU/kernel: the fp32 paths cover it")
+@pytest.mark.parametrize("wdtype", [np.float16, np.float32])
+@pytest.mark.parametrize("activation", [None, "gelu_new"])
+def test_amx_prefill_matches_float64_over_odd_shapes_and_threads(wdtype, activation):
+    """The AMX bf16x3 GEMM: M around the 16-row tiles and the 4-tile groups (64), N not a multiple
+    of the 16-row W panel, K not a multiple of 32 (zero-padded tiles) or of 16 (scalar tail split),
+    against float64 within the bf16x3 bound (AMX_REL), on 1 and 2 threads; and it must agree
+    with the fp32 path (amx=False) within the same bound."""
+    rng = np.random.default_rng(11 if wdtype == np.float16 else 12)
+    for n, k in AMX_SHAPES_NK:
+        w = rng.standard_normal((n, k)).astype(wdtype)
+        b = rng.standard_normal(n).astype(np.float16)
+        for m in AMX_MS:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            want, bound = reference(x, w, b, activation, amx=m >= kernels.cpu.AMX_MIN_M)
+            for threads in (1, 2):
+                with kernels.configured(threads=threads, isa="native", amx=True):
+                    got = run(x, w, b, activation)
+                check(got, want, bound, f"amx W={np.dtype(wdtype).name} M={m} N={n} K={k} threads={threads}")
+            with kernels.configured(isa="native", amx=False):
+                fp32 = run(x, w, b, activation)
+            check(fp32, want, reference(x, w, b, activation)[1], f"fp32 path M={m} N={n} K={k}")
+
+
+@pytest.mark.skipif(not kernels.amx_ready(), reason="no AMX-BF16 on this CPU/kernel")
+def test_amx_long_prompts_run_in_row_slabs():
+    """M beyond one slab of packed x (64 rows at K = 4099, 256 at K = 1000): slab edges and a short
+    last slab (200 = 3 x 64 + 8) give the same bound as one call."""
+    rng = np.random.default_rng(13)
+    for m, n, k in [(200, 47, 4099), (530, 33, 1000)]:
+        w = rng.standard_normal((n, k)).astype(np.float16)
+        b = rng.standard_normal(n).astype(np.float16)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        want, bound = reference(x, w, b, "gelu_new", amx=True)
+        for threads in (1, 2):
+            with kernels.configured(threads=threads, isa="native", amx=True):
+                check(run(x, w, b, "gelu_new"), want, bound, f"amx slabs M={m} N={n} K={k} threads={threads}")
+
+
+@pytest.mark.skipif(not kernels.amx_ready(), reason="no AMX-BF16 on this CPU/kernel")
+def test_amx_path_is_really_taken_and_can_be_switched_off():
+    """bf16x3 rounds differently from fp32 FMAs: with AMX on the result differs from amx=False
+    in low bits for M >= AMX_MIN_M and is bit-identical below it (decode stays on the GEMV)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    w = rng.standard_normal((96, 1024)).astype(np.float16)
+    with kernels.configured(amx=True):
+        on, on1 = run(x, w, None), run(x[:1], w, None)
+    with kernels.configured(amx=False):
+        off, off1 = run(x, w, None), run(x[:1], w, None)
+    assert not np.array_equal(on, off)
+    np.testing.assert_array_equal(on1, off1)
+    assert kernels.info()["amx_prefill"] is True
+    assert _info_in_subprocess({"JMOSS_KERNELS_AMX": "0"})["amx_prefill"] is False
 
 
 def test_leading_dimensions_are_kept_and_fp16_activations_are_widened():
@@ -191,7 +276,8 @@ def test_available_and_info_describe_the_path_taken():
 
 def _info_in_subprocess(env: dict[str, str]) -> dict:
     code = "import json; from jmoss import kernels; print('INFO' + json.dumps(kernels.info()))"
-    full_env = {k: v for k, v in os.environ.items() if k not in ("JMOSS_THREADS", "OMP_NUM_THREADS", "JMOSS_KERNELS_ISA")}
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("JMOSS_THREADS", "OMP_NUM_THREADS", "JMOSS_KERNELS_ISA", "JMOSS_KERNELS_AMX")}
     full_env.update(env)
     proc = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -210,7 +296,7 @@ def test_thread_count_and_isa_come_from_the_environment():
 
 def test_bad_environment_values_raise_jmoss_errors():
     code = "from jmoss import kernels; kernels.info()"
-    for env in ({"JMOSS_THREADS": "lots"}, {"JMOSS_KERNELS_ISA": "sse9"}):
+    for env in ({"JMOSS_THREADS": "lots"}, {"JMOSS_KERNELS_ISA": "sse9"}, {"JMOSS_KERNELS_AMX": "maybe"}):
         proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and "JmossError" in proc.stderr, env
 
