@@ -304,8 +304,8 @@ static inline void split16(__m512 v, uint16_t* hi, uint16_t* lo) {
 // rounded half away from zero (add half an ulp to the bit pattern, mask), and the signed remainder
 // of at most 3 bits: both exact bf16 values, so one two-register bf16 conversion per half packs
 // them with no rounding -- about half the instructions of split16. (Rounding, not truncating,
-// keeps |lo| <= 2^-9 |w|, which bounds the dropped lo*lo product; measured: truncation doubles
-// the GEMM's error.)
+// keeps |lo| within half a bf16 ulp, <= 2^-8 |w|, which bounds the dropped lo*lo product;
+// measured: truncation doubles the GEMM's error.)
 static inline __m512 bf16_round_half_up(__m512 f) {
     const __m512i b = _mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(0x8000));
     return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xffff0000u)));
