@@ -134,9 +134,12 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
         streamed, read_bytes = resident, resident * decode_n
     plan = getattr(model, "plan", None)
     threads = os.environ.get("JMOSS_THREADS") or str(_default_threads())
+    config = f"{model.dtype} weights, {model.compute_dtype} activations, {threads} threads"
+    if getattr(model, "ops", None) is not None and getattr(model.ops, "amx_prefill", None) is not None:
+        config += ", AMX-BF16 prefill" if model.ops.amx_prefill() else ", fp32 prefill GEMM"
     return {
         "name": options.get("name", "jmoss"),
-        "config": f"{model.dtype} weights, {model.compute_dtype} activations, {threads} threads",
+        "config": config,
         "label": f"{threads}T",
         "budget": options["device_memory"],
         "load_s": load_s,

@@ -1,12 +1,13 @@
 """jmoss's own compute kernels, installed as ``jmoss.kernels``.
 
-``cpu`` holds the fp16-weight linear layers (GEMV for decode, an AMX-BF16 "bf16x3" GEMM or a blocked fp32 GEMM for prefill, fused
-bias + gelu_new) that make CPU decoding run at memory speed, plus the fused LayerNorm and
-attention that keep a decode step to a handful of ops; its docstring is the API contract.
+``cpu`` holds the fp16-weight linear layers (GEMV for decode; for prefill an AMX-BF16 "bf16x3" GEMM
+where the CPU has AMX, else a blocked fp32 GEMM; fused bias + gelu_new) that make CPU decoding run at
+memory speed, plus the fused LayerNorm and attention that keep a decode step to a handful of ops;
+its docstring is the API contract.
 """
 
-from jmoss.kernels.cpu import (amx_ready, attention, available, configured, info, isa_path, layer_norm, linear,
-                               memory_read_probe, threads_used)
+from jmoss.kernels.cpu import (amx_prefill, amx_ready, attention, available, configured, info, isa_path, layer_norm,
+                               linear, memory_read_probe, threads_used)
 
-__all__ = ["amx_ready", "attention", "available", "configured", "info", "isa_path", "layer_norm", "linear", "memory_read_probe",
-           "threads_used"]
+__all__ = ["amx_prefill", "amx_ready", "attention", "available", "configured", "info", "isa_path", "layer_norm",
+           "linear", "memory_read_probe", "threads_used"]

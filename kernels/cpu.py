@@ -24,6 +24,7 @@ Public API (what ``jmoss.model`` codes against)::
         [B, T, 1, R/2]; attn_bias float32 [B, 1, T, start+T]; returns float32 [B, T, H*Dh]
     available() -> bool     the kernels compile and give right answers on this CPU
     amx_ready() -> bool     the AMX-BF16 prefill GEMM is compiled in and Linux grants the tile state
+    amx_prefill() -> bool   prefill GEMMs take that path now (amx_ready, switched on, native ISA)
     info() -> dict          {"isa": "avx512"|"avx2+f16c"|"portable", "threads": int, ...}
     configured(threads=None, isa=None, amx=None)   context manager overriding them for a block
 
@@ -292,6 +293,12 @@ def isa_path(isa: str | None = None) -> str:
     return _ISA_NAMES[_isa_cache[isa]]
 
 
+def amx_prefill() -> bool:
+    """True when prefill GEMMs (M >= AMX_MIN_M rows) take the AMX path: it is switched on, the native
+    ISA is selected, and the tile state is granted."""
+    return bool(_amx_min_m()) and amx_ready()
+
+
 def amx_ready() -> bool:
     """True when the AMX-BF16 prefill GEMM is compiled in (native path) and Linux grants tile state."""
     jt = _jittor()
@@ -387,7 +394,7 @@ def info() -> dict[str, Any]:
     if result["available"]:
         result["isa"] = isa_path()
         result["threads_used"] = threads_used()
-        result["amx_prefill"] = bool(_amx_min_m()) and amx_ready()
+        result["amx_prefill"] = amx_prefill()
         result["amx_min_m"] = AMX_MIN_M
     else:
         result["isa"] = None

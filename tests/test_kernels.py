@@ -204,7 +204,11 @@ def test_amx_path_is_really_taken_and_can_be_switched_off():
         off, off1 = run(x, w, None), run(x[:1], w, None)
     assert not np.array_equal(on, off)
     np.testing.assert_array_equal(on1, off1)
-    assert kernels.info()["amx_prefill"] is True
+    assert kernels.info()["amx_prefill"] is True and kernels.amx_prefill()
+    with kernels.configured(amx=False):
+        assert not kernels.amx_prefill()
+    with kernels.configured(isa="portable"):
+        assert not kernels.amx_prefill()
     assert _info_in_subprocess({"JMOSS_KERNELS_AMX": "0"})["amx_prefill"] is False
 
 
