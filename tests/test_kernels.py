@@ -363,6 +363,11 @@ def reference_attention(qkv, keys, values, sin, cos, bias, start, rotary):
         (2, 3, 10, 4, 5, 3, 11),  # odd head dim, partial rotary, prefill after cached tokens
         (1, 2, 8, 8, 0, 7, 7),  # full rotary, prefill from empty, cache exactly full
         (1, 1, 8, 2, 4200, 1, 4203),  # more keys than the kernel's stack scratch (4096)
+        # Vector paths: 16-key blocks with a tail, head dims with a 16-lane tail, causal prefills whose
+        # upper blocks are fully masked (skipped), a left-padded batch row.
+        (1, 4, 72, 32, 0, 40, 48),
+        (2, 2, 20, 8, 19, 21, 45),
+        (1, 2, 64, 32, 0, 100, 100),
     ],
 )
 def test_attention_matches_float64_reference_and_writes_the_cache(isa, batch, heads, dim, rotary, start, length, max_len):
