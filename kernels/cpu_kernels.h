@@ -260,16 +260,17 @@ static inline void gelu_row(float* row, i64 n) {
 // accumulated in fp32; the error per product is wl*xl + w*e, <= 2 * 2^-16 |w x| (3 * 2^-16 for fp32
 // weights, which also split with a 2^-16 residual). That is fp32-class: ~4e-6 of max|y| measured.
 //
-// Roles are swapped so that W needs no transpose: A tiles are 16 rows of W (row-major bf16, [n][k],
-// loaded with the row stride), B tiles are x^T in the VNNI pair layout, C tiles are 16 n x 16 m
+// Roles are swapped so that W needs no transpose: A tiles are 16 rows of W (bf16, [n][k] as W is
+// stored, packed tile by tile), B tiles are x^T in the VNNI pair layout, C tiles are 16 n x 16 m
 // (y^T blocks, turned back by a gather in the epilogue). x is split/packed once per call (M x K,
-// small). Each thread takes 16-row panels of W in chunks; while the tiles multiply one panel, the
-// core splits the next panel's weights into bf16 (split_slice), so W streams from memory once and
-// the conversion overlaps the tile work.
+// small). Each thread takes 16- or 32-row panels of W in chunks; while the tiles multiply one
+// panel, the core splits the next panel's weights into bf16 (split_slice), so W streams from
+// memory once and is never held as anything but fp16 outside two small per-thread buffers.
 //
-// What bounds it on the 2-core SPR VM (measured): a tile load of 1 KiB costs ~15 ns, a TDPBF16PS
-// ~5.5 ns, so the 10 loads per 12 products of amx_panel<4> dominate (~200 ns per 32-wide k step);
-// the fp16 split of a panel row costs ~0.13 ns per weight when its data is in cache.
+// What bounds it on the 2-core SPR VM (measured with perf and a standalone harness): the tile
+// work (TDPBF16PS ~5.5 ns; tile loads 3-7 ns each, and a load waits for the products still
+// reading its tile) is about half the time; the fp16 split (~0.13 ns per weight in cache) and the
+// weight stream do not overlap the tile unit on one core and make up most of the rest.
 
 static inline bool amx_ready() {
     // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): process-wide, asked once. Any
@@ -347,17 +348,17 @@ static inline void split_row(const WT* src, i64 K, i64 Kp, uint16_t* hi, uint16_
     }
 }
 
-// The 32 columns [k0, k0 + 32) of a row, split like split_row (zeros past K).
+// The 32 columns [k0, k0 + 32) of a row, split like split_row (zeros past K), to hi[0..32), lo[0..32).
 template <class WT>
 static inline void split_slice(const WT* src, i64 k0, i64 K, uint16_t* hi, uint16_t* lo) {
     if (k0 + 32 <= K) {
-        split32(src + k0, hi + k0, lo + k0);
+        split32(src + k0, hi, lo);
         return;
     }
     float tmp[32] = {0};
     for (i64 t = k0; t < K; t++) tmp[t - k0] = scalar_load(src + t);
-    split16(_mm512_loadu_ps(tmp), hi + k0, lo + k0);
-    split16(_mm512_loadu_ps(tmp + 16), hi + k0 + 16, lo + k0 + 16);
+    split16(_mm512_loadu_ps(tmp), hi, lo);
+    split16(_mm512_loadu_ps(tmp + 16), hi + 16, lo + 16);
 }
 
 struct alignas(64) amx_config {
@@ -378,19 +379,19 @@ struct next_panel {
 };
 
 // G m-blocks (16 rows of x each) against one 16-row panel of W: C tiles 0..G-1, W hi/lo in 4/5,
-// x hi/lo in 6/7. Writes G 16x16 fp32 blocks (row = n, column = m) to cbuf. W halves are row-major
-// [16][Kp] (tile loads take the row stride), x halves are packed per m-block in VNNI pair order.
+// x hi/lo in 6/7. Writes G 16x16 fp32 blocks (row = n, column = m) to cbuf. W halves are
+// tile-major (see linear_amx), x halves are packed per m-block in VNNI pair order.
 template <int G, class WT>
 static inline void amx_panel(const uint16_t* wh, const uint16_t* wl, const uint16_t* xh, const uint16_t* xl,
-                             i64 K, i64 Kp, i64 ld, i64 mb0, float* cbuf, const next_panel<WT>& nx) {
+                             i64 K, i64 Kp, i64 ts, i64 mb0, float* cbuf, const next_panel<WT>& nx) {
     const i64 half = Kp / 2;
     if (G > 0) _tile_zero(0);
     if (G > 1) _tile_zero(1);
     if (G > 2) _tile_zero(2);
     if (G > 3) _tile_zero(3);
     for (i64 kb = 0; kb < Kp / 32; kb++) {
-        _tile_loadd(4, wh + kb * 32, ld * 2);
-        _tile_loadd(5, wl + kb * 32, ld * 2);
+        _tile_loadd(4, wh + kb * ts, 64);
+        _tile_loadd(5, wl + kb * ts, 64);
 #define JMOSS_AMX_STEP(J)                                   \
         if (G > J) {                                        \
             const i64 off = ((mb0 + J) * half + kb * 16) * 32; \
@@ -408,7 +409,7 @@ static inline void amx_panel(const uint16_t* wh, const uint16_t* wl, const uint1
                 if (ahead < K)
                     for (i64 b = 0; b < (i64)sizeof(WT) * 32; b += 64)
                         _mm_prefetch((const char*)(nx.w + i * K + ahead) + b, _MM_HINT_T0);
-                split_slice(nx.w + i * K, kb * 32, K, nx.hi + i * ld, nx.lo + i * ld);
+                split_slice(nx.w + i * K, kb * 32, K, nx.hi + kb * ts + i * 32, nx.lo + kb * ts + i * 32);
             }
         }
     }
@@ -418,15 +419,87 @@ static inline void amx_panel(const uint16_t* wh, const uint16_t* wl, const uint1
     if (G > 3) _tile_stored(3, cbuf + 768, 64);
 }
 
-// Panels of 16 W rows are handed out AMX_PANELS at a time, so a thread knows its next panel and
-// can prepare it during the current one (a shared machine still rebalances between chunks).
-static const i64 AMX_PANELS = 8;
+// One 32-row panel of W (halves p0 = rows 0-15, p1 = rows 16-31) against G = 1 or 2 m-blocks of
+// x (16 rows each). C tiles: G = 2: 0 = (p0, b0), 1 = (p0, b1), 2 = (p1, b0), 3 = (p1, b1);
+// G = 1: 0 = p0, 1 = p1. Writes the 16x16 fp32 blocks (row = n, column = m) to cbuf in tile order.
+// W halves are tile-major (see linear_amx); x halves are packed per m-block in VNNI pair order. The 2 x 2 order needs 9 tile loads per 12 products (amx_panel<4> needs 10)
+// and reads each x tile for 32 W rows instead of 16: 12% more tile throughput measured hot, and
+// ~10% faster GEMMs at K = 1024 (harness); at K = 4096 its buffers crowd L2 and amx_panel is kept.
+template <int G, class WT>
+static inline void amx_pair(const uint16_t* wh, const uint16_t* wl, const uint16_t* xh, const uint16_t* xl,
+                            i64 K, i64 Kp, i64 ts, i64 mb0, float* cbuf, const next_panel<WT>& nx) {
+    const i64 half = Kp / 2, p1 = 512;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (G == 2) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (i64 kb = 0; kb < Kp / 32; kb++) {
+        const i64 k0 = kb * 32, o0 = (mb0 * half + kb * 16) * 32, o1 = o0 + half * 32;
+        if (G == 2) {
+            _tile_loadd(4, xh + o0, 64);
+            _tile_loadd(5, xh + o1, 64);
+            _tile_loadd(6, wh + kb * ts, 64);
+            _tile_dpbf16ps(0, 6, 4);
+            _tile_dpbf16ps(1, 6, 5);
+            _tile_loadd(7, wl + kb * ts, 64);
+            _tile_dpbf16ps(0, 7, 4);
+            _tile_dpbf16ps(1, 7, 5);
+            _tile_loadd(6, wh + kb * ts + p1, 64);
+            _tile_dpbf16ps(2, 6, 4);
+            _tile_dpbf16ps(3, 6, 5);
+            _tile_loadd(7, wl + kb * ts + p1, 64);
+            _tile_dpbf16ps(2, 7, 4);
+            _tile_dpbf16ps(3, 7, 5);
+            _tile_loadd(4, xl + o0, 64);
+            _tile_loadd(5, xl + o1, 64);
+            _tile_dpbf16ps(2, 6, 4);
+            _tile_dpbf16ps(3, 6, 5);
+            _tile_loadd(7, wh + kb * ts, 64);
+            _tile_dpbf16ps(0, 7, 4);
+            _tile_dpbf16ps(1, 7, 5);
+        } else {
+            _tile_loadd(4, xh + o0, 64);
+            _tile_loadd(5, xl + o0, 64);
+            _tile_loadd(6, wh + kb * ts, 64);
+            _tile_dpbf16ps(0, 6, 4);
+            _tile_dpbf16ps(0, 6, 5);
+            _tile_loadd(7, wl + kb * ts, 64);
+            _tile_dpbf16ps(0, 7, 4);
+            _tile_loadd(6, wh + kb * ts + p1, 64);
+            _tile_dpbf16ps(1, 6, 4);
+            _tile_dpbf16ps(1, 6, 5);
+            _tile_loadd(7, wl + kb * ts + p1, 64);
+            _tile_dpbf16ps(1, 7, 4);
+        }
+        if (nx.w) {
+            const i64 ahead = k0 + 4 * 32;  // ~4 k steps of latency cover for the rows' streams
+            for (i64 i = 0; i < nx.rows; i++) {
+                if (ahead < K)
+                    for (i64 b = 0; b < (i64)sizeof(WT) * 32; b += 64)
+                        _mm_prefetch((const char*)(nx.w + i * K + ahead) + b, _MM_HINT_T0);
+                split_slice(nx.w + i * K, k0, K, nx.hi + kb * ts + i * 32, nx.lo + kb * ts + i * 32);
+            }
+        }
+    }
+    _tile_stored(0, cbuf, 64);
+    _tile_stored(1, cbuf + 256, 64);
+    if (G == 2) {
+        _tile_stored(2, cbuf + 512, 64);
+        _tile_stored(3, cbuf + 768, 64);
+    }
+}
 
-template <class WT, class BT>
+// Panels of PR = 16 or 32 W rows (amx_panel / amx_pair) are handed out 128 rows at a time, so a
+// thread knows its next panel and can prepare it during the current one (a shared machine still
+// rebalances between chunks).
+template <int PR, class WT, class BT>
 static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i64 M, i64 K, i64 N, int threads,
                        int act) {
+    const i64 AMX_PANELS = 8, GM = PR == 16 ? 4 : 2;  // panels per chunk, m-blocks per tile group
     const i64 Kp = (K + 31) / 32 * 32, half = Kp / 2;
-    const i64 MBn = (M + 15) / 16, NBn = (N + 15) / 16;
+    const i64 MBn = (M + 15) / 16, NBn = (N + PR - 1) / PR;
     // x^T packed per 16-row m-block as [k pair][16 m][2] bf16, hi and lo; reused between calls.
     static thread_local std::vector<uint16_t> xpack;
     if ((i64)xpack.size() < 2 * MBn * 16 * Kp) xpack.resize(2 * MBn * 16 * Kp);
@@ -466,11 +539,13 @@ static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i6
             cfg.rows[t] = 16;
         }
         _tile_loadconfig(&cfg);
-        // Two panel buffers (hi then lo, 16 rows each): the current one and the one being prepared.
-        // Rows are ld = Kp + 32 elements apart, not Kp: with K a multiple of 2048 a plain [16][Kp]
-        // layout puts every row of a tile in the same L1 set (4 KiB aliasing) and the tile loads and
-        // split stores thrash it (measured 3x slower at K = 4096). Halves/buffers are offset likewise.
-        const i64 ld = Kp + 32, half_elems = 16 * ld + 32, buf_elems = 2 * half_elems + 32;
+        // Two panel buffers (hi then lo, PR rows each): the current one and the one being prepared.
+        // Tile-major: the 32 columns of k step kb for all PR rows are one contiguous run of ts = PR * 32
+        // elements (16-row tiles of 1 KiB), so tile loads are contiguous (row-strided ones measured ~2x
+        // slower) and the split of a k step writes one sequential run. (A row-major [PR][Kp] layout
+        // also needs its rows padded: at K a multiple of 2048 they alias in L1.) Halves and buffers
+        // are 64 bytes off each other's 4 KiB alignment.
+        const i64 ts = PR * 32, half_elems = PR * Kp + 32, buf_elems = 2 * half_elems + 32;
         static thread_local std::vector<uint16_t> wpack;
         if ((i64)wpack.size() < 2 * buf_elems + 32) wpack.resize(2 * buf_elems + 32);
         uint16_t* base = (uint16_t*)(((uintptr_t)wpack.data() + 63) & ~(uintptr_t)63);
@@ -478,50 +553,71 @@ static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i6
         int cur = 0;
         i64 prepared = -1;  // the panel index whose halves already sit in panel[cur]
         alignas(64) float cbuf[4 * 256];
+        const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                  _mm512_set1_epi32(16));
 #pragma omp for schedule(dynamic, AMX_PANELS)
         for (i64 nb = 0; nb < NBn; nb++) {
-            const i64 n0 = nb * 16, nn = std::min<i64>(16, N - n0);
+            const i64 n0 = nb * PR, nn = std::min<i64>(PR, N - n0);
             uint16_t* wh = panel[cur];
             uint16_t* wl = wh + half_elems;
             if (prepared != nb) {
-                for (i64 i = 0; i < nn; i++) split_row(w + (n0 + i) * K, K, Kp, wh + i * ld, wl + i * ld);
+                for (i64 i = 0; i < nn; i++)
+                    for (i64 kb = 0; kb < Kp / 32; kb++)
+                        split_slice(w + (n0 + i) * K, kb * 32, K, wh + kb * ts + i * 32, wl + kb * ts + i * 32);
             }
-            for (i64 i = nn; i < 16; i++) {  // only the last panel of an N % 16 != 0 layer
-                std::memset(wh + i * ld, 0, Kp * 2);
-                std::memset(wl + i * ld, 0, Kp * 2);
+            for (i64 i = nn; i < PR; i++) {  // only the last panel of an N % PR != 0 layer
+                for (i64 kb = 0; kb < Kp / 32; kb++) {
+                    std::memset(wh + kb * ts + i * 32, 0, 64);
+                    std::memset(wl + kb * ts + i * 32, 0, 64);
+                }
             }
             next_panel<WT> nx;
             if ((nb + 1) % AMX_PANELS != 0 && nb + 1 < NBn) {  // same chunk: this thread computes it next
-                nx.w = w + (n0 + 16) * K;
-                nx.rows = std::min<i64>(16, N - n0 - 16);
+                nx.w = w + (n0 + PR) * K;
+                nx.rows = std::min<i64>(PR, N - n0 - PR);
                 nx.hi = panel[cur ^ 1];
                 nx.lo = nx.hi + half_elems;
             }
             const next_panel<WT> none;
-            const __mmask16 keep = (__mmask16)((1u << nn) - 1);
-            const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                      _mm512_set1_epi32(16));
-            alignas(64) float bias_tmp[16] = {0};
-            if (bias)
-                for (i64 i = 0; i < nn; i++) bias_tmp[i] = scalar_load(bias + n0 + i);
-            const __m512 bias16 = _mm512_load_ps(bias_tmp);
-            for (i64 mb0 = 0; mb0 < MBn; mb0 += 4) {
-                const int g = (int)std::min<i64>(4, MBn - mb0);
+            // Per 16-column part of the panel: which output columns are real, and their bias.
+            __mmask16 keep[2] = {0, 0};
+            __m512 bias16[2];
+            for (int p = 0; p < PR / 16; p++) {
+                const i64 cols = std::max<i64>(0, std::min<i64>(16, nn - 16 * p));
+                keep[p] = (__mmask16)((1u << cols) - 1);
+                alignas(64) float bias_tmp[16] = {0};
+                if (bias)
+                    for (i64 i = 0; i < cols; i++) bias_tmp[i] = scalar_load(bias + n0 + 16 * p + i);
+                bias16[p] = _mm512_load_ps(bias_tmp);
+            }
+            for (i64 mb0 = 0; mb0 < MBn; mb0 += GM) {
+                const int g = (int)std::min<i64>(GM, MBn - mb0);
                 const next_panel<WT>& prep = mb0 == 0 ? nx : none;
-                switch (g) {
-                    case 4: amx_panel<4>(wh, wl, xh, xl, K, Kp, ld, mb0, cbuf, prep); break;
-                    case 3: amx_panel<3>(wh, wl, xh, xl, K, Kp, ld, mb0, cbuf, prep); break;
-                    case 2: amx_panel<2>(wh, wl, xh, xl, K, Kp, ld, mb0, cbuf, prep); break;
-                    default: amx_panel<1>(wh, wl, xh, xl, K, Kp, ld, mb0, cbuf, prep); break;
+                if (PR == 32) {
+                    if (g == 2)
+                        amx_pair<2>(wh, wl, xh, xl, K, Kp, ts, mb0, cbuf, prep);
+                    else
+                        amx_pair<1>(wh, wl, xh, xl, K, Kp, ts, mb0, cbuf, prep);
+                } else {
+                    switch (g) {
+                        case 4: amx_panel<4>(wh, wl, xh, xl, K, Kp, ts, mb0, cbuf, prep); break;
+                        case 3: amx_panel<3>(wh, wl, xh, xl, K, Kp, ts, mb0, cbuf, prep); break;
+                        case 2: amx_panel<2>(wh, wl, xh, xl, K, Kp, ts, mb0, cbuf, prep); break;
+                        default: amx_panel<1>(wh, wl, xh, xl, K, Kp, ts, mb0, cbuf, prep); break;
+                    }
                 }
-                // cbuf holds y^T blocks (row = n): one gather per output row turns them back.
+                // cbuf holds y^T blocks (row = n): one gather per output row and half turns them back.
                 const i64 m_end = std::min<i64>(M, (mb0 + g) * 16);
                 for (i64 m = mb0 * 16; m < m_end; m++) {
-                    const float* c = cbuf + (m - mb0 * 16) / 16 * 256 + (m % 16);
-                    float* row = y + m * N + n0;
-                    __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, c, 4), bias16);
-                    if (act == 1) v = gelu_new16(v);
-                    _mm512_mask_storeu_ps(row, keep, v);
+                    const i64 b = m / 16 - mb0;
+                    for (int p = 0; p < PR / 16 && keep[p]; p++) {
+                        // tile of (panel part p, m-block b): amx_panel: b; amx_pair: p * 2 + b, or p if g == 1
+                        const i64 tile = PR == 16 ? b : g == 2 ? p * 2 + b : p;
+                        const float* c = cbuf + tile * 256 + (m % 16);
+                        __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, c, 4), bias16[p]);
+                        if (act == 1) v = gelu_new16(v);
+                        _mm512_mask_storeu_ps(y + m * N + n0 + 16 * p, keep[p], v);
+                    }
                 }
             }
             if (nx.w) {
@@ -548,8 +644,13 @@ static void linear(const float* x, const WT* w, const BT* bias, float* y, i64 M,
         // where each W split still feeds 3 x 64 products per weight.
         const i64 Kp = (K + 31) / 32 * 32;
         const i64 slab = std::min<i64>(512, std::max<i64>(64, (i64(1) << 20) / (4 * Kp) / 64 * 64));
-        for (i64 m0 = 0; m0 < M; m0 += slab)
-            linear_amx(x + m0 * K, w, bias, y + m0 * N, std::min(slab, M - m0), K, N, threads, act);
+        for (i64 m0 = 0; m0 < M; m0 += slab) {
+            // 32-row panels while their two buffers (4 * 32 * Kp bytes each) stay small next to L2.
+            if (Kp <= 2048)
+                linear_amx<32>(x + m0 * K, w, bias, y + m0 * N, std::min(slab, M - m0), K, N, threads, act);
+            else
+                linear_amx<16>(x + m0 * K, w, bias, y + m0 * N, std::min(slab, M - m0), K, N, threads, act);
+        }
         return;
     }
 #endif
