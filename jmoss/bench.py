@@ -91,6 +91,7 @@ def _proc_io() -> dict[str, int]:
 def measure_in_this_process(options: dict[str, Any]) -> Figures:
     """Load, warm up, time prefill and greedy decode; runs inside the child process."""
     import jmoss
+    from jmoss import kernels
 
     t0 = time.perf_counter()
     model = jmoss.load(options["model"], device=options["device"], device_memory=options["device_memory"],
@@ -135,8 +136,8 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
     plan = getattr(model, "plan", None)
     threads = os.environ.get("JMOSS_THREADS") or str(_default_threads())
     config = f"{model.dtype} weights, {model.compute_dtype} activations, {threads} threads"
-    if getattr(model, "ops", None) is not None and getattr(model.ops, "amx_prefill", None) is not None:
-        config += ", AMX-BF16 prefill" if model.ops.amx_prefill() else ", fp32 prefill GEMM"
+    if getattr(model, "ops", None) is kernels:
+        config += ", AMX-BF16 prefill" if kernels.amx_prefill() else ", fp32 prefill GEMM"
     return {
         "name": options.get("name", "jmoss"),
         "config": config,

@@ -33,8 +33,8 @@ split into two bf16 halves (fp16 weights exactly, fp32 activations to 2^-16), an
 products wh*xh + wl*xh + wh*xl are accumulated in fp32. Each product is off by at most 2 * 2^-16
 of |w x| for fp16 weights (3 * 2^-16 for fp32 ones) -- fp32-class results (measured ~4e-6 of
 max|y| at K = 1024-4096, against 5e-4 for fp16 compute), about 2x the fp32-FMA GEMM on one core.
-The fp16 -> bf16 split of each 16-row weight panel is done while the tiles work on the previous
-panel, so weights stay fp16 in memory. ``JMOSS_KERNELS_AMX=0`` (or ``configured(amx=False)``)
+The fp16 -> bf16 split of each 16- or 32-row weight panel is done between the tile products of the
+previous one, so weights stay fp16 in memory. ``JMOSS_KERNELS_AMX=0`` (or ``configured(amx=False)``)
 keeps every M on the fp32 AVX-512 kernels; without AMX (or if the kernel refuses the tile state)
 they run anyway.
 
@@ -70,6 +70,7 @@ _lock = threading.Lock()
 _header_text: str | None = None
 _available: bool | None = None
 _isa_cache: dict[str, int] = {}
+_amx_granted: bool | None = None
 
 
 def _default_threads() -> int:
@@ -137,10 +138,10 @@ def _isa() -> str:
 
 @contextlib.contextmanager
 def configured(threads: int | None = None, isa: str | None = None, amx: bool | None = None) -> Iterator[None]:
-    """Run the block with a given thread count and/or ISA path ("native" or "portable").
+    """Run the block with a given thread count, ISA path ("native" or "portable") and/or AMX switch.
 
-    Both are runtime choices: the thread count is a kernel argument, and each ISA path is its own
-    cached kernel, so switching costs nothing after the first compile.
+    All are runtime choices: the thread count and the AMX switch are kernel arguments, and each ISA
+    path is its own cached kernel, so switching costs nothing after the first compile.
     """
     if threads is not None and threads < 1:
         raise JmossError(f"threads={threads}: the thread count must be at least 1")
@@ -283,13 +284,19 @@ def attention(qkv: "jt.Var", keys: "jt.Var", values: "jt.Var", sin: "jt.Var", co
     return context.reshape(batch, length, heads * dim)
 
 
+def _ask(isa: str, expression: str, data: dict[str, int] | None = None) -> int:
+    """An int computed by the compiled header itself (what it was built with, what the CPU grants)."""
+    jt = _jittor()
+    probe = jt.code([1], "int32", [jt.zeros([1], "int32")], cpu_header=_header(isa),
+                    cpu_src=f"out0_p[0] = {expression};", data=data or {})
+    return int(probe.numpy()[0])
+
+
 def isa_path(isa: str | None = None) -> str:
     """Name of the instruction-set path the kernels compiled to, asked of the compiled code itself."""
     isa = isa or _isa()
     if isa not in _isa_cache:
-        jt = _jittor()
-        probe = jt.code([1], "int32", [jt.zeros([1], "int32")], cpu_header=_header(isa), cpu_src="out0_p[0] = JMOSS_ISA;")
-        _isa_cache[isa] = int(probe.numpy()[0])
+        _isa_cache[isa] = _ask(isa, "JMOSS_ISA")
     return _ISA_NAMES[_isa_cache[isa]]
 
 
@@ -301,19 +308,15 @@ def amx_prefill() -> bool:
 
 def amx_ready() -> bool:
     """True when the AMX-BF16 prefill GEMM is compiled in (native path) and Linux grants tile state."""
-    jt = _jittor()
-    probe = jt.code([1], "int32", [jt.zeros([1], "int32")], cpu_header=_header("native"),
-                    cpu_src="out0_p[0] = jmoss_amx_ready();")
-    return bool(int(probe.numpy()[0]))
+    global _amx_granted
+    if _amx_granted is None:  # fixed for the process: the header and the kernel's grant don't change
+        _amx_granted = bool(_ask("native", "jmoss_amx_ready()"))
+    return _amx_granted
 
 
 def threads_used(threads: int | None = None) -> int:
     """How many OpenMP threads a kernel asking for ``threads`` (default: the configured count) gets."""
-    jt = _jittor()
-    threads = threads or _threads()
-    probe = jt.code([1], "int32", [jt.zeros([1], "int32")], cpu_header=_header(_isa()),
-                    cpu_src="out0_p[0] = jmoss_threads_used((int)data[\"threads\"]);", data={"threads": threads})
-    return int(probe.numpy()[0])
+    return _ask(_isa(), 'jmoss_threads_used((int)data["threads"])', {"threads": threads or _threads()})
 
 
 def memory_read_probe(nbytes: int = 1 << 30, repeats: int = 7, threads: int | None = None) -> float:

@@ -330,24 +330,6 @@ static inline void split32(const float* src, uint16_t* hi, uint16_t* lo) {
     split16(vload(src + 16), hi + 16, lo + 16);
 }
 
-// Split a row of K values into bf16 hi/lo rows, zero-padded to Kp (a multiple of 32).
-template <class WT>
-static inline void split_row(const WT* src, i64 K, i64 Kp, uint16_t* hi, uint16_t* lo) {
-    i64 k = 0;
-    for (; k + 32 <= K; k += 32) split32(src + k, hi + k, lo + k);
-    for (; k + 16 <= K; k += 16) split16(vload(src + k), hi + k, lo + k);
-    if (k < K) {
-        float tmp[16] = {0};
-        for (i64 t = k; t < K; t++) tmp[t - k] = scalar_load(src + t);
-        split16(_mm512_loadu_ps(tmp), hi + k, lo + k);
-        k += 16;
-    }
-    if (k < Kp) {
-        std::memset(hi + k, 0, (Kp - k) * 2);
-        std::memset(lo + k, 0, (Kp - k) * 2);
-    }
-}
-
 // The 32 columns [k0, k0 + 32) of a row, split like split_row (zeros past K), to hi[0..32), lo[0..32).
 template <class WT>
 static inline void split_slice(const WT* src, i64 k0, i64 K, uint16_t* hi, uint16_t* lo) {
@@ -361,21 +343,44 @@ static inline void split_slice(const WT* src, i64 k0, i64 K, uint16_t* hi, uint1
     split16(_mm512_loadu_ps(tmp + 16), hi + 16, lo + 16);
 }
 
+// Split a row of K values into bf16 hi/lo rows, zero-padded to Kp (a multiple of 32).
+template <class WT>
+static inline void split_row(const WT* src, i64 K, i64 Kp, uint16_t* hi, uint16_t* lo) {
+    for (i64 k0 = 0; k0 < Kp; k0 += 32) split_slice(src, k0, K, hi + k0, lo + k0);
+}
+
 struct alignas(64) amx_config {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
 };
 
-// The panel this thread computes next, split into bf16 halves slice by slice while the tiles work
-// on the current one: the vector split runs on the core while TMUL is busy (out-of-order overlap),
-// so converting W costs almost nothing on top of the tile products.
+// k step kb (columns [32 kb, 32 kb + 32)) of `rows` weight rows into a tile-major panel buffer
+// (see linear_amx): row i's 32 values land at kb * ts + i * 32 of hi and lo.
+template <class WT>
+static inline void split_panel_step(const WT* w, i64 rows, i64 kb, i64 K, i64 ts, uint16_t* hi, uint16_t* lo) {
+    for (i64 i = 0; i < rows; i++) split_slice(w + i * K, kb * 32, K, hi + kb * ts + i * 32, lo + kb * ts + i * 32);
+}
+
+// The panel this thread computes next, split into bf16 halves one k step at a time between the
+// current panel's tile products, its rows prefetched a few steps ahead. (Measured: the split and
+// the tile unit barely overlap on one core; interleaving still spares a separate pass over W.)
 template <class WT>
 struct next_panel {
     const WT* w = nullptr;  // its first row, or nullptr when there is none to prepare
-    i64 rows = 0;           // real rows (<= 16); the rest are zero-filled
+    i64 rows = 0;           // real rows (<= the panel's 16 or 32); the rest are zero-filled
     uint16_t* hi = nullptr;
     uint16_t* lo = nullptr;
+
+    void step(i64 kb, i64 K, i64 ts) const {
+        if (!w) return;
+        const i64 ahead = (kb + 4) * 32;  // ~4 k steps of latency cover for the rows' streams
+        if (ahead < K)
+            for (i64 i = 0; i < rows; i++)
+                for (i64 b = 0; b < (i64)sizeof(WT) * 32; b += 64)
+                    _mm_prefetch((const char*)(w + i * K + ahead) + b, _MM_HINT_T0);
+        split_panel_step(w, rows, kb, K, ts, hi, lo);
+    }
 };
 
 // G m-blocks (16 rows of x each) against one 16-row panel of W: C tiles 0..G-1, W hi/lo in 4/5,
@@ -403,15 +408,7 @@ static inline void amx_panel(const uint16_t* wh, const uint16_t* wl, const uint1
         }
         JMOSS_AMX_STEP(0) JMOSS_AMX_STEP(1) JMOSS_AMX_STEP(2) JMOSS_AMX_STEP(3)
 #undef JMOSS_AMX_STEP
-        if (nx.w) {
-            const i64 ahead = (kb + 4) * 32;  // ~4 k steps of latency cover for the rows' streams
-            for (i64 i = 0; i < nx.rows; i++) {
-                if (ahead < K)
-                    for (i64 b = 0; b < (i64)sizeof(WT) * 32; b += 64)
-                        _mm_prefetch((const char*)(nx.w + i * K + ahead) + b, _MM_HINT_T0);
-                split_slice(nx.w + i * K, kb * 32, K, nx.hi + kb * ts + i * 32, nx.lo + kb * ts + i * 32);
-            }
-        }
+        nx.step(kb, K, ts);
     }
     if (G > 0) _tile_stored(0, cbuf, 64);
     if (G > 1) _tile_stored(1, cbuf + 256, 64);
@@ -422,8 +419,9 @@ static inline void amx_panel(const uint16_t* wh, const uint16_t* wl, const uint1
 // One 32-row panel of W (halves p0 = rows 0-15, p1 = rows 16-31) against G = 1 or 2 m-blocks of
 // x (16 rows each). C tiles: G = 2: 0 = (p0, b0), 1 = (p0, b1), 2 = (p1, b0), 3 = (p1, b1);
 // G = 1: 0 = p0, 1 = p1. Writes the 16x16 fp32 blocks (row = n, column = m) to cbuf in tile order.
-// W halves are tile-major (see linear_amx); x halves are packed per m-block in VNNI pair order. The 2 x 2 order needs 9 tile loads per 12 products (amx_panel<4> needs 10)
-// and reads each x tile for 32 W rows instead of 16: 12% more tile throughput measured hot, and
+// W halves are tile-major (see linear_amx); x halves are packed per m-block in VNNI pair order.
+// The 2 x 2 order needs 9 tile loads per 12 products (amx_panel<4> needs 10) and reads each x
+// tile for 32 W rows instead of 16: 12% more tile throughput measured hot, and
 // ~10% faster GEMMs at K = 1024 (harness); at K = 4096 its buffers crowd L2 and amx_panel is kept.
 template <int G, class WT>
 static inline void amx_pair(const uint16_t* wh, const uint16_t* wl, const uint16_t* xh, const uint16_t* xl,
@@ -436,7 +434,7 @@ static inline void amx_pair(const uint16_t* wh, const uint16_t* wl, const uint16
         _tile_zero(3);
     }
     for (i64 kb = 0; kb < Kp / 32; kb++) {
-        const i64 k0 = kb * 32, o0 = (mb0 * half + kb * 16) * 32, o1 = o0 + half * 32;
+        const i64 o0 = (mb0 * half + kb * 16) * 32, o1 = o0 + half * 32;
         if (G == 2) {
             _tile_loadd(4, xh + o0, 64);
             _tile_loadd(5, xh + o1, 64);
@@ -473,15 +471,7 @@ static inline void amx_pair(const uint16_t* wh, const uint16_t* wl, const uint16
             _tile_loadd(7, wl + kb * ts + p1, 64);
             _tile_dpbf16ps(1, 7, 4);
         }
-        if (nx.w) {
-            const i64 ahead = k0 + 4 * 32;  // ~4 k steps of latency cover for the rows' streams
-            for (i64 i = 0; i < nx.rows; i++) {
-                if (ahead < K)
-                    for (i64 b = 0; b < (i64)sizeof(WT) * 32; b += 64)
-                        _mm_prefetch((const char*)(nx.w + i * K + ahead) + b, _MM_HINT_T0);
-                split_slice(nx.w + i * K, k0, K, nx.hi + kb * ts + i * 32, nx.lo + kb * ts + i * 32);
-            }
-        }
+        nx.step(kb, K, ts);
     }
     _tile_stored(0, cbuf, 64);
     _tile_stored(1, cbuf + 256, 64);
@@ -491,8 +481,8 @@ static inline void amx_pair(const uint16_t* wh, const uint16_t* wl, const uint16
     }
 }
 
-// Panels of PR = 16 or 32 W rows (amx_panel / amx_pair) are handed out 128 rows at a time, so a
-// thread knows its next panel and can prepare it during the current one (a shared machine still
+// Panels of PR = 16 or 32 W rows (amx_panel / amx_pair) are handed out 8 at a time, so a thread
+// knows its next panel and can prepare it during the current one (a shared machine still
 // rebalances between chunks).
 template <int PR, class WT, class BT>
 static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i64 M, i64 K, i64 N, int threads,
@@ -560,11 +550,8 @@ static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i6
             const i64 n0 = nb * PR, nn = std::min<i64>(PR, N - n0);
             uint16_t* wh = panel[cur];
             uint16_t* wl = wh + half_elems;
-            if (prepared != nb) {
-                for (i64 i = 0; i < nn; i++)
-                    for (i64 kb = 0; kb < Kp / 32; kb++)
-                        split_slice(w + (n0 + i) * K, kb * 32, K, wh + kb * ts + i * 32, wl + kb * ts + i * 32);
-            }
+            if (prepared != nb)
+                for (i64 kb = 0; kb < Kp / 32; kb++) split_panel_step(w + n0 * K, nn, kb, K, ts, wh, wl);
             for (i64 i = nn; i < PR; i++) {  // only the last panel of an N % PR != 0 layer
                 for (i64 kb = 0; kb < Kp / 32; kb++) {
                     std::memset(wh + kb * ts + i * 32, 0, 64);
