@@ -150,6 +150,9 @@ def split_state_dict(
 ) -> dict[Group, dict[str, np.ndarray]]:
     """Turn an in-memory HF state dict into store groups (re-laid out, optionally cast).
 
+    Each group's tensors come out in ``group_shapes`` (file) order whatever the order of
+    ``state_dict``, so callers never depend on how a transformers version orders its modules.
+
     Used by tests and tools that build a model without going through files; the converter applies
     the same ``map_hf_name`` + ``relayout`` one tensor at a time.
     """
@@ -163,12 +166,15 @@ def split_state_dict(
         if dtype is not None:
             array = array.astype(dtype)
         groups[group][store_name] = relayout(store_name, array, config)
-    for group in groups:
+    ordered: dict[Group, dict[str, np.ndarray]] = {}
+    for group, arrays in groups.items():
         expected = group_shapes(config, group)
-        missing = [n for n in expected if n not in groups[group]]
+        missing = [n for n in expected if n not in arrays]
         if missing:
             raise KeyError(f"state dict lacks {', '.join(missing)} for group {group!r}")
-    return groups
+        # file order, not the source's key order (transformers 5.24 reordered CodeGen's state dict)
+        ordered[group] = {n: arrays[n] for n in expected}
+    return ordered
 
 
 def to_hf_state_dict(groups: Mapping[Group, Mapping[str, np.ndarray]], config: MossConfig) -> dict[str, np.ndarray]:
