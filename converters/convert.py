@@ -30,7 +30,9 @@ from jmoss.store import (
     JOURNAL,
     MANIFEST,
     GroupWriter,
+    _is_checkpoint_dir,
     atomic_write_bytes,
+    check_files,
     default_store_dir,
     default_store_dir_for_local,
     finalize_store,
@@ -57,13 +59,15 @@ class _Journal:
             self.groups = data.get("groups", {})
             self.gptq_bits = set(data.get("gptq_bits", []))
 
-    def verified(self, out: Path, config: MossConfig) -> dict[layout.Group, dict[str, Any]]:
-        """Recorded groups whose files still hash to what was recorded."""
+    def verified(self, out: Path, config: MossConfig, hashed: frozenset[str] = frozenset()) -> dict[layout.Group, dict[str, Any]]:
+        """Recorded groups whose files still hash to what was recorded (``hashed``: just checked)."""
         done = {}
         for group in layout.all_groups(config):
             record = self.groups.get(str(group))
             path = out / layout.group_file(group)
-            if record and path.is_file() and path.stat().st_size == record["size"] and sha256_file(path) == record["sha256"]:
+            if record and path.is_file() and path.stat().st_size == record["size"] and (
+                str(group) in hashed or sha256_file(path) == record["sha256"]
+            ):
                 done[group] = record
             else:
                 self.groups.pop(str(group), None)
@@ -229,6 +233,53 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _check_finished_store(
+    out: Path, src: Source, config: MossConfig, described: dict[str, Any], progress: bool
+) -> tuple[dict[str, dict[str, Any]], set[int]] | None:
+    """Re-check a store that has a manifest before trusting it: None when it is intact.
+
+    Otherwise returns the groups (journal records) whose size and sha256 still match, and the
+    GPTQ bit widths recorded, so the caller rewrites only the rest. Sizes of every file are
+    checked first, then the group files of the right size are hashed (the cost of a full
+    `jmoss verify`: the files are read once). A manifest that cannot be parsed keeps nothing:
+    no record says which bytes are right.
+    """
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ValueError("no file list")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        if progress:
+            print(f"{out / MANIFEST} is damaged ({exc}); converting {src.id} again")
+        return {}, set()
+    previous = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    keys = ("id", "revision", "format")
+    if {k: previous.get(k) for k in keys} != {k: described[k] for k in keys}:
+        raise StoreError(
+            f"{out} already holds a model converted from {previous.get('id')} (revision {previous.get('revision')}); "
+            "choose another --out or delete that folder"
+        )
+    expected = {layout.group_file(g) for g in layout.all_groups(config)} | {"config.json"}
+    expected |= {p.name for p in src.tokenizer_files}
+    problems = check_files(out, manifest)
+    problems.update({name: "not in the manifest" for name in expected - set(manifest["files"])})
+    if not problems:
+        if progress:
+            print(f"{src.id} is already converted at {out}; all its files verified")
+        return None
+    if progress:
+        print(f"{out} is damaged ({'; '.join(f'{n}: {p}' for n, p in problems.items())}); "
+              "rewriting the damaged files")
+    kept = {}
+    for group in layout.all_groups(config):
+        name = layout.group_file(group)
+        record = manifest["files"].get(name)
+        if name not in problems and isinstance(record, dict):
+            kept[str(group)] = {"size": record["size"], "sha256": record["sha256"]}
+    bits = previous.get("quantization", {}).get("bits", []) if isinstance(previous.get("quantization"), dict) else []
+    return kept, set(bits)
+
+
 def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True) -> Path:
     """Convert ``source`` (HF repo id or local folder) into a jmoss store; return the store path.
 
@@ -239,23 +290,22 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     if out is None:
         out = default_store_dir(src.id) if src.hub else default_store_dir_for_local(src.root)
     out = Path(out).expanduser()
+    if out.exists() and (out.resolve() == src.root.resolve() or _is_checkpoint_dir(out)):
+        raise StoreError(f"--out {out} is a checkpoint folder; the store needs a folder of its own (or omit --out)")
     described = src.describe()
-    if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        previous = manifest.get("source", {})
-        if {k: previous.get(k) for k in ("id", "revision", "format")} == {k: described[k] for k in ("id", "revision", "format")}:
-            if progress:
-                print(f"{src.id} is already converted at {out} (check it with `jmoss verify {out}`)")
-            return out
-        raise StoreError(
-            f"{out} already holds a model converted from {previous.get('id')} (revision {previous.get('revision')}); "
-            "choose another --out or delete that folder"
-        )
+    journal = _Journal(out, {"source": described, "config": config.to_dict()})
+    hashed: frozenset[str] = frozenset()
+    if (out / MANIFEST).exists():
+        kept = _check_finished_store(out, src, config, described, progress)
+        if kept is None:
+            return out  # complete and every file verified: nothing to write
+        journal.groups, journal.gptq_bits, hashed = kept[0], kept[1], frozenset(kept[0])
+        journal.save()  # the journal, not the manifest, now says what is kept
+        (out / MANIFEST).unlink()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp"):
         stale.unlink()
-    journal = _Journal(out, {"source": described, "config": config.to_dict()})
-    done = journal.verified(out, config)
+    done = journal.verified(out, config, hashed)
     journal.save()
     pending = [g for g in layout.all_groups(config) if g not in done]
     remaining = sum(layout.group_nbytes(config, g) + 4096 for g in pending)

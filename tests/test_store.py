@@ -109,7 +109,7 @@ def test_open_refuses_incomplete_damaged_or_foreign_stores(written, tmp_path: Pa
     out, _ = written
     manifest = json.loads((out / MANIFEST).read_text())
     (out / layout.group_file(0)).rename(out / "moved")
-    with pytest.raises(StoreError, match=r"layer_000\.safetensors \(missing\)"):
+    with pytest.raises(StoreError, match=r"layer_000\.safetensors: missing"):
         Store.open(out)
     (out / "moved").rename(out / layout.group_file(0))
     (out / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
@@ -147,7 +147,7 @@ def test_resolve_model_by_name_path_or_explains_the_convert_command(written, tmp
     assert resolve_model("fnlp/moss-moon-003-sft") == named
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelNotFoundError, match="not a finished jmoss store"):
+    with pytest.raises(ModelNotFoundError, match="neither a jmoss store nor a Hugging Face checkpoint"):
         resolve_model(str(empty))
     with pytest.raises(ModelNotFoundError, match="not a Hugging Face repo id"):
         resolve_model("not a name")
