@@ -211,16 +211,55 @@ def _local_source(root: Path) -> Source:
     )
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason in an exception chain, e.g. '[Errno 111] Connection refused'."""
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for cause in reversed(seen):
+        text = str(cause).strip()
+        if text:
+            return text.splitlines()[0]
+    return type(seen[-1]).__name__
+
+
 def _hub_source(repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import hf_hub_download
+    import huggingface_hub
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    label = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+
+    def not_cached(filename: str) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"HF_HUB_OFFLINE is set and {filename} of {label} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it, pass a local folder, "
+            "or set HF_HOME to a cache that has it"
+        )
+
+    def unreachable(filename: str, exc: BaseException) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"could not reach the Hugging Face Hub ({constants.ENDPOINT}) to download {filename} of {label}: "
+            f"{_root_cause(exc)}; check the network, or pass a local folder, or set HF_HOME to a cache that "
+            "has it (with HF_HUB_OFFLINE=1)"
+        )
+
+    def known_absent(filename: str) -> bool:
+        """The cache remembers the Hub saying this file does not exist (so no network is needed)."""
+        try:
+            cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision)
+        except (ValueError, OSError):
+            return False
+        return cached is huggingface_hub._CACHED_NO_EXIST
 
     def fetch(filename: str, required: bool = False) -> Path | None:
         try:
@@ -234,16 +273,25 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
                 f"no Hugging Face repo {repo_id!r} (or it is private: log in with `hf auth login`); "
                 "to convert a local folder give its path"
             ) from None
-        except EntryNotFoundError:
+        except LocalEntryNotFoundError as exc:  # the Hub was not asked, or did not answer, and the cache lacks it
+            offline_cause = offline or isinstance(exc.__cause__, OfflineModeIsEnabled)
+            if offline_cause:
+                if required:
+                    raise not_cached(filename) from None
+                return None  # offline, the cache is all there is: a file it lacks is absent
+            if not required and known_absent(filename):
+                return None
+            raise unreachable(filename, exc) from None
+        except EntryNotFoundError:  # the Hub answered: no such file
             if not required:
                 return None
-            where = " in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else ""
-            raise ModelNotFoundError(f"{repo_id}: {filename} not found{where}; check the repo id and --revision") from None
-        except OSError as exc:  # network down and nothing cached
-            raise ModelNotFoundError(
-                f"cannot download {filename} of {repo_id} ({exc}); check the network, or set HF_HUB_OFFLINE=1 "
-                "to use the local Hugging Face cache"
-            ) from None
+            raise ModelNotFoundError(f"{repo_id} has no {filename} on the Hugging Face Hub; check the repo id and --revision") from None
+        except OSError as exc:  # e.g. the Hub answered with a server error, or the connection dropped mid-file
+            raise unreachable(filename, exc) from None
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0].startswith(("httpx", "httpcore")):  # a network error not wrapped
+                raise unreachable(filename, exc) from None
+            raise
 
     config = fetch("config.json", required=True)
     assert config is not None
