@@ -8,6 +8,7 @@ layout.py) and written in bounded row chunks at its fixed offset in its group's 
 tensors, the file is fsynced, read back and checked, renamed into place, and recorded in the
 resume journal (``store.JOURNAL``). A re-run after a crash or Ctrl-C re-hashes the recorded
 groups and skips them (and any shard that only holds them). ``jmoss.json`` is written last.
+A re-run on a finished store re-hashes it and repairs whatever no longer matches its manifest.
 
 Peak memory is one source tensor's mapped pages plus one chunk (16 MiB) of conversion
 buffers, or for GPTQ one Linear's packed tensors: never a shard or the model.
@@ -283,7 +284,8 @@ def _check_finished_store(
 def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True) -> Path:
     """Convert ``source`` (HF repo id or local folder) into a jmoss store; return the store path.
 
-    Resumable: re-running the same command after an interruption keeps verified groups.
+    Resumable: re-running the same command after an interruption keeps verified groups. On a
+    finished store it re-checks every file (sizes, then sha256) and rewrites only damaged ones.
     """
     src: Source = resolve(source, revision)
     config = MossConfig.from_json_file(src.config_path)
