@@ -162,8 +162,8 @@ def verify(store):
 
 @main.command()
 @click.argument("model")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True,
-              help="which device to plan for")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="which device to plan for; auto = what `jmoss chat` would use here")
 @click.option("--device-memory", type=SIZE, default=None, help="device budget, e.g. 12GiB")
 @click.option("--host-memory", type=SIZE, default=None, help="host budget, e.g. 24GiB")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache length (default n_positions)")
@@ -174,22 +174,27 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps):
     MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
     is for the budgets given, whatever this machine has (plan for a card you do not own yet).
     """
+    from jmoss.jittor_setup import resolve_device
     from jmoss.placement import plan_placement
 
     config = _config_for(model)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
                f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
-    # a what-if plan: budgets are not checked against this machine's free memory
+    # resolved as `jmoss chat` resolves it (GPU + toolkit probe, no jittor import: no weights are read)
+    device = resolve_device(device)
+    # a what-if plan: budgets are not checked against this machine's free memory (no available
+    # bytes given), so no budget plans everything resident
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
-                          available_device_bytes=1 << 60 if device_memory is None else None,
                           max_seq_len=max_seq_len)
     click.echo(plan.describe(link_gbps=link_gbps))
 
 
 def _config_for(model: str):
+    from jmoss.api import check_model_path
     from jmoss.config import MossConfig
     from jmoss.store import resolve_model
 
+    check_model_path(model)
     path = Path(model)
     if path.is_file():
         return MossConfig.from_json_file(path)
