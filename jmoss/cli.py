@@ -117,18 +117,21 @@ def generate(model, prompt, device, dtype, device_memory, host_memory, stop, **s
 @click.option("--search-docs", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="folder of .txt/.md documents the offline search plugin answers from")
 @click.option("--show-thoughts", is_flag=True, help="show Inner Thoughts, Commands and Results as they happen")
-def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs, show_thoughts, **sampling):
+@click.option("--quiet", "-q", is_flag=True, help="no loading/prompt status line and no tok/s line after replies")
+def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs, show_thoughts, quiet, **sampling):
     """Talk with MODEL; `clear` starts over, `stop` quits, Ctrl-C interrupts a reply.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`
     (e.g. fnlp/moss-moon-003-sft). The KV cache is kept across turns, so each turn only
     processes its own tokens; past 2048 positions the oldest turns are dropped.
     """
-    from jmoss.chat_cli import run_chat
+    from jmoss.chat_cli import Status, run_chat
 
-    m = _load(model, device, dtype, device_memory, host_memory)
+    status = Status(quiet=quiet)
+    with status.ticking("loading model"):
+        m = _load(model, device, dtype, device_memory, host_memory)
     names, options = _plugin_args(plugins, search_docs)
-    run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling))
+    run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling), status=status)
 
 
 @main.command()
