@@ -13,6 +13,8 @@ every float op. The measured pitfalls are in shared/reference/jittor-notes.md §
 - import with Python-side logging live (``log_silent`` would also swallow ``LOG.f`` fatals) but
   with the process's stdout/stderr captured, and show the captured text only if import fails;
 - then silence info and warning lines while letting errors and fatals through;
+- route native stderr through a filter that turns Jittor's C++ "Compiling Operators(..)" progress
+  (which ``log_silent`` does not gate) into one "jmoss: compiling ..." line per process;
 - turn gradients off globally: jmoss only runs inference.
 """
 
