@@ -11,6 +11,7 @@ methods here but live in jmoss.generation / jmoss.chat.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from jmoss.config import MossConfig
 from jmoss.converters import layout
-from jmoss.errors import DeviceError, GenerationError
+from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
 from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import JittorOps, MossModel, rotary_tables
 from jmoss.session import Session
@@ -180,6 +181,25 @@ def _available_memory(device: str) -> tuple[int | None, int]:
     return (host if device == "cpu" else None), host
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def check_model_path(model: str | Path) -> None:
+    """Fail clearly when ``model`` is meant as a path (a Path, or text that cannot be a Hugging Face
+    repo id such as "/models/x", "./x", "~/x", "a/b/c") and nothing is there: otherwise the name
+    lookup would answer "not converted yet" for a typo in a path."""
+    text = str(model)
+    if not isinstance(model, Path) and _REPO_ID.fullmatch(text):
+        return  # "fnlp/moss-moon-003-sft", or a folder of that name here: resolve_model decides
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"{text} does not exist; give the folder of a converted jmoss store (made by "
+            f"`jmoss convert <hf-repo-or-checkpoint-dir> --out DIR`) or a converted model name such as "
+            f"fnlp/moss-moon-003-sft"
+        )
+
+
 def load(
     model: str | Path,
     *,
@@ -208,6 +228,7 @@ def load(
     from jmoss.sizes import parse_size
     from jmoss.store import Store, resolve_model
 
+    check_model_path(model)
     device_memory, host_memory = parse_size(device_memory), parse_size(host_memory)
     store = Store.open(resolve_model(str(model)))
     device = resolve_device(device)

@@ -10,9 +10,13 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import click
 
+from jmoss import dialogue
 from jmoss.chat import Chat
 from jmoss.errors import JmossError
 
@@ -21,6 +25,8 @@ HUMAN = click.style("<|Human|>: ", fg="green", bold=True)
 MOSS = click.style("<|MOSS|>: ", fg="cyan", bold=True)
 _KIND_STYLE = {"thoughts": ("Inner Thoughts", "yellow"), "commands": ("Commands", "magenta"),
                "results": ("Results", "blue"), "notice": ("note", "bright_black")}
+_FIELD_OF_KIND = {"thoughts": dialogue.INNER_THOUGHTS, "commands": dialogue.COMMANDS, "results": dialogue.RESULTS}
+_MARKERS = {name: (tag, end) for name, tag, end in dialogue.FIELDS}
 
 
 def _is_interrupt(exc: BaseException) -> bool:
@@ -32,20 +38,155 @@ def _is_interrupt(exc: BaseException) -> bool:
     return wrapped and "KeyboardInterrupt" in str(exc)
 
 
-def _show_event(show_thoughts: bool):
+def field_body(kind: str, text: str) -> str:
+    """The readable body of an event's text: the Results event carries the whole
+    ``<|Results|>:\n…\n<eor>\n`` field as the model reads it; a person wants what is inside."""
+    body = text.strip()
+    name = _FIELD_OF_KIND.get(kind)
+    if name is not None:
+        tag, end = _MARKERS[name]
+        if body.startswith(tag):
+            body = body[len(tag):]
+        if body.endswith(end):
+            body = body[: -len(end)]
+    return body.strip()
+
+
+class Status:
+    """One transient line on stderr ("loading model… 3.2 s") redrawn in place on a terminal, and
+    the per-reply speed line; both off with ``quiet``. Off a terminal only the speed line is
+    printed (as a plain line): redraws would litter a log."""
+
+    def __init__(self, quiet: bool = False, stream=None):
+        self.quiet = quiet
+        self._stream = stream
+        self.visible = False
+        self._lock = threading.Lock()
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr  # looked up each time: jittor_setup may re-point stderr
+
+    @property
+    def tty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def show(self, text: str) -> None:
+        if self.quiet or not self.tty:
+            return
+        with self._lock:
+            self.stream.write("\r\033[K" + click.style(text, dim=True))
+            self.stream.flush()
+            self.visible = True
+
+    def clear(self) -> None:
+        with self._lock:
+            if self.visible:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+                self.visible = False
+
+    def line(self, text: str) -> None:
+        """A permanent dim line (the speed after a reply)."""
+        if self.quiet:
+            return
+        self.clear()
+        click.echo(click.style(text, dim=True) if self.tty else text, file=self.stream, color=self.tty)
+
+    @contextmanager
+    def ticking(self, label: str, interval: float = 0.1) -> Iterator[None]:
+        """Show ``label… N.N s`` counting up while the block runs (a daemon thread redraws it)."""
+        if self.quiet or not self.tty:
+            yield
+            return
+        start = time.perf_counter()
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(interval):
+                self.show(f"{label}… {time.perf_counter() - start:.1f} s")
+
+        self.show(f"{label}… 0.0 s")
+        thread = threading.Thread(target=tick, daemon=True, name="jmoss-status")
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.clear()
+
+
+class TurnMeter:
+    """Times a chat session's prefills and decodes (wrapping the Session's methods) for the speed
+    line, and shows "reading prompt… N tokens" while a prompt is prefilled."""
+
+    def __init__(self, session, status: Status):
+        self.status = status
+        self.replying = False  # reply text is on screen: no transient status on its line
+        self.reset()
+        prefill, decode = session.prefill, session.decode
+
+        def timed_prefill(rows, *args, **kwargs):
+            tokens = sum(len(r) for r in rows)
+            if not self.replying:
+                self.status.show(f"reading prompt… {tokens} tokens")
+            t = time.perf_counter()
+            try:
+                return prefill(rows, *args, **kwargs)
+            finally:
+                self.prefill_seconds += time.perf_counter() - t
+                self.prompt_tokens += tokens
+
+        def timed_decode(tokens, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return decode(tokens, *args, **kwargs)
+            finally:
+                self.decode_seconds += time.perf_counter() - t
+                self.decodes += 1
+
+        session.prefill, session.decode = timed_prefill, timed_decode
+
+    def reset(self) -> None:
+        self.prompt_tokens = self.decodes = 0
+        self.prefill_seconds = self.decode_seconds = 0.0
+
+    def summary(self, generated_tokens: int) -> str:
+        """llama.cpp-style figures: prompt tokens and their rate, generated tokens and the decode rate."""
+        def rate(n: int, seconds: float) -> str:
+            return f"{n / seconds:.1f} tok/s" if n and seconds > 0 else "– tok/s"
+
+        return (f"[prompt {self.prompt_tokens} tokens, {rate(self.prompt_tokens, self.prefill_seconds)} · "
+                f"reply {generated_tokens} tokens, {rate(self.decodes, self.decode_seconds)}]")
+
+
+def _show_event(show_thoughts: bool, status: Status | None = None):
     def on_event(kind: str, text: str) -> None:
         if kind == "notice" or show_thoughts:
+            if status is not None:
+                status.clear()
             label, colour = _KIND_STYLE[kind]
-            click.secho(f"[{label}] {text.rstrip()}", fg=colour, err=kind == "notice")
+            body = field_body(kind, text)
+            if "\n" in body:  # multi-line Results: one indented block under the label
+                body = "\n" + "\n".join("  " + line for line in body.splitlines())
+            else:
+                body = " " + body
+            click.secho(f"[{label}]{body}", fg=colour, err=kind == "notice")
 
     return on_event
 
 
 def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: bool, gen_kwargs: dict,
-             meta_instruction: str | None = None) -> None:
+             meta_instruction: str | None = None, status: Status | None = None) -> None:
     """Read messages from stdin until `stop` or end of input; stream MOSS's replies to stdout."""
+    status = status or Status()
     chat = Chat(model, meta_instruction, plugins=plugins, plugin_options=plugin_options,
-                on_event=_show_event(show_thoughts), **gen_kwargs)
+                on_event=_show_event(show_thoughts, status), **gen_kwargs)
+    meter = TurnMeter(chat.session, status)
     if sys.stdin.isatty() and threading.current_thread() is threading.main_thread():
         # an interactive chat always answers Ctrl-C, even when started from a shell that handed
         # SIGINT down ignored (background jobs do)
@@ -67,17 +208,34 @@ def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: boo
             continue
         if not command:
             continue
-        click.echo(MOSS, nl=False)
+        meter.reset()
         replies = chat.stream(text)
+        started = False  # "<|MOSS|>: " waits for the first text: the status line is on screen till then
+
+        def start() -> None:
+            nonlocal started
+            if not started:
+                status.clear()
+                click.echo(MOSS, nl=False)
+                meter.replying = started = True
+
         try:
             for delta in replies:
+                start()
                 click.echo(delta, nl=False)
+            start()
             click.echo()
+            reply = chat.last_reply
+            status.line(meter.summary(reply.generated_tokens if reply else 0))
         except JmossError as exc:
             replies.close()
+            status.clear()
             click.secho(f"\nerror: {exc}", fg="red", err=True)
         except BaseException as exc:
             if not _is_interrupt(exc):
                 raise
             replies.close()
+            start()
             click.secho(" [stopped]", fg="bright_black")
+        finally:
+            meter.replying = False

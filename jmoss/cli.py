@@ -117,18 +117,21 @@ def generate(model, prompt, device, dtype, device_memory, host_memory, stop, **s
 @click.option("--search-docs", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="folder of .txt/.md documents the offline search plugin answers from")
 @click.option("--show-thoughts", is_flag=True, help="show Inner Thoughts, Commands and Results as they happen")
-def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs, show_thoughts, **sampling):
+@click.option("--quiet", "-q", is_flag=True, help="no loading/prompt status line and no tok/s line after replies")
+def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs, show_thoughts, quiet, **sampling):
     """Talk with MODEL; `clear` starts over, `stop` quits, Ctrl-C interrupts a reply.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`
     (e.g. fnlp/moss-moon-003-sft). The KV cache is kept across turns, so each turn only
     processes its own tokens; past 2048 positions the oldest turns are dropped.
     """
-    from jmoss.chat_cli import run_chat
+    from jmoss.chat_cli import Status, run_chat
 
-    m = _load(model, device, dtype, device_memory, host_memory)
+    status = Status(quiet=quiet)
+    with status.ticking("loading model"):
+        m = _load(model, device, dtype, device_memory, host_memory)
     names, options = _plugin_args(plugins, search_docs)
-    run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling))
+    run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling), status=status)
 
 
 @main.command()
@@ -162,8 +165,8 @@ def verify(store):
 
 @main.command()
 @click.argument("model")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True,
-              help="which device to plan for")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="which device to plan for; auto = what `jmoss chat` would use here")
 @click.option("--device-memory", type=SIZE, default=None, help="device budget, e.g. 12GiB")
 @click.option("--host-memory", type=SIZE, default=None, help="host budget, e.g. 24GiB")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache length (default n_positions)")
@@ -174,22 +177,27 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps):
     MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
     is for the budgets given, whatever this machine has (plan for a card you do not own yet).
     """
+    from jmoss.jittor_setup import resolve_device
     from jmoss.placement import plan_placement
 
     config = _config_for(model)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
                f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
-    # a what-if plan: budgets are not checked against this machine's free memory
+    # resolved as `jmoss chat` resolves it (GPU + toolkit probe, no jittor import: no weights are read)
+    device = resolve_device(device)
+    # a what-if plan: budgets are not checked against this machine's free memory (no available
+    # bytes given), so no budget plans everything resident
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
-                          available_device_bytes=1 << 60 if device_memory is None else None,
                           max_seq_len=max_seq_len)
     click.echo(plan.describe(link_gbps=link_gbps))
 
 
 def _config_for(model: str):
+    from jmoss.api import check_model_path
     from jmoss.config import MossConfig
     from jmoss.store import resolve_model
 
+    check_model_path(model)
     path = Path(model)
     if path.is_file():
         return MossConfig.from_json_file(path)

@@ -103,8 +103,13 @@ def build_checkpoint(folder: Path, seed: int = 0, shape: dict | None = None) -> 
 
 
 def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: int | None = None,
-             echo: Callable[[str], None] = print, write: Callable[[str], None] | None = None) -> dict:
-    """Run every stage; return the measured figures (also printed through ``echo``)."""
+             echo: Callable[[str], None] = print, write: Callable[[str], None] | None = None,
+             shape: dict | None = None) -> dict:
+    """Run every stage; return the measured figures (also printed through ``echo``).
+
+    Without ``workdir`` everything goes to a temporary folder deleted at the end; the output says
+    where the store is either way, so a user knows what is kept and how to keep it.
+    """
     import jmoss
     from jmoss.converters.convert import convert
     from jmoss.converters.layout import all_groups, group_nbytes
@@ -116,9 +121,14 @@ def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: i
     figures: dict = {}
     try:
         echo("jmoss demo — the real pipeline on RANDOM weights (the generated text is meaningless by design)")
+        if owned:
+            echo(f"   working in the temporary folder {workdir}: deleted when the demo ends; "
+                 "pass --workdir DIR to keep the checkpoint and store")
+        else:
+            echo(f"   working in {workdir}: the checkpoint and store are kept there")
         t = time.perf_counter()
         checkpoint = workdir / "checkpoint"
-        config = build_checkpoint(checkpoint)
+        config = build_checkpoint(checkpoint, shape=shape)
         weights = sum(group_nbytes(config, g) for g in all_groups(config))
         figures["weights_bytes"] = weights
         echo(f"1. built a MOSS-architecture checkpoint: {config.n_layer} layers, n_embd {config.n_embd}, "
@@ -168,6 +178,11 @@ def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: i
                      f"{stats.read_gbps:.2f} GB/s")
         echo(line)
         echo("done: conversion, budgeted loading and streaming generation all work on this machine.")
+        figures["store"] = store
+        if owned:
+            echo(f"the store {store} is deleted now; run `jmoss demo --workdir DIR` to keep it")
+        else:
+            echo(f"the store is kept at {store}: `jmoss chat {store}` talks to it (random weights: noise)")
         return figures
     finally:
         if owned:

@@ -13,6 +13,8 @@ every float op. The measured pitfalls are in shared/reference/jittor-notes.md §
 - import with Python-side logging live (``log_silent`` would also swallow ``LOG.f`` fatals) but
   with the process's stdout/stderr captured, and show the captured text only if import fails;
 - then silence info and warning lines while letting errors and fatals through;
+- route native stderr through a filter that turns Jittor's C++ "Compiling Operators(..)" progress
+  (which ``log_silent`` does not gate) into one "jmoss: compiling ..." line per process;
 - turn gradients off globally: jmoss only runs inference.
 """
 
@@ -230,6 +232,173 @@ def _quiet_python_logs(jittor_utils: ModuleType) -> None:
     log._log = _log
 
 
+class CompileProgressFilter:
+    """Rewrites what native code writes to fd 2: Jittor's kernel-compile progress becomes one line.
+
+    Jittor's C++ (``parallel_compiler.cc``) writes ``"\\n"``, then ``"Compiling Operators(i/n)
+    used: Xs eta: Ys \\r"`` over and over, then ``"\\n"``, straight to ``std::cerr`` whenever
+    compiling new kernels takes over 2 s. ``log_silent`` does not gate it (it only gates the
+    Python-side ``DelayProgress``), so it interleaves with chat replies and fills server logs. The
+    first such burst becomes ``jmoss: compiling kernels …`` (with Jittor's own time estimate);
+    later bursts vanish; every other byte passes through unchanged.
+
+    Self-contained on purpose: its source is also the program of the filter process (see
+    ``_filter_native_stderr``), which runs without jmoss on its path.
+    """
+
+    PREFIX = b"Compiling Operators("
+
+    def __init__(self, tty: bool = False):
+        self.tty = tty
+        self.buf = b""
+        self.announced = False
+        self.at_line_start = True
+        self.held_newline = False  # an empty line: perhaps Jittor's newline before its progress
+        self.after_progress = False  # the next empty line is Jittor's newline after its progress
+
+    def pending(self) -> bool:
+        """True when bytes are held back waiting to see whether Jittor's progress follows."""
+        return self.held_newline or bool(self.buf)
+
+    def feed(self, data: bytes) -> bytes:
+        """Take bytes read from the pipe; return the bytes to write now."""
+        self.buf += data
+        out = bytearray()
+        while True:
+            ends = [i for i in (self.buf.find(b"\r"), self.buf.find(b"\n")) if i >= 0]
+            if not ends:
+                break
+            i = min(ends)
+            segment, terminator, self.buf = self.buf[:i], self.buf[i:i + 1], self.buf[i + 1:]
+            out += self._segment(segment, terminator)
+        tail = self.buf
+        if tail and not (self.PREFIX.startswith(tail) or tail.startswith(self.PREFIX)):
+            out += self._release() + tail  # an unfinished line (a prompt): show it now
+            self.buf, self.at_line_start, self.after_progress = b"", False, False
+        return bytes(out)
+
+    def flush(self) -> bytes:
+        """What is held, once nothing more came for a moment (an unfinished progress line stays)."""
+        out = self._release()
+        if self.buf and not self.buf.startswith(self.PREFIX):
+            out += self.buf
+            self.buf, self.at_line_start = b"", False
+        return out
+
+    def _release(self) -> bytes:
+        if self.held_newline:
+            self.held_newline = False
+            return b"\n"
+        return b""
+
+    def _segment(self, segment: bytes, terminator: bytes) -> bytes:
+        if segment.startswith(self.PREFIX):
+            self.held_newline = False  # Jittor's own newline before the progress
+            self.after_progress = self.at_line_start = True
+            if self.announced:
+                return b""
+            self.announced = True
+            return self._notice(segment)
+        if not segment and terminator == b"\n" and self.at_line_start:
+            if self.after_progress:
+                self.after_progress = False
+                return b""
+            out = self._release()
+            self.held_newline = True
+            return out
+        self.after_progress = False
+        self.at_line_start = True
+        return self._release() + segment + terminator
+
+    def _notice(self, segment: bytes) -> bytes:
+        import re
+
+        # "(i/n)": n kernels in this burst. Jittor's eta at its first line is far off (measured
+        # 44 s for an 8 s compile), so no time is promised.
+        count = re.match(rb"Compiling Operators\(\d+/(\d+)\)", segment)
+        what = f"{int(count.group(1))} kernels" if count else "kernels"
+        text = f"jmoss: compiling {what} for this model (first run only, cached for later runs)…"
+        if self.tty:  # a new line of its own, as Jittor's progress had; dim like jmoss's status
+            return f"\n\033[2m{text}\033[0m\n".encode()
+        return f"{text}\n".encode()
+
+
+_FILTER_MAIN = """
+import os, select, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+flt = CompileProgressFilter(tty=os.isatty(1))
+
+def write(data):
+    while data:
+        try:
+            data = data[os.write(1, data):]
+        except OSError:  # the reader went away: keep draining so writers never block
+            return
+
+while True:
+    ready, _, _ = select.select([0], [], [], 0.2 if flt.pending() else None)
+    if not ready:
+        write(flt.flush())
+        continue
+    data = os.read(0, 65536)
+    if not data:
+        write(flt.flush() + flt.buf)
+        break
+    write(flt.feed(data))
+"""
+
+_filter_process: subprocess.Popen | None = None
+
+
+def _filter_native_stderr() -> None:
+    """Route fd 2 through a small filter process running ``CompileProgressFilter``.
+
+    A process, not a thread: Jittor holds the GIL while it compiles, so a Python thread here
+    could neither show the notice in time nor drain the pipe (a full pipe would block Jittor).
+    The child is in its own session (Ctrl-C does not reach it) and ends when every writer has
+    closed fd 2, i.e. after this process exits, so nothing written at exit is lost. Python's own
+    ``sys.stderr`` is pointed at the real stderr: it stays synchronous with stdout and a terminal
+    is still seen as one. Set ``JMOSS_JITTOR_PROGRESS=1`` to see Jittor's raw progress instead.
+    """
+    global _filter_process
+    if _filter_process is not None or os.environ.get("JMOSS_JITTOR_PROGRESS") == "1":
+        return
+    import inspect
+    import io
+    import textwrap
+
+    try:
+        program = textwrap.dedent(inspect.getsource(CompileProgressFilter)) + _FILTER_MAIN
+        original = os.dup(2)
+    except (OSError, TypeError):  # no source shipped, or no fd 2: leave stderr alone
+        return
+    read_end, write_end = os.pipe()
+    try:
+        _filter_process = subprocess.Popen([sys.executable, "-I", "-S", "-c", program], stdin=read_end,
+                                           stdout=original, stderr=original, start_new_session=True)
+    except OSError:
+        os.close(original)
+        return
+    finally:
+        os.close(read_end)
+    python_stderr = sys.stderr
+    real = python_stderr is sys.__stderr__ and _fileno(python_stderr) == 2
+    if real:
+        python_stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    if real:
+        sys.stderr = io.TextIOWrapper(io.FileIO(original, "w", closefd=False), encoding=python_stderr.encoding,
+                                      errors=python_stderr.errors, line_buffering=True, write_through=True)
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def get_jittor(device: str | None = "cpu") -> ModuleType:
     """Import and configure jittor once for ``device`` ("cpu", "cuda" or "auto"); return it."""
     global _jittor, _device
@@ -318,6 +487,7 @@ def _import_jittor(device: str) -> ModuleType:
             ) from exc
     marker.touch()
     _restore_sigchld()
+    _filter_native_stderr()
     import jittor_utils
 
     _shield_compile_pool(jittor_utils)

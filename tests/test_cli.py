@@ -61,10 +61,74 @@ def test_bad_flags_are_usage_errors(args):
 
 
 def test_info_prints_the_plan_for_the_real_moss_config(shared_dir):
-    out = run("info", str(shared_dir / "assets/moss-moon-003-sft/config.json"), "--device-memory", "12GiB",
-              "--host-memory", "64GiB")
+    out = run("info", str(shared_dir / "assets/moss-moon-003-sft/config.json"), "--device", "cuda",
+              "--device-memory", "12GiB", "--host-memory", "64GiB")
     assert out.returncode == 0, out.stderr
     assert "34 layers" in out.stdout and "layers 0-7" in out.stdout and "streamed per token" in out.stdout
+
+
+INFO_PROBE = """
+import sys
+from jmoss.cli import main
+from jmoss.jittor_setup import resolve_device
+print("RESOLVED", resolve_device("auto"))
+try:
+    main(["info", sys.argv[1]])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+assert "jittor" not in sys.modules, "jmoss info imported jittor"
+"""
+
+
+def test_info_defaults_to_the_device_chat_uses_and_plans_without_a_budget(shared_dir):
+    """Same `auto` as chat, resolved without importing jittor; no budget reads as such (no 1 PiB)."""
+    config = shared_dir / "assets/moss-moon-003-sft/config.json"
+    proc = subprocess.run([sys.executable, "-c", INFO_PROBE, str(config)], capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    resolved = proc.stdout.split("RESOLVED ", 1)[1].split()[0]
+    assert f"placement plan: device {resolved}, device budget none (all resident)" in proc.stdout
+    assert "TiB" not in proc.stdout and "unallocated" not in proc.stdout
+    assert "layers 0-33" in proc.stdout and "device memory:" in proc.stdout
+    assert "--device [auto|cpu|cuda]" in run("info", "--help").stdout
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate"], ["info"]])
+def test_a_missing_path_is_named_as_missing(tmp_path, command):
+    missing = tmp_path / "no-such-store"
+    out = run(*command, str(missing), *(["hi"] if command == ["generate"] else []))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: {missing} does not exist; give the folder of a converted jmoss store (made by "
+        "`jmoss convert <hf-repo-or-checkpoint-dir> --out DIR`) or a converted model name such as "
+        "fnlp/moss-moon-003-sft"]
+
+
+def test_load_of_a_missing_path_says_so_and_names_still_resolve(tmp_path):
+    from jmoss.errors import ModelNotFoundError
+
+    for missing in ("/nonexistent", "./nope", "~/no-such-jmoss-store", "a/b/c", tmp_path / "x"):
+        with pytest.raises(ModelNotFoundError, match="does not exist"):
+            jmoss.load(missing)
+    with pytest.raises(ModelNotFoundError, match="jmoss convert fnlp/moss-moon-003-sft"):
+        jmoss.load("fnlp/moss-moon-003-sft")  # a repo id: the name lookup, not "does not exist"
+
+
+def test_demo_says_where_its_store_is_and_how_to_keep_it(tmp_path):
+    from jmoss.demo import run_demo
+
+    small = dict(n_embd=128, n_head=4, rotary_dim=8, n_layer=2, n_positions=256)
+    kept: list[str] = []
+    figures = run_demo(tmp_path / "work", max_new_tokens=2, echo=kept.append, write=lambda s: None, shape=small)
+    assert figures["store"] == tmp_path / "work" / "store" and (figures["store"] / "jmoss.json").is_file()
+    assert f"   working in {tmp_path / 'work'}: the checkpoint and store are kept there" in kept
+    assert kept[-1].startswith(f"the store is kept at {figures['store']}")
+
+    temporary: list[str] = []
+    figures = run_demo(None, max_new_tokens=2, echo=temporary.append, write=lambda s: None, shape=small)
+    assert any("temporary folder" in line and "--workdir DIR" in line for line in temporary)
+    assert not figures["store"].exists() and str(figures["store"]) in temporary[-1]
+    assert "jmoss demo --workdir DIR" in temporary[-1]
 
 
 def test_chat_in_a_terminal_answers_clears_interrupts_and_stops(store):

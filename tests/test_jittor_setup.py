@@ -99,3 +99,65 @@ def test_children_dying_and_ctrl_c_do_not_kill_the_process():
     proc = subprocess.run([sys.executable, "-c", SIGNALS_PROBE], capture_output=True, text=True, timeout=300)
     assert "SURVIVED-AND-INTERRUPTIBLE" in proc.stdout, proc.stdout + proc.stderr
     assert "quick exit" not in proc.stderr
+
+
+# New kernels every run: jt.code ops whose C++ source carries a number unique to this run, synced
+# together so jittor's parallel compiler runs (and, past 2 s, prints its progress to std::cerr).
+COMPILE_PROBE = textwrap.dedent(
+    """
+    import sys, time, uuid
+    from jmoss.jittor_setup import get_jittor
+    jt = get_jittor("cpu")
+    import numpy as np
+    run = uuid.uuid4().int % 10**6
+    x = jt.array(np.arange(4, dtype="float32"))
+
+    def burst(tag, n):
+        outs = [jt.code(x.shape, x.dtype, [x], cpu_src=f"for (int i=0; i<in0_shape0; i++) "
+                        f"@out(i) = @in0(i) * {k} + {tag};  // run {run}") for k in range(n)]
+        start = time.time()
+        jt.sync(outs)
+        return time.time() - start, float(outs[2].numpy()[1])
+
+    print("python stderr before", file=sys.stderr, flush=True)
+    first = burst(1, 8)
+    second = burst(2, 8)
+    print("python stderr after", file=sys.stderr, flush=True)
+    print("SECONDS", first[0], second[0], "VALUES", first[1], second[1], flush=True)
+    """
+)
+
+
+def test_jittor_compile_progress_becomes_one_jmoss_line():
+    """Two >2 s compiles of fresh kernels: jittor's C++ progress lines (not gated by log_silent)
+    are gone, one jmoss line says it is compiling, and everything else on stderr still arrives."""
+    proc = subprocess.run([sys.executable, "-c", COMPILE_PROBE], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seconds = [float(s) for s in proc.stdout.split("SECONDS ")[1].split()[:2]]
+    assert proc.stdout.split("VALUES ")[1].split() == ["3.0", "4.0"]  # the kernels really ran
+    assert min(seconds) > 2, f"a compile took under 2 s ({seconds}): jittor printed no progress to filter"
+    assert "Compiling Operators" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("jmoss: compiling 8 kernels for this model (first run only") == 1, proc.stderr
+    assert proc.stderr.index("python stderr before") < proc.stderr.index("jmoss: compiling")
+    assert "python stderr after" in proc.stderr and "\r" not in proc.stderr
+
+
+def test_progress_filter_keeps_every_other_byte():
+    """The filter on the byte shapes jittor writes: "\\n", progress lines ending in "\\r", "\\n"."""
+    from jmoss.jittor_setup import CompileProgressFilter
+
+    flt = CompileProgressFilter(tty=False)
+    chunks = [b"[e native] error one\n", b"partial prompt ", b"continues\n", b"\n", b"Compiling Operators(",
+              b"3/40) used: 2.1s eta: 26s \r", b"Compiling Operators(9/40) used: 4s eta: 13s \r", b"\n",
+              b"\n", b"a blank line above\n", b"\n", b"Compiling Operators(1/2) used: 2s eta: 1s \r", b"\n", b"C",
+              b"ould not open\n", b"\n"]
+    out = b"".join(flt.feed(chunk) for chunk in chunks)
+    assert flt.pending()  # a trailing blank line waits to see whether progress follows
+    out += flt.flush()
+    assert out == (b"[e native] error one\npartial prompt continues\n"
+                   b"jmoss: compiling 40 kernels for this model (first run only, cached for later runs)\xe2\x80\xa6\n"
+                   b"\na blank line above\nCould not open\n\n")
+    assert not flt.pending()
+    tty = CompileProgressFilter(tty=True)
+    shown = tty.feed(b"\nCompiling Operators(1/5) used: 2s eta: 3s \r")
+    assert shown.startswith(b"\n\x1b[2mjmoss: compiling 5 kernels") and shown.endswith(b"\x1b[0m\n")
