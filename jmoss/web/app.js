@@ -152,7 +152,9 @@ function addEvent(message, event) {
   const title = el("h3");
   title.textContent = PANEL_TITLES[event.kind] || String(event.kind);
   const body = el("pre");
-  body.textContent = String(event.text);
+  let text = String(event.text);
+  if (event.kind === "results") text = text.replace(/^<\|Results\|>:\s*/, "").replace(/\s*<eor>\s*$/, "");
+  body.textContent = text;  // the field's body, without MOSS's markers
   section.append(title, body);
   message.panel.append(section);
 }
