@@ -22,9 +22,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["jmoss", "jmoss.plugins", "jmoss.converters", "jmoss.kernels"],
+    packages=["jmoss", "jmoss.plugins", "jmoss.web", "jmoss.converters", "jmoss.kernels"],
     package_dir={"jmoss": "jmoss", "jmoss.converters": "converters", "jmoss.kernels": "kernels"},
-    package_data={"jmoss.kernels": ["*.h", "*.cc"], "jmoss": ["data/*"]},
+    package_data={"jmoss.kernels": ["*.h", "*.cc"], "jmoss": ["data/*"], "jmoss.web": ["*.html", "*.css", "*.js"]},
     install_requires=[
         "jittor==1.3.11.0",
         "numpy>=1.24",
@@ -50,6 +50,7 @@ setup(
             "httpx>=0.27",
             "fastapi>=0.110",
             "uvicorn>=0.29",
+            "playwright==1.65.2",  # drives Debian's chromium (installed by .ci/run); downloads no browser
         ],
     },
     entry_points={"console_scripts": ["jmoss=jmoss.cli:main"]},

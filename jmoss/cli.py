@@ -255,8 +255,10 @@ def doctor():
               help="seconds an idle uid conversation is kept")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve(model, device, dtype, device_memory, host_memory, host, port, model_name, plugins, search_docs, **limits):
-    """Serve MODEL over HTTP: MOSS's uid API at POST / and the OpenAI API under /v1.
+@click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")
+def serve(model, device, dtype, device_memory, host_memory, host, port, model_name, plugins, search_docs, no_web,
+          **limits):
+    """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`.
     One worker runs the model; requests queue for it in order (see --queue-size).
@@ -266,9 +268,10 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
     m = _load(model, device, dtype, device_memory, host_memory)
     names, options = _plugin_args(plugins, search_docs)
     log_level = limits.pop("log_level")
-    click.echo(f"jmoss serving {model} on http://{host}:{port} (OpenAI API under /v1)", err=True)
-    run(m, host, port, log_level=log_level, model_name=model_name or model, plugins=names, plugin_options=options,
-        **limits)
+    page = "" if no_web else "chat page at /, "
+    click.echo(f"jmoss serving {model} on http://{host}:{port} ({page}OpenAI API under /v1)", err=True)
+    run(m, host, port, log_level=log_level, web=not no_web, model_name=model_name or model, plugins=names,
+        plugin_options=options, **limits)
 
 
 @main.command()

@@ -3,7 +3,8 @@
     app = create_app(jmoss.load("fnlp/moss-moon-003-sft"), plugins=["calculator"])
     serve(model, host="127.0.0.1", port=19324)
 
-Endpoints: ``POST /`` (moss_api_demo.py's request and reply, moss-spec §5.4), ``GET /v1/models``,
+Endpoints: ``POST /`` (moss_api_demo.py's request and reply, moss-spec §5.4), ``GET /`` (a chat page
+for browsers, jmoss.web; off with ``web=False``), ``GET /v1/models``,
 ``POST /v1/chat/completions``, ``POST /v1/completions`` (both optionally streamed as server-sent
 events ending in ``data: [DONE]``) and ``GET /health``. Every error is a 4xx/5xx JSON body in
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -134,6 +135,9 @@ class ChatCompletionRequest(_Sampling):
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # newer clients' name for max_tokens
     logprobs: Literal[False] | None = None
+    # jmoss's opt-in (the chat page sends it): with plugins, a streamed reply also carries chunks
+    # {"jmoss_event": {"kind", "text"}} for the turn's Inner Thoughts, Commands, Results, notices.
+    jmoss_events: bool = False
 
 
 class CompletionRequest(_Sampling):
@@ -507,12 +511,14 @@ def create_app(
     session_limit: int = 64,
     session_ttl: float = 3600.0,
     max_body_bytes: int = 1 << 20,
+    web: bool = True,
 ) -> FastAPI:
     """The ASGI app serving ``model``; its worker thread starts here and stops at shutdown.
 
     ``max_prompt_tokens`` (default: the model's context minus one) bounds each request's prompt,
     meta instruction included; ``max_tokens_limit`` bounds max_tokens (and MOSS's max_length
-    replies); ``session_limit``/``session_ttl`` bound the uid conversations.
+    replies); ``session_limit``/``session_ttl`` bound the uid conversations. ``web`` serves the
+    chat page at ``GET /``.
     """
     from jmoss.plugins import Plugin, load_plugins
 
@@ -620,6 +626,20 @@ def create_app(
         except _ClientGone:
             return Response(status_code=499)
 
+    # -- the chat page ---------------------------------------------------------------------------
+    if web:
+        from jmoss.web import render_page
+
+        page = render_page({
+            "model": model_name, "meta": dialogue.base_meta_instruction(), "plugins": [p.capability or p.name for p in tools],
+            "max_tokens": limits.max_tokens_limit,
+            "defaults": {"temperature": MOSS_DEFAULTS["temperature"], "top_p": MOSS_DEFAULTS["top_p"],
+                         "max_tokens": min(256, limits.max_tokens_limit)}})
+
+        @app.get("/", include_in_schema=False)
+        async def chat_page() -> HTMLResponse:
+            return HTMLResponse(page.html, headers=page.headers)
+
     # -- OpenAI's API ----------------------------------------------------------------------------
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -651,6 +671,8 @@ def create_app(
         if tools:
             def run(post: Post) -> dict:
                 chat = worker.new_chat(meta + "".join(turns))
+                if req.jmoss_events and req.stream:
+                    chat.on_event = lambda kind, text: post("event", {"kind": kind, "text": text})
                 reply = worker.chat_turn(chat, last, {**opts.__dict__, "stop": tuple(opts.stop)}, post)
                 extra = len(tokenizer.encode(reply.results + dialogue.prefix(dialogue.MOSS))) if reply.results else 0
                 return {"text": reply.text, "finish_reason": "stop" if reply.finish_reason == "stop" else "length",
@@ -680,7 +702,8 @@ def create_app(
                              delta=lambda text: chunk({"content": text}, None),
                              last=lambda out: chunk({}, out["finish_reason"]),
                              usage=(lambda out: {**chunk({}, None), "choices": [], "usage": _usage(out)})
-                             if include_usage else None)
+                             if include_usage else None,
+                             event=lambda value: {**chunk({}, None), "jmoss_event": value})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -725,7 +748,8 @@ def _usage(out: dict) -> dict:
 
 
 def _event_stream(job: _Job, *, first: dict | None, delta: Callable[[str], dict], last: Callable[[dict], dict],
-                  usage: Callable[[dict], dict] | None) -> StreamingResponse:
+                  usage: Callable[[dict], dict] | None,
+                  event: Callable[[dict], dict] | None = None) -> StreamingResponse:
     """Server-sent events in OpenAI's chunk shape; closing the connection cancels the job."""
 
     async def events() -> AsyncIterator[str]:
@@ -736,6 +760,9 @@ def _event_stream(job: _Job, *, first: dict | None, delta: Callable[[str], dict]
                 kind, value = await job.out.get()
                 if kind == "delta":
                     yield _sse(delta(value))
+                elif kind == "event":  # only posted when the request opted in (jmoss_events)
+                    if event is not None:
+                        yield _sse(event(value))
                 elif kind == "error":
                     err: ServerRequestError = value
                     yield _sse({"error": {"message": err.message, "type": err.type, "param": err.param,
@@ -785,9 +812,9 @@ def _messages_to_moss(messages: list[_Message], plugins: Sequence["Plugin"]) -> 
 
 
 def serve(model: "Model", host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, log_level: str = "info",
-          **limits: Any) -> None:
-    """Serve ``model`` with uvicorn until interrupted; ``limits`` go to :func:`create_app`."""
+          web: bool = True, **limits: Any) -> None:
+    """Serve ``model`` with uvicorn until interrupted; ``web`` and ``limits`` go to :func:`create_app`."""
     import uvicorn
 
-    app = create_app(model, **limits)
+    app = create_app(model, web=web, **limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
