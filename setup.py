@@ -13,6 +13,13 @@ from setuptools import setup
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "jmoss" / "__init__.py").read_text()).group(1)
 
+# The test references are pinned exactly, in one file that CI installs through this extra.
+TEST_REQUIREMENTS = [
+    line.split("#", 1)[0].strip()
+    for line in (HERE / "tests" / "reference-versions.txt").read_text(encoding="utf-8").splitlines()
+    if line.split("#", 1)[0].strip()
+]
+
 setup(
     name="jmoss",
     version=VERSION,
@@ -36,22 +43,12 @@ setup(
         "sympy>=1.12",
         "psutil>=5.9",
         "bm25s>=0.2",
+        "fastapi>=0.110",  # jmoss serve is a core command, so its stack is in the default install
+        "uvicorn>=0.29",
     ],
     extras_require={
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "cuda": ["cupy-cuda12x>=13"],
-        "test": [
-            "pytest>=8",
-            "hypothesis>=6.100",
-            "pexpect>=4.9",
-            "torch==2.13.0",
-            "transformers>=4.40",
-            "openai>=1.30",
-            "httpx>=0.27",
-            "fastapi>=0.110",
-            "uvicorn>=0.29",
-            "playwright==1.65.2",  # drives Debian's chromium (installed by .ci/run); downloads no browser
-        ],
+        "test": TEST_REQUIREMENTS,
     },
     entry_points={"console_scripts": ["jmoss=jmoss.cli:main"]},
     classifiers=[

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jmoss.errors import JmossError
 from jmoss.sizes import format_size
 
 Figures = dict[str, Any]
@@ -177,11 +178,11 @@ def measure_torch_in_this_process(options: dict[str, Any]) -> Figures:
     position's logits only (``logits_to_keep=1``), which is what its own ``generate`` does.
     """
     import torch
-    from transformers import CodeGenConfig, CodeGenForCausalLM
 
     from jmoss.converters import layout
     from jmoss.store import Store, resolve_model
 
+    transformers = _supported_transformers()
     threads = options.get("torch_threads") or _default_threads()
     torch.set_num_threads(threads)
     dtype = getattr(torch, options["torch_dtype"])
@@ -189,15 +190,21 @@ def measure_torch_in_this_process(options: dict[str, Any]) -> Figures:
     store = Store.open(resolve_model(options["model"]))
     config = store.config
     groups = {g: store.group(g) for g in layout.all_groups(config)}
-    hf_config = CodeGenConfig(**{**config.to_dict(), "tie_word_embeddings": False})
-    with torch.device("meta"):  # no random init of weights that are replaced right away
-        model = CodeGenForCausalLM(hf_config)
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype)
-             for k, v in layout.to_hf_state_dict(groups, config).items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    for block in model.transformer.h:  # the rotary table is a non-persistent buffer built at init
-        attn = block.attn
-        attn.embed_positions = _sinusoidal_positions(attn.max_positions, attn.pos_embd_dim)
+    hf_config = transformers.CodeGenConfig(**{**config.to_dict(), "tie_word_embeddings": False})
+    # Only public API: a normally built model (its buffers, e.g. the rotary table, made by its own
+    # __init__ wherever a transformers version keeps them), then every parameter replaced by name.
+    with torch.no_grad():
+        model = transformers.CodeGenForCausalLM(hf_config).to(dtype)
+        state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype)
+                 for k, v in layout.to_hf_state_dict(groups, config).items()}
+        result = model.load_state_dict(state, strict=False)
+    parameters = {name for name, _ in model.named_parameters()}
+    unloaded = sorted(parameters & set(result.missing_keys))
+    if unloaded or result.unexpected_keys:
+        raise JmossError(
+            f"transformers {transformers.__version__} names CodeGen's weights differently from the store "
+            f"(not loaded: {unloaded[:3]}, unknown: {list(result.unexpected_keys)[:3]}); "
+            f"--compare torch supports transformers {SUPPORTED_TRANSFORMERS}")
     model.eval()
     load_s = time.perf_counter() - t0
     del groups, state
@@ -239,13 +246,25 @@ def measure_torch_in_this_process(options: dict[str, Any]) -> Figures:
     }
 
 
-def _sinusoidal_positions(n_positions: int, dim: int):
-    """CodeGen's rotary table (transformers' ``create_sinusoidal_positions``), built in fp32."""
-    import torch
+# transformers releases whose CodeGen --compare torch drives through public API only (config,
+# CodeGenForCausalLM, load_state_dict by name, forward with logits_to_keep); measured: 5.23.0, 5.24.0.
+SUPPORTED_TRANSFORMERS = "5.x"
 
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
-    angles = torch.einsum("i , j -> i j", torch.arange(n_positions, dtype=torch.int64).float(), inv_freq).float()
-    return torch.cat((torch.sin(angles), torch.cos(angles)), dim=1)
+
+def _supported_transformers():
+    """transformers, imported, or a JmossError that names the versions --compare torch supports."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        raise JmossError("--compare torch needs transformers: pip install torch 'transformers>=5,<6'") from None
+    if version.split(".")[0] != "5":
+        raise JmossError(f"--compare torch supports transformers {SUPPORTED_TRANSFORMERS}, found {version}: "
+                         "pip install 'transformers>=5,<6'")
+    import transformers
+
+    return transformers
 
 
 def _default_threads() -> int:
@@ -327,7 +346,7 @@ def compare_torch(options: dict[str, Any]) -> Figures:
     """
     import importlib.util
 
-    from jmoss.errors import DeviceError, JmossError
+    from jmoss.errors import DeviceError
 
     if options["device"] != "cpu":
         raise DeviceError("--compare torch runs transformers on the CPU; use --device cpu")
@@ -335,7 +354,8 @@ def compare_torch(options: dict[str, Any]) -> Figures:
         raise JmossError("--compare torch compares everything resident; leave out --device-memory")
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
-        raise JmossError(f"--compare torch needs {' and '.join(missing)}: pip install torch transformers")
+        raise JmossError(f"--compare torch needs {' and '.join(missing)}: pip install torch 'transformers>=5,<6'")
+    _supported_transformers()
     runs = [run_child({**options, "runner": "torch", "torch_dtype": d, "torch_threads": t})
             for d in TORCH_DTYPES for t in options.get("thread_counts") or (None,)]
     return best_of(runs, "torch")

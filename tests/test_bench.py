@@ -79,3 +79,14 @@ def test_bench_compare_torch_prints_jmoss_and_best_torch_rows_against_the_memory
     note = next(line for line in out.splitlines() if line.startswith("torch ") and "configurations measured" in line)
     assert all(d in note for d in ("float32", "bfloat16", "float16")), note
     report("bench --compare torch table:\n" + out)
+
+
+def test_compare_torch_names_the_transformers_versions_it_supports(monkeypatch):
+    import importlib.metadata
+
+    from jmoss import bench
+    from jmoss.errors import JmossError
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.25.1")
+    with pytest.raises(JmossError, match=r"supports transformers 5\.x, found 4\.25\.1"):
+        bench._supported_transformers()
