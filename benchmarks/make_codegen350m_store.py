@@ -1,6 +1,6 @@
 """Build a CodeGen-350M-shaped jmoss store with random weights (the `--compare torch` benchmark model).
 
-The shape is /work/shared/assets/codegen-350M-mono/config.json (n_embd 1024, 20 layers, 16 heads,
+The shape is shared/assets/codegen-350M-mono/config.json (n_embd 1024, 20 layers, 16 heads,
 rotary 32, vocab 51200): 304M parameters, 0.61 GB in fp16 without the embedding table. Weights
 come from transformers' own random init of CodeGenForCausalLM, so the store is exactly what
 ``jmoss convert`` would write for a real CodeGen checkpoint of that shape, tokenizer files included.

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+
+from conftest import SHARED
 
 from jmoss import dialogue
 from jmoss.errors import DialogueError
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = SHARED / "reference"
 CONVERSATIONS = [json.loads(line) for line in (REFERENCE / "moss_plugin_conversations.jsonl").open(encoding="utf-8")]
 
 

@@ -10,12 +10,14 @@ import json
 
 import pytest
 
+from conftest import SHARED
+
 from jmoss.config import MossConfig
 from jmoss.errors import BudgetError, ContextLengthError, DeviceError
 from jmoss.placement import RUNTIME_RESERVE, plan_placement
 from jmoss.sizes import GiB, MiB
 
-MOSS_CONFIG = "/work/shared/assets/moss-moon-003-sft/config.json"
+MOSS_CONFIG = SHARED / "assets" / "moss-moon-003-sft" / "config.json"
 
 # ---- MOSS-16B by hand (fp16 weights) ---------------------------------------------------------
 D, INNER, VOCAB, N_LAYER, HEADS, POSITIONS, ROTARY = 6144, 4 * 6144, 107008, 34, 24, 2048, 64

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SHARED
+
 from jmoss import plugins
 from jmoss.errors import PluginError
 from jmoss.plugins import (
@@ -31,7 +33,7 @@ from jmoss.plugins import (
 )
 from jmoss.plugins.text2image import Text2ImagePlugin
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = SHARED / "reference"
 CONVERSATIONS = [json.loads(line) for line in (REFERENCE / "moss_plugin_conversations.jsonl").open(encoding="utf-8")]
 TURNS = [(r["source"].rsplit("/", 1)[-1][:-5], k, t) for r in CONVERSATIONS for k, t in r["chat"].items()]
 STYLES = {"Search": ITEMS, "Calculate": INLINE, "Solve": LINES, "Text2Image": IMAGE}

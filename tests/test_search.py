@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED
+
 from jmoss.errors import PluginError
 from jmoss.plugins import load_plugins, parse_commands, render_results, run_calls
 from jmoss.plugins.search import HTTPBackend, LocalFolderBackend, SearchHit, SearchPlugin, format_item, tokenize
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = SHARED / "reference"
 CONVERSATIONS = [json.loads(line) for line in (REFERENCE / "moss_plugin_conversations.jsonl").open(encoding="utf-8")]
 
 DOCS = {

@@ -7,16 +7,17 @@ import inspect
 import json
 import re
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SHARED
+
 from jmoss.plugins import parse_commands, render_results, run_calls, solver
 from jmoss.plugins.solver import SolverPlugin, solve
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = SHARED / "reference"
 CONVERSATIONS = [json.loads(line) for line in (REFERENCE / "moss_plugin_conversations.jsonl").open(encoding="utf-8")]
 BLOCK = re.compile(r"^(Solve\(.*?\)) =>\n((?:(?!(?:Solve|Search|Calculate)\(|<eor>).*\n)*)", re.M)
 
