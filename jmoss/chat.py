@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from jmoss import dialogue
 from jmoss.errors import ContextLengthError
-from jmoss.generation import GenerationOptions, stream_tokens
+from jmoss.generation import Finish, GenerationOptions, stream_tokens
 
 if TYPE_CHECKING:
     from jmoss.api import Model
@@ -179,17 +179,36 @@ class Chat:
             reply.notices.append(f"reply limited to {budget} tokens by the {self.max_len}-position context")
         run = replace(opts, stop=tuple(opts.stop) + stop, max_new_tokens=budget)
         history = self._ids[: self.session.length]
-        yield from stream_tokens(self.model, self.session, row, run, history=history, tokens_out=tokens)
+        finish = Finish()
+        yield from stream_tokens(self.model, self.session, row, run, history=history, tokens_out=tokens, finish=finish)
+        if finish.stop_string is not None:
+            self._keep_shown(tokens, finish.text)
         reply.generated_tokens += len(tokens)
-        if not tokens or tokens[-1] not in (self.tokenizer.token_to_id(s) for s in stop):
-            reply.finish_reason = "length"
+        reply.finish_reason = "stop" if finish.reason == "stop" else "length"
+
+    def _keep_shown(self, tokens: list[int], text: str) -> None:
+        """After a stop string cut the text, keep the ids of what was shown, not of the stop string.
+
+        The conversation then reads as the user saw it; the cache is rewound to where the kept
+        ids part from what it processed, so the next turn prefills the difference.
+        """
+        shown = self.tokenizer.encode(text) if text else []
+        same = 0
+        while same < min(len(shown), len(tokens)) and shown[same] == tokens[same]:
+            same += 1
+        self.session.truncate(min(self.session.length, len(self._ids) + same))
+        tokens[:] = shown
 
     def _close(self, tokens: list[int], marker: str, reply: Reply) -> None:
-        """Append what was generated and the field's end marker + newline to the conversation."""
+        """Append what was generated and the field's end marker + newline to the conversation.
+
+        A tokenizer without the marker as one token (a CodeGen model in a MOSS chat) gets its text.
+        """
         self._ids += tokens
         marker_id = self.tokenizer.token_to_id(marker)
-        if not tokens or tokens[-1] != marker_id:
-            self._ids.append(marker_id)
+        marker_ids = [marker_id] if marker_id is not None else self.tokenizer.encode(marker)
+        if tokens[-len(marker_ids):] != marker_ids:
+            self._ids += marker_ids
         self._ids += self.tokenizer.encode("\n")
         del tokens[:]
 

@@ -234,26 +234,46 @@ def stream(model: "Model", prompt, **options) -> Iterator[str]:
     yield from stream_tokens(model, model.session(max_len=_max_len(model, rows, opts)), rows[0], opts)
 
 
+@dataclass
+class Finish:
+    """Why a stream ended, filled in by :func:`stream_tokens` for its caller.
+
+    ``reason``: "stop" (a stop token or stop string), "length" (max_new_tokens), "context" (the
+    session is full) or "time" (max_time). ``stop_string`` is the string that cut the text, if
+    one did: the generated ids then hold more than the text shows.
+    """
+
+    reason: str | None = None
+    stop_string: str | None = None
+    text: str = ""  # all the text the stream yielded
+
+
 def stream_tokens(model: "Model", session: "Session", row: list[int], opts: GenerationOptions,
-                  history: list[int] | None = None, tokens_out: list[int] | None = None) -> Iterator[str]:
+                  history: list[int] | None = None, tokens_out: list[int] | None = None,
+                  finish: Finish | None = None) -> Iterator[str]:
     """Text deltas for ``row`` appended to ``session`` (used by chat to continue a conversation).
 
-    The generated ids (stop tokens included) are appended to ``tokens_out`` when given.
+    The generated ids (stop tokens included) are appended to ``tokens_out`` when given; ``finish``
+    says why the stream ended once it has.
     """
     stops = _Stops.build(model, opts.stop)
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=opts.skip_special_tokens)
-    text, emitted = "", 0
+    finish = finish if finish is not None else Finish()
+    text, emitted, count = "", 0, 0
     for step in generate_ids(model, session, [row], opts, histories=[history or []]):
         token = step[0]
         if token is None:
             break
+        count += 1
         if tokens_out is not None:
             tokens_out.append(token)
         if stops.token_hit([token]):
+            finish.reason = "stop"
             break  # a single-token stop (eos, <eoc>…) is not part of the text
         text += decoder.push(token)
         cut = stops.text_cut(text)
         if cut is not None:
+            finish.reason, finish.stop_string, finish.text = "stop", _stop_at(stops, text, cut), text[:cut]
             if cut > emitted:
                 yield text[emitted:cut]
             return
@@ -261,11 +281,20 @@ def stream_tokens(model: "Model", session: "Session", row: list[int], opts: Gene
         if safe > emitted:
             yield text[emitted:safe]
             emitted = safe
+    if finish.reason is None:
+        finish.reason = "length" if count >= opts.max_new_tokens else "context" if session.room == 0 else "time"
     text += decoder.flush()
     cut = stops.text_cut(text)
+    if cut is not None:
+        finish.reason, finish.stop_string = "stop", _stop_at(stops, text, cut)
     end = cut if cut is not None else len(text)
+    finish.text = text[:end]
     if end > emitted:
         yield text[emitted:end]
+
+
+def _stop_at(stops: _Stops, text: str, cut: int) -> str:
+    return next(s for s in stops.strings if text.startswith(s, cut))
 
 
 def _max_len(model: "Model", rows: list[list[int]], opts: GenerationOptions) -> int:

@@ -38,7 +38,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable, Literal, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jmoss import dialogue
 from jmoss.errors import ContextLengthError, JmossError
-from jmoss.generation import GenerationOptions, stream_tokens
+from jmoss.generation import Finish, GenerationOptions, stream_tokens
 
 if TYPE_CHECKING:
     from jmoss.api import Model
@@ -147,13 +147,14 @@ class CompletionRequest(_Sampling):
 
 
 class MossRequest(_Body):
-    """moss_api_demo.py's body (moss-spec §5.4)."""
+    """moss_api_demo.py's body (moss-spec §5.4); ``stop`` (up to 4 strings) is jmoss's addition."""
 
     prompt: str = Field(min_length=1)
     uid: str | None = None
     max_length: int = Field(default=MOSS_DEFAULTS["max_length"], ge=1)
     top_p: float = Field(default=MOSS_DEFAULTS["top_p"], gt=0, le=1)
     temperature: float = Field(default=MOSS_DEFAULTS["temperature"], ge=0, le=2)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
 
 
 def _validation_error(exc: ValidationError) -> ServerRequestError:
@@ -350,8 +351,10 @@ class _Worker:
         run = GenerationOptions.from_kwargs(**{**opts.__dict__, "max_new_tokens": budget})
         tokens: list[int] = []
         text, first = "", reply
+        finish = Finish()
         try:
-            for delta in stream_tokens(self.model, session, ids[keep:], run, history=ids[:keep], tokens_out=tokens):
+            for delta in stream_tokens(self.model, session, ids[keep:], run, history=ids[:keep], tokens_out=tokens,
+                                       finish=finish):
                 if first:  # the model writes "<|MOSS|>: text"; the reply is the text
                     delta, first = delta.lstrip(" "), not delta.strip(" ")
                 if delta:
@@ -359,15 +362,8 @@ class _Worker:
                     post("delta", delta)
         finally:
             self._cached_ids = (ids + tokens)[: session.length]
-        stop_ids = {self.model.config.eos_token_id, self.model.tokenizer.token_to_id(_EOM)}
-        if tokens and tokens[-1] in stop_ids:
-            finish = "stop"
-        elif len(tokens) >= budget or session.room == 0:
-            finish = "length"
-        else:
-            finish = "stop"  # a string stop sequence ended it
-        return {"text": text, "finish_reason": finish, "prompt_tokens": len(ids), "completion_tokens": len(tokens),
-                "cached_tokens": keep}
+        return {"text": text, "finish_reason": "stop" if finish.reason == "stop" else "length",
+                "prompt_tokens": len(ids), "completion_tokens": len(tokens), "cached_tokens": keep}
 
     def chat_turn(self, chat: "Chat", text: str, options: dict, post: Post) -> "Reply":
         """One turn of a Chat on the shared cache (MOSS's plugin loop runs here when enabled)."""
@@ -617,7 +613,8 @@ def create_app(
             reply = worker.chat_turn(chat, req.prompt, dict(
                 max_new_tokens=min(room, limits.max_tokens_limit), do_sample=not greedy,
                 temperature=req.temperature if not greedy else 1.0, top_p=req.top_p,
-                top_k=MOSS_DEFAULTS["top_k"], repetition_penalty=MOSS_DEFAULTS["repetition_penalty"]), post)
+                top_k=MOSS_DEFAULTS["top_k"], repetition_penalty=MOSS_DEFAULTS["repetition_penalty"],
+                stop=tuple(req.stop)), post)
             return {"response": reply.text, "history": [[q, r.text] for q, r in chat.history], "status": 200,
                     "time": time.strftime("%Y-%m-%d %H:%M:%S"), "uid": uid}
 

@@ -116,3 +116,28 @@ def test_bad_options_are_clear_errors(pair, bad):
     _, model = pair
     with pytest.raises(GenerationError):
         model.generate("x", **bad)
+
+
+def test_stream_says_why_it_finished(pair):
+    from jmoss.generation import Finish, stream_tokens
+
+    _, model = pair
+    prompt = model.tokenizer.encode("<|Human|>: 你好<eoh>\n<|MOSS|>:")
+
+    def run(max_len: int | None = None, **options) -> tuple[str, Finish]:
+        finish = Finish()
+        opts = GenerationOptions.from_kwargs(do_sample=False, **options)
+        session = model.session(max_len=max_len or len(prompt) + opts.max_new_tokens)
+        text = "".join(stream_tokens(model, session, prompt, opts, finish=finish))
+        return text, finish
+
+    whole, finish = run(max_new_tokens=12)
+    assert (finish.reason, finish.stop_string, finish.text) == ("length", None, whole)
+    stop = whole[4:7]
+    cut, finish = run(max_new_tokens=12, stop=[stop])
+    assert (finish.reason, finish.stop_string, finish.text) == ("stop", stop, whole[: whole.index(stop)]) and cut == finish.text
+    first = generate_tokens(model, prompt, do_sample=False, max_new_tokens=1)[0]
+    _, finish = run(max_new_tokens=12, stop=[first])
+    assert finish.reason == "stop"
+    _, finish = run(max_len=len(prompt) + 5, max_new_tokens=12)
+    assert finish.reason == "context"
