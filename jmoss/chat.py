@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 from jmoss import dialogue
 from jmoss.errors import ContextLengthError
 from jmoss.generation import Finish, GenerationOptions, stream_tokens
+from jmoss.tokenizer import clean_text
 
 if TYPE_CHECKING:
     from jmoss.api import Model
@@ -97,18 +98,28 @@ class Chat:
     def token_count(self) -> int:
         return len(self._ids)
 
-    def send(self, text: str, **options) -> Reply:
+    def send(self, text: str | bytes, **options) -> Reply:
         for _ in self.stream(text, **options):
             pass
         assert self.last_reply is not None
         return self.last_reply
 
-    def stream(self, text: str, **options) -> Iterator[str]:
-        """Yield the reply's text deltas; ``last_reply`` holds the whole Reply afterwards."""
+    def stream(self, text: str | bytes, **options) -> Iterator[str]:
+        """Yield the reply's text deltas; ``last_reply`` holds the whole Reply afterwards.
+
+        ``text`` may be any str or bytes: invalid UTF-8 and lone surrogates become U+FFFD (with a
+        notice). A message refused for length (ContextLengthError) leaves the conversation as it was.
+        """
         opts = GenerationOptions.from_kwargs(**{**self.defaults, **options})
+        text, replaced = clean_text(text)
         reply = Reply()
         self.last_reply = reply
+        if replaced:
+            notice = f"replaced {replaced} character(s) of the message that were not valid UTF-8 with U+FFFD"
+            reply.notices.append(notice)
+            self._emit("notice", notice)
         self._turn_starts.append(len(self._ids))
+        refused = False
         try:
             if self.plugins:
                 self._ids += self.tokenizer.encode(dialogue.human(text))
@@ -116,8 +127,20 @@ class Chat:
             else:
                 self._ids += self.tokenizer.encode(dialogue.human(text) + dialogue.prefix(dialogue.MOSS))
                 yield from self._reply_pass(reply, opts)
+        except ContextLengthError:
+            refused = True
+            self._undo_turn()
+            raise
         finally:  # an interrupted reply stays in the conversation, closed with <eom>
-            self.history.append((text, reply))
+            if not refused:
+                self.history.append((text, reply))
+
+    def _undo_turn(self) -> None:
+        """Take the current turn out of the ids (and the cache) as if it had never been sent."""
+        start = self._turn_starts.pop()  # _fit keeps the current turn last, shifted if it dropped any
+        del self._ids[start:]
+        if self.session.length > start:
+            self.session.truncate(start)
 
     # -- passes ------------------------------------------------------------------------------
     def _reply_pass(self, reply: Reply, opts: GenerationOptions) -> Iterator[str]:

@@ -180,6 +180,17 @@ def _show_event(show_thoughts: bool, status: Status | None = None):
     return on_event
 
 
+def _tolerant_stdin() -> None:
+    """Read stdin with ``surrogateescape``: a line that is not UTF-8 reaches Chat (which replaces
+    the bad bytes and says so) instead of ending the chat with a UnicodeDecodeError."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # a detached or closed stream: input() reports EOF itself
+            pass
+
+
 def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: bool, gen_kwargs: dict,
              meta_instruction: str | None = None, status: Status | None = None) -> None:
     """Read messages from stdin until `stop` or end of input; stream MOSS's replies to stdout."""
@@ -191,6 +202,7 @@ def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: boo
         # an interactive chat always answers Ctrl-C, even when started from a shell that handed
         # SIGINT down ignored (background jobs do)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _tolerant_stdin()
     click.echo(WELCOME)
     while True:
         try:

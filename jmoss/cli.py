@@ -253,6 +253,14 @@ def doctor():
               help="uid conversations kept (least recently used are dropped)")
 @click.option("--session-ttl", type=click.FloatRange(min=0, min_open=True), default=3600.0, show_default=True,
               help="seconds an idle uid conversation is kept")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="seconds a client has to send a request's headers; slower connections get 408 and are closed")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="seconds a client has to send a request's body after its headers")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="seconds an idle keep-alive connection is kept open between requests")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="open connections beyond which new requests get 503")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")

@@ -44,6 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from jmoss import dialogue
 from jmoss.errors import ContextLengthError, JmossError
@@ -277,6 +278,7 @@ class _Worker:
         # What the cache holds: the ids of the last stateless request, or the Chat that last ran.
         self._cached_ids: list[int] = []
         self._cache_chat: "Chat | None" = None
+        self._meta_tokens: int | None = None
         self._thread = threading.Thread(target=self._loop, name="jmoss-model-worker", daemon=True)
         self._thread.start()
 
@@ -388,15 +390,33 @@ class _Worker:
         self._cache_chat, self._cached_ids = chat, []
         return chat
 
-    def conversation(self, uid: str | None) -> tuple[str, "Chat"]:
-        """MOSS's uid rule: a known uid continues; an absent, unknown or expired one starts anew."""
+    def find_conversation(self, uid: str | None) -> "Chat | None":
+        """The live conversation of ``uid``, or None; creates nothing (expired ones are dropped)."""
         now = time.monotonic()
         while self.conversations:  # LRU order is also last-use order: the oldest are in front
             oldest_uid, oldest = next(iter(self.conversations.items()))
             if now - oldest.last_used <= self.session_ttl:
                 break
             self._drop(oldest_uid)
-        if uid is not None and uid in self.conversations:
+        found = self.conversations.get(uid) if uid is not None else None
+        return found.chat if found is not None else None
+
+    @property
+    def meta_tokens(self) -> int:
+        """Tokens of a new conversation before its first turn (its meta instruction)."""
+        if self._meta_tokens is None:
+            self._meta_tokens = len(self.model.tokenizer.encode(default_meta_instruction(self.plugins)))
+        return self._meta_tokens
+
+    def forget(self, uid: str) -> None:
+        if uid in self.conversations:
+            self._drop(uid)
+
+    def conversation(self, uid: str | None) -> tuple[str, "Chat"]:
+        """MOSS's uid rule: a known uid continues; an absent, unknown or expired one starts anew."""
+        now = time.monotonic()
+        if self.find_conversation(uid) is not None:
+            assert uid is not None
             found = self.conversations[uid]
             found.last_used = now
             self.conversations.move_to_end(uid)
@@ -452,11 +472,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServerRequestError(413, f"the body is larger than {limit} bytes", code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServerRequestError(413, f"the body is larger than {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServerRequestError(413, f"the body is larger than {limit} bytes", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _ClientGone("before its request body was read") from None
     return b"".join(chunks)
 
 
@@ -466,7 +489,16 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 class _ClientGone(Exception):
-    pass
+    """The client hung up; the message says when. Logged as one info line, answered with 499."""
+
+
+def _client_gone(request: Request, exc: _ClientGone | None = None) -> Response:
+    if not request.scope.get("jmoss.closed"):  # the protocol already logged why it closed it
+        client = request.client
+        who = f"{client.host}:{client.port}" if client else "a client"
+        log.info("%s disconnected %s (%s %s)", who, (exc and str(exc)) or "before the reply was complete",
+                 request.method, request.url.path)
+    return Response(status_code=499)
 
 
 async def _result(job: _Job, request: Request) -> Any:
@@ -478,7 +510,7 @@ async def _result(job: _Job, request: Request) -> Any:
             done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
                 getter.cancel()
-                raise _ClientGone()
+                raise _ClientGone("before the reply was ready")
             kind, value = getter.result()
             if kind == "error":
                 raise value
@@ -545,6 +577,10 @@ def create_app(
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, str(exc.detail), code=kind, headers=dict(exc.headers or {}))
 
+    @app.exception_handler(_ClientGone)
+    async def _on_client_gone(request: Request, exc: _ClientGone) -> Response:
+        return _client_gone(request, exc)
+
     @app.exception_handler(Exception)
     async def _on_bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request failed")
@@ -602,26 +638,34 @@ def create_app(
                                   "prompt")
 
         def run(post: Post) -> dict:
-            uid, chat = worker.conversation(req.uid)
-            room = req.max_length - chat.token_count - len(turn)  # max_length counts prompt + reply (§5.1)
+            # A request that fails creates no session (and so evicts none): check before creating.
+            known = worker.find_conversation(req.uid)
+            count = known.token_count if known is not None else worker.meta_tokens
+            room = req.max_length - count - len(turn)  # max_length counts prompt + reply (§5.1)
             if room < 1:
                 raise ServerRequestError(
-                    400, f"this conversation has {chat.token_count + len(turn)} tokens, max_length is {req.max_length}: "
+                    400, f"this conversation has {count + len(turn)} tokens, max_length is {req.max_length}: "
                          "raise max_length or start a new conversation (send no uid)", param="max_length",
                     code="context_length_exceeded")
+            uid, chat = worker.conversation(req.uid)
             greedy = req.temperature == 0
-            reply = worker.chat_turn(chat, req.prompt, dict(
-                max_new_tokens=min(room, limits.max_tokens_limit), do_sample=not greedy,
-                temperature=req.temperature if not greedy else 1.0, top_p=req.top_p,
-                top_k=MOSS_DEFAULTS["top_k"], repetition_penalty=MOSS_DEFAULTS["repetition_penalty"],
-                stop=tuple(req.stop)), post)
+            try:
+                reply = worker.chat_turn(chat, req.prompt, dict(
+                    max_new_tokens=min(room, limits.max_tokens_limit), do_sample=not greedy,
+                    temperature=req.temperature if not greedy else 1.0, top_p=req.top_p,
+                    top_k=MOSS_DEFAULTS["top_k"], repetition_penalty=MOSS_DEFAULTS["repetition_penalty"],
+                    stop=tuple(req.stop)), post)
+            except BaseException:
+                if known is None:  # its client never learns the uid: the new session is useless
+                    worker.forget(uid)
+                raise
             return {"response": reply.text, "history": [[q, r.text] for q, r in chat.history], "status": 200,
                     "time": time.strftime("%Y-%m-%d %H:%M:%S"), "uid": uid}
 
         try:
             return await _result(worker.submit(run, stream=False), request)
-        except _ClientGone:
-            return Response(status_code=499)
+        except _ClientGone as exc:
+            return _client_gone(request, exc)
 
     # -- the chat page ---------------------------------------------------------------------------
     if web:
@@ -683,8 +727,8 @@ def create_app(
         if not req.stream:
             try:
                 out = await _result(job, request)
-            except _ClientGone:
-                return Response(status_code=499)
+            except _ClientGone as exc:
+                return _client_gone(request, exc)
             return {"id": ident, "object": "chat.completion", "created": made, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                                  "logprobs": None, "finish_reason": out["finish_reason"]}],
@@ -725,8 +769,8 @@ def create_app(
         if not req.stream:
             try:
                 out = await _result(job, request)
-            except _ClientGone:
-                return Response(status_code=499)
+            except _ClientGone as exc:
+                return _client_gone(request, exc)
             return body([choice(out["text"], out["finish_reason"])], usage=_usage(out))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _event_stream(job, first=None, delta=lambda t: body([choice(t, None)]),
@@ -750,6 +794,7 @@ def _event_stream(job: _Job, *, first: dict | None, delta: Callable[[str], dict]
     """Server-sent events in OpenAI's chunk shape; closing the connection cancels the job."""
 
     async def events() -> AsyncIterator[str]:
+        finished = False
         try:
             if first is not None:
                 yield _sse(first)
@@ -771,8 +816,11 @@ def _event_stream(job: _Job, *, first: dict | None, delta: Callable[[str], dict]
                         yield _sse(usage(value))
                     break
             yield _sse("[DONE]")
+            finished = True
         finally:  # normal end, or Starlette cancelled us because the client disconnected
             job.cancel()
+            if not finished:
+                log.info("a client disconnected before its streamed reply was complete")
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -808,10 +856,145 @@ def _messages_to_moss(messages: list[_Message], plugins: Sequence["Plugin"]) -> 
     return meta, turns, messages[-1].text()
 
 
+DEFAULT_HEADER_TIMEOUT = 10.0  # nginx's client_header_timeout is 60 s; a JSON API needs far less
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 1000
+
+
+def _canned(status: bytes, text: bytes) -> bytes:
+    return (b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (status, len(text), text))
+
+
+def timed_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                   max_header_bytes: int = 16 * 1024) -> type:
+    """uvicorn's h11 protocol plus the two client timeouts uvicorn lacks (it only times keep-alive).
+
+    A connection must deliver a request's headers within ``header_timeout`` of connecting (or of
+    the first byte after an idle keep-alive wait), and its whole body within ``body_timeout`` of
+    the headers. Otherwise it is answered 408 (if no reply has started) and closed, with one info
+    line: slow-loris clients cannot hold sockets or buffers. While the app works on a request
+    nothing is timed (generating a reply may take minutes). Request line + headers longer than
+    ``max_header_bytes`` get 431 (h11 bounds only an incomplete head; one that arrives whole in a
+    single read passes it), an HTTP version other than 1.0/1.1 gets 505, as nginx answers.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+        _phase = ""
+        _checked: Any = None  # the request cycle whose head was checked
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm("headers", header_timeout)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._update()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._update()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _check_head(self) -> bool:
+            """Refuse an oversized head or an unknown HTTP version before the app runs (its task is
+            scheduled but has not started: marked disconnected, it sends nothing)."""
+            cycle = self.cycle
+            if cycle is None or cycle is self._checked:
+                return True
+            self._checked = cycle
+            scope = cycle.scope
+            size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if size > max_header_bytes:
+                answer, why = _canned(b"431 Request Header Fields Too Large", b"request headers too large\n"), \
+                    f"its request line and headers are {size} bytes, over {max_header_bytes}"
+            elif scope["http_version"] not in ("1.0", "1.1"):
+                answer, why = _canned(b"505 HTTP Version Not Supported", b"HTTP/1.0 or HTTP/1.1 only\n"), \
+                    f"it spoke HTTP/{scope['http_version'][:8]}"
+            else:
+                return True
+            scope["jmoss.closed"] = True  # type: ignore[typeddict-unknown-key]
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.transport.write(answer)
+            self.transport.close()
+            log.info("refused a request from %s: %s", self._who(), why)
+            return False
+
+        def _who(self) -> str:
+            return "%s:%d" % tuple(self.client[:2]) if self.client else "a client"
+
+        def _update(self) -> None:
+            their = self.conn.their_state
+            if not self._check_head() or self.transport.is_closing():
+                self._disarm()
+            elif their is h11.IDLE:  # waiting for a request line and headers
+                if self.timeout_keep_alive_task is not None:
+                    self._disarm()  # nothing sent since the last reply: uvicorn's keep-alive timer runs
+                elif self._phase != "headers":
+                    self._arm("headers", header_timeout)
+            elif their is h11.SEND_BODY:
+                if self._phase != "body":
+                    self._arm("body", body_timeout)
+            else:
+                self._disarm()  # the request is in; the app answers in its own time
+
+        def _arm(self, phase: str, seconds: float) -> None:
+            self._disarm()
+            self._phase = phase
+            self._timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._phase = None, ""
+
+        def _expired(self) -> None:
+            phase, seconds = self._phase, header_timeout if self._phase == "headers" else body_timeout
+            self._timer, self._phase = None, ""
+            if self.transport.is_closing():
+                return
+            log.info("closed the connection from %s: its request %s did not arrive within %g s", self._who(), phase,
+                     seconds)
+            cycle = self.cycle
+            answering = cycle is not None and not cycle.response_complete
+            if answering:
+                cycle.scope["jmoss.closed"] = True  # type: ignore[typeddict-unknown-key]
+                cycle.disconnected = True  # the app's receive() returns http.disconnect; a late reply is dropped
+                cycle.message_event.set()
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not (answering and cycle.response_started):
+                self.transport.write(_canned(b"408 Request Timeout", b"the request did not arrive in time\n"))
+            self.transport.close()
+
+    return TimedH11Protocol
+
+
 def serve(model: "Model", host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, log_level: str = "info",
-          web: bool = True, **limits: Any) -> None:
-    """Serve ``model`` with uvicorn until interrupted; ``web`` and ``limits`` go to :func:`create_app`."""
+          web: bool = True, header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+          idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+          max_header_bytes: int = 16 * 1024, **limits: Any) -> None:
+    """Serve ``model`` with uvicorn until interrupted; ``web`` and ``limits`` go to :func:`create_app`.
+
+    ``header_timeout``/``body_timeout`` bound how long a request may take to arrive (see
+    :func:`timed_protocol`), ``idle_timeout`` how long a keep-alive connection may sit idle between
+    requests; past ``max_connections`` open connections new requests get 503. ``max_header_bytes``
+    bounds the request line plus headers (431 and close).
+    """
+    import copy
+
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     app = create_app(model, web=web, **limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    log_config = copy.deepcopy(LOGGING_CONFIG)  # jmoss.server's info lines (disconnects, timeouts) beside uvicorn's
+    log_config["loggers"]["jmoss"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=log_config, timeout_graceful_shutdown=5,
+                http=timed_protocol(header_timeout, body_timeout, max_header_bytes), timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]
+                limit_concurrency=max_connections, h11_max_incomplete_event_size=max_header_bytes)

@@ -123,6 +123,25 @@ def _resolve_specials(config: dict, special_map: dict) -> dict[str, list[_Specia
     return resolved
 
 
+def clean_text(text: str | bytes) -> tuple[str, int]:
+    """``text`` as valid Unicode, and how many characters were replaced by U+FFFD.
+
+    Bytes are decoded as UTF-8 with invalid sequences replaced; in a str, surrogate pairs are
+    joined and lone surrogates (from JSON escapes, ``surrogateescape``-decoded stdin) replaced.
+    Valid text costs one UTF-8 encode in C and is returned as is.
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+        fixed = raw.decode("utf-8", "replace")
+        return fixed, fixed.count("\ufffd") - raw.count("\ufffd".encode())
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return fixed, fixed.count("\ufffd") - text.count("\ufffd")
+
+
 class Tokenizer:
     """GPT-2 byte-level BPE plus added tokens; encode/decode/stream-decode MOSS and CodeGen ids.
 
@@ -180,9 +199,13 @@ class Tokenizer:
     # ---- encoding -------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no BOS is added; MOSS's add_bos_token is false)."""
+        """Token ids of ``text`` (no BOS is added; MOSS's add_bos_token is false).
+
+        Lone surrogates (which the Rust side refuses with a TypeError) are encoded as U+FFFD.
+        """
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
+        text, _ = clean_text(text)
         if not self._reference_split or self._split_re is None or self._split_re.search(text) is None:
             return self._tok.encode(text, add_special_tokens=False).ids
         pieces = self._reference_pieces(text)

@@ -13,8 +13,9 @@ What the SFT data tells about MOSS's backend (moss-spec §4.6, and the 54 record
 - values print as sympy prints them: 160/3, 130.000000000000, -sqrt(15), -1 - sqrt(3)*I.
 
 The text is never passed to ``sympify``/``parse_expr`` (they call ``eval``): it is parsed with
-``ast`` and rebuilt from a whitelist, as in the calculator. sympy can take unbounded time, so all
-work happens in a worker process that is killed when a request runs past its time limit.
+``ast`` and rebuilt from a whitelist, as in the calculator. sympy can take unbounded time and memory, so all
+work happens in a worker process that runs under an address-space limit (RLIMIT_AS) and is killed
+when a request runs past its time limit.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ MAX_EQUATIONS = 12
 MAX_NODES = 300
 MAX_SYMBOLIC_EXPONENT = 64
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_MEMORY_LIMIT = 1 << 30  # address space of the worker (RLIMIT_AS); sympy itself needs ~100 MB
 STARTUP_TIMEOUT = 60.0  # importing sympy in a fresh process; paid once per worker
 
 _TOKEN = re.compile(r"\s+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+|[A-Za-z_][A-Za-z0-9_]*|\*\*|.", re.S)
@@ -248,16 +250,17 @@ class SolverWorker:
     multiprocessing child, so the user's main script is never re-imported in it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, memory_limit: int | None = DEFAULT_MEMORY_LIMIT) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self.memory_limit = memory_limit  # None: no limit beyond the time limit
 
     def _start(self) -> None:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # so a source checkout works uninstalled
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jmoss.plugins.solver"],
+            [sys.executable, "-m", "jmoss.plugins.solver", *([str(self.memory_limit)] if self.memory_limit else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -310,9 +313,12 @@ class SolverWorker:
                 self.stop()
                 raise SolverError(f"the sympy worker failed: {exc}") from None
             if line is None:
+                died = self._proc.poll() is not None  # e.g. killed for memory outside Python's reach
                 self.stop()  # still computing (or dead): kill it, the next request starts a new one
-                raise SolverError(f"no answer within {timeout:g} s")
-        answer = json.loads(line)
+                raise SolverError("the sympy worker died (out of memory?)" if died else f"no answer within {timeout:g} s")
+            answer = json.loads(line)
+            if answer.get("error", "").startswith(("MemoryError", "SystemError")):  # sympy's C parts wrap it
+                self.stop()  # a fresh process rather than one whose heap ran out mid-computation
         if "error" in answer:
             raise SolverError(answer["error"])
         return answer["ok"]
@@ -357,5 +363,18 @@ class SolverPlugin(Plugin):
         return solve(args[0], args[1:], self._solve_timeout).split("\n")
 
 
+def _limit_memory(limit: int) -> None:
+    """Cap this process's address space: a request that expands without bound gets a MemoryError
+    (answered as an error, so "No result.") long before it could take the machine's memory."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard if hard != resource.RLIM_INFINITY else limit))
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        _limit_memory(int(sys.argv[1]))
     _serve(sys.stdin, sys.stdout)
