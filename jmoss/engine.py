@@ -7,6 +7,8 @@ from (same interface as ``api.ResidentWeights``: ``.layer(i)`` and ``.head()``):
 - resident groups are read once with ``preadv`` into arrays this object owns (not memmaps, so
   the process RSS reports them honestly and the page cache does not keep a second copy) and
   wrapped as jittor Vars without a copy;
+- every group file is checked against the manifest's fast hash on its first read (resident groups
+  at load, streamed groups on their first pass through the reader thread), before a byte is used;
 - streamed groups are read by one background thread, each group's contiguous data span in one
   ``preadv``, into ``prefetch_depth`` slot buffers allocated at start-up and sized for the
   largest streamed group; ``posix_fadvise(DONTNEED)`` after each read drops the pages from the
@@ -328,6 +330,7 @@ class StreamingWeights(StreamPipeline):
             read_span(fd, target, start)
         finally:
             os.close(fd)
+        self.store.check_group_span(g, target)  # before any byte is used
         if self.itemsize == 4:
             widen_in_place(buf, nbytes // 2, np.empty(_WIDEN_CHUNK, np.float16))
         self._resident_arrays.append(buf)
@@ -348,8 +351,10 @@ class StreamingWeights(StreamPipeline):
         t0 = time.perf_counter()
         if self.itemsize == 2:
             read_span(self._fds[g], memoryview(buf)[:nbytes], offset)
+            self.store.check_group_span(g, memoryview(buf)[:nbytes])  # first read only; then a set lookup
         else:
             read_span(self._fds[g], memoryview(buf)[nbytes : 2 * nbytes], offset)
+            self.store.check_group_span(g, memoryview(buf)[nbytes : 2 * nbytes])
             widen_in_place(buf, nbytes // 2, self._scratch)
         self.stats.read_seconds += time.perf_counter() - t0
         self.stats.bytes_read += nbytes

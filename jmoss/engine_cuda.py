@@ -102,6 +102,7 @@ class CudaStreamingWeights(StreamPipeline):
                     read_span(fd, memoryview(self._host[g]), offset)
                 finally:
                     os.close(fd)
+                store.check_group_span(g, self._host[g])
         self._staging = [self._pinned(plan.staging_slot_bytes) for _ in range(self.depth)] \
             if any(where[g] == "disk" for g in sequence) else []
         self._fds = {g: os.open(store.group_path(g), os.O_RDONLY) for g in sequence if where[g] == "disk"}
@@ -134,6 +135,7 @@ class CudaStreamingWeights(StreamPipeline):
         if self._where[g] == "disk":
             source = self._staging[slot][:n]
             read_span(self._fds[g], memoryview(source), offset)
+            self.store.check_group_span(g, source)  # first read only; then a set lookup
         else:
             source = self._host[g]
         key = "layer" if isinstance(g, int) else str(g)
