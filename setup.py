@@ -35,7 +35,7 @@ setup(
         "tqdm>=4.66",
         "sympy>=1.12",
         "psutil>=5.9",
-        "xxhash>=3.4",
+        "xxhash>=4.1",
         "bm25s>=0.2",
     ],
     extras_require={
