@@ -120,6 +120,7 @@ class _Converter:
         self.gptq_parts: dict[str, dict[str, np.ndarray]] = {}
         self.gptq_bits: set[int] = set()
         self.qkv_order = layout.qkv_row_order(config)
+        self.seen: set[str] = set()
 
     def target(self, name: str) -> tuple[layout.Group, str] | None:
         """(group, store name) of a source tensor name; None for buffers the store drops."""
@@ -148,6 +149,9 @@ class _Converter:
         return self.writers[group]
 
     def add(self, tensor: SourceTensor) -> None:
+        if tensor.name in self.seen:  # in two files: which copy wins must not depend on file order
+            raise CheckpointError(f"tensor {tensor.name[:100]} appears twice in the checkpoint (again in {tensor.file.name})")
+        self.seen.add(tensor.name)
         target = self.target(tensor.name)
         if target is None or target[0] not in self.pending:
             return  # ignored buffer (causal_mask) or an already-verified group: bytes never read

@@ -105,10 +105,16 @@ class Source:
             if wanted is not None and self.index is not None:
                 if not any(wanted(n) for n, f in self.index.items() if f == path.name):
                     continue
-            if self.weight_format == "safetensors":
-                yield from _safetensors_tensors(path, self.redownload_hint(path))
-            else:
-                yield from _torch_tensors(path, self.redownload_hint(path))
+            tensors = (_safetensors_tensors if self.weight_format == "safetensors" else _torch_tensors)(path, self.redownload_hint(path))
+            for tensor in tensors:
+                if self.index is not None and self.index.get(tensor.name) != path.name:
+                    # the index says where each tensor is: a copy elsewhere would win or lose by file order
+                    raise CheckpointError(
+                        f"{path.name} holds tensor {tensor.name[:100]}, but the weight index "
+                        f"{'puts it in ' + str(self.index[tensor.name]) if tensor.name in self.index else 'does not list it'}; "
+                        "the checkpoint is inconsistent: re-download the index and its shards"
+                    )
+                yield tensor
 
 
 def _torch_tensors(path: Path, hint: str) -> Iterator[SourceTensor]:
