@@ -410,9 +410,12 @@ def fast_hash_bytes(data: bytes | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+_HASH_CHUNK = 1 << 20  # small enough that each chunk is hashed while still in the CPU cache
+
+
 def fast_hash_file(path: Path) -> str:
     h = fast_hash()
-    buf = bytearray(_CHUNK)
+    buf = bytearray(_HASH_CHUNK)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(memoryview(buf)[:n])
@@ -711,20 +714,34 @@ class Store:
         Header bytes are re-read (a few KB) and hashed with ``data``: together they are the whole
         file, whose size ``open`` checked. A no-op once the file passed, and for old stores.
         """
+        h = self.span_hasher(group)
+        if h is None:
+            return
+        view = memoryview(data).cast("B")
+        if len(view) != self.group_data_span(group)[1]:
+            raise ValueError(f"check_group_span: {len(view)} bytes given, the span has {self.group_data_span(group)[1]}")
+        h.update(view)
+        self.finish_span_check(group, h)
+
+    def span_hasher(self, group: Group) -> Any:
+        """A fast hasher already fed the group file's header, for a reader to feed the data span
+        to as it reads it (hashing each chunk while it is in the CPU cache); None when the file
+        was checked already or the manifest records no fast hash. Finish with finish_span_check."""
         group = _group_key(group)
         name = layout.group_file(group)
         record = self.manifest["files"].get(name, {})
         if name in self._verified or not isinstance(record.get(FAST_HASH), str):
-            return
-        start, nbytes = self.group_data_span(group)
+            return None
+        start, _ = self.group_data_span(group)
         h = fast_hash()
         with open(self.group_path(group), "rb") as f:
             h.update(f.read(start))
-        view = memoryview(data).cast("B")
-        if len(view) != nbytes:
-            raise ValueError(f"check_group_span: {len(view)} bytes given, the span has {nbytes}")
-        h.update(view)
-        if h.hexdigest() != record[FAST_HASH]:
+        return h
+
+    def finish_span_check(self, group: Group, hasher: Any) -> None:
+        """Compare a span_hasher fed the whole data span; raise naming the file on a mismatch."""
+        name = layout.group_file(_group_key(group))
+        if hasher.hexdigest() != self.manifest["files"][name][FAST_HASH]:
             raise self._mismatch(name)
         with self._lock:
             self._verified.add(name)
