@@ -290,9 +290,9 @@ def _check_finished_store(
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ValueError("no file list")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         if progress:
-            print(f"{out / MANIFEST} is damaged ({exc}); converting {src.id} again")
+            print(f"{out / MANIFEST} is damaged ({str(exc)[:200]}); converting {src.id} again")
         return {}, set()
     previous = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
     keys = ("id", "revision", "format")
@@ -320,7 +320,7 @@ def _check_finished_store(
         if name not in problems and _valid_record(record):
             kept[str(group)] = {k: record[k] for k in ("size", "sha256", FAST_HASH) if k in record}
     bits = previous.get("quantization", {}).get("bits", []) if isinstance(previous.get("quantization"), dict) else []
-    return kept, set(bits)
+    return kept, {b for b in bits if b in gptq.SUPPORTED_BITS} if isinstance(bits, list) else set()
 
 
 def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True) -> Path:
