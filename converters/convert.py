@@ -103,7 +103,8 @@ def _to_fp16(chunk: np.ndarray, dtype: str, name: str) -> np.ndarray:
         wide = chunk
     else:
         raise CheckpointError(f"tensor {name} has dtype {dtype}; a MOSS/CodeGen weight is floating point")
-    out = wide.astype(np.float16)
+    with np.errstate(over="ignore"):  # an overflow is reported just below, as an error
+        out = wide.astype(np.float16)
     if np.isinf(out).any() and not np.isinf(wide).any():
         raise CheckpointError(f"tensor {name} has values beyond the fp16 range (|x| > 65504); jmoss stores fp16")
     return out
