@@ -42,6 +42,7 @@ setup(
         "tqdm>=4.66",
         "sympy>=1.12",
         "psutil>=5.9",
+        "xxhash>=4.1",
         "bm25s>=0.2",
         "fastapi>=0.110",  # jmoss serve is a core command, so its stack is in the default install
         "uvicorn>=0.29",

@@ -28,7 +28,9 @@ from jmoss.converters import gptq, layout
 from jmoss.converters.sources import GPTQ_SUFFIXES, Source, SourceTensor, resolve
 from jmoss.errors import CheckpointError, StoreError
 from jmoss.store import (
+    FAST_HASH,
     JOURNAL,
+    TOKENIZER_FILES,
     MANIFEST,
     GroupWriter,
     _is_checkpoint_dir,
@@ -54,11 +56,15 @@ class _Journal:
         self.gptq_bits: set[int] = set()  # bit widths met so far (for the manifest of a resumed run)
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, ValueError, RecursionError):
             return
-        if data.get("version") == JOURNAL_VERSION and data.get("identity") == identity:
-            self.groups = data.get("groups", {})
-            self.gptq_bits = set(data.get("gptq_bits", []))
+        if not isinstance(data, dict) or data.get("version") != JOURNAL_VERSION or data.get("identity") != identity:
+            return
+        groups, bits = data.get("groups"), data.get("gptq_bits")
+        if isinstance(groups, dict) and all(_valid_record(r) for r in groups.values()):
+            self.groups = groups
+            if isinstance(bits, list) and all(b in gptq.SUPPORTED_BITS for b in bits):
+                self.gptq_bits = set(bits)
 
     def verified(self, out: Path, config: MossConfig, hashed: frozenset[str] = frozenset()) -> dict[layout.Group, dict[str, Any]]:
         """Recorded groups whose files still hash to what was recorded (``hashed``: just checked)."""
@@ -84,6 +90,10 @@ class _Journal:
         atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
 
 
+def _valid_record(record: Any) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("size"), int) and isinstance(record.get("sha256"), str)
+
+
 def _to_fp16(chunk: np.ndarray, dtype: str, name: str) -> np.ndarray:
     if dtype == "float16":
         return np.ascontiguousarray(chunk)
@@ -93,7 +103,8 @@ def _to_fp16(chunk: np.ndarray, dtype: str, name: str) -> np.ndarray:
         wide = chunk
     else:
         raise CheckpointError(f"tensor {name} has dtype {dtype}; a MOSS/CodeGen weight is floating point")
-    out = wide.astype(np.float16)
+    with np.errstate(over="ignore"):  # an overflow is reported just below, as an error
+        out = wide.astype(np.float16)
     if np.isinf(out).any() and not np.isinf(wide).any():
         raise CheckpointError(f"tensor {name} has values beyond the fp16 range (|x| > 65504); jmoss stores fp16")
     return out
@@ -110,6 +121,7 @@ class _Converter:
         self.gptq_parts: dict[str, dict[str, np.ndarray]] = {}
         self.gptq_bits: set[int] = set()
         self.qkv_order = layout.qkv_row_order(config)
+        self.seen: set[str] = set()
 
     def target(self, name: str) -> tuple[layout.Group, str] | None:
         """(group, store name) of a source tensor name; None for buffers the store drops."""
@@ -138,6 +150,9 @@ class _Converter:
         return self.writers[group]
 
     def add(self, tensor: SourceTensor) -> None:
+        if tensor.name in self.seen:  # in two files: which copy wins must not depend on file order
+            raise CheckpointError(f"tensor {tensor.name[:100]} appears twice in the checkpoint (again in {tensor.file.name})")
+        self.seen.add(tensor.name)
         target = self.target(tensor.name)
         if target is None or target[0] not in self.pending:
             return  # ignored buffer (causal_mask) or an already-verified group: bytes never read
@@ -157,8 +172,35 @@ class _Converter:
             self._write(group, store_name, expected, lambda rows: _to_fp16(array[rows], tensor.dtype, tensor.name), order)
             del array  # drop the view before the mapping closes: an exported buffer cannot be unmapped
 
+    def _check_gptq_part(self, tensor: SourceTensor, suffix: str, out_features: int, in_features: int) -> None:
+        """Shape and dtype of one packed part against the Linear the config implies, before its
+        bytes are copied (a huge shape over a stride-0 storage would otherwise be materialized)."""
+        shape, dtype = tuple(tensor.shape), tensor.dtype
+        bits_ok = lambda packed, full: any(32 * packed == full * b for b in gptq.SUPPORTED_BITS)  # noqa: E731
+        if suffix == "qweight":
+            ok = dtype == "int32" and len(shape) == 2 and shape[1] == out_features and bits_ok(shape[0], in_features)
+            want = f"int32 [in_features*bits/32, {out_features}] (in_features {in_features})"
+        elif suffix == "qzeros":
+            ok = dtype == "int32" and len(shape) == 2 and 1 <= shape[0] <= in_features and bits_ok(shape[1], out_features)
+            want = f"int32 [groups <= {in_features}, {out_features}*bits/32]"
+        elif suffix == "scales":
+            ok = dtype in ("float16", "float32", "bfloat16") and len(shape) == 2 and 1 <= shape[0] <= in_features and shape[1] == out_features
+            want = f"float [groups <= {in_features}, {out_features}]"
+        else:  # g_idx
+            ok = dtype in ("int32", "int64") and shape == (in_features,)
+            want = f"int32 [{in_features}]"
+        if not ok:
+            raise CheckpointError(
+                f"GPTQ tensor {tensor.name} in {tensor.file.name} is {dtype} {list(shape)[:8]}, but config.json "
+                f"implies {want}; the checkpoint is corrupt or does not match its config"
+            )
+
     def _add_gptq_part(self, tensor: SourceTensor, group: layout.Group, store_name: str) -> None:
         base, suffix = tensor.name.rsplit(".", 1)
+        out_features, in_features = layout.group_shapes(self.config, group)[store_name]
+        self._check_gptq_part(tensor, suffix, out_features, in_features)
+        if suffix in self.gptq_parts.get(base, {}):
+            raise CheckpointError(f"GPTQ tensor {tensor.name} appears twice in the checkpoint")
         with tensor.open() as array:
             part = np.array(array)  # packed parts are small; the fp16 result is written in chunks
             del array
@@ -249,9 +291,9 @@ def _check_finished_store(
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ValueError("no file list")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         if progress:
-            print(f"{out / MANIFEST} is damaged ({exc}); converting {src.id} again")
+            print(f"{out / MANIFEST} is damaged ({str(exc)[:200]}); converting {src.id} again")
         return {}, set()
     previous = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
     keys = ("id", "revision", "format")
@@ -264,6 +306,7 @@ def _check_finished_store(
     expected |= {p.name for p in src.tokenizer_files}
     problems = check_files(out, manifest)
     problems.update({name: "not in the manifest" for name in expected - set(manifest["files"])})
+    problems.update({str(name)[:100]: "not part of this store" for name in set(manifest["files"]) - expected})
     if not problems:
         if progress:
             print(f"{src.id} is already converted at {out}; all its files verified")
@@ -275,10 +318,10 @@ def _check_finished_store(
     for group in layout.all_groups(config):
         name = layout.group_file(group)
         record = manifest["files"].get(name)
-        if name not in problems and isinstance(record, dict):
-            kept[str(group)] = {"size": record["size"], "sha256": record["sha256"]}
+        if name not in problems and _valid_record(record):
+            kept[str(group)] = {k: record[k] for k in ("size", "sha256", FAST_HASH) if k in record}
     bits = previous.get("quantization", {}).get("bits", []) if isinstance(previous.get("quantization"), dict) else []
-    return kept, set(bits)
+    return kept, {b for b in bits if b in gptq.SUPPORTED_BITS} if isinstance(bits, list) else set()
 
 
 def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True) -> Path:
@@ -292,7 +335,10 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     if out is None:
         out = default_store_dir(src.id) if src.hub else default_store_dir_for_local(src.root)
     out = Path(out).expanduser()
-    if out.exists() and (out.resolve() == src.root.resolve() or _is_checkpoint_dir(out)):
+    if out.resolve().is_relative_to(src.root.resolve()):
+        where = "is a checkpoint folder (the source itself)" if out.resolve() == src.root.resolve() else f"is inside the checkpoint folder {src.root}"
+        raise StoreError(f"--out {out} {where}; the store needs a folder of its own (or omit --out)")
+    if out.exists() and _is_checkpoint_dir(out):
         raise StoreError(f"--out {out} is a checkpoint folder; the store needs a folder of its own (or omit --out)")
     described = src.describe()
     journal = _Journal(out, {"source": described, "config": config.to_dict()})
@@ -305,8 +351,11 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
         journal.save()  # the journal, not the manifest, now says what is kept
         (out / MANIFEST).unlink()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
+    own = {layout.group_file(g) for g in layout.all_groups(config)} | {"config.json", MANIFEST, JOURNAL, *TOKENIZER_FILES}
+    for name in own:  # only this converter's own leftovers: never a user's other *.tmp files
+        stale = out / f"{name}.tmp"
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink()
     done = journal.verified(out, config, hashed)
     journal.save()
     pending = [g for g in layout.all_groups(config) if g not in done]

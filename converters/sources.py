@@ -11,7 +11,7 @@ tensor's bytes are read until its ``open()`` context is entered.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -22,7 +22,10 @@ import numpy as np
 
 from jmoss.converters.torch_zip import TorchZipCheckpoint, map_region, numpy_dtype
 from jmoss.errors import CheckpointError, ConfigError, ModelNotFoundError
-from jmoss.store import TOKENIZER_FILES
+from jmoss.config import parse_json_bytes
+from jmoss.store import TOKENIZER_FILES, inside, parse_safetensors_header, read_small_file, safe_name
+
+MAX_SHARDS = 10000  # moss-moon-003 has 4 shards; an index naming more is not a real checkpoint
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -56,7 +59,7 @@ class SourceTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+        return math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
 
     def open(self) -> ContextManager[np.ndarray]:
         """A read-only view of the tensor, valid inside the ``with`` block (mmap-backed)."""
@@ -102,10 +105,16 @@ class Source:
             if wanted is not None and self.index is not None:
                 if not any(wanted(n) for n, f in self.index.items() if f == path.name):
                     continue
-            if self.weight_format == "safetensors":
-                yield from _safetensors_tensors(path, self.redownload_hint(path))
-            else:
-                yield from _torch_tensors(path, self.redownload_hint(path))
+            tensors = (_safetensors_tensors if self.weight_format == "safetensors" else _torch_tensors)(path, self.redownload_hint(path))
+            for tensor in tensors:
+                if self.index is not None and self.index.get(tensor.name) != path.name:
+                    # the index says where each tensor is: a copy elsewhere would win or lose by file order
+                    raise CheckpointError(
+                        f"{path.name} holds tensor {tensor.name[:100]}, but the weight index "
+                        f"{'puts it in ' + str(self.index[tensor.name]) if tensor.name in self.index else 'does not list it'}; "
+                        "the checkpoint is inconsistent: re-download the index and its shards"
+                    )
+                yield tensor
 
 
 def _torch_tensors(path: Path, hint: str) -> Iterator[SourceTensor]:
@@ -115,34 +124,12 @@ def _torch_tensors(path: Path, hint: str) -> Iterator[SourceTensor]:
 
 
 def _safetensors_tensors(path: Path, hint: str) -> Iterator[SourceTensor]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path.name} is truncated ({size} bytes, no safetensors header); {hint}")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size, 100 << 20):
-            raise CheckpointError(f"{path.name} is truncated or not a safetensors file (header length {n}, file {size} bytes); {hint}")
-        text = f.read(n)
-    try:
-        header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path.name}: corrupt safetensors header ({exc}); {hint}") from None
-    start = 8 + n
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
-    end = max((v["data_offsets"][1] for _, v in entries), default=0)
-    if start + end > size:
-        raise CheckpointError(
-            f"{path.name} is truncated (expected at least {start + end} bytes, found {size}); {hint}"
-        )
-    for name, entry in entries:
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    # Every declared size is checked against the file before anything is mapped (store.py).
+    start, entries, _ = parse_safetensors_header(path, CheckpointError, hint)
+    for name, (st_dtype, shape, begin, _end) in entries.items():
+        dtype = _SAFETENSORS_DTYPES.get(st_dtype)
         if dtype is None:
-            raise CheckpointError(f"{path.name}: tensor {name} has dtype {entry['dtype']}, which jmoss cannot convert")
-        shape = tuple(entry["shape"])
-        begin, stop = entry["data_offsets"]
-        if stop - begin != int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize:
-            raise CheckpointError(f"{path.name}: tensor {name} has {stop - begin} bytes for shape {shape}; corrupt file")
+            raise CheckpointError(f"{path.name}: tensor {name[:100]} has dtype {st_dtype}, which jmoss cannot convert")
         yield SourceTensor(name, dtype, shape, path, lambda b=start + begin, s=shape, d=dtype: _mapped(path, b, s, d))
 
 
@@ -161,14 +148,32 @@ def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: str) -> Iter
 
 
 def _read_index(path: Path, hint: Callable[[str], str]) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path.name} is not a valid weight index ({exc}); {hint(path.name)}") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
-        raise CheckpointError(f"{path.name}: weight_map must map tensor names to file names in the same folder")
+    data = parse_json_bytes(read_small_file(path, CheckpointError), path, CheckpointError)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path.name} is not a valid weight index (no weight_map object); {hint(path.name)}")
+    if not all(isinstance(k, str) and safe_name(v) for k, v in weight_map.items()):
+        bad = next(v for k, v in weight_map.items() if not (isinstance(k, str) and safe_name(v)))
+        raise CheckpointError(
+            f"{path.name}: weight_map must map tensor names to file names in the same folder; it names {str(bad)[:100]!r}"
+        )
+    if len(set(weight_map.values())) > MAX_SHARDS:
+        raise CheckpointError(f"{path.name} names {len(set(weight_map.values()))} shards (limit {MAX_SHARDS}); not a real checkpoint")
     return weight_map
+
+
+def check_within(root: Path, file: Path) -> Path:
+    """``file`` if it resolves inside ``root``, or inside the Hugging Face cache's blobs/ of the
+    repo whose snapshot ``root`` is (the hub links snapshot files there by design); else an error."""
+    if inside(root, file):
+        return file
+    root = Path(root)
+    if root.parent.name == "snapshots" and inside(root.parent.parent / "blobs", file):
+        return file
+    raise CheckpointError(
+        f"{file} is a link to {os.path.realpath(file)}, outside the checkpoint folder {root}; refused "
+        "(copy the real file into the folder if it belongs to the model)"
+    )
 
 
 def _ordered_files(weight_map: dict[str, str]) -> list[str]:
@@ -195,10 +200,23 @@ def _local_source(root: Path) -> Source:
     if index is not None:
         files = [root / name for name in _ordered_files(index)]
         missing = [p.name for p in files if not p.is_file()]
+        if not missing:
+            files = [check_within(root, p) for p in files]
         if missing:
             raise CheckpointError(
                 f"{root}: the weight index lists shard(s) that are missing: {', '.join(missing)}; download them into {root}"
             )
+    if len(files) > MAX_SHARDS:
+        raise CheckpointError(f"{root} has {len(files)} weight files (limit {MAX_SHARDS}); not a real checkpoint")
+    check_within(root, root / "config.json")
+    for index_name in (SAFETENSORS_INDEX, PYTORCH_INDEX):
+        if (root / index_name).exists():
+            check_within(root, root / index_name)
+    files = [check_within(root, p) for p in files]
+    tokenizer = [check_within(root, root / n) for n in TOKENIZER_FILES if os.path.lexists(root / n)]
+    not_files = [p.name for p in tokenizer if not p.is_file()]
+    if not_files:
+        raise CheckpointError(f"{root}: {', '.join(not_files)} is not a regular file (a dangling link or a folder); fix or remove it")
     return Source(
         id=str(root),
         revision=None,
@@ -207,7 +225,7 @@ def _local_source(root: Path) -> Source:
         weight_format=fmt,
         weight_files=files,
         index=index,
-        tokenizer_files=[root / n for n in TOKENIZER_FILES if (root / n).is_file()],
+        tokenizer_files=tokenizer,
     )
 
 
@@ -317,6 +335,8 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
         raise CheckpointError(f"{repo_id} has no weights{where}: looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {PYTORCH_INDEX}, {PYTORCH_SINGLE}")
     tokenizer = [p for p in (fetch(n) for n in TOKENIZER_FILES) if p is not None]
     snapshot = config.parent
+    for path in (config, *files, *tokenizer):
+        check_within(snapshot, path)
     resolved = snapshot.name if snapshot.parent.name == "snapshots" else revision
     return Source(
         id=repo_id,

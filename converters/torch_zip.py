@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import mmap
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -33,6 +35,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from jmoss.errors import CheckpointError, UnsafeCheckpointError
+
+# Sizes checked before anything is allocated. A state dict's data.pkl is ~150 bytes per tensor
+# (moss-moon-003's shards: well under 1 MiB), so these bound a hostile file, not a real one.
+MAX_PICKLE_BYTES = 32 << 20
+MAX_ZIP_MEMBERS = 200_000
+MAX_CENTRAL_DIRECTORY_BYTES = 64 << 20
+MAX_NDIM = 16
+# Opcodes a torch state dict never uses and that only serve to build arbitrary objects.
+_REFUSED_OPCODES = {"INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"}
 
 # numpy dtype of each storage type; bfloat16 has no numpy dtype and is read as raw uint16.
 STORAGE_DTYPES: dict[str, str] = {
@@ -112,7 +123,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -149,17 +160,32 @@ class _Admitted(_Frozen):
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        raise UnsafeCheckpointError(f"checkpoint pickle passes {what}={value!r} to a tensor rebuild; expected a tuple of ints")
+    if (
+        not isinstance(value, tuple)
+        or len(value) > MAX_NDIM
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62 for v in value)
+    ):
+        raise UnsafeCheckpointError(
+            f"checkpoint pickle passes {what}={_short(value)} to a tensor rebuild; expected a tuple of at most "
+            f"{MAX_NDIM} non-negative ints"
+        )
     return value
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # e.g. an int too long to print
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> TensorRef:
     """Accepts both ``_rebuild_tensor`` and ``_rebuild_tensor_v2`` argument lists."""
     if not isinstance(storage, StorageRef):
         raise UnsafeCheckpointError(f"checkpoint pickle rebuilds a tensor from {type(storage).__name__}, not a storage")
-    if not isinstance(storage_offset, int) or isinstance(storage_offset, bool) or storage_offset < 0:
-        raise UnsafeCheckpointError(f"checkpoint pickle gives storage offset {storage_offset!r}")
+    if not isinstance(storage_offset, int) or isinstance(storage_offset, bool) or not 0 <= storage_offset < 1 << 62:
+        raise UnsafeCheckpointError(f"checkpoint pickle gives storage offset {_short(storage_offset)}")
     shape, strides = _int_tuple(size, "size"), _int_tuple(stride, "stride")
     if len(shape) != len(strides):
         raise UnsafeCheckpointError(f"checkpoint pickle gives size {shape} and stride {strides} of different lengths")
@@ -233,16 +259,47 @@ class _RestrictedUnpickler(pickle.Unpickler):
             and isinstance(pid[3], str)
             and isinstance(pid[4], int)
             and not isinstance(pid[4], bool)
-            and pid[4] >= 0
+            and 0 <= pid[4] < 1 << 62
         ):
             return StorageRef(pid[2], pid[1].dtype, pid[4])
         raise UnsafeCheckpointError(
-            f"{self._where}: the pickle has a persistent id {pid!r:.200} that is not a torch storage; refused"
+            f"{self._where}: the pickle has a persistent id {_short(pid)} that is not a torch storage; refused"
         )
+
+
+def _prescan(data: bytes, where: str) -> None:
+    """Walk the opcodes before unpickling: refuse object-building opcodes, and memo indexes or
+    integers no state dict has (``LONG_BINPUT 4294967295`` makes the C unpickler allocate and zero
+    a 32 GiB memo table). Lengths of strings/bytes are checked against the data by genops, which
+    reads no more than is there."""
+    ops = 0
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            ops += 1
+            if op.name in _REFUSED_OPCODES:
+                raise UnsafeCheckpointError(
+                    f"{where}: the pickle uses the {op.name} opcode at byte {pos}, which builds arbitrary objects "
+                    "and which no tensor checkpoint uses; refused without executing anything. Do not trust this file"
+                )
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"):
+                if not isinstance(arg, int) or not 0 <= arg <= ops:
+                    raise CheckpointError(f"{where}: data.pkl has memo index {_short(arg)} at byte {pos}; the file is corrupt or hostile")
+            elif op.name in ("INT", "LONG", "LONG1", "LONG4") and isinstance(arg, int) and abs(arg) >= 1 << 64:
+                raise CheckpointError(f"{where}: data.pkl has an integer of {arg.bit_length()} bits at byte {pos}; no tensor needs it")
+            if op.name == "STOP":
+                return
+    except (UnsafeCheckpointError, CheckpointError):
+        raise
+    except Exception as exc:  # truncated or garbled stream
+        raise CheckpointError(f"{where}: data.pkl is corrupt ({type(exc).__name__}: {str(exc)[:200]}); re-download the file") from None
+    raise CheckpointError(f"{where}: data.pkl ends without a STOP opcode; the file is truncated")
 
 
 def safe_unpickle(data: bytes, where: str = "checkpoint") -> Any:
     """Unpickle torch's ``data.pkl`` admitting only tensor/storage globals; never executes code."""
+    if len(data) > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{where}: data.pkl is {len(data)} bytes, over the {MAX_PICKLE_BYTES >> 20} MiB any state dict needs; refused")
+    _prescan(data, where)
     try:
         return _RestrictedUnpickler(data, where).load()
     except (UnsafeCheckpointError, CheckpointError):
@@ -251,10 +308,14 @@ def safe_unpickle(data: bytes, where: str = "checkpoint") -> Any:
         # e.g. a REDUCE on a storage type, or wrong arguments to an admitted rebuild function
         raise UnsafeCheckpointError(f"{where}: the pickle makes a call that no tensor checkpoint makes ({exc}); refused") from None
     except Exception as exc:  # truncated or garbled pickle stream
-        raise CheckpointError(f"{where}: data.pkl is corrupt ({type(exc).__name__}: {exc}); re-download the file") from None
+        raise CheckpointError(f"{where}: data.pkl is corrupt ({type(exc).__name__}: {str(exc)[:200]}); re-download the file") from None
 
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_ZIP_ERRORS = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError,
+    zlib.error, struct.error, UnicodeDecodeError, OverflowError, KeyError,
+)
 
 
 def _legacy_hint(path: Path) -> str:
@@ -275,23 +336,32 @@ class TorchZipCheckpoint:
             self._size = self.path.stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint file {self.path} is missing; {self._hint}") from None
+        self._check_directory()
         try:
             zf = zipfile.ZipFile(self.path)
         except zipfile.BadZipFile:
             self._raise_not_zip()
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(f"{self.path.name} is a corrupt zip file ({type(exc).__name__}: {str(exc)[:200]}); {self._hint}") from None
         with zf:
             self._members = {info.filename: info for info in zf.infolist()}
             pkl = [n for n in self._members if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pkl) != 1:
                 raise CheckpointError(
                     f"{self.path.name} is a zip file but not a torch checkpoint (no <archive>/data.pkl); "
-                    f"members: {sorted(self._members)[:5]}"
+                    f"members: {[n[:60] for n in sorted(self._members)[:5]]}"
                 )
             self._prefix = pkl[0][: -len("data.pkl")]
+            if self._members[pkl[0]].file_size > MAX_PICKLE_BYTES:
+                raise CheckpointError(
+                    f"{self.path.name}: data.pkl declares {self._members[pkl[0]].file_size} bytes, over the "
+                    f"{MAX_PICKLE_BYTES >> 20} MiB any state dict needs; refused (a zip bomb or not a checkpoint)"
+                )
             try:
-                data = zf.read(pkl[0])
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise CheckpointError(f"{self.path.name}: cannot read data.pkl ({exc}); the file is corrupt; {self._hint}") from None
+                with zf.open(pkl[0]) as member:  # read at most the cap, whatever the header claims
+                    data = member.read(MAX_PICKLE_BYTES + 1)
+            except _ZIP_ERRORS as exc:
+                raise CheckpointError(f"{self.path.name}: cannot read data.pkl ({type(exc).__name__}: {str(exc)[:200]}); the file is corrupt; {self._hint}") from None
         obj = safe_unpickle(data, where=self.path.name)
         if not isinstance(obj, dict):
             raise CheckpointError(f"{self.path.name} holds a {type(obj).__name__}, not a state dict of tensors")
@@ -299,12 +369,32 @@ class TorchZipCheckpoint:
         for name, value in obj.items():
             if not isinstance(name, str) or not isinstance(value, TensorRef):
                 raise CheckpointError(
-                    f"{self.path.name}: entry {name!r} is a {type(value).__name__}, not a tensor; "
+                    f"{self.path.name}: entry {_short(name)} is a {type(value).__name__}, not a tensor; "
                     "expected a plain state dict"
                 )
             self.tensors[name] = value
         self._data_offsets: dict[str, int] = {}
         self._crc_checked: set[str] = set()
+        # Every storage's member, compression and size checked now, before any tensor is used.
+        for ref in self.tensors.values():
+            self._storage_member(ref.storage)
+
+    def _check_directory(self) -> None:
+        """Refuse a zip whose central directory is sized beyond any checkpoint, before zipfile
+        builds an object per entry (millions of entries would cost gigabytes)."""
+        try:
+            with open(self.path, "rb") as f:
+                end = zipfile._EndRecData(f)  # the end-of-central-directory record (zip64-aware)
+        except (OSError, ValueError, struct.error, EOFError):
+            end = None
+        if not end:
+            return  # not a zip: ZipFile raises BadZipFile, handled by the caller
+        entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+        if entries > MAX_ZIP_MEMBERS or size > MAX_CENTRAL_DIRECTORY_BYTES or size > self._size:
+            raise CheckpointError(
+                f"{self.path.name}: the zip directory declares {entries} members in {size} bytes; a torch "
+                f"checkpoint has one per tensor (limit {MAX_ZIP_MEMBERS}); refused"
+            )
 
     def _raise_not_zip(self) -> None:
         with open(self.path, "rb") as f:
@@ -323,7 +413,7 @@ class TorchZipCheckpoint:
         name = f"{self._prefix}data/{storage.key}"
         info = self._members.get(name)
         if info is None:
-            raise CheckpointError(f"{self.path.name}: storage member {name} is missing; the checkpoint is corrupt; {self._hint}")
+            raise CheckpointError(f"{self.path.name}: storage member {name[:100]} is missing; the checkpoint is corrupt; {self._hint}")
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(
                 f"{self.path.name}: storage {name} is compressed; torch never compresses storages, so this "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,20 @@ SUPPORTED_MODEL_TYPES = ("moss", "codegen")
 
 # CodeGen's fused qkv projection was laid out for 4 TPU shards; the split needs n_head % 4 == 0.
 QKV_SHARDS = 4
+
+# Upper bounds far above any real MOSS/CodeGen (moss-moon-003: vocab 107008, d 6144, 34 layers) that
+# keep a hostile config.json from sizing lists, files or buffers by the billion before any check.
+LIMITS = {
+    "vocab_size": 1 << 22,
+    "n_positions": 1 << 20,
+    "n_embd": 1 << 16,
+    "n_layer": 1024,
+    "n_head": 1024,
+    "rotary_dim": 1 << 16,
+    "n_inner": 1 << 18,
+}
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_CONFIG_BYTES = 16 << 20  # real config.json files are ~1 KB
 
 _ALIASES = {
     "max_position_embeddings": "n_positions",
@@ -64,15 +79,33 @@ class MossConfig:
         """Reject configs the CodeGen/MOSS architecture cannot run."""
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"unsupported model_type {self.model_type!r}: jmoss runs MOSS and CodeGen models "
+                f"unsupported model_type {_show(self.model_type)}: jmoss runs MOSS and CodeGen models "
                 f"(model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
-            raise ConfigError(f"config field n_inner must be null or a positive integer, got {self.n_inner!r}")
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"config field {name} must be a positive integer, got {_show(value)}")
+            if value > LIMITS[name]:
+                raise ConfigError(f"config field {name}={value} is beyond any MOSS/CodeGen model (limit {LIMITS[name]}); the config.json is wrong")
+        if self.n_inner is not None and (not _is_int(self.n_inner) or not 0 < self.n_inner <= LIMITS["n_inner"]):
+            raise ConfigError(f"config field n_inner must be null or a positive integer up to {LIMITS['n_inner']}, got {_show(self.n_inner)}")
+        eps = self.layer_norm_epsilon
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or not 0 < eps < 1:
+            raise ConfigError(f"config field layer_norm_epsilon must be a finite number in (0, 1), got {_show(eps)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_TOKEN_ID):
+                raise ConfigError(f"config field {name} must be null or a token id (an integer >= 0), got {_show(value)}")
+        for name in ("model_type", "activation_function"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"config field {name} must be a string, got {_show(getattr(self, name))}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"config field tie_word_embeddings must be true or false, got {_show(self.tie_word_embeddings)}")
+        if not _is_int(self.wbits):
+            raise ConfigError(f"config field wbits must be an integer, got {_show(self.wbits)}")
+        if not _is_int(self.groupsize) or not -1 <= self.groupsize <= LIMITS["n_inner"]:
+            raise ConfigError(f"config field groupsize must be -1 or a positive integer, got {_show(self.groupsize)}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % QKV_SHARDS:
@@ -86,12 +119,12 @@ class MossConfig:
             raise ConfigError(f"rotary_dim ({self.rotary_dim}) must be even: rotary rotates pairs of dims")
         if self.activation_function != "gelu_new":
             raise ConfigError(
-                f"activation_function {self.activation_function!r} is not supported (MOSS/CodeGen use gelu_new)"
+                f"activation_function {_show(self.activation_function)} is not supported (MOSS/CodeGen use gelu_new)"
             )
         if self.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings=true is not supported: MOSS/CodeGen have an untied lm_head")
         if self.wbits not in (4, 8, 32) and self.wbits != 16:
-            raise ConfigError(f"wbits must be 4, 8 or 32 (unquantized), got {self.wbits!r}")
+            raise ConfigError(f"wbits must be 4, 8 or 32 (unquantized), got {_show(self.wbits)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MossConfig":
@@ -108,9 +141,6 @@ class MossConfig:
             raise ConfigError("config.json has no model_type; expected \"moss\" or \"codegen\"")
         if "n_ctx" in data and "n_positions" not in data:
             values["n_positions"] = data["n_ctx"]
-        for key in ("layer_norm_epsilon",):
-            if key in values:
-                values[key] = float(values[key])
         try:
             return cls(**values)
         except TypeError as exc:  # wrong value types the dataclass could not take
@@ -122,17 +152,62 @@ class MossConfig:
         if path.is_dir():
             path = path / "config.json"
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError(f"no config.json at {path}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MiB; a config.json is a few KB: the file is wrong")
+        return cls.from_dict(parse_json_bytes(raw, path, ConfigError))
 
     def to_dict(self) -> dict[str, Any]:
         """The HF-style dict written into a jmoss store (n_inner resolved, aliases dropped)."""
         data = dataclasses.asdict(self)
         data["n_ctx"] = self.n_positions
         return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    """A short repr for error messages (a hostile value may be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "an integer too large to print"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_json_bytes(raw: bytes, path: str | Path, error: type[Exception] = ConfigError) -> Any:
+    """Strict JSON of a file from a checkpoint or store: UTF-8, no NaN/Infinity, no duplicate keys.
+
+    Every way a hostile file can fail (bad UTF-8, nesting deep enough to exhaust the recursion
+    limit, an integer with thousands of digits) ends in one ``error`` naming the file.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text (byte {exc.start}); the file is corrupt or not JSON") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise error(f"{path} nests JSON too deeply to be a real file; refused") from None
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, NaN, oversized integers
+        raise error(f"{path} is not valid JSON: {str(exc)[:200]}") from None

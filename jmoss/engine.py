@@ -7,6 +7,8 @@ from (same interface as ``api.ResidentWeights``: ``.layer(i)`` and ``.head()``):
 - resident groups are read once with ``preadv`` into arrays this object owns (not memmaps, so
   the process RSS reports them honestly and the page cache does not keep a second copy) and
   wrapped as jittor Vars without a copy;
+- every group file is checked against the manifest's fast hash on its first read (resident groups
+  at load, streamed groups on their first pass through the reader thread), before a byte is used;
 - streamed groups are read by one background thread, each group's contiguous data span in one
   ``preadv``, into ``prefetch_depth`` slot buffers allocated at start-up and sized for the
   largest streamed group; ``posix_fadvise(DONTNEED)`` after each read drops the pages from the
@@ -67,14 +69,22 @@ def _fadvise_dontneed(fd: int, offset: int, nbytes: int) -> None:
             pass
 
 
-def read_span(fd: int, out: memoryview, offset: int, *, drop_cache: bool = True) -> int:
+_HASH_CHUNK = 4 << 20  # with a hasher, read this much at a time and hash it while it is in cache
+
+
+def read_span(fd: int, out: memoryview, offset: int, *, drop_cache: bool = True, hasher: Any = None) -> int:
     """Fill ``out`` from ``fd`` at ``offset`` with preadv (the GIL is released while the kernel
-    copies), then drop the range from the page cache. Raises StoreError on a short file."""
+    copies), then drop the range from the page cache. Raises StoreError on a short file.
+
+    With ``hasher`` (``Store.span_hasher``) each chunk is fed to it right after it is read."""
     done, total = 0, len(out)
     while done < total:
-        n = os.preadv(fd, [out[done:]], offset + done)
+        stop = total if hasher is None else min(total, done + _HASH_CHUNK)
+        n = os.preadv(fd, [out[done:stop]], offset + done)
         if n <= 0:
             raise StoreError(f"unexpected end of store file at byte {offset + done}; run `jmoss verify` on the store")
+        if hasher is not None:
+            hasher.update(out[done : done + n])
         done += n
     if drop_cache:
         _fadvise_dontneed(fd, offset, total)
@@ -325,9 +335,12 @@ class StreamingWeights(StreamPipeline):
         fd = os.open(self.store.group_path(g), os.O_RDONLY)
         try:
             target = memoryview(buf)[nbytes:] if self.itemsize == 4 else memoryview(buf)
-            read_span(fd, target, start)
+            hasher = self.store.span_hasher(g)
+            read_span(fd, target, start, hasher=hasher)
         finally:
             os.close(fd)
+        if hasher is not None:
+            self.store.finish_span_check(g, hasher)  # before any byte is used
         if self.itemsize == 4:
             widen_in_place(buf, nbytes // 2, np.empty(_WIDEN_CHUNK, np.float16))
         self._resident_arrays.append(buf)
@@ -346,10 +359,12 @@ class StreamingWeights(StreamPipeline):
         offset, nbytes = self._spans[g]
         buf = self._slots[slot]
         t0 = time.perf_counter()
-        if self.itemsize == 2:
-            read_span(self._fds[g], memoryview(buf)[:nbytes], offset)
-        else:
-            read_span(self._fds[g], memoryview(buf)[nbytes : 2 * nbytes], offset)
+        hasher = self.store.span_hasher(g)  # first read of g only; afterwards None (a set lookup)
+        target = memoryview(buf)[:nbytes] if self.itemsize == 2 else memoryview(buf)[nbytes : 2 * nbytes]
+        read_span(self._fds[g], target, offset, hasher=hasher)
+        if hasher is not None:
+            self.store.finish_span_check(g, hasher)  # before the model sees the slot
+        if self.itemsize == 4:
             widen_in_place(buf, nbytes // 2, self._scratch)
         self.stats.read_seconds += time.perf_counter() - t0
         self.stats.bytes_read += nbytes

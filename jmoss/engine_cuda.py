@@ -99,9 +99,12 @@ class CudaStreamingWeights(StreamPipeline):
                 self._host[g] = self._pinned(n)
                 fd = os.open(store.group_path(g), os.O_RDONLY)
                 try:
-                    read_span(fd, memoryview(self._host[g]), offset)
+                    hasher = store.span_hasher(g)
+                    read_span(fd, memoryview(self._host[g]), offset, hasher=hasher)
                 finally:
                     os.close(fd)
+                if hasher is not None:
+                    store.finish_span_check(g, hasher)
         self._staging = [self._pinned(plan.staging_slot_bytes) for _ in range(self.depth)] \
             if any(where[g] == "disk" for g in sequence) else []
         self._fds = {g: os.open(store.group_path(g), os.O_RDONLY) for g in sequence if where[g] == "disk"}
@@ -133,7 +136,10 @@ class CudaStreamingWeights(StreamPipeline):
         t0 = time.perf_counter()
         if self._where[g] == "disk":
             source = self._staging[slot][:n]
-            read_span(self._fds[g], memoryview(source), offset)
+            hasher = self.store.span_hasher(g)  # first read of g only; then None
+            read_span(self._fds[g], memoryview(source), offset, hasher=hasher)
+            if hasher is not None:
+                self.store.finish_span_check(g, hasher)
         else:
             source = self._host[g]
         key = "layer" if isinstance(g, int) else str(g)

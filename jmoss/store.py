@@ -27,16 +27,18 @@ import re
 import shlex
 import shutil
 import struct
+import threading
 import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import xxhash
 
-from jmoss.config import MossConfig
+from jmoss.config import MossConfig, parse_json_bytes
 from jmoss.converters import layout
-from jmoss.errors import ModelNotFoundError, StoreError
+from jmoss.errors import ConfigError, ModelNotFoundError, StoreError
 from jmoss.jittor_setup import jmoss_home
 
 FORMAT_VERSION = 1
@@ -54,6 +56,17 @@ TOKENIZER_FILES = (
     "tokenizer.json",
 )
 _CHUNK = 16 << 20
+# The fast per-file hash checked the first time a file is read (xxh3 runs at ~20 GB/s, sha256 at
+# ~1.7 GB/s): sha256 stays for `jmoss verify`, which a user runs on purpose.
+FAST_HASH = "xxh3_128"
+MAX_HEADER_BYTES = 100 << 20  # what the safetensors library itself allows
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_SMALL_FILE_BYTES = 256 << 20  # config and tokenizer files are read whole
+# safetensors dtype -> bytes per element
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
 
 Group = layout.Group
 
@@ -333,12 +346,12 @@ class GroupWriter:
         return not self.missing()
 
     def finish(self) -> dict[str, Any]:
-        """fsync, verify against the write-time CRCs, rename into place; return size and sha256."""
+        """fsync, verify against the write-time CRCs, rename into place; return size and hashes."""
         if not self.complete:
             raise ValueError(f"group {self.group!r} is missing {self.missing()}")
         try:
             os.fsync(self._fd)
-            sha = hashlib.sha256()
+            sha, fast = hashlib.sha256(), fast_hash()
             buf = bytearray(_CHUNK)
             pos = 0
             bounds = sorted((off, off + n, name) for name, (off, n) in self.spans.items())
@@ -352,6 +365,7 @@ class GroupWriter:
                         raise StoreError(f"{self.tmp} is shorter than written; the disk may be failing")
                     chunk = memoryview(buf)[:n]
                     sha.update(chunk)
+                    fast.update(chunk)
                     if name is not None:
                         crc[name] = zlib.crc32(chunk, crc[name])
                     pos += n
@@ -366,7 +380,7 @@ class GroupWriter:
             if exc.errno == errno.ENOSPC:
                 raise disk_full_error(self.path, self.size) from None
             raise
-        return {"size": self.size, "sha256": sha.hexdigest()}
+        return {"size": self.size, "sha256": sha.hexdigest(), FAST_HASH: fast.hexdigest()}
 
     def abort(self) -> None:
         """Close and delete the temporary file (a failed or abandoned group)."""
@@ -385,6 +399,44 @@ def sha256_file(path: Path, progress: Any = None) -> str:
             if progress is not None:
                 progress.update(n)
     return sha.hexdigest()
+
+
+def fast_hash() -> "xxhash.xxh3_128":
+    """A new incremental fast hash (see FAST_HASH)."""
+    return xxhash.xxh3_128()
+
+
+def fast_hash_bytes(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+_HASH_CHUNK = 1 << 20  # small enough that each chunk is hashed while still in the CPU cache
+
+
+def fast_hash_file(path: Path) -> str:
+    h = fast_hash()
+    buf = bytearray(_HASH_CHUNK)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """{"size", "sha256", FAST_HASH} of a file, in one read."""
+    sha, fast, size = hashlib.sha256(), fast_hash(), 0
+    buf = bytearray(_CHUNK)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            chunk = memoryview(buf)[:n]
+            sha.update(chunk)
+            fast.update(chunk)
+            size += n
+    return {"size": size, "sha256": sha.hexdigest(), FAST_HASH: fast.hexdigest()}
+
+
+def _bytes_record(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), FAST_HASH: fast_hash_bytes(data)}
 
 
 def store_config_dict(config: MossConfig) -> dict[str, Any]:
@@ -409,19 +461,21 @@ def finalize_store(
     files: dict[str, dict[str, Any]] = {}
     config_bytes = (json.dumps(store_config_dict(config), indent=2, sort_keys=True) + "\n").encode()
     atomic_write_bytes(out / "config.json", config_bytes)
-    files["config.json"] = {"size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()}
+    files["config.json"] = _bytes_record(config_bytes)
     sources = list(tokenizer_files)
     if tokenizer_dir is not None:
         sources += [Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()]
     for src in sources:
-        data = Path(src).read_bytes()  # tokenizer files are a few MB at most
+        data = read_small_file(Path(src), StoreError)  # tokenizer files are a few MB at most
         atomic_write_bytes(out / Path(src).name, data)
-        files[Path(src).name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        files[Path(src).name] = _bytes_record(data)
     groups = {}
     for group in layout.all_groups(config):
         record = group_files[group]
         name = layout.group_file(group)
-        files[name] = {"size": int(record["size"]), "sha256": record["sha256"]}
+        if not record.get(FAST_HASH):  # a group kept from a journal written before the fast hash
+            record = file_record(out / name)
+        files[name] = {"size": int(record["size"]), "sha256": record["sha256"], FAST_HASH: record[FAST_HASH]}
         groups[str(group)] = name
     manifest = {
         "format": "jmoss-store",
@@ -434,7 +488,7 @@ def finalize_store(
         "groups": groups,
         "files": files,
     }
-    atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(out / MANIFEST, _sealed_manifest_bytes(manifest))
     _fsync_dir(out)
     return out
 
@@ -469,26 +523,129 @@ def write_store_from_groups(
 # ----------------------------------------------------------------------------------- reading
 
 
-def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start offset, header dict) of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise StoreError(f"{path} is truncated (no safetensors header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise StoreError(f"{path}: safetensors header of {n} bytes is not plausible; the file is corrupt")
-        text = f.read(n)
-    if len(text) < n:
-        raise StoreError(f"{path} is truncated (header cut short)")
+def read_small_file(path: Path, error: type[Exception] = StoreError, limit: int = MAX_SMALL_FILE_BYTES) -> bytes:
+    """The bytes of a config/tokenizer/manifest file, refusing one too big to be real."""
     try:
-        return 8 + n, json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{path}: corrupt safetensors header ({exc})") from None
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise error(f"{path} is over {limit >> 20} MiB, far more than such a file holds; refused")
+    return data
+
+
+def inside(root: Path, file: Path) -> bool:
+    """Whether ``file``, symlinks resolved, stays inside ``root`` (also resolved)."""
+    try:
+        return Path(file).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")
+
+
+def safe_name(name: Any) -> bool:
+    """A plain file name of a store: no separators, no '..', nothing hidden."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None and ".." not in name
+
+
+def parse_safetensors_header(
+    path: Path, error: type[Exception] = StoreError, hint: str = ""
+) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+    """(data start, {name: (dtype, shape, begin, end)} in file order, metadata) of a safetensors file.
+
+    Checks everything the safetensors library checks, before anything is sized by it: header
+    length within the file and at most 100 MiB, a UTF-8 JSON object without duplicate keys,
+    string dtypes it knows, shapes of non-negative ints, ``data_offsets`` pairs whose byte count
+    matches dtype x shape, and spans that tile the data from byte 0 to the end of the file with
+    no gap and no overlap.
+    """
+    tail = f"; {hint}" if hint else ""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise error(f"{path} is truncated ({size} bytes, no safetensors header){tail}")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise error(f"{path}: safetensors header length {n} does not fit the file ({size} bytes); the file is corrupt or truncated{tail}")
+            text = f.read(n)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}{tail}") from None
+    if len(text) < n:
+        raise error(f"{path} is truncated (header cut short){tail}")
+    header = parse_json_bytes(text, f"{path} (safetensors header)", error)
+    if not isinstance(header, dict):
+        raise error(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object; corrupt file{tail}")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise error(f"{path}: safetensors __metadata__ must map strings to strings; corrupt file{tail}")
+    start, data_bytes = 8 + n, size - 8 - n
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name, entry in header.items():
+        what = f"{path}: tensor {name[:100]!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise error(f"{what} needs dtype, shape and data_offsets; corrupt header{tail}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
+            raise error(f"{what} has dtype {str(dtype)[:40]!r}, which is not a safetensors dtype jmoss reads{tail}")
+        if not isinstance(shape, list) or len(shape) > 16 or not all(_nonneg_int(d) for d in shape):
+            raise error(f"{what} has shape {str(shape)[:80]}, not a list of non-negative integers{tail}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_nonneg_int(o) for o in offsets)) or offsets[0] > offsets[1]:
+            raise error(f"{what} has data_offsets {str(offsets)[:80]}, not [begin, end] with 0 <= begin <= end{tail}")
+        nbytes = SAFETENSORS_ITEMSIZE[dtype]
+        for d in shape:
+            nbytes *= d
+        if offsets[1] - offsets[0] != nbytes:
+            raise error(f"{what}: shape {shape} of {dtype} needs {nbytes} bytes, data_offsets span {offsets[1] - offsets[0]}; corrupt header{tail}")
+        entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
+    ordered = dict(sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])))
+    pos = 0
+    for name, (_, _, begin, end) in ordered.items():
+        if begin != pos:
+            kind = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
+            raise error(f"{path}: tensor {name[:100]!r} at data_offsets [{begin}, {end}] {kind}; corrupt header{tail}")
+        pos = end
+    if pos > data_bytes:
+        raise error(f"{path} is truncated (expected at least {start + pos} bytes, found {size}){tail}")
+    if pos != data_bytes:
+        raise error(f"{path}: the header's tensors span {pos} bytes of data but the file holds {data_bytes}; the file is corrupt{tail}")
+    return start, ordered, metadata
+
+
+def _nonneg_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header dict) of a safetensors file, checked (see parse_safetensors_header)."""
+    start, entries, metadata = parse_safetensors_header(path)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for name, (dtype, shape, begin, end) in entries.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    return start, header
+
+
+def expected_files(path: Path, config: MossConfig) -> tuple[set[str], set[str]]:
+    """(files a store of ``config`` must list, files it may list): groups and config are required;
+    a tokenizer file is required when it is in the folder (a manifest may not drop it)."""
+    required = {layout.group_file(g) for g in layout.all_groups(config)} | {"config.json"}
+    required |= {n for n in TOKENIZER_FILES if os.path.lexists(path / n)}
+    return required, required | set(TOKENIZER_FILES)
 
 
 class Store:
-    """An opened, complete jmoss store. Group arrays are read-only views of np.memmap (no copy)."""
+    """An opened, complete jmoss store. Group arrays are read-only views of np.memmap (no copy).
+
+    Every file is checked against the manifest's fast hash the first time it is read: config,
+    tokenizer and manifest at ``open``, a group file by ``group()`` or, for the engines that read
+    spans themselves, by ``check_group_span`` on the bytes they read. Stores written before the
+    fast hash existed have no such record: their small files are checked by sha256 at open, their
+    group files only by `jmoss verify`.
+    """
 
     def __init__(self, path: Path, config: MossConfig, manifest: dict) -> None:
         self.path = path
@@ -496,6 +653,8 @@ class Store:
         self.manifest = manifest
         self._offsets: dict[Group, dict[str, tuple[int, tuple[int, ...], str]]] = {}
         self._data_start: dict[Group, int] = {}
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
@@ -509,20 +668,32 @@ class Store:
                 "(SOURCE: a Hugging Face repo id or a checkpoint folder)"
             )
         manifest = read_manifest(path)
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(
-                f"{path} is jmoss store format {version!r}, this jmoss reads format {FORMAT_VERSION}; "
-                f"convert the model again with this jmoss: {repair_hint(path, manifest, 'to rewrite it')}"
-            )
         problems = check_files(path, manifest, hashes=False)
         if problems:
-            raise StoreError(
-                f"store {path} is damaged: {'; '.join(f'{n}: {p}' for n, p in problems.items())}; "
-                f"{repair_hint(path, manifest)} (only the damaged files are rewritten)"
-            )
+            raise _damaged(path, manifest, problems)
+        # The small files are read whole now: check them by hash before parsing or copying them.
+        small = [n for n in manifest["files"] if n == "config.json" or n in TOKENIZER_FILES]
+        for name in small:
+            data = read_small_file(path / name)
+            problem = _hash_problem(manifest["files"][name], data)
+            if problem:
+                problems[name] = problem
+        if problems:
+            raise _damaged(path, manifest, problems)
+        if "config.json" not in manifest["files"]:
+            raise _damaged(path, manifest, {"config.json": "not in the manifest"})
         config = MossConfig.from_json_file(path / "config.json")
-        return cls(path, config, manifest)
+        problems = _file_set_problems(path, manifest, config)
+        if problems:
+            raise _damaged(path, manifest, problems)
+        store = cls(path, config, manifest)
+        store._verified.update(small)
+        return store
+
+    @property
+    def fast_hashed(self) -> bool:
+        """Whether the manifest records fast hashes (stores converted before them do not)."""
+        return all(isinstance(r.get(FAST_HASH), str) for r in self.manifest["files"].values())
 
     def groups(self) -> list[Group]:
         return layout.all_groups(self.config)
@@ -530,24 +701,80 @@ class Store:
     def group_path(self, group: Group) -> Path:
         return self.path / layout.group_file(_group_key(group))
 
+    def _mismatch(self, name: str) -> StoreError:
+        return StoreError(
+            f"store {self.path} is damaged: {name} does not match the hash its manifest records "
+            f"(the file changed or the disk corrupted it), so it was not used; "
+            f"{repair_hint(self.path, self.manifest)} (only the damaged files are rewritten)"
+        )
+
+    def check_group_span(self, group: Group, data: memoryview | np.ndarray) -> None:
+        """Check a group file whose data span the caller read into ``data`` (before using it).
+
+        Header bytes are re-read (a few KB) and hashed with ``data``: together they are the whole
+        file, whose size ``open`` checked. A no-op once the file passed, and for old stores.
+        """
+        h = self.span_hasher(group)
+        if h is None:
+            return
+        view = memoryview(data).cast("B")
+        if len(view) != self.group_data_span(group)[1]:
+            raise ValueError(f"check_group_span: {len(view)} bytes given, the span has {self.group_data_span(group)[1]}")
+        h.update(view)
+        self.finish_span_check(group, h)
+
+    def span_hasher(self, group: Group) -> Any:
+        """A fast hasher already fed the group file's header, for a reader to feed the data span
+        to as it reads it (hashing each chunk while it is in the CPU cache); None when the file
+        was checked already or the manifest records no fast hash. Finish with finish_span_check."""
+        group = _group_key(group)
+        name = layout.group_file(group)
+        record = self.manifest["files"].get(name, {})
+        if name in self._verified or not isinstance(record.get(FAST_HASH), str):
+            return None
+        start, _ = self.group_data_span(group)
+        h = fast_hash()
+        with open(self.group_path(group), "rb") as f:
+            h.update(f.read(start))
+        return h
+
+    def finish_span_check(self, group: Group, hasher: Any) -> None:
+        """Compare a span_hasher fed the whole data span; raise naming the file on a mismatch."""
+        name = layout.group_file(_group_key(group))
+        if hasher.hexdigest() != self.manifest["files"][name][FAST_HASH]:
+            raise self._mismatch(name)
+        with self._lock:
+            self._verified.add(name)
+
+    def check_group_file(self, group: Group) -> None:
+        """Hash a group file once (for readers that memory-map it rather than read spans)."""
+        group = _group_key(group)
+        name = layout.group_file(group)
+        record = self.manifest["files"].get(name, {})
+        if name in self._verified or not isinstance(record.get(FAST_HASH), str):
+            return
+        if fast_hash_file(self.group_path(group)) != record[FAST_HASH]:
+            raise self._mismatch(name)
+        with self._lock:
+            self._verified.add(name)
+
     def tensor_offsets(self, group: Group) -> dict[str, tuple[int, tuple[int, ...], str]]:
         """name -> (absolute byte offset, shape, numpy dtype str), in file order."""
         group = _group_key(group)
         if group not in self._offsets:
             path = self.group_path(group)
-            start, header = read_safetensors_header(path)
+            hint = repair_hint(self.path, self.manifest)
+            start, entries, _ = parse_safetensors_header(path, StoreError, hint)
             expected = layout.group_shapes(self.config, group)
-            names = [n for n in header if n != "__metadata__"]
             offsets: dict[str, tuple[int, tuple[int, ...], str]] = {}
-            for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
-                entry = header[name]
-                offsets[name] = (start + entry["data_offsets"][0], tuple(entry["shape"]), "float16")
-                if entry.get("dtype") != "F16":
-                    raise StoreError(f"{path}: tensor {name} is {entry.get('dtype')}, a jmoss store holds F16 only")
+            for name, (dtype, shape, begin, _end) in entries.items():
+                if dtype != "F16":
+                    raise StoreError(f"{path}: tensor {name[:100]} is {dtype}, a jmoss store holds F16 only; {hint}")
+                offsets[name] = (start + begin, shape, "float16")
             if list(offsets) != list(expected) or any(offsets[n][1] != expected[n] for n in expected):
                 raise StoreError(
                     f"{path} does not hold the tensors config.json describes for group {group!r} "
-                    f"(found {[(n, o[1]) for n, o in offsets.items()]}); {repair_hint(self.path, self.manifest)}"
+                    f"(found {[(n[:100], o[1]) for n, o in list(offsets.items())[:20]]}); {hint}"
                 )
             self._offsets[group] = offsets
             self._data_start[group] = start
@@ -563,10 +790,14 @@ class Store:
         return layout.group_nbytes(self.config, _group_key(group))
 
     def group(self, group: Group) -> dict[str, np.ndarray]:
-        """Read-only fp16 arrays of one group, backed by np.memmap (pages load on first touch)."""
+        """Read-only fp16 arrays of one group, backed by np.memmap (pages load on first touch).
+
+        The file is hashed first (once per Store), so no byte of a tampered file is used.
+        """
         group = _group_key(group)
         offsets = self.tensor_offsets(group)
         start, nbytes = self.group_data_span(group)
+        self.check_group_file(group)
         data = np.memmap(self.group_path(group), dtype=np.uint8, mode="r", offset=start, shape=(nbytes,))
         out = {}
         for name, (offset, shape, dtype) in offsets.items():
@@ -575,17 +806,82 @@ class Store:
         return out
 
 
+def _damaged(path: Path, manifest: Mapping[str, Any], problems: Mapping[str, str]) -> StoreError:
+    return StoreError(
+        f"store {path} is damaged: {'; '.join(f'{n}: {p}' for n, p in problems.items())}; "
+        f"{repair_hint(path, manifest)} (only the damaged files are rewritten)"
+    )
+
+
+def _hash_problem(record: Mapping[str, Any], data: bytes) -> str | None:
+    """What is wrong with ``data`` against its manifest record (fast hash, else sha256)."""
+    if isinstance(record.get(FAST_HASH), str):
+        if fast_hash_bytes(data) != record[FAST_HASH]:
+            return "fast hash mismatch (the file changed or the disk corrupted it)"
+    elif hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        return "sha256 mismatch (the file changed or the disk corrupted it)"
+    return None
+
+
+def _file_set_problems(path: Path, manifest: Mapping[str, Any], config: MossConfig) -> dict[str, str]:
+    """Files the config implies that the manifest lacks, and entries it has that no store has."""
+    required, allowed = expected_files(path, config)
+    listed = set(manifest["files"])
+    problems = {name: "not in the manifest" for name in sorted(required - listed)}
+    problems.update({name: "listed in the manifest but not part of this store" for name in sorted(listed - allowed)})
+    groups = manifest.get("groups")
+    if groups is not None and groups != {str(g): layout.group_file(g) for g in layout.all_groups(config)}:
+        problems["jmoss.json"] = "its groups do not match config.json"
+    return problems
+
+
+def _sealed_manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The manifest as written: its canonical JSON plus a fast hash of that JSON without it."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    seal = fast_hash_bytes(json.dumps(body, indent=2).encode())
+    return (json.dumps({**body, "checksum": {FAST_HASH: seal}}, indent=2) + "\n").encode()
+
+
+def _check_manifest(path: Path, raw: bytes, manifest: dict) -> None:
+    """Refuse a manifest whose entries do not make sense, or that was edited after it was sealed."""
+    where = path / MANIFEST
+    if "checksum" in manifest:
+        if raw != _sealed_manifest_bytes(manifest):
+            raise StoreError(f"{where} was edited or corrupted after conversion (its checksum does not match); {repair_hint(path)}")
+    for name, record in manifest["files"].items():
+        if not safe_name(name) or name in (MANIFEST, JOURNAL):
+            raise StoreError(f"{where} lists the file {str(name)[:100]!r}, which is not a store file name; refused. {repair_hint(path)}")
+        if not (
+            isinstance(record, dict)
+            and _nonneg_int(record.get("size"))
+            and isinstance(record.get("sha256"), str)
+            and isinstance(record.get(FAST_HASH, ""), str)
+        ):
+            raise StoreError(f"{where}: the entry for {name} is not {{size, sha256}}; {repair_hint(path)}")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The parsed jmoss.json of a store; errors name the command that finishes or repairs it."""
+    """The parsed, checked jmoss.json of a store; errors name the command that finishes or repairs it."""
     path = Path(path).expanduser()
+    where = path / MANIFEST
+    if not os.path.lexists(where):
+        raise _not_finished(path)
+    if not inside(path, where):
+        raise StoreError(f"{where} is a link to outside the store; refused. {repair_hint(path)}")
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise _not_finished(path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path / MANIFEST} is corrupt ({exc}); {repair_hint(path)}") from None
+        raw = read_small_file(where, StoreError, MAX_MANIFEST_BYTES)
+        manifest = parse_json_bytes(raw, where, StoreError)
+    except StoreError as exc:
+        raise StoreError(f"{where} is corrupt ({exc}); {repair_hint(path)}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise StoreError(f"{path / MANIFEST} is not a jmoss manifest (no file list); {repair_hint(path)}")
+        raise StoreError(f"{where} is not a jmoss manifest (no file list); {repair_hint(path)}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"{path} is jmoss store format {str(version)[:20]}, this jmoss reads format {FORMAT_VERSION}; "
+            f"convert the model again with this jmoss: {repair_hint(path, manifest, 'to rewrite it')}"
+        )
+    _check_manifest(path, raw, manifest)
     return manifest
 
 
@@ -594,15 +890,22 @@ def check_files(path: str | Path, manifest: Mapping[str, Any], *, hashes: bool =
 
     Sizes are checked for every file first (cheap: a stat each); only files of the right size
     are hashed, and only with ``hashes`` (sha256 runs at ~1.7 GiB/s per core with SHA-NI, so a
-    whole 32 GB moss-moon-003 store costs ~20 s of CPU plus the disk read).
+    whole 32 GB moss-moon-003 store costs ~20 s of CPU plus the disk read). A name that is not a
+    plain file name, or a file that resolves outside the store (a symlink), is a problem and is
+    never opened.
     """
     path = Path(path)
     problems: dict[str, str] = {}
     to_hash = []
     for name, record in manifest.get("files", {}).items():
+        if not safe_name(name):
+            problems[str(name)[:100]] = "not a store file name (refused, never opened)"
+            continue
         file = path / name
         expected = record.get("size") if isinstance(record, dict) else None
-        if not file.is_file():
+        if os.path.lexists(file) and not inside(path, file):
+            problems[name] = "a link to outside the store (refused, never opened)"
+        elif not file.is_file():
             problems[name] = "missing"
         elif file.stat().st_size != expected:
             problems[name] = f"{file.stat().st_size} bytes, manifest says {expected}"
@@ -616,7 +919,8 @@ def check_files(path: str | Path, manifest: Mapping[str, Any], *, hashes: bool =
 
 
 def verify(path: str | Path, *, progress: bool = False) -> None:
-    """Re-hash every file the manifest lists; raise StoreError naming each bad or missing file."""
+    """Re-hash every file the manifest lists, and check they are exactly the files the store's
+    config implies; raise StoreError naming each bad, missing or unexpected file."""
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     files = manifest["files"]
@@ -631,6 +935,15 @@ def verify(path: str | Path, *, progress: bool = False) -> None:
     finally:
         if bar is not None:
             bar.close()
+    if "config.json" not in files:
+        problems["config.json"] = "not in the manifest"
+    elif "config.json" not in problems:  # its hash matched: it says which files the store must have
+        try:
+            config = MossConfig.from_json_file(path / "config.json")
+        except ConfigError as exc:  # the recorded config itself is not valid
+            problems["config.json"] = f"not a valid config ({exc})"
+        else:
+            problems.update(_file_set_problems(path, manifest, config))
     if problems:
         raise StoreError(
             f"store {path} failed verification:\n  " + "\n  ".join(f"{n}: {p}" for n, p in problems.items())
