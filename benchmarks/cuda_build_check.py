@@ -47,7 +47,7 @@ PACKAGES = [
     "nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-crt==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-cccl==13.0.85",
     "nvidia-cuda-runtime==13.0.96", "nvidia-cublas==13.0.2.14", "nvidia-curand==10.4.0.35", "nvidia-npp==13.0.1.2",
 ]
-PTX_FLAGS = "-gencode arch=compute_80,code=compute_80 -gencode arch=compute_90,code=sm_90"
+PTX_FLAGS = "-gencode=arch=compute_80,code=compute_80 -gencode=arch=compute_90,code=sm_90"
 
 # The calls whose answers Jittor, cub and jmoss read; everything else is "return cudaSuccess".
 STUB_RUNTIME_C = r"""

@@ -137,8 +137,8 @@ def record(args) -> dict:
 
     total = sum(Store.open(store).group_nbytes(g) for g in Store.open(store).groups())
     if args.dry_run:  # the same budgets as fractions of MOSS-16B's 33.4 GB, scaled to the tiny model
-        # plus the CPU plan's fixed reserve (128 MiB) and KV/working buffers, which do not scale down
-        budgets = [None] + [(136 << 20) + int(total * f) for f in (20 / 31.1, 16 / 31.1, 12 / 31.1, 8 / 31.1)]
+        # plus the CPU plan's fixed 128 MiB reserve, KV, working buffers and two 1.5 MiB staging slots (131.5 MiB)
+        budgets = [None] + [int(131.5 * 2**20) + int(total * f) for f in (20 / 31.1, 16 / 31.1, 12 / 31.1, 8 / 31.1)]
     else:
         budgets = [None if b in ("none", "") else parse_size(b) for b in args.budgets.split(",")]
     result = {"device": device, "config": config.to_dict(), "store_bytes": total, "store_write_seconds": round(store_s, 1),
