@@ -20,8 +20,9 @@ No GPU is needed. What it does, and why:
    cumsum, topk), a fp16 matmul (cuBLAS), a 2-layer fp16 MossModel prefill + decode and the CUDA
    engine's ``jt.code`` device-pointer op.
 
-Arch: ``nvcc_flags`` adds ``-gencode arch=compute_80,code=compute_80`` (PTX that sm_80/86/89/90
-JIT-load) and ``-gencode arch=compute_90,code=sm_90`` to every nvcc call; the stand-in device is
+Arch: ``nvcc_flags`` adds ``-gencode=arch=compute_80,code=compute_80`` (PTX that sm_80/86/89/90
+JIT-load) and ``-gencode=arch=compute_90,code=sm_90`` to every nvcc call (one token each: Jittor reads a
+bare token as a source file); the stand-in device is
 sm_90, so Jittor adds ``-arch=compute_90 -code=sm_90`` to the kernels itself.
 
 Exit status 0 only when everything compiled. ``JMOSS_CUDA_FIX_SKIP=1`` (or ``3``...) builds the fix
@@ -237,6 +238,9 @@ def build_stand_in(root: Path) -> Path:
     _build_lib(lib64 / "libcublas.so.13", "libcublas.so.13", {}, include, real / "libcublas.so.13")
     _build_lib(lib64 / "libcurand.so.10", "libcurand.so.10", {}, include, real / "libcurand.so.10")
     _build_lib(lib64 / "libcuda.so.1", "libcuda.so.1", {"driver": STUB_DRIVER_C}, include, None)
+    for static in ("libcudadevrt.a", "libcudart_static.a"):  # nvcc's own link step looks in lib64 too
+        if (real / static).exists() and not (lib64 / static).exists():
+            (lib64 / static).symlink_to(real / static)
     for versioned in ("libcudart.so.13", "libcublas.so.13", "libcurand.so.10", "libcuda.so.1"):
         link = lib64 / (versioned.split(".so")[0] + ".so")
         link.unlink(missing_ok=True)
