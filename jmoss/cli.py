@@ -225,10 +225,22 @@ def demo(workdir, max_new_tokens, device_memory):
 
 
 @main.command()
-def doctor():
+@click.option("--fix-cuda", is_flag=True, help="build jmoss's CUDA 13 fix: a patched copy of Jittor under JMOSS_HOME")
+@click.option("--undo-cuda-fix", is_flag=True, help="delete that patched copy (jmoss then imports Jittor as installed)")
+def doctor(fix_cuda, undo_cuda_fix):
     """Report Jittor, compiler, CUDA toolkit and driver, and what Jittor would download here."""
+    from jmoss import cuda_fix
     from jmoss.doctor import report
 
+    if fix_cuda and undo_cuda_fix:
+        raise click.UsageError("choose one of --fix-cuda and --undo-cuda-fix")
+    if fix_cuda:
+        manifest = cuda_fix.build()
+        click.echo(f"jmoss: CUDA 13 fix built in {cuda_fix.fix_dir(manifest['jittor_version'])} "
+                   f"(fixes {', '.join(map(str, manifest['applied']))} applied to jittor {manifest['jittor_version']})")
+    if undo_cuda_fix:
+        removed = cuda_fix.undo()
+        click.echo(f"jmoss: {'removed' if removed else 'there was no'} CUDA 13 fix in {cuda_fix.fix_root()}")
     for label, value in report():
         click.echo(f"{label:>28}: {value}")
 

@@ -8,12 +8,15 @@ without importing jittor's CUDA side, so it also works where that import would f
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import shutil
 import subprocess
 import sys
 
-from jmoss.jittor_setup import cuda_device_count, find_nvcc, jittor_home, jmoss_home, nvcc_version
+from jmoss import cuda_fix
+from jmoss.jittor_setup import (cuda_device_count, cuda_toolkit_usable, find_nvcc, jittor_home, jmoss_home,
+                                nvcc_version)
 
 # What a plain `import jittor` fetches, and the switch jmoss sets so it does not (jittor-notes §1.1).
 JITTOR_DOWNLOADS = [
@@ -26,7 +29,10 @@ JITTOR_DOWNLOADS = [
 
 CUDA13_PROBLEMS = [
     "helper_cuda.h reads cudaDeviceProp.computeMode and .clockRate, removed in CUDA 13: the core does not compile",
+    "nvcc gets -std=c++14 but CCCL 3 needs C++17: every cub/thrust kernel (softmax, where, argsort, argmax, cumsum, "
+    "topk) fails",
     "CCCL 3 dropped cub::Max (CUDA softmax) and cub::CountingInputIterator / TransformInputIterator (cub_where_op)",
+    "cuda_limits.h includes <npp.h>: the toolkit needs the NPP headers (pip: nvidia-npp)",
 ]
 
 
@@ -66,10 +72,24 @@ def report() -> list[tuple[str, str]]:
     if version and version[0] >= 13:
         for problem in CUDA13_PROBLEMS:
             lines.append(("CUDA 13", problem))
-        lines.append(("CUDA 13 fix", "install a CUDA 12.x toolkit beside it and point jmoss at it with "
-                                     "JMOSS_NVCC=/usr/local/cuda-12.x/bin/nvcc; jmoss --device auto uses the CPU "
-                                     "until then (jittor 1.3.11 cannot build against CUDA 13)"))
+        lines.append(("CUDA 13 fix", cuda_fix_line()))
+        has_npp = nvcc is not None and any(
+            os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(nvcc)), d, "npp.h"))
+            for d in ("include", os.path.join("targets", "x86_64-linux", "include")))
+        lines.append(("NPP headers", "found" if has_npp else "missing: install the toolkit's NPP (pip install nvidia-npp)"))
     elif version:
         lines.append(("CUDA", f"CUDA {version[0]}.{version[1]} is supported by jittor 1.3.11"))
-    lines.append(("device auto", "cuda" if gpus and version and 11 <= version[0] <= 12 else "cpu"))
+    lines.append(("device auto", "cuda" if gpus and cuda_toolkit_usable(version) else "cpu"))
     return lines
+
+
+def cuda_fix_line() -> str:
+    """The state of jmoss's CUDA 13 fix, and the command that changes it."""
+    state = cuda_fix.state()
+    if not state["built"]:
+        return f"not built: run `jmoss doctor --fix-cuda` (writes a patched jittor copy to {state['path']})"
+    if not state.get("complete"):
+        return (f"incomplete copy in {state['path']} (skipped {state.get('skipped')}): run `jmoss doctor --fix-cuda` "
+                f"again without {cuda_fix.SKIP_ENV}")
+    return (f"built in {state['path']} (fixes {', '.join(map(str, state['applied']))}; jmoss imports it for CUDA 13); "
+            "undo: `jmoss doctor --undo-cuda-fix`")

@@ -96,8 +96,28 @@ def cuda_device_count() -> int:
     return 0
 
 
+def cuda13_fix_needed(version: tuple[int, int] | None) -> bool:
+    """True for a toolkit Jittor 1.3.11 only builds against with jmoss's CUDA 13 fix (jmoss.cuda_fix)."""
+    return version is not None and version[0] >= 13
+
+
+def cuda_toolkit_usable(version: tuple[int, int] | None) -> bool:
+    """CUDA 11/12 as Jittor ships; 13 once ``jmoss doctor --fix-cuda`` has built the patched copy."""
+    if version is None or version[0] < 11:
+        return False
+    if not cuda13_fix_needed(version):
+        return True
+    from jmoss import cuda_fix
+
+    try:
+        cuda_fix.usable_dir()
+    except JmossError:
+        return False
+    return True
+
+
 def resolve_device(device: str | None) -> str:
-    """Map "auto"/None to "cpu" or "cuda": CUDA only when a GPU and a CUDA 11/12 nvcc exist."""
+    """Map "auto"/None to "cpu" or "cuda": CUDA when a GPU and a usable nvcc (11-12, or 13 with the fix) exist."""
     device = (device or "auto").lower()
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
@@ -105,7 +125,7 @@ def resolve_device(device: str | None) -> str:
         return device
     nvcc = find_nvcc()
     version = nvcc_version(nvcc) if nvcc else None
-    if cuda_device_count() > 0 and version is not None and 11 <= version[0] <= 12:
+    if cuda_device_count() > 0 and cuda_toolkit_usable(version):
         return "cuda"
     return "cpu"
 
@@ -451,6 +471,13 @@ def _import_jittor(device: str) -> ModuleType:
         if cuda_device_count() == 0:
             raise DeviceError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
         env["nvcc_path"] = nvcc
+        if cuda13_fix_needed(nvcc_version(nvcc)):
+            # Jittor 1.3.11 does not build against CUDA 13: import jmoss's patched copy instead.
+            from jmoss import cuda_fix
+
+            patched = str(cuda_fix.usable_dir())  # CudaFixError says to run `jmoss doctor --fix-cuda`
+            if patched not in sys.path:
+                sys.path.insert(0, patched)
     else:
         env["nvcc_path"] = ""
     home = jittor_home()
