@@ -148,7 +148,8 @@ class BatchRunner:
         self._pending: dict[Slot, _Request] = {}
         self._expect: set[Slot] = set()  # slots just served: they will likely ask again at once
         self._stopped = False
-        self.steps = 0
+        self.steps = 0  # forwards run
+        self.row_steps = 0  # sequences advanced, summed over steps (row_steps / steps: the mean batch)
         self.repacks = 0
         self._thread = threading.Thread(target=self._loop, name="jmoss-batch-runner", daemon=True)
         self._thread.start()
@@ -290,6 +291,7 @@ class BatchRunner:
             return
         with self._cv:
             self.steps += 1
+            self.row_steps += len(taken)
             self._cursor = start + width
             served = set()
             for slot, request, n in taken:
