@@ -154,6 +154,13 @@ class Model:
 
         return stream(self, prompt, **options)
 
+    def stream_batch(self, prompts: Sequence, *, max_batch: int | None = None, **options) -> Iterator[tuple[int, str]]:
+        """``(index, delta)`` for many prompts generated together (continuous batching, jmoss.batching);
+        each prompt's text is what ``stream`` gives it alone."""
+        from jmoss.batching import stream_batch
+
+        return stream_batch(self, prompts, max_batch=max_batch, **options)
+
     def chat(self, meta_instruction: str | None = None, **kwargs):
         """A multi-turn MOSS conversation whose KV cache is kept across turns."""
         from jmoss.chat import Chat
@@ -211,6 +218,7 @@ def load(
     max_seq_len: int | None = None,
     prefetch_depth: int = 2,
     swap: str | None = None,
+    batch: int = 1,
 ) -> Model:
     """Load a converted model (a store directory or a name given to ``jmoss convert``).
 
@@ -219,7 +227,7 @@ def load(
     with the numbers if it cannot fit). With a budget, jmoss.placement decides what stays
     resident and jmoss.engine streams the rest every token; a budget below what one layer needs
     fails here, naming the minimum. ``max_seq_len`` (default n_positions) sizes the KV cache the
-    budget pays for. ``swap="jittor"`` runs every weight as a plain Var under Jittor's own swap
+    budget pays for, for ``batch`` sequences at once (``jmoss serve --max-batch``). ``swap="jittor"`` runs every weight as a plain Var under Jittor's own swap
     with ``cpu_mem_limit`` = device_memory: the baseline, valid only in a process started with
     JMOSS_JITTOR_SAVE_MEM=1 (``jmoss bench --compare jittor`` spawns one).
     """
@@ -249,6 +257,7 @@ def load(
         store.config, device=device, device_memory=device_memory, host_memory=host_memory,
         available_device_bytes=available_device, available_host_bytes=available_host,
         max_seq_len=max_seq_len, prefetch_depth=prefetch_depth, weight_itemsize=2 if dtype == "float16" else 4,
+        batch=batch,
     )
     streams = any(p.where != "device" for p in plan.placements if p.group != layout.EMBED)
     if streams:

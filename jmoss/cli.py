@@ -62,10 +62,11 @@ model_options = _with_options([
 ])
 
 
-def _load(model: str, device: str, dtype: str | None, device_memory, host_memory):
+def _load(model: str, device: str, dtype: str | None, device_memory, host_memory, batch: int = 1):
     import jmoss
 
-    return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory)
+    return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
+                      batch=batch)
 
 
 sampling_options = _with_options([
@@ -171,7 +172,9 @@ def verify(store):
 @click.option("--host-memory", type=SIZE, default=None, help="host budget, e.g. 24GiB")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache length (default n_positions)")
 @click.option("--link-gbps", type=float, default=None, help="host-to-device GB/s for the tok/s bound")
-def info(model, device, device_memory, host_memory, max_seq_len, link_gbps):
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="sequences served at once (serve --max-batch): the KV cache is planned for all of them")
+def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_batch):
     """Print MODEL's config and the placement plan for a budget (no weights are read).
 
     MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
@@ -188,7 +191,7 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps):
     # a what-if plan: budgets are not checked against this machine's free memory (no available
     # bytes given), so no budget plans everything resident
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
-                          max_seq_len=max_seq_len)
+                          max_seq_len=max_seq_len, batch=max_batch)
     click.echo(plan.describe(link_gbps=link_gbps))
 
 
@@ -256,7 +259,9 @@ def doctor(fix_cuda, undo_cuda_fix):
 @click.option("--search-docs", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="folder of .txt/.md documents the offline search plugin answers from")
 @click.option("--queue-size", type=click.IntRange(min=0), default=16, show_default=True,
-              help="requests that may wait behind the running one; more get 503 + Retry-After")
+              help="requests that may wait behind the running ones; more get 503 + Retry-After")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="requests generated together, one weight pass per step for all (the KV cache is planned for them)")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=None,
               help="longest prompt accepted, meta instruction included (default: the model's context - 1)")
 @click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(min=1), default=512, show_default=True,
@@ -277,21 +282,21 @@ def doctor(fix_cuda, undo_cuda_fix):
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")
 def serve(model, device, dtype, device_memory, host_memory, host, port, model_name, plugins, search_docs, no_web,
-          **limits):
+          max_batch, **limits):
     """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`.
-    One worker runs the model; requests queue for it in order (see --queue-size).
+    Up to --max-batch requests are generated together; the rest queue in order (see --queue-size).
     """
     from jmoss.server import serve as run
 
-    m = _load(model, device, dtype, device_memory, host_memory)
+    m = _load(model, device, dtype, device_memory, host_memory, batch=max_batch)
     names, options = _plugin_args(plugins, search_docs)
     log_level = limits.pop("log_level")
     page = "" if no_web else "chat page at /, "
     click.echo(f"jmoss serving {model} on http://{host}:{port} ({page}OpenAI API under /v1)", err=True)
     run(m, host, port, log_level=log_level, web=not no_web, model_name=model_name or model, plugins=names,
-        plugin_options=options, **limits)
+        plugin_options=options, max_batch=max_batch, **limits)
 
 
 @main.command()

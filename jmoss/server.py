@@ -24,6 +24,13 @@ the cache is remembered: a stateless request that shares a prefix with the previ
 instruction, an OpenAI client resending a conversation) prefills only the new tokens, and a uid
 conversation whose cache was not displaced continues without re-reading its history. uid sessions
 keep only token ids and text, bounded in number (LRU) and age.
+
+Batching. With ``max_batch`` > 1 up to that many jobs run at once, each on its own thread and its
+own slot of a :class:`jmoss.batching.BatchRunner` (KV cache rows of ``n_positions``), whose thread
+runs one forward per step for every job waiting on it: the weights are read once per step for
+all of them. A job's sampling, stop strings, streaming, plugin passes and cancellation are its
+own code, unchanged; the prefix/uid cache reuse above applies per slot (a uid conversation gets
+its slot back while no other job displaced it). Admission counts ``queue_size`` + ``max_batch``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable, Iterator, Literal, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -47,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from jmoss import dialogue
+from jmoss.batching import BatchRunner, DetachedSession, StepCancelled
 from jmoss.errors import ContextLengthError, JmossError
 from jmoss.generation import Finish, GenerationOptions, stream_tokens
 
@@ -189,9 +197,9 @@ class _CancellableSession:
     stops any kind of job between two tokens without those modules knowing about servers.
     """
 
-    def __init__(self, session: "Session"):
+    def __init__(self, session: "Session", cancel: threading.Event | None = None):
         self._session = session
-        self.cancel: threading.Event | None = None
+        self.cancel = cancel
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
@@ -216,10 +224,10 @@ class _SharedCacheModel:
     per conversation; sharing one makes memory independent of the number of uids.
     """
 
-    def __init__(self, model: "Model", session: _CancellableSession):
+    def __init__(self, model: "Model", session: "_CancellableSession | DetachedSession"):
         self._model, self._session = model, session
 
-    def session(self, batch: int = 1, max_len: int | None = None) -> _CancellableSession:
+    def session(self, batch: int = 1, max_len: int | None = None) -> "_CancellableSession | DetachedSession":
         return self._session
 
     def __getattr__(self, name: str) -> Any:
@@ -259,25 +267,56 @@ class _Conversation:
     last_used: float
 
 
+@dataclass
+class _CacheState:
+    """What a cache holds: the ids of the last stateless request (``ids``), or the Chat that last ran
+    (``owner``). The single worker keeps one; a batch Slot carries the same two attributes."""
+
+    ids: list[int] = field(default_factory=list)
+    owner: Any = None
+
+
+def _serialized(method: Callable) -> Callable:
+    """Run ``method`` under the worker's conversation lock (batched jobs call it from many threads)."""
+
+    def locked(self: "_Worker", *args: Any, **kwargs: Any) -> Any:
+        with self._conv_lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class _Worker:
-    """Owns the model, its one KV cache, the uid conversations and the admission counter."""
+    """Owns the model, its KV cache, the uid conversations and the admission counter.
+
+    ``max_batch`` 1: one thread runs one job at a time on one cache. More: up to ``max_batch`` jobs
+    run at once, each in its own thread on a slot of a :class:`jmoss.batching.BatchRunner`, whose
+    thread runs one forward per step for all of them (continuous batching).
+    """
 
     def __init__(self, model: "Model", plugins: list["Plugin"], queue_size: int, session_limit: int,
-                 session_ttl: float):
+                 session_ttl: float, max_batch: int = 1):
         self.model, self.plugins = model, plugins
-        self.capacity = queue_size + 1  # waiting + the one running
+        self.capacity = queue_size + max_batch  # waiting + the ones running
         self.session_limit, self.session_ttl = session_limit, session_ttl
-        self.session = _CancellableSession(model.session())  # allocated once, n_positions long
-        self.chat_model = _SharedCacheModel(model, self.session)
+        self.runner = BatchRunner(model, max_batch) if max_batch > 1 else None
+        if self.runner is None:
+            self.session = _CancellableSession(model.session())  # allocated once, n_positions long
+            self.chat_model = _SharedCacheModel(model, self.session)
+        else:
+            self._detached = DetachedSession(self.runner.max_len)
+            self.chat_model = _SharedCacheModel(model, self._detached)
+        self._running = threading.Semaphore(max_batch)
+        self._local = threading.local()  # the running job's cancel flag, per job thread
+        self._conv_lock = threading.RLock()
+        self._turn_locks: dict[int, threading.Lock] = {}  # one turn at a time per Chat (same uid twice)
         self.conversations: OrderedDict[str, _Conversation] = OrderedDict()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.pending = 0
         self.served = 0
         self.cancelled = 0  # jobs dropped or stopped because their client left
-        # What the cache holds: the ids of the last stateless request, or the Chat that last ran.
-        self._cached_ids: list[int] = []
-        self._cache_chat: "Chat | None" = None
+        self._state = _CacheState()  # what the single cache holds (max_batch 1)
         self._meta_tokens: int | None = None
         self._thread = threading.Thread(target=self._loop, name="jmoss-model-worker", daemon=True)
         self._thread.start()
@@ -303,6 +342,8 @@ class _Worker:
 
     def stop(self) -> None:
         self._jobs.put(None)
+        if self.runner is not None:
+            self.runner.stop()
 
     # -- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -310,30 +351,66 @@ class _Worker:
             job = self._jobs.get()
             if job is None:
                 return
+            self._running.acquire()  # batched: wait for one of the max_batch places
             with self._lock:
                 if job.cancelled.is_set() or job.released:
                     self.cancelled += 1
+                    self._running.release()
                     continue  # its client left while it waited; the slot was freed then
                 job.started = True
+            if self.runner is None:
+                self._run_job(job)
+            else:
+                threading.Thread(target=self._run_job, args=(job,), name="jmoss-job", daemon=True).start()
+
+    def _run_job(self, job: _Job) -> None:
+        if self.runner is None:
             self.session.cancel = job.cancelled
-            try:
-                job.post("done", job.run(job.post))
+        self._local.cancel = job.cancelled
+        try:
+            job.post("done", job.run(job.post))
+            with self._lock:
                 self.served += 1
-            except _Cancelled:
+        except (_Cancelled, StepCancelled):
+            with self._lock:
                 self.cancelled += 1
-            except JmossError as exc:
-                job.post("error", _jmoss_error(exc))
-            except Exception:  # a bug must cost one request, never the server
-                log.exception("generation failed")
+        except JmossError as exc:
+            job.post("error", _jmoss_error(exc))
+        except Exception:  # a bug must cost one request, never the server
+            log.exception("generation failed")
+            if self.runner is None:
                 self._forget_cache()
-                job.post("error", ServerRequestError(500, "internal error during generation", type="server_error"))
-            finally:
+            job.post("error", ServerRequestError(500, "internal error during generation", type="server_error"))
+        finally:
+            if self.runner is None:
                 self.session.cancel = None
-                self._release(job, finished=True)
+            self._local.cancel = None
+            self._release(job, finished=True)
+            self._running.release()
 
     def _forget_cache(self) -> None:
         self.session.reset()
-        self._cached_ids, self._cache_chat = [], None
+        self._state.ids, self._state.owner = [], None
+
+    @contextlib.contextmanager
+    def _cache(self, score: Callable[[Any], float]) -> Iterator[tuple[Any, Any]]:
+        """(session, what it holds) for one job: the single cache, or a batch slot leased for the job
+        (the free slot with the best ``score``: one that already holds this job's tokens)."""
+        if self.runner is None:
+            yield self.session, self._state
+            return
+        slot = self.runner.acquire(score)
+        slot.cancel = getattr(self._local, "cancel", None)
+        try:
+            yield _CancellableSession(slot, slot.cancel), slot
+        except (_Cancelled, StepCancelled, JmossError):
+            raise
+        except BaseException:
+            slot.reset()
+            slot.ids, slot.owner = [], None
+            raise
+        finally:
+            self.runner.release(slot)
 
     # -- jobs (run on the worker thread) -----------------------------------------------------
     def complete(self, ids: list[int], opts: GenerationOptions, post: Post, *, reply: bool) -> dict:
@@ -342,11 +419,16 @@ class _Worker:
         The cache is truncated to the longest prefix shared with what it holds, so a request that
         repeats the meta instruction or the previous conversation prefills only its new tokens.
         """
-        session = self.session
-        if self._cache_chat is not None:  # a uid conversation's tokens: nothing to share
-            self._forget_cache()
-        keep, limit = 0, min(len(self._cached_ids), len(ids) - 1, session.length)
-        while keep < limit and self._cached_ids[keep] == ids[keep]:
+        with self._cache(lambda held: -1 if held.owner is not None else _shared(held.ids, ids)) as (session, state):
+            return self._complete(session, state, ids, opts, post, reply=reply)
+
+    def _complete(self, session: Any, state: Any, ids: list[int], opts: GenerationOptions, post: Post, *,
+                  reply: bool) -> dict:
+        if state.owner is not None:  # a uid conversation's tokens: nothing to share
+            session.reset()
+            state.ids, state.owner = [], None
+        keep, limit = 0, min(len(state.ids), len(ids) - 1, session.length)
+        while keep < limit and state.ids[keep] == ids[keep]:
             keep += 1
         session.truncate(keep)
         budget = min(opts.max_new_tokens, session.max_len - len(ids))
@@ -363,15 +445,17 @@ class _Worker:
                     text += delta
                     post("delta", delta)
         finally:
-            self._cached_ids = (ids + tokens)[: session.length]
+            state.ids = (ids + tokens)[: session.length]
         return {"text": text, "finish_reason": "stop" if finish.reason == "stop" else "length",
                 "prompt_tokens": len(ids), "completion_tokens": len(tokens), "cached_tokens": keep}
 
     def chat_turn(self, chat: "Chat", text: str, options: dict, post: Post) -> "Reply":
         """One turn of a Chat on the shared cache (MOSS's plugin loop runs here when enabled)."""
-        if self._cache_chat is not chat:
+        if self.runner is not None:
+            return self._batched_turn(chat, text, options, post)
+        if self._state.owner is not chat:
             self.session.reset()  # the cache holds someone else's tokens: this chat re-reads its own
-        self._cache_chat, self._cached_ids = chat, []
+        self._state.owner, self._state.ids = chat, []
         try:
             for delta in chat.stream(text, **options):
                 post("delta", delta)
@@ -383,13 +467,33 @@ class _Worker:
         assert chat.last_reply is not None
         return chat.last_reply
 
+    def _batched_turn(self, chat: "Chat", text: str, options: dict, post: Post) -> "Reply":
+        """chat_turn on a batch slot: the chat's own slot when its cache is still there (uid KV kept)."""
+        with self._conv_lock:
+            turn_lock = self._turn_locks.setdefault(id(chat), threading.Lock())
+        with turn_lock, self._cache(lambda held: 1 if held.owner is chat else -1 if held.owner is not None else 0) \
+                as (session, slot):
+            if slot.owner is not chat:
+                session.reset()
+                slot.owner, slot.ids = chat, []
+            chat.session = session
+            try:
+                for delta in chat.stream(text, **options):
+                    post("delta", delta)
+            finally:
+                chat.session = self._detached
+        assert chat.last_reply is not None
+        return chat.last_reply
+
     def new_chat(self, meta_instruction: str) -> "Chat":
         from jmoss.chat import Chat
 
         chat = Chat(self.chat_model, meta_instruction, plugins=self.plugins)  # resets the shared cache
-        self._cache_chat, self._cached_ids = chat, []
+        if self.runner is None:
+            self._state.owner, self._state.ids = chat, []
         return chat
 
+    @_serialized
     def find_conversation(self, uid: str | None) -> "Chat | None":
         """The live conversation of ``uid``, or None; creates nothing (expired ones are dropped)."""
         now = time.monotonic()
@@ -408,10 +512,12 @@ class _Worker:
             self._meta_tokens = len(self.model.tokenizer.encode(default_meta_instruction(self.plugins)))
         return self._meta_tokens
 
+    @_serialized
     def forget(self, uid: str) -> None:
         if uid in self.conversations:
             self._drop(uid)
 
+    @_serialized
     def conversation(self, uid: str | None) -> tuple[str, "Chat"]:
         """MOSS's uid rule: a known uid continues; an absent, unknown or expired one starts anew."""
         now = time.monotonic()
@@ -430,8 +536,19 @@ class _Worker:
 
     def _drop(self, uid: str) -> None:
         gone = self.conversations.pop(uid)
-        if self._cache_chat is gone.chat:
+        self._turn_locks.pop(id(gone.chat), None)
+        if self.runner is None and self._state.owner is gone.chat:
             self._forget_cache()
+
+
+def _shared(held: list[int], ids: list[int]) -> int:
+    """Length of the common prefix of two id lists."""
+    n = 0
+    for a, b in zip(held, ids):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def _jmoss_error(exc: JmossError) -> ServerRequestError:
@@ -540,13 +657,15 @@ def create_app(
     session_ttl: float = 3600.0,
     max_body_bytes: int = 1 << 20,
     web: bool = True,
+    max_batch: int = 1,
 ) -> FastAPI:
     """The ASGI app serving ``model``; its worker thread starts here and stops at shutdown.
 
     ``max_prompt_tokens`` (default: the model's context minus one) bounds each request's prompt,
     meta instruction included; ``max_tokens_limit`` bounds max_tokens (and MOSS's max_length
     replies); ``session_limit``/``session_ttl`` bound the uid conversations. ``web`` serves the
-    chat page at ``GET /``.
+    chat page at ``GET /``. ``max_batch`` sequences are generated together (continuous batching;
+    load the model with ``batch=max_batch`` so its memory plan pays for their KV cache).
     """
     from jmoss.plugins import Plugin, load_plugins
 
@@ -557,7 +676,7 @@ def create_app(
     n_positions = model.config.n_positions
     limits = _Limits(min(max_prompt_tokens or n_positions - 1, n_positions - 1), max_tokens_limit, max_body_bytes)
     tokenizer = model.tokenizer
-    worker = _Worker(model, tools, queue_size, session_limit, session_ttl)
+    worker = _Worker(model, tools, queue_size, session_limit, session_ttl, max_batch)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -689,7 +808,7 @@ def create_app(
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "pending": worker.pending, "capacity": worker.capacity,
-                "served": worker.served,
+                "served": worker.served, "max_batch": len(worker.runner.slots) if worker.runner else 1,
                 "cancelled": worker.cancelled, "sessions": len(worker.conversations),
                 "limits": {"max_prompt_tokens": limits.max_prompt_tokens, "max_tokens": limits.max_tokens_limit}}
 

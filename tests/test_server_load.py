@@ -44,7 +44,7 @@ MALFORMED = [
 def server(tmp_path_factory, shared_dir) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("load")
     srv = ServerProcess(build_store(folder, shared_dir), "--max-prompt-tokens", "600", "--max-tokens", str(MAX_TOKENS),
-                        "--queue-size", "32", log=folder / "server.log")
+                        "--queue-size", "32", "--max-batch", "4", log=folder / "server.log")
     yield srv
     srv.stop()
 
