@@ -40,8 +40,11 @@ RSS_LIMIT = int(1.5 * 2**30)
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
+    return build_bases(tmp_path_factory.mktemp("bases"))
+
+
+def build_bases(root: Path) -> dict[str, Path]:
     """Legit sources: one torch .bin (single file, no index), one safetensors, one sharded index, one GPTQ."""
-    root = tmp_path_factory.mktemp("bases")
     model = tiny_model(seed=3)
     out = {
         "torch": save_torch_shards(model, root / "torch", n_shards=1, index=False),
@@ -679,6 +682,43 @@ def test_the_cli_prints_one_error_line_no_traceback_and_stays_in_memory(bases, n
     assert not (tmp_path / MARKER).exists()
     assert rss <= RSS_LIMIT, f"peak RSS {rss / 2**20:.0f} MiB"
     report(f"{name}: peak RSS {rss / 2**20:.0f} MiB, {output.strip().splitlines()[-1][:120]}")
+
+
+EVERY_CASE_IN_ONE_CHILD = textwrap.dedent(
+    """
+    import shutil, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    import test_hostile_checkpoints as t
+    root = Path(sys.argv[1])
+    bases = t.build_bases(root / "bases")
+    for i, name in enumerate(t.ALL_CASES):
+        tmp = root / f"case{i}"
+        tmp.mkdir()
+        try:
+            t.convert(str(t._make(bases, name, tmp)), tmp / "out", progress=False)
+        except t.JmossError:
+            pass
+        else:
+            sys.exit(f"accepted: {name}")
+        shutil.rmtree(tmp)
+    print(len(t.ALL_CASES))
+    """
+)
+
+
+def test_every_hostile_convert_peaks_below_the_limit_measured_from_outside(tmp_path: Path, report) -> None:
+    """All the cases above again, converted one after another in one child whose peak RSS the launcher reads."""
+    rss_file = tmp_path / "rss.txt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(rss_file), sys.executable, "-c", EVERY_CASE_IN_ONE_CHILD,
+                           str(tmp_path), str(Path(__file__).resolve().parent)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rss = int(rss_file.read_text())
+    report(f"{proc.stdout.split()[-1]} hostile converts in one child: peak RSS {rss / 2**20:.0f} MiB "
+           f"(torch and the test sources included)")
+    assert rss <= RSS_LIMIT, f"peak RSS {rss / 2**20:.0f} MiB"
 
 
 def test_case_counts(report) -> None:
