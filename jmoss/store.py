@@ -3,7 +3,7 @@
 A store is a directory (format described in docs/store-format.md):
 
     jmoss.json              manifest, written LAST: its presence means the store is complete
-    config.json             MossConfig.to_dict() (wbits 32: weights are already fp16)
+    config.json             MossConfig.to_dict() (wbits 32: fp16 layers; 4/8: packed layers, format 2)
     vocab.json, merges.txt, ...   tokenizer files copied from the source, when it has them
     embed.safetensors       wte.weight
     layer_000.safetensors   one transformer layer: 8 tensors, one contiguous span of data
@@ -39,8 +39,9 @@ from jmoss.converters import layout
 from jmoss.errors import ModelNotFoundError, StoreError
 from jmoss.jittor_setup import jmoss_home
 
-FORMAT_VERSION = 2  # written for stores with packed layers; fp16 stores are still written as 1
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 1  # what an all-fp16 store is written as (unchanged since version 1)
+PACKED_FORMAT_VERSION = 2  # stores with packed int8/int4 layers (docs/store-format.md "Packed layers")
+READABLE_VERSIONS = (FORMAT_VERSION, PACKED_FORMAT_VERSION)
 SAFETENSORS_DTYPES = {"float16": "F16", "uint8": "U8", "int32": "I32"}
 _NUMPY_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 MANIFEST = "jmoss.json"
@@ -434,7 +435,7 @@ def finalize_store(
     bits = layout.packed_bits(config)
     manifest = {
         "format": "jmoss-store",
-        "format_version": FORMAT_VERSION if bits else 1,
+        "format_version": PACKED_FORMAT_VERSION if bits else FORMAT_VERSION,
         "dtype": STORE_DTYPE,
         "model_type": config.model_type,
         "qkv_layout": QKV_LAYOUT,
@@ -524,7 +525,7 @@ class Store:
         version = manifest.get("format_version")
         if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{path} is jmoss store format {version!r}, this jmoss reads formats 1 and {FORMAT_VERSION}; "
+                f"{path} is jmoss store format {version!r}, this jmoss reads formats {FORMAT_VERSION} and {PACKED_FORMAT_VERSION}; "
                 f"convert the model again with this jmoss: {repair_hint(path, manifest, 'to rewrite it')}"
             )
         problems = check_files(path, manifest, hashes=False)
