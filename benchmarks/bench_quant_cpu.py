@@ -64,13 +64,15 @@ CT2_CHILD = r"""
 import json, sys, time, numpy as np, ctranslate2
 path, compute, threads, prompt_n, new_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 gen = ctranslate2.Generator(path, device="cpu", compute_type=compute, intra_threads=threads, inter_threads=1)
-vocab = 51200
-prompt = [int(t) for t in np.random.default_rng(0).integers(0, vocab, prompt_n)]
+import pathlib
+words = json.loads((pathlib.Path(path) / "vocabulary.json").read_text())
+prompt_ids = [int(t) for t in np.random.default_rng(0).integers(0, 50000, prompt_n)]
+prompt = [words[i] for i in prompt_ids]
 def run():
-    t0 = time.perf_counter(); gen.forward_batch([prompt]); prefill = time.perf_counter() - t0
+    t0 = time.perf_counter(); gen.forward_batch([prompt_ids]); prefill = time.perf_counter() - t0
     stamps = []
     t0 = time.perf_counter()
-    for step in gen.generate_tokens(prompt, max_length=new_n, sampling_topk=1, end_token=[]):
+    for step in gen.generate_tokens(prompt, max_length=new_n, min_length=new_n, sampling_topk=1):
         stamps.append(time.perf_counter())
     first = stamps[0] - t0
     decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1)

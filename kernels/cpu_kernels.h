@@ -1104,7 +1104,20 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
                         const float sc = jmoss_k::scalar_load(s + (n0 + r) * G + g);
                         const float zp = jmoss_k::scalar_load(z + (n0 + r) * G + g);
                         const i64 j1 = std::min(K, (g + 1) * GS);
-                        for (i64 j = g * GS; j < j1; j++) w[r * K + j] = (q_at<BITS>(row, j) - zp) * sc;
+                        i64 j = g * GS;
+#if JMOSS_ISA >= 1
+                        if (GS % VW == 0) {
+                            const vec vs = vset1(sc), vz = vset1(zp);
+                            for (; j + VW <= j1; j += VW) {
+#if JMOSS_ISA == 2
+                                _mm512_storeu_ps(w + r * K + j, _mm512_mul_ps(_mm512_sub_ps(vload_q<BITS>(row, j), vz), vs));
+#else
+                                _mm256_storeu_ps(w + r * K + j, _mm256_mul_ps(_mm256_sub_ps(vload_q<BITS>(row, j), vz), vs));
+#endif
+                            }
+                        }
+#endif
+                        for (; j < j1; j++) w[r * K + j] = (q_at<BITS>(row, j) - zp) * sc;
                     }
                 }
                 // y + n0 as the output base: the tile writes column n0 + jj of row m.
