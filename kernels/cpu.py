@@ -40,6 +40,12 @@ previous one, so weights stay fp16 in memory. ``JMOSS_KERNELS_AMX=0`` (or ``conf
 keeps every M on the fp32 AVX-512 kernels; without AMX (or if the kernel refuses the tile state)
 they run anyway.
 
+Packed int8/int4 weights (store format 2, ``quant_linear``): decode dequantizes in registers inside
+the dot product (codes widened with vpmovzxbd/vcvtdq2ps straight into the FMAs, one FMA by the
+group's scale per group, the zero-point term from per-group sums of x), so a token reads 1 or 0.5
+byte per weight and no dequantized copy exists; prefill (M >= 4) dequantizes a 4-row panel per
+thread into fp32 and runs the fp32 register-tile GEMM over it (not the AMX path).
+
 Threads come from ``JMOSS_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs this process may run
 on (``os.sched_getaffinity``). The instruction set is chosen at compile time from what
 ``-march=native`` (jittor's flag for every kernel) enables; ``JMOSS_KERNELS_ISA=portable`` forces
