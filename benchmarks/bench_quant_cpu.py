@@ -85,7 +85,10 @@ print("RESULT " + json.dumps({"prefill_tok_s": prompt_n / prefill, "decode_tok_s
 
 def run_ct2(path: Path, compute: str, threads: int) -> dict:
     out = subprocess.run([sys.executable, "-c", CT2_CHILD, str(path), compute, str(threads), str(PROMPT), str(NEW)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:  # recorded, not fatal: a crashed run is left out of the median
+        print(f"ct2 {compute} run failed (exit {out.returncode}): {out.stderr.strip()[-300:]}", flush=True)
+        return {}
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     r = json.loads(line[7:])
     r["bytes_per_token"] = (path / "model.bin").stat().st_size - 51200 * 1024 * (4 if "float32" in path.name else 1)
@@ -115,6 +118,8 @@ def main() -> None:
         for name, compute in configs:
             label = name if compute is None else f"ct2 {compute}"
             r = run_jmoss(paths[name], threads) if compute is None else run_ct2(paths[name], compute, threads)
+            if not r:
+                continue
             runs.setdefault(label, []).append(r)
             print(f"round {round_ + 1} {label}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.2f} tok/s",
                   flush=True)
