@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,16 @@ class _Converter:
             self._add_gptq_part(tensor, group, store_name)
             return
         expected = layout.group_shapes(self.config, group)[store_name]
+        bits = layout.packed_bits(self.config)
+        if tuple(tensor.shape) == expected and bits and store_name[: -len(".weight")] in layout.QUANT_LINEARS:
+            with tensor.open() as array:  # --quantize: round-to-nearest, group-wise (gptq.quantize_rows)
+                self._write_packed(
+                    group, store_name[: -len(".weight")], np.arange(expected[1], dtype=np.int32), expected[0],
+                    layout.packed_row_bytes(expected[1], bits),
+                    lambda rows: gptq.quantize_rows(_to_fp16(array[rows], tensor.dtype, tensor.name), bits,
+                                                    self.config.groupsize))
+                del array
+            return
         if tuple(tensor.shape) != expected:
             raise CheckpointError(
                 f"tensor {tensor.name} in {tensor.file.name} has shape {list(tensor.shape)}, but config.json "
@@ -219,6 +230,16 @@ class _Converter:
                 f"{base} dequantizes to [{spec.out_features}, {spec.in_features}] but config.json says {list(expected)}"
             )
         zeros = gptq.unpack_zeros(parts["qzeros"], spec.bits)
+        if layout.packed_bits(self.config):  # keep the integers (store format 2)
+            if spec.bits != self.config.wbits:
+                raise CheckpointError(f"{base} is {spec.bits}-bit but other layers are {self.config.wbits}-bit; "
+                                      "a packed store has one width: convert with --dequantize")
+            perm = gptq.act_order_perm(base, parts["g_idx"], self.config.groupsize)
+            self._write_packed(
+                group, store_name[: -len(".weight")], perm, spec.out_features,
+                layout.packed_row_bytes(spec.in_features, spec.bits),
+                lambda rows: gptq.packed_rows(parts["qweight"], zeros, parts["scales"], perm, spec, rows))
+            return
         order = self.qkv_order if store_name == "attn.qkv.weight" else None
         self._write(
             group,
@@ -241,11 +262,37 @@ class _Converter:
             chunk = produce(rows)
             writer.write_rows(store_name, start, chunk)
             self.bar.update(chunk.nbytes)
+        self._finish_if_complete(group)
+
+    def _finish_if_complete(self, group) -> None:
+        writer = self.writers[group]
         if writer.complete:
             self.records[group] = writer.finish()
             self.journal.record(group, self.records[group], self.gptq_bits)
             del self.writers[group]
             self.pending.discard(group)
+
+    def _write_packed(self, group, prefix: str, perm: np.ndarray, n_out: int, row_bytes: int, produce) -> None:
+        """Write a packed Linear (store format 2): perm, then qweight/scales/zeros in row chunks.
+
+        ``produce(rows)`` returns (qweight uint8, scales fp16, zeros fp16) for output rows
+        ``rows`` (a slice, or the qkv row order's indices): only one chunk is ever unpacked."""
+        writer = self.writer(group)
+        if writer.rows_written(f"{prefix}.qweight"):
+            raise CheckpointError(f"tensor {prefix} of group {group!r} appears twice in the checkpoint")
+        writer.write_rows(f"{prefix}.perm", 0, perm.astype(np.int32))
+        order = self.qkv_order if prefix == "attn.qkv" else None
+        k_in = perm.shape[0]
+        step = max(1, CHUNK_BYTES // max(1, 8 * k_in))  # bounds the unpacked int/fp32 temporaries
+        for start in range(0, n_out, step):
+            stop = min(start + step, n_out)
+            rows = order[start:stop] if order is not None else slice(start, stop)
+            q, sc, zp = produce(rows)
+            writer.write_rows(f"{prefix}.qweight", start, q)
+            writer.write_rows(f"{prefix}.scales", start, sc)
+            writer.write_rows(f"{prefix}.zeros", start, zp)
+            self.bar.update(q.nbytes + sc.nbytes + zp.nbytes)
+        self._finish_if_complete(group)
 
     def check_complete(self) -> None:
         problems = []
@@ -255,7 +302,7 @@ class _Converter:
             if group not in self.pending:
                 continue
             writer = self.writers.get(group)
-            missing = writer.missing() if writer else list(layout.group_shapes(self.config, group))
+            missing = writer.missing() if writer else list(layout.group_tensors(self.config, group))
             label = f"layer {group}" if isinstance(group, int) else group
             problems.append(f"{label}: {', '.join(missing)}")
         if problems:
@@ -302,6 +349,11 @@ def _check_finished_store(
             f"{out} already holds a model converted from {previous.get('id')} (revision {previous.get('revision')}); "
             "choose another --out or delete that folder"
         )
+    packed = manifest.get("packed") if isinstance(manifest.get("packed"), dict) else {}
+    if packed.get("bits") != layout.packed_bits(config):
+        held = f"{packed.get('bits')}-bit packed" if packed.get("bits") else "fp16"
+        raise StoreError(f"{out} already holds {src.id} as {held} weights; choose another --out for this "
+                         "conversion or delete that folder")
     expected = {layout.group_file(g) for g in layout.all_groups(config)} | {"config.json"}
     expected |= {p.name for p in src.tokenizer_files}
     problems = check_files(out, manifest)
@@ -324,14 +376,65 @@ def _check_finished_store(
     return kept, {b for b in bits if b in gptq.SUPPORTED_BITS} if isinstance(bits, list) else set()
 
 
-def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True) -> Path:
+QUANTIZE_CHOICES = {"int8": 8, "int4": 4}
+QUANTIZE_GROUP = 128
+
+
+def _gptq_format(src: Source, config: MossConfig) -> tuple[int, int]:
+    """(bits, group size) of a GPTQ checkpoint, from the tensor shapes alone (no data is read).
+
+    Bits come from qweight rows per input feature (moss-spec §2.6: never from config.wbits); the
+    group size is config.groupsize when it gives every Linear's group count, else in / groups.
+    """
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for tensor in src.iter_tensors():
+        base, _, suffix = tensor.name.rpartition(".")
+        if suffix in ("qweight", "scales", "g_idx"):
+            shapes.setdefault(base, {})[suffix] = tuple(tensor.shape)
+    bits, sizes = set(), []
+    for base, parts in shapes.items():
+        if len(parts) < 3 or not parts["g_idx"] or not parts["g_idx"][0]:
+            continue  # check_complete names what is missing
+        k_in, groups = parts["g_idx"][0], parts["scales"][0]
+        bits.add(32 * parts["qweight"][0] // k_in)
+        sizes.append((base, k_in, groups))
+    if len(bits) != 1 or not bits <= set(layout.PACKED_BITS):
+        raise CheckpointError(f"the GPTQ checkpoint has bit widths {sorted(bits)}; a packed store holds one of 4 or 8: "
+                              "convert with --dequantize")
+    gs = config.groupsize
+    if gs <= 0 or any(-(-k // gs) != g for _, k, g in sizes):
+        candidates = {k // g for _, k, g in sizes if k % g == 0}
+        if len(candidates) != 1:
+            raise CheckpointError("the GPTQ Linears have no common group size; convert with --dequantize")
+        gs = candidates.pop()
+    return bits.pop(), gs
+
+
+def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True,
+            dequantize: bool = False, quantize: str | None = None) -> Path:
     """Convert ``source`` (HF repo id or local folder) into a jmoss store; return the store path.
 
+    A GPTQ int4/int8 checkpoint keeps its integers (a packed store, format 2) unless
+    ``dequantize`` asks for fp16; ``quantize="int8"|"int4"`` packs an fp16/fp32/bf16 checkpoint
+    by round-to-nearest per group of 128 inputs (``gptq.quantize_rows``).
     Resumable: re-running the same command after an interruption keeps verified groups. On a
     finished store it re-checks every file (sizes, then sha256) and rewrites only damaged ones.
     """
     src: Source = resolve(source, revision)
     config = MossConfig.from_json_file(src.config_path)
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise CheckpointError(f"--quantize {quantize!r}: choose int8 or int4")
+    gptq_source = src.is_gptq()
+    if quantize is not None:
+        if gptq_source:
+            raise CheckpointError(f"{src.id} is already a GPTQ checkpoint; convert it without --quantize "
+                                  "(its integers are kept as they are)")
+        config = replace(config, wbits=QUANTIZE_CHOICES[quantize], groupsize=QUANTIZE_GROUP)
+    elif gptq_source and not dequantize:
+        bits, group_size = _gptq_format(src, config)
+        config = replace(config, wbits=bits, groupsize=group_size)
+    else:
+        config = replace(config, wbits=32)
     if out is None:
         out = default_store_dir(src.id) if src.hub else default_store_dir_for_local(src.root)
     out = Path(out).expanduser()
@@ -390,7 +493,11 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     records = {**done, **converter.records}
     info = dict(described)
     bits = converter.gptq_bits | journal.gptq_bits
-    if bits:
+    if quantize is not None:
+        info["quantization"] = {"method": "rtn", "bits": [config.wbits], "group_size": config.groupsize}
+    elif bits and layout.packed_bits(config):
+        info["quantization"] = {"method": "gptq", "bits": sorted(bits), "kept_packed": True}
+    elif bits:
         info["quantization"] = {"method": "gptq", "bits": sorted(bits), "dequantized_to": "float16"}
     finalize_store(out, config, records, tokenizer_files=src.tokenizer_files, source=info)
     journal.path.unlink(missing_ok=True)

@@ -98,3 +98,106 @@ def dequantize(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_id
     """The whole fp16 weight [out, in] of one QuantLinear."""
     spec = infer_spec(name, qweight, qzeros, scales, g_idx)
     return dequantize_rows(qweight, unpack_zeros(qzeros, spec.bits), scales, g_idx, spec, slice(None))
+
+
+# ---------------------------------------------------------------------- packed store layers
+# Store format 2 keeps the integers (docs/store-format.md "Packed layers"): rows are output
+# features, the input dim is permuted once so that every group is a contiguous run of
+# ``group_size`` positions, and scales/zeros are fp16 [out, groups] with the "+1" already applied.
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[r, K] integer codes (0..2^bits-1) -> [r, packed_row_bytes] uint8, LSB first."""
+    from jmoss.converters.layout import packed_row_bytes
+
+    rows, k_in = codes.shape
+    out = np.zeros((rows, packed_row_bytes(k_in, bits)), np.uint8)
+    c = codes.astype(np.uint8)
+    if bits == 8:
+        out[:, :k_in] = c
+    else:
+        lo, hi = c[:, 0::2], c[:, 1::2]
+        out[:, : lo.shape[1]] = lo
+        out[:, : hi.shape[1]] |= hi << 4
+    return out
+
+
+def unpack_codes(packed: np.ndarray, bits: int, k_in: int) -> np.ndarray:
+    """The inverse of pack_codes: [r, K] uint8 codes."""
+    if bits == 8:
+        return packed[:, :k_in].copy()
+    out = np.empty((packed.shape[0], k_in), np.uint8)
+    out[:, 0::2] = packed[:, : (k_in + 1) // 2] & 15
+    out[:, 1::2] = packed[:, : k_in // 2] >> 4
+    return out
+
+
+def act_order_perm(name: str, g_idx: np.ndarray, group_size: int) -> np.ndarray:
+    """The input permutation that makes each group contiguous: position j reads feature perm[j].
+
+    Raises CheckpointError when g_idx does not put exactly ``group_size`` features in every group
+    (but the last): such a layout has no contiguous-group form, so it can only be dequantized.
+    """
+    perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+    if not np.array_equal(g_idx[perm], np.arange(g_idx.shape[0]) // group_size):
+        raise CheckpointError(
+            f"{name}: its g_idx does not hold {group_size} input features per group, so it cannot be kept "
+            "packed; convert with --dequantize (fp16 store)"
+        )
+    return perm
+
+
+def packed_rows(qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray, perm: np.ndarray, spec: QuantSpec,
+                rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(qweight uint8 [r, row bytes], scales fp16 [r, G], zeros fp16 [r, G]) of output rows ``rows``.
+
+    The GPTQ integers are copied, never requantized: code[n, j] = q[perm[j], n] and the zero
+    point is the stored value + 1 (``zeros`` is ``unpack_zeros(qzeros)``), an integer <= 256
+    that fp16 holds exactly.
+    """
+    pack, mask = spec.pack, (1 << spec.bits) - 1
+    words = qweight.view(np.uint32)[:, rows]  # [in/pack, r]
+    shifts = (spec.bits * np.arange(pack, dtype=np.uint32))[None, :, None]
+    q = ((words[:, None, :] >> shifts) & mask).reshape(spec.in_features, -1)  # [in, r]
+    codes = q[perm].T  # [r, K] in permuted input order
+    s = np.ascontiguousarray(scales[:, rows].T.astype(np.float16))
+    z = np.ascontiguousarray(zeros[:, rows].T.astype(np.float16))
+    return pack_codes(codes, spec.bits), s, z
+
+
+def quantize_rows(weight: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest group-wise quantization of fp16/fp32 rows [r, K] (``jmoss convert --quantize``).
+
+    Per row and group of ``group_size`` inputs: lo/hi = min/max of the group with 0 included,
+    scale = fp16((hi - lo) / (2^bits - 1)) (1 where the group is all zero), zero =
+    clip(round(-lo / scale), 0, 2^bits - 1), code = clip(round(w / scale) + zero, 0, 2^bits - 1).
+    Returns (packed codes, scales fp16, zeros fp16) as ``packed_rows`` does.
+    """
+    maxq = (1 << bits) - 1
+    w = np.asarray(weight, np.float32)
+    r, k_in = w.shape
+    g = -(-k_in // group_size)
+    pad = np.zeros((r, g * group_size), np.float32)
+    pad[:, :k_in] = w
+    valid = (np.arange(g * group_size) < k_in).reshape(1, g, group_size)
+    blocks = pad.reshape(r, g, group_size)
+    lo = np.minimum(np.where(valid, blocks, np.inf).min(2), 0)
+    hi = np.maximum(np.where(valid, blocks, -np.inf).max(2), 0)
+    scale = ((hi - lo) / maxq).astype(np.float16)
+    scale[scale == 0] = 1
+    s32 = scale.astype(np.float32)
+    zero = np.clip(np.round(-lo / s32), 0, maxq)
+    codes = np.clip(np.round(blocks / s32[:, :, None]) + zero[:, :, None], 0, maxq).reshape(r, -1)[:, :k_in]
+    return pack_codes(codes, bits), scale, zero.astype(np.float16)
+
+
+def dequantize_packed(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, perm: np.ndarray, bits: int,
+                      group_size: int) -> np.ndarray:
+    """float32 W [N, K] (original input order) of a packed store Linear: tests, fallbacks, tools."""
+    k_in = perm.shape[0]
+    codes = unpack_codes(np.asarray(qweight), bits, k_in).astype(np.float32)
+    g = np.arange(k_in) // group_size
+    w_perm = (codes - np.asarray(zeros, np.float32)[:, g]) * np.asarray(scales, np.float32)[:, g]
+    w = np.empty_like(w_perm)
+    w[:, np.asarray(perm)] = w_perm
+    return w

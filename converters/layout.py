@@ -91,14 +91,72 @@ def group_shapes(config: MossConfig, group: Group) -> dict[str, tuple[int, ...]]
     }
 
 
+# ---- packed (store format v2) layers: see docs/store-format.md "Packed layers"
+QUANT_LINEARS = ("attn.qkv", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
+PACKED_BITS = (4, 8)
+
+
+def packed_bits(config: MossConfig) -> int | None:
+    """4 or 8 when the store's (or checkpoint's) layers are packed integers, else None (fp16)."""
+    return config.wbits if config.wbits in PACKED_BITS else None
+
+
+def packed_row_bytes(k_in: int, bits: int) -> int:
+    """Bytes of one output row of a packed weight: K values at ``bits`` each, padded to 4 bytes."""
+    return -(-k_in * bits // 32) * 4
+
+
+def packed_groups(k_in: int, group_size: int) -> int:
+    return -(-k_in // group_size)
+
+
+def linear_shapes(config: MossConfig) -> dict[str, tuple[int, int]]:
+    """[out, in] of each quantizable Linear of a layer, by store name prefix."""
+    d, inner = config.n_embd, config.inner_dim
+    return {"attn.qkv": (3 * d, d), "attn.out_proj": (d, d), "mlp.fc_in": (inner, d), "mlp.fc_out": (d, inner)}
+
+
+def group_tensors(config: MossConfig, group: Group) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and numpy dtype of every tensor of a group, in file order (fp16 or packed layers).
+
+    A packed Linear ``P`` [N, K] is four tensors instead of ``P.weight``: ``P.perm`` int32 [K]
+    (input feature read at position j, i.e. the act-order permutation sorting features by group),
+    ``P.qweight`` uint8 [N, packed_row_bytes] (row n = output n, values LSB first: int8 one per
+    byte, int4 feature 2j in the low nibble of byte j), ``P.scales`` and ``P.zeros`` fp16
+    [N, G] (G groups of ``config.groupsize`` along the permuted input), W[n, perm[j]] =
+    scales[n, g] * (q[n, j] - zeros[n, g]) with g = j div groupsize.
+    """
+    bits = packed_bits(config)
+    if bits is None or group in (EMBED, HEAD):
+        return {name: (shape, "float16") for name, shape in group_shapes(config, group).items()}
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, shape in group_shapes(config, group).items():
+        prefix = name[: -len(".weight")]
+        if name.endswith(".weight") and prefix in QUANT_LINEARS:
+            n_out, k_in = shape
+            g = packed_groups(k_in, config.groupsize)
+            out[f"{prefix}.perm"] = ((k_in,), "int32")
+            out[f"{prefix}.qweight"] = ((n_out, packed_row_bytes(k_in, bits)), "uint8")
+            out[f"{prefix}.scales"] = ((n_out, g), "float16")
+            out[f"{prefix}.zeros"] = ((n_out, g), "float16")
+        else:
+            out[name] = (shape, "float16")
+    return out
+
+
 def all_groups(config: MossConfig) -> list[Group]:
     """Every group in the order the runtime consumes them (and the converter writes them)."""
     return [EMBED, *range(config.n_layer), HEAD]
 
 
 def group_nbytes(config: MossConfig, group: Group, itemsize: int = 2) -> int:
-    """Bytes of a group's tensors (fp16 by default), without file headers."""
-    return sum(int(np.prod(s)) for s in group_shapes(config, group).values()) * itemsize
+    """Bytes of a group's tensors without file headers: fp16 tensors at ``itemsize`` (2 as
+    stored), packed ones (``packed_bits(config)``) at their stored size."""
+    total = 0
+    for shape, dtype in group_tensors(config, group).values():
+        count = int(np.prod(shape, dtype=np.int64))
+        total += count * (itemsize if dtype == "float16" else np.dtype(dtype).itemsize)
+    return total
 
 
 def map_hf_name(name: str, config: MossConfig) -> tuple[Group, str] | None:

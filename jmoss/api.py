@@ -42,7 +42,8 @@ class ResidentWeights:
         def to_vars(tensors: Mapping[str, np.ndarray]) -> dict:
             out = {}
             for name, array in tensors.items():
-                array = np.ascontiguousarray(array, dtype=dtype)  # no copy when already fp16/contiguous
+                # no copy when already fp16/contiguous; packed codes and perms keep their integer dtype
+                array = np.ascontiguousarray(array, dtype=dtype if array.dtype.kind == "f" else None)
                 out[name] = jt.array(array)
             return out
 
@@ -240,6 +241,12 @@ def load(
     device_memory, host_memory = parse_size(device_memory), parse_size(host_memory)
     store = Store.open(resolve_model(str(model)))
     device = resolve_device(device)
+    if layout.packed_bits(store.config):
+        # packed layers are used as stored (integers + fp16 scales), never widened: the fp16 path
+        if dtype not in (None, "float16"):
+            raise DeviceError(f"{store.path} holds packed int{store.config.wbits} layers, used as stored: "
+                              "load it with dtype float16 (the default), or convert the checkpoint with --dequantize")
+        dtype = "float16"
     dtype = dtype or _default_weight_dtype(device)
     _check_dtype("dtype", dtype)  # before planning: the plan sizes weights by it
     embed = {layout.EMBED: store.group(layout.EMBED)}  # a host memmap: decode touches one row per token

@@ -141,16 +141,22 @@ def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs,
               help="store directory (default: $JMOSS_HOME/models/<org>--<name>)")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) to download")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
-def convert(source, out, revision, no_progress):
+@click.option("--dequantize", is_flag=True, help="GPTQ int4/int8 source: write fp16 weights instead of keeping them packed")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="pack an fp16/fp32 checkpoint's layers (round-to-nearest, per group of 128 inputs)")
+def convert(source, out, revision, no_progress, dequantize, quantize):
     """Convert a checkpoint into a jmoss store, safely (no pickle code runs) and resumably.
 
     SOURCE is a Hugging Face repo id (e.g. fnlp/moss-moon-003-sft) or a local folder with
     pytorch_model*.bin (torch zip format), *.safetensors or a MOSS GPTQ int4/int8 checkpoint.
+    A GPTQ checkpoint keeps its integers (a packed store) unless --dequantize is given.
     Re-running after an interruption resumes and skips verified layers.
     """
     from jmoss.converters.convert import convert as run
 
-    path = run(source, out, revision=revision, progress=not no_progress)
+    if dequantize and quantize:
+        raise click.UsageError("--dequantize and --quantize exclude each other")
+    path = run(source, out, revision=revision, progress=not no_progress, dequantize=dequantize, quantize=quantize)
     click.echo(f"converted {source} -> {path}")
 
 

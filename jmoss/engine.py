@@ -152,8 +152,9 @@ class EngineStats:
 
 
 def _group_layout(offsets: Mapping[str, tuple[int, tuple[int, ...], str]], start: int, itemsize: int):
-    """name -> (byte offset inside the slot, shape) for a group read at ``start``, in ``itemsize``."""
-    return {name: ((off - start) // 2 * itemsize, shape) for name, (off, shape, _dtype) in offsets.items()}
+    """name -> (byte offset inside the slot, shape, dtype) for a group read at ``start``, in ``itemsize``
+    (packed stores, whose uint8/int32 parts are never widened, are always read with itemsize 2)."""
+    return {name: ((off - start) // 2 * itemsize, shape, dtype) for name, (off, shape, dtype) in offsets.items()}
 
 
 def _layout_key(group: Group) -> str:
@@ -297,6 +298,8 @@ class StreamingWeights(StreamPipeline):
             raise DeviceError("StreamingWeights is the CPU backend; CUDA plans use jmoss.engine_cuda")
         if dtype not in ("float16", "float32"):
             raise DeviceError(f"the streaming engine holds weights as float16 or float32, not {dtype!r}")
+        if dtype != "float16" and store.config.wbits in (4, 8):
+            raise DeviceError("a packed store's layers are streamed as stored: use dtype float16")
         self.store, self.plan, self.jt, self.dtype = store, plan, jt, dtype
         self.itemsize = 2 if dtype == "float16" else 4
         where = {p.group: p.where for p in plan.placements}
@@ -350,9 +353,10 @@ class StreamingWeights(StreamPipeline):
     def _wrap(self, buf: np.ndarray, layout: Mapping[str, tuple[int, tuple[int, ...]]]) -> dict:
         out = {}
         np_dtype = np.float16 if self.itemsize == 2 else np.float32
-        for name, (offset, shape) in layout.items():
-            n = int(np.prod(shape, dtype=np.int64)) * self.itemsize
-            out[name] = wrap_zero_copy(self.jt, buf[offset : offset + n].view(np_dtype).reshape(shape))
+        for name, (offset, shape, dtype) in layout.items():
+            view_dtype = np_dtype if dtype == "float16" else np.dtype(dtype)  # packed parts: as stored
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(view_dtype).itemsize
+            out[name] = wrap_zero_copy(self.jt, buf[offset : offset + n].view(view_dtype).reshape(shape))
         return out
 
     def _fill(self, slot: int, g: Group) -> None:

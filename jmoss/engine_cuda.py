@@ -116,7 +116,7 @@ class CudaStreamingWeights(StreamPipeline):
                 key = "layer" if isinstance(g, int) else str(g)
                 if key in self._slot_vars[slot]:
                     continue
-                vars_ = {n: jt.empty(shape, "float16") for n, (_, shape, _) in self._offsets[g].items()}
+                vars_ = {n: jt.empty(shape, dt) for n, (_, shape, dt) in self._offsets[g].items()}  # packed: as stored
                 for var in vars_.values():
                     var.sync()
                 self._slot_vars[slot][key] = vars_
@@ -144,8 +144,8 @@ class CudaStreamingWeights(StreamPipeline):
             source = self._host[g]
         key = "layer" if isinstance(g, int) else str(g)
         base = source.ctypes.data
-        for name, (abs_offset, shape, _) in self._offsets[g].items():
-            nbytes = int(np.prod(shape)) * 2
+        for name, (abs_offset, shape, dt) in self._offsets[g].items():
+            nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
             runtime.memcpyAsync(self._slot_ptrs[slot][key][name], base + abs_offset - offset, nbytes,
                                 runtime.memcpyHostToDevice, self._stream.ptr)
         self._events[slot].record(self._stream)

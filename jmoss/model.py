@@ -45,6 +45,9 @@ class ModelOps(Protocol):
 
     def linear(self, x, weight, bias=None, activation: str | None = None): ...
 
+    def quant_linear(self, x, perm, qweight, scales, zeros, bias=None, *, bits: int, group_size: int,
+                     activation: str | None = None): ...
+
     def layer_norm(self, x, weight, bias, eps: float): ...
 
     def attention(self, qkv, keys, values, sin, cos, attn_bias, start: int, rotary_dim: int): ...
@@ -63,6 +66,21 @@ class JittorOps:
         if activation == "gelu_new":
             y = gelu_new(self.jt, y)
         return y
+
+    def quant_linear(self, x, perm, qweight, scales, zeros, bias=None, *, bits: int, group_size: int,
+                     activation: str | None = None):
+        """A packed (store format 2) Linear in plain jittor: the fallback where jmoss.kernels is not
+        used (it dequantizes the layer for the call, which the CPU kernels never do)."""
+        jt = self.jt
+        k_in = int(perm.shape[0])
+        wide = qweight.int32()
+        if bits == 8:
+            codes = wide[:, :k_in]
+        else:
+            codes = jt.stack([wide & 15, (wide >> 4) & 15], -1).reshape(int(qweight.shape[0]), -1)[:, :k_in]
+        g = np.arange(k_in) // group_size
+        w = (codes.float32() - zeros.float32()[:, g]) * scales.float32()[:, g]
+        return self.linear(x.float32()[:, perm], w, None if bias is None else bias.float32(), activation)
 
     def layer_norm(self, x, weight, bias, eps: float):
         """Float32 statistics whatever the activation dtype (fp16 variance would lose digits)."""
@@ -190,7 +208,12 @@ class MossModel:
 
     def _linear(self, x, w: Mapping, name: str, activation: str | None = None):
         b, t, k = x.shape
-        y = self.ops.linear(x.reshape(b * t, k), w[f"{name}.weight"], w.get(f"{name}.bias"), activation=activation)
+        if f"{name}.qweight" in w:  # a packed layer (store format 2): bits and group size are the store's
+            y = self.ops.quant_linear(x.reshape(b * t, k), w[f"{name}.perm"], w[f"{name}.qweight"], w[f"{name}.scales"],
+                                      w[f"{name}.zeros"], w.get(f"{name}.bias"), bits=self.config.wbits,
+                                      group_size=self.config.groupsize, activation=activation)
+        else:
+            y = self.ops.linear(x.reshape(b * t, k), w[f"{name}.weight"], w.get(f"{name}.bias"), activation=activation)
         return y.cast(self.dtype).reshape(b, t, -1)
 
     def block(self, h, w: Mapping, layer: int, cache: KVCache, step: Step):

@@ -3,7 +3,7 @@
 A store is a directory (format described in docs/store-format.md):
 
     jmoss.json              manifest, written LAST: its presence means the store is complete
-    config.json             MossConfig.to_dict() (wbits 32: weights are already fp16)
+    config.json             MossConfig.to_dict() (wbits 32: fp16 layers; 4/8: packed layers, format 2)
     vocab.json, merges.txt, ...   tokenizer files copied from the source, when it has them
     embed.safetensors       wte.weight
     layer_000.safetensors   one transformer layer: 8 tensors, one contiguous span of data
@@ -41,7 +41,11 @@ from jmoss.converters import layout
 from jmoss.errors import ConfigError, ModelNotFoundError, StoreError
 from jmoss.jittor_setup import jmoss_home
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what an all-fp16 store is written as (unchanged since version 1)
+PACKED_FORMAT_VERSION = 2  # stores with packed int8/int4 layers (docs/store-format.md "Packed layers")
+READABLE_VERSIONS = (FORMAT_VERSION, PACKED_FORMAT_VERSION)
+SAFETENSORS_DTYPES = {"float16": "F16", "uint8": "U8", "int32": "I32"}
+_NUMPY_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 MANIFEST = "jmoss.json"
 JOURNAL = ".jmoss-progress.json"  # the converter's resume journal; present only mid-conversion
 STORE_DTYPE = "float16"
@@ -226,14 +230,18 @@ def disk_full_error(path: Path, needed: int | None = None) -> StoreError:
     )
 
 
-def _header_bytes(shapes: Mapping[str, tuple[int, ...]], group: Group) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """Safetensors header (length prefix included) padded so data starts 64-aligned; and spans."""
-    entries: dict[str, Any] = {"__metadata__": {"format": "jmoss", "group": str(group), "dtype": STORE_DTYPE}}
+def _header_bytes(tensors: Mapping[str, tuple[tuple[int, ...], str]], group: Group) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Safetensors header (length prefix included) padded so data starts 64-aligned; and spans.
+
+    ``tensors`` is ``layout.group_tensors``: name -> (shape, numpy dtype name)."""
+    packed = any(dtype != "float16" for _, dtype in tensors.values())
+    entries: dict[str, Any] = {"__metadata__": {"format": "jmoss", "group": str(group),
+                                                "dtype": "packed" if packed else STORE_DTYPE}}
     spans: dict[str, tuple[int, int]] = {}
     begin = 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * 2
-        entries[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
+    for name, (shape, dtype) in tensors.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
         spans[name] = (begin, nbytes)
         begin += nbytes
     text = json.dumps(entries, separators=(",", ":")).encode()
@@ -277,8 +285,9 @@ class GroupWriter:
         self.group = group
         self.path = Path(out) / layout.group_file(group)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.shapes = layout.group_shapes(config, group)
-        header, spans = _header_bytes(self.shapes, group)
+        self.tensors = layout.group_tensors(config, group)
+        self.shapes = {name: shape for name, (shape, _) in self.tensors.items()}
+        header, spans = _header_bytes(self.tensors, group)
         self.data_start = len(header)
         self.spans = {name: (self.data_start + b, n) for name, (b, n) in spans.items()}
         self.size = self.data_start + sum(n for _, n in spans.values())
@@ -314,9 +323,9 @@ class GroupWriter:
         return shape[0] if shape else 1
 
     def write_rows(self, name: str, row_start: int, rows: np.ndarray) -> None:
-        """Write rows ``row_start..`` of tensor ``name`` (fp16, C-contiguous, trailing dims exact)."""
+        """Write rows ``row_start..`` of tensor ``name`` (its store dtype, trailing dims exact)."""
         shape = self.shapes[name]
-        if rows.dtype != np.float16 or rows.shape[1:] != tuple(shape[1:]):
+        if rows.dtype != np.dtype(self.tensors[name][1]) or rows.shape[1:] != tuple(shape[1:]):
             raise ValueError(f"{name}: chunk {rows.dtype}{rows.shape} does not fit {shape}")
         if row_start != self._rows_done[name]:
             raise ValueError(f"{name}: chunk at row {row_start}, expected {self._rows_done[name]}")
@@ -328,14 +337,14 @@ class GroupWriter:
         self._rows_done[name] = row_start + rows.shape[0]
 
     def write_tensor(self, name: str, array: np.ndarray) -> None:
-        """Write a whole tensor, cast to fp16, in bounded chunks."""
+        """Write a whole tensor, cast to its store dtype (fp16 unless packed), in bounded chunks."""
         shape = self.shapes[name]
         if tuple(array.shape) != tuple(shape):
             raise ValueError(f"{name}: shape {tuple(array.shape)}, expected {shape}")
         array = array.reshape(shape[0], -1) if len(shape) > 1 else array
         step = max(1, _CHUNK // max(1, array[0].nbytes if array.ndim > 1 else 2))
         for start in range(0, shape[0], step):
-            chunk = np.ascontiguousarray(array[start : start + step], dtype=np.float16)
+            chunk = np.ascontiguousarray(array[start : start + step], dtype=self.tensors[name][1])
             self.write_rows(name, start, chunk.reshape((-1, *shape[1:])))
 
     def missing(self) -> list[str]:
@@ -440,8 +449,8 @@ def _bytes_record(data: bytes) -> dict[str, Any]:
 
 
 def store_config_dict(config: MossConfig) -> dict[str, Any]:
-    """config.json of a store: the weights are fp16, so wbits says unquantized."""
-    return replace(config, wbits=32).to_dict()
+    """config.json of a store: wbits 4/8 when its layers are packed, else 32 (fp16 weights)."""
+    return replace(config, wbits=layout.packed_bits(config) or 32).to_dict()
 
 
 def finalize_store(
@@ -477,9 +486,10 @@ def finalize_store(
             record = file_record(out / name)
         files[name] = {"size": int(record["size"]), "sha256": record["sha256"], FAST_HASH: record[FAST_HASH]}
         groups[str(group)] = name
+    bits = layout.packed_bits(config)
     manifest = {
         "format": "jmoss-store",
-        "format_version": FORMAT_VERSION,
+        "format_version": PACKED_FORMAT_VERSION if bits else FORMAT_VERSION,
         "dtype": STORE_DTYPE,
         "model_type": config.model_type,
         "qkv_layout": QKV_LAYOUT,
@@ -488,6 +498,9 @@ def finalize_store(
         "groups": groups,
         "files": files,
     }
+    if bits:  # the layers' Linear weights are packed integers (docs/store-format.md, format 2)
+        manifest["packed"] = {"bits": bits, "group_size": config.groupsize, "layout": "rows n, perm|qweight|scales|zeros",
+                              "scheme": (source or {}).get("quantization", {}).get("method", "gptq")}
     atomic_write_bytes(out / MANIFEST, _sealed_manifest_bytes(manifest))
     _fsync_dir(out)
     return out
@@ -765,12 +778,16 @@ class Store:
             path = self.group_path(group)
             hint = repair_hint(self.path, self.manifest)
             start, entries, _ = parse_safetensors_header(path, StoreError, hint)
-            expected = layout.group_shapes(self.config, group)
+            tensors = layout.group_tensors(self.config, group)
+            expected = {name: shape for name, (shape, _) in tensors.items()}
             offsets: dict[str, tuple[int, tuple[int, ...], str]] = {}
             for name, (dtype, shape, begin, _end) in entries.items():
-                if dtype != "F16":
-                    raise StoreError(f"{path}: tensor {name[:100]} is {dtype}, a jmoss store holds F16 only; {hint}")
-                offsets[name] = (start + begin, shape, "float16")
+                numpy_dtype = _NUMPY_DTYPES.get(dtype)
+                want = tensors[name][1] if name in tensors else "float16"
+                if numpy_dtype != want:
+                    raise StoreError(f"{path}: tensor {name[:100]} is {dtype}, this store's format says "
+                                     f"{SAFETENSORS_DTYPES[want]}; {hint}")
+                offsets[name] = (start + begin, shape, numpy_dtype)
             if list(offsets) != list(expected) or any(offsets[n][1] != expected[n] for n in expected):
                 raise StoreError(
                     f"{path} does not hold the tensors config.json describes for group {group!r} "
@@ -790,7 +807,7 @@ class Store:
         return layout.group_nbytes(self.config, _group_key(group))
 
     def group(self, group: Group) -> dict[str, np.ndarray]:
-        """Read-only fp16 arrays of one group, backed by np.memmap (pages load on first touch).
+        """Read-only arrays of one group (fp16; packed parts uint8/int32), backed by np.memmap.
 
         The file is hashed first (once per Store), so no byte of a tampered file is used.
         """
@@ -801,7 +818,7 @@ class Store:
         data = np.memmap(self.group_path(group), dtype=np.uint8, mode="r", offset=start, shape=(nbytes,))
         out = {}
         for name, (offset, shape, dtype) in offsets.items():
-            n = int(np.prod(shape, dtype=np.int64)) * 2
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             out[name] = data[offset - start : offset - start + n].view(dtype).reshape(shape)
         return out
 
@@ -848,6 +865,9 @@ def _check_manifest(path: Path, raw: bytes, manifest: dict) -> None:
     if "checksum" in manifest:
         if raw != _sealed_manifest_bytes(manifest):
             raise StoreError(f"{where} was edited or corrupted after conversion (its checksum does not match); {repair_hint(path)}")
+    if (manifest.get("format_version") == PACKED_FORMAT_VERSION) != isinstance(manifest.get("packed"), dict):
+        raise StoreError(f"{where}: format {manifest.get('format_version')} and the packed-weights entry disagree "
+                         f"(format {PACKED_FORMAT_VERSION} means packed layers, and only it); {repair_hint(path)}")
     for name, record in manifest["files"].items():
         if not safe_name(name) or name in (MANIFEST, JOURNAL):
             raise StoreError(f"{where} lists the file {str(name)[:100]!r}, which is not a store file name; refused. {repair_hint(path)}")
@@ -876,9 +896,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise StoreError(f"{where} is not a jmoss manifest (no file list); {repair_hint(path)}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StoreError(
-            f"{path} is jmoss store format {str(version)[:20]}, this jmoss reads format {FORMAT_VERSION}; "
+            f"{path} is jmoss store format {str(version)[:20]}, this jmoss reads formats "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}; "
             f"convert the model again with this jmoss: {repair_hint(path, manifest, 'to rewrite it')}"
         )
     _check_manifest(path, raw, manifest)

@@ -9,6 +9,8 @@ made and nothing is allocated per call except the output Var.
 
 Public API (what ``jmoss.model`` codes against)::
 
+    quant_linear(x, perm, qweight, scales, zeros, bias=None, *, bits, group_size, activation=None)
+        the same for a packed int8/int4 weight of store format 2 (see quant_linear)
     linear(x, weight, bias=None, *, activation=None) -> jt.Var
         x       float32 [..., K] (fp16 is accepted and widened first)
         weight  float16 or float32 [N, K]   (torch layout: row n produces output n)
@@ -37,6 +39,12 @@ The fp16 -> bf16 split of each 16- or 32-row weight panel is done between the ti
 previous one, so weights stay fp16 in memory. ``JMOSS_KERNELS_AMX=0`` (or ``configured(amx=False)``)
 keeps every M on the fp32 AVX-512 kernels; without AMX (or if the kernel refuses the tile state)
 they run anyway.
+
+Packed int8/int4 weights (store format 2, ``quant_linear``): decode dequantizes in registers inside
+the dot product (codes widened with vpmovzxbd/vcvtdq2ps straight into the FMAs, one FMA by the
+group's scale per group, the zero-point term from per-group sums of x), so a token reads 1 or 0.5
+byte per weight and no dequantized copy exists; prefill (M >= 4) dequantizes a 4-row panel per
+thread into fp32 and runs the fp32 register-tile GEMM over it (not the AMX path).
 
 Threads come from ``JMOSS_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs this process may run
 on (``os.sched_getaffinity``). The instruction set is chosen at compile time from what
@@ -222,6 +230,56 @@ def linear(x: "jt.Var", weight: "jt.Var", bias: "jt.Var | None" = None, *, activ
         cpu_src=_SRC_BIAS if bias is not None else _SRC_NO_BIAS,
         data={"threads": _threads(), "act": _ACTIVATIONS[activation], "amx": _amx_min_m()},
     )
+    return y if x.ndim == 2 else y.reshape(lead + [n_out])
+
+
+_QLINEAR_SRC = """
+jmoss_q::qlinear<{bits}>(in0_p, in1_p, jmoss_u8(in2_p), jmoss_raw(in3_p), jmoss_raw(in4_p), {bias}, out0_p,
+                   in0_shape0, in0_shape1, in2_shape0, in2_shape1, (jmoss_k::i64)data["group"],
+                   (int)data["threads"], (int)data["act"]);
+"""
+
+
+def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var", zeros: "jt.Var",
+                 bias: "jt.Var | None" = None, *, bits: int, group_size: int,
+                 activation: str | None = None) -> "jt.Var":
+    """``activation(x @ W.T + bias)`` in fp32 for a packed int8/int4 weight (store format 2).
+
+    ``W[n, perm[j]] = scales[n, g] * (qweight codes[n, j] - zeros[n, g])``, ``g = j // group_size``
+    (layout in ``layout.group_tensors``). Decode (M < 4 rows) dequantizes in registers inside the
+    dot product; prefill dequantizes one 4-row panel per thread at a time into fp32 and runs the
+    fp32 register-tile GEMM over it. No dequantized copy of the layer is ever made.
+    """
+    jt = _jittor()
+    if bits not in (4, 8):
+        raise JmossError(f"bits={bits}: packed weights are 4- or 8-bit")
+    if activation not in _ACTIVATIONS:
+        raise JmossError(f"activation={activation!r}: choose None or 'gelu_new'")
+    k_in = int(perm.shape[0])
+    n_out, row_bytes = (int(s) for s in qweight.shape)
+    groups = -(-k_in // group_size)
+    if row_bytes * 8 < k_in * bits or tuple(scales.shape) != (n_out, groups) or tuple(zeros.shape) != (n_out, groups):
+        raise JmossError(f"packed weight qweight {list(qweight.shape)} / scales {list(scales.shape)} / zeros "
+                         f"{list(zeros.shape)} / perm [{k_in}] disagree for {bits}-bit, group {group_size}")
+    if x.ndim < 1 or int(x.shape[-1]) != k_in:
+        raise JmossError(f"x of shape {list(x.shape)} does not match the packed weight [N={n_out}, K={k_in}]")
+    for name, var, want in (("perm", perm, "int32"), ("scales", scales, "float16"), ("zeros", zeros, "float16")):
+        if str(var.dtype) != want:
+            raise JmossError(f"{name} must be {want}, got {var.dtype}")
+    if str(qweight.dtype) not in ("uint8", "int8"):
+        raise JmossError(f"qweight must be uint8, got {qweight.dtype}")
+    lead = list(x.shape[:-1])
+    if str(x.dtype) != "float32":
+        x = x.float32()
+    x2 = x if x.ndim == 2 else x.reshape((-1, k_in))
+    inputs = [x2, perm, qweight, scales, zeros]
+    if bias is not None:
+        if bias.ndim != 1 or int(bias.shape[0]) != n_out or str(bias.dtype) not in ("float16", "float32"):
+            raise JmossError(f"bias {list(bias.shape)} {bias.dtype} does not fit the packed weight [N={n_out}]")
+        inputs.append(bias)
+    src = _QLINEAR_SRC.format(bits=bits, bias="jmoss_raw(in5_p)" if bias is not None else "(const float*)nullptr")
+    y = jt.code([int(x2.shape[0]), n_out], "float32", inputs, cpu_header=_header(_isa()), cpu_src=src,
+                data={"threads": _threads(), "act": _ACTIVATIONS[activation], "group": int(group_size)})
     return y if x.ndim == 2 else y.reshape(lead + [n_out])
 
 

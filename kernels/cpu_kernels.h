@@ -943,3 +943,203 @@ static inline int jmoss_threads_used(int threads) {
     }
     return used;
 }
+
+// ------------------------------------------------------------------------------------------
+// Packed int8 / int4 weights (store format 2, docs/store-format.md "Packed layers").
+//
+// Row n of q holds the K values of output n along the *permuted* input (x is read through perm
+// once per call into xp), LSB first: int8 one per byte, int4 value j in the low nibble of byte
+// j/2 when j is even, the high nibble when odd; rows are ldq bytes apart. scales/zeros are fp16
+// [N, G], G = ceil(K / GS):  W[n, j] = s[n, g] * (q[n, j] - z[n, g]),  g = j / GS.
+//
+// GEMV (M < QUANT_PANEL_MIN_M): dequantization fused into the dot product, never written out:
+//   y[n] = sum_g s[n,g] * (sum_{j in g} xp[j] q[n,j]) - sum_g s[n,g] z[n,g] xsum[g],
+// the integer codes widened in registers (vpmovzxbd + vcvtdq2ps) straight into the FMAs, one
+// vector accumulator per row and group folded into the row total with one FMA by s at the end of
+// the group; xsum (the per-group sums of xp) is computed once per call. Four rows share each
+// load of x, as in the fp16 GEMV. Prefill: each thread dequantizes a 4-row panel of W into fp32
+// (exact: (q - z) is a small integer, s an fp16) in a per-thread buffer of 4 * K floats and runs
+// the fp32 4x4 register-tile GEMM above over it, so a weight is dequantized once per call.
+namespace jmoss_q {
+using jmoss_k::i64;
+
+template <int BITS>
+static inline float q_at(const uint8_t* row, i64 j) {
+    if (BITS == 8) return (float)row[j];
+    const uint8_t b = row[j >> 1];
+    return (float)((j & 1) ? (b >> 4) : (b & 15));
+}
+
+#if JMOSS_ISA >= 1
+using jmoss_k::vec;
+using jmoss_k::VW;
+// VW consecutive codes starting at j (j a multiple of VW, so an int4 run starts on a byte).
+template <int BITS>
+static inline vec vload_q(const uint8_t* row, i64 j) {
+#if JMOSS_ISA == 2
+    if (BITS == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + j))));
+    const __m128i b = _mm_loadl_epi64((const __m128i*)(row + j / 2));
+    const __m128i m = _mm_set1_epi8(15);
+    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+#else
+    if (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + j))));
+    int32_t word;
+    std::memcpy(&word, row + j / 2, 4);
+    const __m128i b = _mm_cvtsi32_si128(word);
+    const __m128i m = _mm_set1_epi8(15);
+    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+#endif
+}
+static inline vec vset1(float v) {
+#if JMOSS_ISA == 2
+    return _mm512_set1_ps(v);
+#else
+    return _mm256_set1_ps(v);
+#endif
+}
+#endif
+
+// Fused dequantizing dot products of one x row with NR packed rows.
+template <int BITS, int NR>
+static inline void qdot(const float* x, const float* xsum, const uint8_t* q, i64 ldq, const uint16_t* s,
+                        const uint16_t* z, i64 G, i64 K, i64 GS, float* res) {
+    float zt[NR];
+    for (int r = 0; r < NR; r++) zt[r] = 0.f;
+#if JMOSS_ISA >= 1
+    vec tot[NR];
+    for (int r = 0; r < NR; r++) tot[r] = jmoss_k::vzero();
+#else
+    float tot[NR];
+    for (int r = 0; r < NR; r++) tot[r] = 0.f;
+#endif
+    for (i64 g = 0; g < G; g++) {
+        const i64 j0 = g * GS, j1 = std::min(K, j0 + GS);
+        float tail[NR];
+        for (int r = 0; r < NR; r++) tail[r] = 0.f;
+        i64 j = j0;
+#if JMOSS_ISA >= 1
+        vec acc[NR];
+        for (int r = 0; r < NR; r++) acc[r] = jmoss_k::vzero();
+        if (GS % VW == 0) {
+            for (; j + VW <= j1; j += VW) {
+                for (int r = 0; r < NR; r++) _mm_prefetch((const char*)(q + r * ldq + j * BITS / 8 + 512), _MM_HINT_T0);
+                const vec xv = jmoss_k::vload(x + j);
+                for (int r = 0; r < NR; r++) acc[r] = jmoss_k::vfma(xv, vload_q<BITS>(q + r * ldq, j), acc[r]);
+            }
+        }
+#endif
+        for (; j < j1; j++)
+            for (int r = 0; r < NR; r++) tail[r] += x[j] * q_at<BITS>(q + r * ldq, j);
+        for (int r = 0; r < NR; r++) {
+            const float sc = jmoss_k::scalar_load(s + r * G + g);
+            const float zp = jmoss_k::scalar_load(z + r * G + g);
+#if JMOSS_ISA >= 1
+            tot[r] = jmoss_k::vfma(acc[r], vset1(sc), tot[r]);
+#endif
+            zt[r] += sc * (zp * xsum[g] - tail[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+#if JMOSS_ISA >= 1
+        res[r] = jmoss_k::vsum(tot[r]) - zt[r];
+#else
+        res[r] = tot[r] - zt[r];
+#endif
+    }
+}
+
+template <int BITS, int NR>
+static inline void qgemv_rows(const float* xp, const float* xs, const uint8_t* q, i64 ldq, const uint16_t* s,
+                              const uint16_t* z, float* y, i64 M, i64 n0, i64 G, i64 K, i64 N, i64 GS) {
+    float res[NR];
+    for (i64 m = 0; m < M; m++) {
+        qdot<BITS, NR>(xp + m * K, xs + m * G, q + n0 * ldq, ldq, s + n0 * G, z + n0 * G, G, K, GS, res);
+        for (int r = 0; r < NR; r++) y[m * N + n0 + r] = res[r];
+    }
+}
+
+static const i64 QUANT_PANEL_MIN_M = 4;
+
+template <int BITS, class BT>
+static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const uint16_t* s, const uint16_t* z,
+                    const BT* bias, float* y, i64 M, i64 K, i64 N, i64 ldq, i64 GS, int threads, int act) {
+    const i64 G = (K + GS - 1) / GS;
+    // x through the permutation, and per-group sums for the zero-point term (M x K, M x G: small).
+    std::vector<float> xbuf(M * K), xsum(M * G, 0.f);
+    for (i64 m = 0; m < M; m++)
+        for (i64 j = 0; j < K; j++) xbuf[m * K + j] = x[m * K + perm[j]];
+    for (i64 m = 0; m < M; m++)
+        for (i64 j = 0; j < K; j++) xsum[m * G + j / GS] += xbuf[m * K + j];
+    const float* xp = xbuf.data();
+    const float* xs = xsum.data();
+    const i64 CHUNK = 32;
+    const i64 nchunks = (N + CHUNK - 1) / CHUNK;
+    if (threads < 1) threads = 1;
+    if (threads > nchunks) threads = (int)std::max<i64>(1, nchunks);
+    const bool panel = M >= QUANT_PANEL_MIN_M;
+    const i64 MB = std::max<i64>(4, std::min<i64>(M, (512 * 1024 / 4) / std::max<i64>(K, 1) / 4 * 4));
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> wbuf(panel ? 4 * K : 0);
+#pragma omp for schedule(dynamic, 1)
+        for (i64 c = 0; c < nchunks; c++) {
+            const i64 n_begin = c * CHUNK, n_end = std::min(N, n_begin + CHUNK);
+            for (i64 n0 = n_begin; n0 < n_end; n0 += 4) {
+                const int nr = (int)std::min<i64>(4, n_end - n0);
+                if (!panel) {
+                    switch (nr) {
+                        case 4: qgemv_rows<BITS, 4>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
+                        case 3: qgemv_rows<BITS, 3>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
+                        case 2: qgemv_rows<BITS, 2>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
+                        default: qgemv_rows<BITS, 1>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
+                    }
+                    continue;
+                }
+                float* w = wbuf.data();
+                for (int r = 0; r < nr; r++) {
+                    const uint8_t* row = q + (n0 + r) * ldq;
+                    for (i64 g = 0; g < G; g++) {
+                        const float sc = jmoss_k::scalar_load(s + (n0 + r) * G + g);
+                        const float zp = jmoss_k::scalar_load(z + (n0 + r) * G + g);
+                        const i64 j1 = std::min(K, (g + 1) * GS);
+                        i64 j = g * GS;
+#if JMOSS_ISA >= 1
+                        if (GS % VW == 0) {
+                            const vec vs = vset1(sc), vz = vset1(zp);
+                            for (; j + VW <= j1; j += VW) {
+#if JMOSS_ISA == 2
+                                _mm512_storeu_ps(w + r * K + j, _mm512_mul_ps(_mm512_sub_ps(vload_q<BITS>(row, j), vz), vs));
+#else
+                                _mm256_storeu_ps(w + r * K + j, _mm256_mul_ps(_mm256_sub_ps(vload_q<BITS>(row, j), vz), vs));
+#endif
+                            }
+                        }
+#endif
+                        for (; j < j1; j++) w[r * K + j] = (q_at<BITS>(row, j) - zp) * sc;
+                    }
+                }
+                // y + n0 as the output base: the tile writes column n0 + jj of row m.
+                for (i64 mb = 0; mb < M; mb += MB) {
+                    const i64 me = std::min(M, mb + MB);
+                    i64 m0 = mb;
+                    for (; m0 + 4 <= me; m0 += 4) jmoss_k::tile_nr<4>(xp, (const float*)w, y + n0, m0, 0, nr, K, N);
+                    if (m0 < me) jmoss_k::tile_any(xp, (const float*)w, y + n0, m0, (int)(me - m0), 0, nr, K, N);
+                }
+            }
+            if (bias || act) {
+                for (i64 m = 0; m < M; m++) {
+                    float* row = y + m * N;
+                    if (bias)
+                        for (i64 n = n_begin; n < n_end; n++) row[n] += jmoss_k::scalar_load(bias + n);
+                    if (act == 1) jmoss_k::gelu_row(row + n_begin, n_end - n_begin);
+                }
+            }
+        }
+    }
+}
+}  // namespace jmoss_q
+
+static inline const uint8_t* jmoss_u8(const uint8_t* p) { return p; }
+static inline const uint8_t* jmoss_u8(const int8_t* p) { return reinterpret_cast<const uint8_t*>(p); }

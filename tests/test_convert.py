@@ -134,10 +134,10 @@ def test_save_pretrained_safetensors_convert_exactly(model, expected, tmp_path: 
 def test_gptq_checkpoints_dequantize_to_the_packed_values(model, tmp_path: Path, bits: int) -> None:
     # config says wbits 4 for the int8 file too (moss-spec §2.6): bits must come from shapes
     src, dequantized = save_gptq_checkpoint(model, tmp_path / "src", bits, groupsize=32, config_wbits=4)
-    out = convert(str(src), tmp_path / "out", progress=False)
+    out = convert(str(src), tmp_path / "out", progress=False, dequantize=True)
     store = Store.open(out)
     config = store.config
-    assert config.wbits == 32  # the store is fp16
+    assert config.wbits == 32  # --dequantize: the store is fp16 (packed is the default: test_packed_store.py)
     for hf_name, weight in dequantized.items():
         group, name = layout.map_hf_name(hf_name, config)
         assert np.array_equal(store.group(group)[name], layout.relayout(name, weight, config)), hf_name

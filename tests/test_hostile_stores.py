@@ -224,7 +224,10 @@ CASES.update({
     "entry size off by one, re-sealed": _edit_manifest(lambda m, p, t: m["files"]["head.safetensors"].__setitem__(
         "size", m["files"]["head.safetensors"]["size"] + 1), seal=True, target="head.safetensors"),
     "groups mapping edited, re-sealed": _edit_manifest(lambda m, p, t: m["groups"].__setitem__("0", "layer_001.safetensors"), seal=True),
-    "format_version 2": _edit_manifest(lambda m, p, t: m.__setitem__("format_version", 2), seal=True, target="format 2"),
+    "format_version 3 (unknown)": _edit_manifest(lambda m, p, t: m.__setitem__("format_version", 3), seal=True,
+                                                 target="format 3"),
+    "format_version 2 on an fp16 store, re-sealed": _edit_manifest(lambda m, p, t: m.__setitem__("format_version", 2),
+                                                                   seal=True, target="packed"),
     "files is a list": _edit_manifest(lambda m, p, t: m.__setitem__("files", list(m["files"])), seal=True),
     "manifest is a list": _raw_manifest(b"[1, 2]"),
     "manifest not JSON": _raw_manifest(b"{files"),

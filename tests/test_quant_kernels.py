@@ -1,0 +1,115 @@
+"""jmoss.kernels.quant_linear (packed int8/int4 weights) against float64 numpy.
+
+The packed weight is dequantized in float64 by ``gptq.dequantize_packed``'s formula, so the only
+rounding in the kernel is fp32 accumulation (the codes, zeros and fp16 scales are exact in fp32,
+and (q - z) * s is exact). The GEMV splits each group's sum into s * (x.q) - s * z * sum(x), two
+sums of the same size as the plain dot product, so the bound is the fp32 one of test_kernels with
+|z| + |q| in place of |q - z|. Shapes cover K tails below a vector, groups cut short by K, odd N
+(the 4-row tile and 32-row chunks), group sizes that are and are not multiples of the vector
+width, M = 1 and 3 (fused GEMV) and 17 (dequantized panels + GEMM), both ISA paths, 1 and 2
+threads, an input permutation, bias and gelu_new.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jmoss import kernels
+from jmoss.converters import gptq
+from jmoss.jittor_setup import get_jittor
+
+jt = get_jittor("cpu")
+U = 2.0**-24
+CASES = [(1, 1, 32), (7, 13, 32), (33, 100, 32), (67, 1031, 128), (130, 300, 128), (5, 64, 48)]
+
+
+def _packed(rng, n, k, bits, gs):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q, s, z = gptq.quantize_rows(w, bits, gs)
+    perm = rng.permutation(k).astype(np.int32)
+    return q, s, z, perm
+
+
+def _gelu(y):
+    return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y**3)))
+
+
+@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_linear_matches_float64_over_odd_shapes_isas_and_threads(isa, bits):
+    rng = np.random.default_rng(bits)
+    for n, k, gs in CASES:
+        q, s, z, perm = _packed(rng, n, k, bits, gs)
+        codes = gptq.unpack_codes(q, bits, k).astype(np.float64)
+        g = np.arange(k) // gs
+        w_perm = (codes - z.astype(np.float64)[:, g]) * s.astype(np.float64)[:, g]
+        w = np.empty_like(w_perm)
+        w[:, perm] = w_perm
+        assert np.array_equal(w, gptq.dequantize_packed(q, s, z, perm, bits, gs))
+        b = rng.standard_normal(n).astype(np.float16)
+        bound_w = (np.abs(codes) + np.abs(z.astype(np.float64)[:, g])) * np.abs(s.astype(np.float64)[:, g])
+        bound_w_orig = np.empty_like(bound_w)
+        bound_w_orig[:, perm] = bound_w
+        for m in (1, 3, 17):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            for act in (None, "gelu_new"):
+                want = x.astype(np.float64) @ w.T + b.astype(np.float64)
+                tol = (k + 4) * U * (np.abs(x.astype(np.float64)) @ bound_w_orig.T + np.abs(b)) * 2 + 1e-30
+                if act:
+                    want, tol = _gelu(want), tol * 1.13 + 1e-6 * np.abs(want)
+                for threads in (1, 2):
+                    with kernels.configured(threads=threads, isa=isa):
+                        got = kernels.quant_linear(jt.array(x), jt.array(perm), jt.array(q), jt.array(s), jt.array(z),
+                                                   jt.array(b), bits=bits, group_size=gs, activation=act).numpy()
+                    err = np.abs(got - want)
+                    assert (err <= tol).all(), (isa, bits, n, k, gs, m, act, threads, float((err / tol).max()))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_tail_and_group_element_counts(bits):
+    """x nonzero at one position at a time: each code of each group (and the K tail) is read once."""
+    rng = np.random.default_rng(7)
+    n, k, gs = 6, 41, 16
+    q, s, z, perm = _packed(rng, n, k, bits, gs)
+    w = gptq.dequantize_packed(q, s, z, perm, bits, gs)
+    for isa in ("native", "portable"):
+        for j in (0, 15, 16, 31, 32, 39, 40):
+            x = np.zeros((1, k), np.float32)
+            x[0, j] = 1.0
+            with kernels.configured(isa=isa):
+                got = kernels.quant_linear(jt.array(x), jt.array(perm), jt.array(q), jt.array(s), jt.array(z),
+                                           bits=bits, group_size=gs).numpy()
+            np.testing.assert_allclose(got[0], w[:, j], rtol=1e-6, atol=1e-6)
+
+
+def test_quantize_rows_round_trips_within_one_step():
+    """Rounding the zero point shifts the grid by <= half a step, so a group's extremes may clip by
+    up to one step; everything else is rounded to the nearest of the grid."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((9, 300)).astype(np.float32)
+    for bits in (4, 8):
+        q, s, z = gptq.quantize_rows(w, bits, 128)
+        back = gptq.dequantize_packed(q, s, z, np.arange(300, dtype=np.int32), bits, 128)
+        step = s.astype(np.float32)[:, np.arange(300) // 128]
+        err = np.abs(back - w)
+        assert (err <= step * (1 + 1e-3)).all()
+        assert (err <= 0.5 * step * (1 + 1e-3)).mean() > 0.98
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_plain_jittor_fallback_gives_the_same_packed_linear(bits):
+    """JittorOps.quant_linear (used where the CPU kernels are not) computes the same layer."""
+    from jmoss.model import JittorOps
+
+    rng = np.random.default_rng(11)
+    n, k, gs = 37, 150, 64
+    q, s, z, perm = _packed(rng, n, k, bits, gs)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float16)
+    args = (jt.array(x), jt.array(perm), jt.array(q), jt.array(s), jt.array(z), jt.array(b))
+    plain = JittorOps(jt).quant_linear(*args, bits=bits, group_size=gs, activation="gelu_new").numpy()
+    fused = kernels.quant_linear(*args, bits=bits, group_size=gs, activation="gelu_new").numpy()
+    want = _gelu(x.astype(np.float64) @ gptq.dequantize_packed(q, s, z, perm, bits, gs).T.astype(np.float64) + b)
+    np.testing.assert_allclose(plain, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused, want, rtol=1e-4, atol=1e-4)
