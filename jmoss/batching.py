@@ -31,6 +31,7 @@ import numpy as np
 
 from jmoss.errors import BudgetError, ContextLengthError, GenerationError, JmossError
 from jmoss.model import KVCache, make_step
+from jmoss.session import planned_length
 
 if TYPE_CHECKING:
     from jmoss.api import Model
@@ -128,17 +129,7 @@ class BatchRunner:
                  gather_seconds: float = GATHER_SECONDS):
         if not isinstance(slots, int) or slots < 1:
             raise BudgetError(f"the batch must be a positive number of sequences, got {slots!r}")
-        n_positions = model.config.n_positions
-        plan = getattr(model, "plan", None)
-        if max_len is None:
-            max_len = n_positions if plan is None else min(n_positions, plan.max_seq_len)
-        if plan is not None and plan.device_memory is not None and slots * max_len > plan.batch * plan.max_seq_len:
-            raise BudgetError(
-                f"{slots} sequences x {max_len} positions need more KV cache than this model's memory plan "
-                f"({plan.batch} x {plan.max_seq_len}); load it with batch={slots} (serve --max-batch) or a shorter "
-                "max_seq_len")
-        if not 0 < max_len <= n_positions:
-            raise ContextLengthError(f"{max_len} positions requested but this model has n_positions={n_positions}")
+        max_len = planned_length(model, slots, max_len)
         self.model, self.max_len, self.step_tokens, self.gather_seconds = model, max_len, step_tokens, gather_seconds
         self.slots = [Slot(self, i) for i in range(slots)]
         self._rows: list[Slot] = []  # the slot of each cache row

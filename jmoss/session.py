@@ -19,26 +19,35 @@ if TYPE_CHECKING:
     from jmoss.api import Model
 
 
+def planned_length(model: "Model", batch: int, max_len: int | None) -> int:
+    """The KV length of a cache for ``batch`` sequences: ``max_len``, or the plan's, checked.
+
+    The budget paid for a KV cache of plan.batch x plan.max_seq_len; a bigger one would silently
+    break the promise the plan made, so it is refused here, for sessions and batch runners alike.
+    """
+    n_positions = model.config.n_positions
+    plan = getattr(model, "plan", None)
+    if max_len is None:
+        max_len = n_positions if plan is None else min(n_positions, plan.max_seq_len)
+    if plan is not None and plan.device_memory is not None and batch * max_len > plan.batch * plan.max_seq_len:
+        raise BudgetError(
+            f"{batch} sequence(s) x {max_len} positions need more KV cache than this model's memory plan "
+            f"({plan.batch} x {plan.max_seq_len}); load it with batch={batch} (serve --max-batch) or "
+            f"max_seq_len={batch * max_len}, or shorten the input"
+        )
+    if not 0 < max_len <= n_positions:
+        raise ContextLengthError(
+            f"{max_len} positions requested but this model has n_positions={n_positions}; "
+            "shorten the input (MOSS cannot attend past its trained context)"
+        )
+    return max_len
+
+
 class Session:
     """KV cache + positions for ``batch`` sequences of at most ``max_len`` tokens each."""
 
     def __init__(self, model: "Model", batch: int = 1, max_len: int | None = None):
-        n_positions = model.config.n_positions
-        plan = getattr(model, "plan", None)
-        if max_len is None:
-            max_len = n_positions if plan is None else min(n_positions, plan.max_seq_len)
-        if plan is not None and plan.device_memory is not None and batch * max_len > plan.batch * plan.max_seq_len:
-            # The budget paid for a KV cache of plan.batch x plan.max_seq_len; a bigger one would
-            # silently break the promise the plan made.
-            raise BudgetError(
-                f"a session of {batch} x {max_len} positions needs more KV cache than this model's memory plan "
-                f"({plan.batch} x {plan.max_seq_len}); load it with max_seq_len={batch * max_len} or shorten the input"
-            )
-        if not 0 < max_len <= n_positions:
-            raise ContextLengthError(
-                f"{max_len} positions requested but this model has n_positions={n_positions}; "
-                "shorten the input (MOSS cannot attend past its trained context)"
-            )
+        max_len = planned_length(model, batch, max_len)
         self.model, self.batch, self.max_len = model, batch, max_len
         self.cache = KVCache(model.jt, model.config, batch, max_len, model.compute_dtype)
         self.key_mask = np.zeros((batch, max_len), dtype=np.int8)
