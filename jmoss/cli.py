@@ -31,7 +31,7 @@ def main() -> None:
 
     \b
     Typical use:
-      jmoss demo                                        # offline end-to-end check, ~1 minute
+      jmoss demo                                        # offline end-to-end check (~3 min the first time)
       jmoss convert fnlp/moss-moon-003-sft              # once: download + safe conversion
       jmoss chat fnlp/moss-moon-003-sft --device-memory 12GiB
     """
