@@ -1,4 +1,6 @@
-"""``jmoss demo``: the whole pipeline on any machine, offline (about 3 minutes the first time on 2 cores, Jittor compiling its core; 20 s after).
+"""``jmoss demo``: the whole pipeline on any machine, offline.
+
+About 3 minutes the first time on 2 cores (Jittor compiles its core once), 20 s after.
 
 1. build a small MOSS-architecture checkpoint with RANDOM weights, in the Hugging Face layout
    (safetensors, the fused mp_num=4 qkv_proj), plus a byte-level BPE tokenizer trained on the spot
