@@ -9,10 +9,11 @@ its memory flat. Bounded: about 400 sockets, well under a minute.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import time
-from typing import Iterator
+from typing import Awaitable, Iterator
 
 import httpx
 import psutil
@@ -215,15 +216,18 @@ async def _closed_after(reader: asyncio.StreamReader, start: float, limit: float
 async def _slow_clients(port: int) -> dict:
     limit = max(HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT) + SLACK + 5
 
-    async def trickle_headers() -> tuple[float, bytes]:
+    async def trickle(head: bytes, drip: Iterator[bytes]) -> tuple[float, bytes]:
+        """Send ``head`` at once, then one piece of ``drip`` every 0.25 s until the server closes."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head)
+        await writer.drain()
         start = time.monotonic()
         closer = asyncio.ensure_future(_closed_after(reader, start, limit))
         try:
-            for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            for piece in drip:
                 if closer.done():
                     break
-                writer.write(bytes([byte]))
+                writer.write(piece)
                 await writer.drain()
                 await asyncio.sleep(0.25)
         except (ConnectionError, OSError):
@@ -232,22 +236,12 @@ async def _slow_clients(port: int) -> dict:
         writer.close()
         return result
 
-    async def trickle_body() -> tuple[float, bytes]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n")
-        await writer.drain()
-        start = time.monotonic()
-        closer = asyncio.ensure_future(_closed_after(reader, start, limit))
-        try:
-            while not closer.done():
-                writer.write(b" ")
-                await writer.drain()
-                await asyncio.sleep(0.25)
-        except (ConnectionError, OSError):
-            pass
-        result = await closer
-        writer.close()
-        return result
+    def trickle_headers() -> Awaitable[tuple[float, bytes]]:
+        line = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        return trickle(b"", (bytes([byte]) for byte in line))
+
+    def trickle_body() -> Awaitable[tuple[float, bytes]]:
+        return trickle(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n", itertools.repeat(b" "))
 
     async def idle(after_request: bool) -> tuple[float, bytes]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
