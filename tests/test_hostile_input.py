@@ -117,6 +117,16 @@ def _spawn(store) -> pexpect.spawn:
     return child
 
 
+def _quit_cleanly(child) -> None:
+    """At the next prompt, `stop` ends the chat with exit 0 and no traceback anywhere in its output."""
+    child.expect_exact(b"<|Human|>: ")
+    child.sendline(b"stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert b"Traceback" not in child.logfile_read.getvalue()
+
+
 def test_jmoss_chat_in_a_terminal_survives_invalid_utf8_lines(store):
     child = _spawn(store)
     child.expect(b"Welcome to MOSS")
@@ -129,12 +139,7 @@ def test_jmoss_chat_in_a_terminal_survives_invalid_utf8_lines(store):
     child.expect_exact(b"<|Human|>: ")
     child.sendline("a normal message".encode())
     child.expect_exact(b"<|MOSS|>: ")
-    child.expect_exact(b"<|Human|>: ")
-    child.sendline(b"stop")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    assert b"Traceback" not in child.logfile_read.getvalue()
+    _quit_cleanly(child)
 
 
 def test_jmoss_chat_refuses_a_too_long_message_and_goes_on(store):
@@ -145,12 +150,7 @@ def test_jmoss_chat_refuses_a_too_long_message_and_goes_on(store):
     child.expect_exact(b"<|Human|>: ")
     child.sendline(b"short")
     child.expect_exact(b"<|MOSS|>: ")
-    child.expect_exact(b"<|Human|>: ")
-    child.sendline(b"stop")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    assert b"Traceback" not in child.logfile_read.getvalue()
+    _quit_cleanly(child)
 
 
 def test_jmoss_chat_reads_invalid_utf8_from_a_pipe(store):
