@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from jmoss import dialogue
 from jmoss.errors import ContextLengthError
-from jmoss.generation import Finish, GenerationOptions, stream_tokens
+from jmoss.generation import Finish, GenerationOptions, shared_prefix, stream_tokens
 from jmoss.tokenizer import clean_text
 
 if TYPE_CHECKING:
@@ -216,10 +216,7 @@ class Chat:
         ids part from what it processed, so the next turn prefills the difference.
         """
         shown = self.tokenizer.encode(text) if text else []
-        same = 0
-        while same < min(len(shown), len(tokens)) and shown[same] == tokens[same]:
-            same += 1
-        self.session.truncate(min(self.session.length, len(self._ids) + same))
+        self.session.truncate(min(self.session.length, len(self._ids) + shared_prefix(shown, tokens)))
         tokens[:] = shown
 
     def _close(self, tokens: list[int], marker: str, reply: Reply) -> None:

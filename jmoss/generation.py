@@ -234,6 +234,16 @@ def stream(model: "Model", prompt, **options) -> Iterator[str]:
     yield from stream_tokens(model, model.session(max_len=_max_len(model, rows, opts)), rows[0], opts)
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two id lists: how much of a KV cache holding ``a`` serves ``b``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class Finish:
     """Why a stream ended, filled in by :func:`stream_tokens` for its caller.

@@ -56,7 +56,7 @@ from starlette.requests import ClientDisconnect
 from jmoss import dialogue
 from jmoss.batching import BatchRunner, DetachedSession, StepCancelled
 from jmoss.errors import ContextLengthError, JmossError
-from jmoss.generation import Finish, GenerationOptions, stream_tokens
+from jmoss.generation import Finish, GenerationOptions, shared_prefix, stream_tokens
 
 if TYPE_CHECKING:
     from jmoss.api import Model
@@ -419,7 +419,7 @@ class _Worker:
         The cache is truncated to the longest prefix shared with what it holds, so a request that
         repeats the meta instruction or the previous conversation prefills only its new tokens.
         """
-        with self._cache(lambda held: -1 if held.owner is not None else _shared(held.ids, ids)) as (session, state):
+        with self._cache(lambda held: -1 if held.owner is not None else shared_prefix(held.ids, ids)) as (session, state):
             return self._complete(session, state, ids, opts, post, reply=reply)
 
     def _complete(self, session: Any, state: Any, ids: list[int], opts: GenerationOptions, post: Post, *,
@@ -427,9 +427,7 @@ class _Worker:
         if state.owner is not None:  # a uid conversation's tokens: nothing to share
             session.reset()
             state.ids, state.owner = [], None
-        keep, limit = 0, min(len(state.ids), len(ids) - 1, session.length)
-        while keep < limit and state.ids[keep] == ids[keep]:
-            keep += 1
+        keep = min(shared_prefix(state.ids, ids), len(ids) - 1, session.length)
         session.truncate(keep)
         budget = min(opts.max_new_tokens, session.max_len - len(ids))
         run = GenerationOptions.from_kwargs(**{**opts.__dict__, "max_new_tokens": budget})
@@ -539,16 +537,6 @@ class _Worker:
         self._turn_locks.pop(id(gone.chat), None)
         if self.runner is None and self._state.owner is gone.chat:
             self._forget_cache()
-
-
-def _shared(held: list[int], ids: list[int]) -> int:
-    """Length of the common prefix of two id lists."""
-    n = 0
-    for a, b in zip(held, ids):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 def _jmoss_error(exc: JmossError) -> ServerRequestError:
