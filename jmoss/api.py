@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import layout
 from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
 from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import JittorOps, MossModel, rotary_tables

@@ -54,7 +54,7 @@ def store_read_bound(model: str | Path, repeats: int = 2) -> Figures:
     Each group's data span is read with one ``preadv`` into a single reused buffer, after its
     pages were dropped from the cache, exactly as the engine reads; the best of ``repeats``.
     """
-    from jmoss.converters.layout import EMBED, all_groups
+    from jmoss.layout import EMBED, all_groups
     from jmoss.engine import _fadvise_dontneed, read_span
     from jmoss.store import Store, resolve_model
 
@@ -179,7 +179,7 @@ def measure_torch_in_this_process(options: dict[str, Any]) -> Figures:
     """
     import torch
 
-    from jmoss.converters import layout
+    from jmoss import layout
     from jmoss.store import Store, resolve_model
 
     transformers = _supported_transformers()

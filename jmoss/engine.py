@@ -49,8 +49,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jmoss.converters.layout import EMBED, HEAD, Group, all_groups
 from jmoss.errors import BudgetError, DeviceError, StoreError
+from jmoss.layout import EMBED, HEAD, Group, all_groups
 from jmoss.placement import Plan
 
 _WIDEN_CHUNK = 1 << 20  # elements per in-place fp16 -> fp32 widening step (4 MiB of output)

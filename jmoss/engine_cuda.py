@@ -33,9 +33,9 @@ from typing import Mapping
 
 import numpy as np
 
-from jmoss.converters.layout import EMBED, Group, all_groups
 from jmoss.engine import StreamPipeline, read_span
 from jmoss.errors import DeviceError
+from jmoss.layout import EMBED, Group, all_groups
 from jmoss.placement import Plan
 
 _PTR_SRC = """

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import layout
 from jmoss.errors import BudgetError
 from jmoss.jittor_setup import jmoss_home
 from jmoss.sizes import MiB, format_size
