@@ -28,7 +28,7 @@ def synthetic_checkpoint(out: Path, layers: int, embd: int, vocab: int, fmt: str
     import torch
 
     from jmoss.config import MossConfig
-    from jmoss.converters import layout
+    from jmoss import layout
 
     config = dict(model_type="moss", vocab_size=vocab, n_positions=256, n_embd=embd, n_layer=layers,
                   n_head=max(4, embd // 128), rotary_dim=64, n_inner=None, activation_function="gelu_new")

@@ -74,7 +74,7 @@ CHILD = textwrap.dedent(
 
 def write_store(out: Path) -> Path:
     from jmoss.config import MossConfig
-    from jmoss.converters import layout
+    from jmoss import layout
     from jmoss.store import MANIFEST, GroupWriter, finalize_store
 
     if (out / MANIFEST).is_file():

@@ -175,7 +175,7 @@ with tempfile.TemporaryDirectory() as tmp:
         logits = session.decode([int(np.argmax(logits[0, -1]))])
 stage["model"] = "2-layer fp16 MossModel: prefill 7 tokens + 2 decode steps"
 stage["model_seconds"] = round(time.time() - t2, 1)
-from jmoss.engine_cuda import _device_ptr
+from jmoss.engine.cuda import _device_ptr
 v = jt.empty((8,), "float16"); v.sync()
 stage["device_ptr_op"] = bool(_device_ptr(jt, v))
 kernels_dir = __import__("pathlib").Path(jt.flags.cache_path) / "jit"

@@ -24,7 +24,7 @@ def build(out: Path, assets: Path = ASSETS, seed: int = 0) -> Path:
     from transformers import CodeGenConfig, CodeGenForCausalLM
 
     from jmoss.config import MossConfig
-    from jmoss.converters.layout import split_state_dict
+    from jmoss.layout import split_state_dict
     from jmoss.store import write_store_from_groups
 
     raw = json.loads((assets / "config.json").read_text())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import layout
 from jmoss.store import GroupWriter, finalize_store
 
 BLOCK_ELEMENTS = 64 << 20

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import gptq, layout
+from jmoss.converters import gptq
 from jmoss.converters.sources import GPTQ_SUFFIXES, Source, SourceTensor, resolve
 from jmoss.errors import CheckpointError, StoreError
 from jmoss.store import (

@@ -108,7 +108,7 @@ def dequantize(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_id
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """[r, K] integer codes (0..2^bits-1) -> [r, packed_row_bytes] uint8, LSB first."""
-    from jmoss.converters.layout import packed_row_bytes
+    from jmoss.layout import packed_row_bytes
 
     rows, k_in = codes.shape
     out = np.zeros((rows, packed_row_bytes(k_in, bits)), np.uint8)

@@ -17,11 +17,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import layout
+from jmoss.engine.factory import build_weights
+from jmoss.engine.ops import default_weight_dtype, pick_ops
+from jmoss.engine.resident import ResidentWeights
+from jmoss.engine.swap import JittorSwapWeights
 from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
 from jmoss.jittor_setup import get_jittor, resolve_device
-from jmoss.model import JittorOps, MossModel, rotary_tables
+from jmoss.model import MossModel, rotary_tables
 from jmoss.session import Session
 
 if TYPE_CHECKING:
@@ -33,44 +37,6 @@ DTYPES = ("float32", "float16")
 def _check_dtype(name: str, value: str) -> None:
     if value not in DTYPES:
         raise DeviceError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
-
-
-class ResidentWeights:
-    """Every layer's weights held as jittor Vars for the whole run (no budget, or it all fits)."""
-
-    def __init__(self, jt, groups: Mapping[Any, Mapping[str, np.ndarray]], n_layer: int, dtype: str):
-        def to_vars(tensors: Mapping[str, np.ndarray]) -> dict:
-            out = {}
-            for name, array in tensors.items():
-                # no copy when already fp16/contiguous; packed codes and perms keep their integer dtype
-                array = np.ascontiguousarray(array, dtype=dtype if array.dtype.kind == "f" else None)
-                out[name] = jt.array(array)
-            return out
-
-        self._layers = [to_vars(groups[i]) for i in range(n_layer)]
-        self._head = to_vars(groups[layout.HEAD])
-        for tensors in self._layers + [self._head]:
-            for var in tensors.values():
-                var.sync()
-
-    def layer(self, i: int) -> Mapping:
-        return self._layers[i]
-
-    def head(self) -> Mapping:
-        return self._head
-
-
-def _pick_ops(jt, device: str, weight_dtype: str, compute_dtype: str):
-    """CPU fp16 weights with fp32 activations go through jmoss.kernels when they work here
-    (linear, LayerNorm and attention); everything else is plain jittor (``JittorOps``)."""
-    if device == "cpu" and weight_dtype == "float16" and compute_dtype == "float32":
-        try:
-            from jmoss import kernels
-        except ImportError:
-            kernels = None
-        if kernels is not None and hasattr(kernels, "linear") and kernels.available():
-            return kernels
-    return JittorOps(jt)
 
 
 class Model:
@@ -101,7 +67,7 @@ class Model:
         self.rotary = rotary_tables(config)
         self._wte = groups[layout.EMBED]["wte.weight"]  # host-side (often a read-only memmap)
         self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
-        self.ops = _pick_ops(self.jt, self.device, self.dtype, self.compute_dtype)
+        self.ops = pick_ops(self.jt, self.device, self.dtype, self.compute_dtype)
         self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
         self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self._tokenizer: Tokenizer | None = None
@@ -169,18 +135,6 @@ class Model:
         return Chat(self, meta_instruction=meta_instruction, **kwargs)
 
 
-def _default_weight_dtype(device: str) -> str:
-    """float16 (as stored) on cuda, and on cpu when jmoss.kernels reads fp16 weights at memory
-    speed; float32 otherwise (jittor's own CPU fp16 matmul is unusably slow, jittor-notes §5)."""
-    if device == "cuda":
-        return "float16"
-    try:
-        from jmoss import kernels
-    except ImportError:
-        return "float32"
-    return "float16" if hasattr(kernels, "linear") and kernels.available() else "float32"
-
-
 def _available_memory(device: str) -> tuple[int | None, int]:
     """(free device bytes or None when unknown, free host bytes), measured now."""
     import psutil
@@ -232,7 +186,6 @@ def load(
     with ``cpu_mem_limit`` = device_memory: the baseline, valid only in a process started with
     JMOSS_JITTOR_SAVE_MEM=1 (``jmoss bench --compare jittor`` spawns one).
     """
-    from jmoss.engine import JittorSwapWeights, build_weights
     from jmoss.placement import plan_placement
     from jmoss.sizes import parse_size
     from jmoss.store import Store, resolve_model
@@ -247,7 +200,7 @@ def load(
             raise DeviceError(f"{store.path} holds packed int{store.config.wbits} layers, used as stored: "
                               "load it with dtype float16 (the default), or convert the checkpoint with --dequantize")
         dtype = "float16"
-    dtype = dtype or _default_weight_dtype(device)
+    dtype = dtype or default_weight_dtype(device)
     _check_dtype("dtype", dtype)  # before planning: the plan sizes weights by it
     embed = {layout.EMBED: store.group(layout.EMBED)}  # a host memmap: decode touches one row per token
     common = dict(device=device, dtype=dtype, compute_dtype=compute_dtype, tokenizer_path=store.path, path=store.path)

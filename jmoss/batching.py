@@ -34,7 +34,8 @@ from jmoss.model import KVCache, make_step
 from jmoss.session import planned_length
 
 if TYPE_CHECKING:
-    from jmoss.api import Model
+    from jmoss.protocols import ForwardModel
+    from jmoss.session import TextModel
 
 # Tokens one step may carry for prefill (split over the rows that prefill in it). Decode rows
 # are padded to the step's width, so a smaller chunk keeps joining cheap for those already decoding.
@@ -125,7 +126,7 @@ class DetachedSession:
 class BatchRunner:
     """Up to ``slots`` sequences of at most ``max_len`` tokens, advanced together one step at a time."""
 
-    def __init__(self, model: "Model", slots: int, max_len: int | None = None, *, step_tokens: int = STEP_TOKENS,
+    def __init__(self, model: "ForwardModel", slots: int, max_len: int | None = None, *, step_tokens: int = STEP_TOKENS,
                  gather_seconds: float = GATHER_SECONDS):
         if not isinstance(slots, int) or slots < 1:
             raise BudgetError(f"the batch must be a positive number of sequences, got {slots!r}")
@@ -328,7 +329,7 @@ class BatchRunner:
 # ----------------------------------------------------------------------------------------------
 
 
-def stream_batch(model: "Model", prompts: Sequence, *, max_batch: int | None = None,
+def stream_batch(model: "TextModel", prompts: Sequence, *, max_batch: int | None = None,
                  **options) -> Iterator[tuple[int, str]]:
     """``(index, text delta)`` for every prompt, generated together: finished prompts leave at once.
 

@@ -13,7 +13,7 @@ is stopped at its end; see ``spawn_measured``), so nothing the child forgets to 
 - achieved read GB/s during decode next to the measured bound of this machine: on CPU a
   sequential ``preadv`` of the store's layer files into one reused buffer after dropping them
   from the page cache (``posix_fadvise(DONTNEED)``), i.e. what the disk path gives a perfect
-  reader; on CUDA the pinned host-to-device copy rate (jmoss.engine_cuda);
+  reader; on CUDA the pinned host-to-device copy rate (jmoss.engine.cuda);
 - peak RSS against the budget.
 
 With everything resident on the CPU (no budget) nothing is streamed, so the bytes that matter are
@@ -54,8 +54,8 @@ def store_read_bound(model: str | Path, repeats: int = 2) -> Figures:
     Each group's data span is read with one ``preadv`` into a single reused buffer, after its
     pages were dropped from the cache, exactly as the engine reads; the best of ``repeats``.
     """
-    from jmoss.converters.layout import EMBED, all_groups
-    from jmoss.engine import _fadvise_dontneed, read_span
+    from jmoss.layout import EMBED, all_groups
+    from jmoss.engine.pipeline import _fadvise_dontneed, read_span
     from jmoss.store import Store, resolve_model
 
     store = Store.open(resolve_model(str(model)))
@@ -162,7 +162,7 @@ def resident_weight_bytes(model) -> int | None:
 
     The embedding table is left out: a token gathers one row of it.
     """
-    from jmoss.api import ResidentWeights
+    from jmoss.engine.resident import ResidentWeights
 
     if not isinstance(model.weights, ResidentWeights):
         return None
@@ -179,7 +179,7 @@ def measure_torch_in_this_process(options: dict[str, Any]) -> Figures:
     """
     import torch
 
-    from jmoss.converters import layout
+    from jmoss import layout
     from jmoss.store import Store, resolve_model
 
     transformers = _supported_transformers()
@@ -399,7 +399,7 @@ def run_bench(model: str, *, device: str = "cpu", device_memory: int | None = No
         # so each side is measured at 1 thread and at the default count, and its best is shown.
         options["thread_counts"] = sorted({1, _default_threads()})
     if device == "cuda":
-        from jmoss.engine_cuda import pinned_h2d_bound
+        from jmoss.engine.cuda import pinned_h2d_bound
 
         bound = pinned_h2d_bound()
     elif device_memory is None:

@@ -24,8 +24,8 @@ from jmoss.generation import Finish, GenerationOptions, shared_prefix, stream_to
 from jmoss.tokenizer import clean_text
 
 if TYPE_CHECKING:
-    from jmoss.api import Model
     from jmoss.plugins import Call, CallResult, Plugin
+    from jmoss.session import TextModel
 
 EOM, EOC = "<eom>", "<eoc>"
 
@@ -52,7 +52,7 @@ class Chat:
 
     def __init__(
         self,
-        model: "Model",
+        model: "TextModel",
         meta_instruction: str | None = None,
         *,
         plugins: Iterable["Plugin"] | Iterable[str] | None = None,

@@ -114,7 +114,7 @@ def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: i
     """
     import jmoss
     from jmoss.converters.convert import convert
-    from jmoss.converters.layout import all_groups, group_nbytes
+    from jmoss.layout import all_groups, group_nbytes
     from jmoss.placement import plan_placement
 
     write = write or (lambda s: print(s, end="", flush=True))

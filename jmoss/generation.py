@@ -21,8 +21,7 @@ import numpy as np
 from jmoss.errors import ContextLengthError, GenerationError
 
 if TYPE_CHECKING:
-    from jmoss.api import Model
-    from jmoss.session import Session
+    from jmoss.session import Session, TextModel
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class _Stops:
     strings: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, model: "Model", stop: tuple) -> "_Stops":
+    def build(cls, model: "TextModel", stop: tuple) -> "_Stops":
         stops = cls()
         eos = model.config.eos_token_id
         if eos is not None:
@@ -162,7 +161,7 @@ class _Stops:
         return keep
 
 
-def _as_rows(model: "Model", prompt) -> tuple[list[list[int]], bool]:
+def _as_rows(model: "TextModel", prompt) -> tuple[list[list[int]], bool]:
     """Normalise a prompt (text, ids, or a list of either) to id rows; second value: was batched."""
     if isinstance(prompt, str):
         return [model.tokenizer.encode(prompt)], False
@@ -177,7 +176,7 @@ def _as_rows(model: "Model", prompt) -> tuple[list[list[int]], bool]:
 
 
 def generate_ids(
-    model: "Model",
+    model: "TextModel",
     session: "Session",
     rows: list[list[int]],
     options: GenerationOptions,
@@ -218,14 +217,14 @@ def generate_ids(
         logits = session.decode(feed)
 
 
-def _vocab_limit(model: "Model") -> int:
+def _vocab_limit(model: "TextModel") -> int:
     try:
         return min(model.tokenizer.vocab_size, model.config.vocab_size)
     except GenerationError:  # no tokenizer files: any embedding row may be produced
         return model.config.vocab_size
 
 
-def stream(model: "Model", prompt, **options) -> Iterator[str]:
+def stream(model: "TextModel", prompt, **options) -> Iterator[str]:
     """Yield text deltas of one prompt's continuation; they concatenate to ``generate``'s result."""
     opts = GenerationOptions.from_kwargs(**options)
     rows, batched = _as_rows(model, prompt)
@@ -258,7 +257,7 @@ class Finish:
     text: str = ""  # all the text the stream yielded
 
 
-def stream_tokens(model: "Model", session: "Session", row: list[int], opts: GenerationOptions,
+def stream_tokens(model: "TextModel", session: "Session", row: list[int], opts: GenerationOptions,
                   history: list[int] | None = None, tokens_out: list[int] | None = None,
                   finish: Finish | None = None) -> Iterator[str]:
     """Text deltas for ``row`` appended to ``session`` (used by chat to continue a conversation).
@@ -307,7 +306,7 @@ def _stop_at(stops: _Stops, text: str, cut: int) -> str:
     return next(s for s in stops.strings if text.startswith(s, cut))
 
 
-def _max_len(model: "Model", rows: list[list[int]], opts: GenerationOptions) -> int:
+def _max_len(model: "TextModel", rows: list[list[int]], opts: GenerationOptions) -> int:
     longest = max(len(r) for r in rows)
     if longest >= model.config.n_positions:
         raise ContextLengthError(
@@ -316,7 +315,7 @@ def _max_len(model: "Model", rows: list[list[int]], opts: GenerationOptions) -> 
     return min(model.config.n_positions, longest + opts.max_new_tokens)
 
 
-def generate(model: "Model", prompt, **options) -> str | list[str]:
+def generate(model: "TextModel", prompt, **options) -> str | list[str]:
     """Generated text for a prompt, or a list of texts for a list of prompts (one padded batch)."""
     opts = GenerationOptions.from_kwargs(**options)
     rows, batched = _as_rows(model, prompt)
@@ -338,7 +337,7 @@ def generate(model: "Model", prompt, **options) -> str | list[str]:
     return texts
 
 
-def generate_tokens(model: "Model", prompt_ids: Sequence[int], **options) -> list[int]:
+def generate_tokens(model: "TextModel", prompt_ids: Sequence[int], **options) -> list[int]:
     """Generated token ids for one prompt of ids (stop tokens excluded); no tokenizer needed."""
     opts = GenerationOptions.from_kwargs(**options)
     opts = replace(opts, stop=tuple(s for s in opts.stop if not isinstance(s, str)))  # ids need no tokenizer

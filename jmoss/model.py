@@ -6,7 +6,7 @@ Per block (one LayerNorm, attention and MLP in parallel on its output):
     h_next = out_proj(Attn(a)) + fc_out(gelu_new(fc_in(a))) + h
 
 Attention: q, k, v from the fused ``attn.qkv.weight`` (already re-laid out by the converter into
-[q heads | k heads | v heads], see converters/layout.py), GPT-J "rotate every two" rotary on the
+[q heads | k heads | v heads], see jmoss/layout.py), GPT-J "rotate every two" rotary on the
 first ``rotary_dim`` dims of q and k at absolute positions, scores and softmax in float32 with
 the 1/sqrt(head_dim) scale, probabilities cast to the value dtype, then merged heads.
 

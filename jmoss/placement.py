@@ -2,7 +2,7 @@
 
 Batch-1 decode of an offloaded model is bound by the bytes that must move per token (anchors §0.1,
 §4.5), so the plan is a small, exact piece of arithmetic over the store's groups (``embed``, one
-group per layer, ``head``; see ``jmoss.converters.layout``) and the budgets the user gave. It is
+group per layer, ``head``; see ``jmoss.layout``) and the budgets the user gave. It is
 pure Python and deterministic: the same inputs always give the same plan, `jmoss info` prints it,
 and the streaming engine allocates exactly what it says.
 
@@ -34,8 +34,8 @@ import math
 from typing import Any, Literal
 
 from jmoss.config import MossConfig
-from jmoss.converters.layout import EMBED, HEAD, Group, all_groups, group_nbytes
 from jmoss.errors import BudgetError, ContextLengthError, DeviceError
+from jmoss.layout import EMBED, HEAD, Group, all_groups, group_nbytes
 from jmoss.sizes import GiB, MiB, format_gb, format_size
 
 Tier = Literal["device", "host", "disk"]

@@ -8,18 +8,19 @@ chat and the server all drive a model through this one class.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from jmoss.errors import BudgetError, ContextLengthError, GenerationError
 from jmoss.model import KVCache, make_step
+from jmoss.protocols import ForwardModel
 
 if TYPE_CHECKING:
-    from jmoss.api import Model
+    from jmoss.tokenizer import Tokenizer
 
 
-def planned_length(model: "Model", batch: int, max_len: int | None) -> int:
+def planned_length(model: ForwardModel, batch: int, max_len: int | None) -> int:
     """The KV length of a cache for ``batch`` sequences: ``max_len``, or the plan's, checked.
 
     The budget paid for a KV cache of plan.batch x plan.max_seq_len; a bigger one would silently
@@ -46,7 +47,7 @@ def planned_length(model: "Model", batch: int, max_len: int | None) -> int:
 class Session:
     """KV cache + positions for ``batch`` sequences of at most ``max_len`` tokens each."""
 
-    def __init__(self, model: "Model", batch: int = 1, max_len: int | None = None):
+    def __init__(self, model: ForwardModel, batch: int = 1, max_len: int | None = None):
         max_len = planned_length(model, batch, max_len)
         self.model, self.batch, self.max_len = model, batch, max_len
         self.cache = KVCache(model.jt, model.config, batch, max_len, model.compute_dtype)
@@ -122,3 +123,12 @@ class Session:
         self.length += width
         self.next_position += real.sum(axis=1)
         return out[:, -1, :] if last_only else out
+
+
+class TextModel(ForwardModel, Protocol):
+    """What generation and chat read of a model: its tokenizer and fresh Sessions over it."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def session(self, batch: int = 1, max_len: int | None = None) -> Session: ...

@@ -36,8 +36,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import xxhash
 
+from jmoss import layout
 from jmoss.config import MossConfig, parse_json_bytes
-from jmoss.converters import layout
 from jmoss.errors import ConfigError, ModelNotFoundError, StoreError
 from jmoss.jittor_setup import jmoss_home
 

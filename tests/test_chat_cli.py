@@ -11,8 +11,8 @@ import pexpect
 import pytest
 
 from jmoss import dialogue
+from jmoss import layout
 from jmoss.chat_cli import Status, TurnMeter, _show_event, field_body
-from jmoss.converters import layout
 from jmoss.store import write_store_from_groups
 from moss_fixtures import moss_tokenizer_dir, tiny_moss
 from torch_reference import state_dict_numpy

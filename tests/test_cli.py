@@ -10,7 +10,7 @@ import pexpect
 import pytest
 
 import jmoss
-from jmoss.converters import layout
+from jmoss import layout
 from jmoss.store import write_store_from_groups
 from moss_fixtures import moss_tokenizer_dir, tiny_moss
 from torch_reference import state_dict_numpy

@@ -28,9 +28,9 @@ from fixtures_checkpoints import (
     write_tokenizer,
 )
 from jmoss import store as store_mod
+from jmoss import layout
 from jmoss.config import MossConfig
 from jmoss.converters import convert as convert_mod
-from jmoss.converters import layout
 from jmoss.converters.convert import convert
 from jmoss.errors import CheckpointError, ConfigError, ModelNotFoundError, StoreError, UnsafeCheckpointError
 from jmoss.store import JOURNAL, MANIFEST, Store, resolve_model, verify

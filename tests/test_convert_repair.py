@@ -15,7 +15,7 @@ import pytest
 import jmoss
 from fixtures_checkpoints import save_torch_shards, tiny_model
 from jmoss import store as store_mod
-from jmoss.converters import layout
+from jmoss import layout
 from jmoss.converters.convert import convert
 from jmoss.errors import StoreError
 from jmoss.store import MANIFEST, JOURNAL, Store, verify

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import layout
 from jmoss.errors import BudgetError
 from jmoss.jittor_setup import jmoss_home
 from jmoss.sizes import MiB, format_size
@@ -246,6 +246,6 @@ def test_load_accepts_size_strings_bytes_and_none(small_store, given):
 
 
 def test_import_of_the_cuda_backend_needs_no_gpu():
-    code = "import jmoss.engine, jmoss.engine_cuda, sys; assert 'cupy' not in sys.modules; print('ok')"
+    code = "import jmoss.engine, jmoss.engine.cuda, sys; assert 'cupy' not in sys.modules; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr

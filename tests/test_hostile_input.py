@@ -15,8 +15,8 @@ import pexpect
 import pytest
 
 from jmoss import dialogue
+from jmoss import layout
 from jmoss.api import Model
-from jmoss.converters import layout
 from jmoss.errors import ContextLengthError
 from jmoss.store import write_store_from_groups
 from jmoss.tokenizer import clean_text

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import layout
 from jmoss.errors import JmossError, StoreError
 from jmoss.store import FAST_HASH, MANIFEST, Store, _sealed_manifest_bytes, verify, write_store_from_groups
 from moss_fixtures import moss_tokenizer_dir

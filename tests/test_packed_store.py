@@ -15,7 +15,8 @@ import torch
 
 import jmoss
 from fixtures_checkpoints import QUANTIZED, save_gptq_checkpoint, save_torch_shards, tiny_model
-from jmoss.converters import gptq, layout
+from jmoss import layout
+from jmoss.converters import gptq
 from jmoss.converters.convert import convert
 from jmoss.errors import CheckpointError, DeviceError, StoreError
 from jmoss.placement import plan_placement

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from jmoss import dialogue
-from jmoss.converters.layout import split_state_dict
+from jmoss.layout import split_state_dict
 from jmoss.store import write_store_from_groups
 from jmoss.tokenizer import load_tokenizer
 from moss_fixtures import moss_tokenizer_dir, tiny_moss

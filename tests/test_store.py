@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from jmoss import store as store_mod
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import layout
 from jmoss.errors import ModelNotFoundError, StoreError
 from jmoss.store import MANIFEST, Store, default_store_dir, resolve_model, verify, write_store_from_groups
 

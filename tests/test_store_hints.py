@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from fixtures_checkpoints import save_safetensors, tiny_model
+from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.converters import layout
 from jmoss.converters.convert import convert
 from jmoss.errors import ModelNotFoundError, StoreError
 from jmoss.store import (

@@ -1,4 +1,8 @@
-"""The mapping from Hugging Face MOSS/CodeGen tensor names to the jmoss store layout.
+"""The jmoss store layout: its groups, tensor names, shapes and files, and how Hugging Face
+MOSS/CodeGen tensor names map onto them.
+
+The format is the runtime's own: the store reader, the planner and the engine learn it here, and
+the converters (``jmoss.converters``) import it to write stores, never the other way round.
 
 The store groups tensors by what the runtime moves together: one group per transformer layer
 (one contiguous file), plus ``embed`` (the token table, needed one row per token) and ``head``

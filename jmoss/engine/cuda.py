@@ -1,6 +1,6 @@
 """CUDA backend of the streaming engine. NOT run on CPU hosts: validated by the GPU issue.
 
-Same pipeline as the CPU engine (jmoss.engine.StreamPipeline: a reader thread filling
+Same pipeline as the CPU engine (jmoss.engine.pipeline.StreamPipeline: a reader thread filling
 ``prefetch_depth`` slots in plan order, a layer-boundary sync before a slot is reused), with:
 
 - ``host``-tier groups held in pinned host memory (``cupy.cuda.alloc_pinned_memory``), read
@@ -21,7 +21,7 @@ extra device copy. Jittor's kernels run on the legacy default stream; ``jt.sync_
 before a slot is released guarantees they finished reading it, and ``event.synchronize()``
 before it is handed out guarantees the copy landed.
 
-cupy is imported only when this class is built, so ``import jmoss.engine_cuda`` works anywhere.
+cupy is imported only when this class is built, so ``import jmoss.engine.cuda`` works anywhere.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Mapping
 
 import numpy as np
 
-from jmoss.converters.layout import EMBED, Group, all_groups
-from jmoss.engine import StreamPipeline, read_span
+from jmoss.engine.pipeline import StreamPipeline, _layout_key, read_span
 from jmoss.errors import DeviceError
+from jmoss.layout import EMBED, Group, all_groups
 from jmoss.placement import Plan
 
 _PTR_SRC = """
@@ -113,7 +113,7 @@ class CudaStreamingWeights(StreamPipeline):
         self._slot_ptrs: list[dict[str, dict[str, int]]] = [{} for _ in range(self.depth)]
         for slot in range(self.depth):
             for g in sequence:
-                key = "layer" if isinstance(g, int) else str(g)
+                key = _layout_key(g)
                 if key in self._slot_vars[slot]:
                     continue
                 vars_ = {n: jt.empty(shape, dt) for n, (_, shape, dt) in self._offsets[g].items()}  # packed: as stored
@@ -142,7 +142,7 @@ class CudaStreamingWeights(StreamPipeline):
                 self.store.finish_span_check(g, hasher)
         else:
             source = self._host[g]
-        key = "layer" if isinstance(g, int) else str(g)
+        key = _layout_key(g)
         base = source.ctypes.data
         for name, (abs_offset, shape, dt) in self._offsets[g].items():
             nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
@@ -155,7 +155,7 @@ class CudaStreamingWeights(StreamPipeline):
         self.stats.groups_read += 1
 
     def _slot_weights(self, slot: int, g: Group) -> Mapping:
-        return self._slot_vars[slot]["layer" if isinstance(g, int) else str(g)]
+        return self._slot_vars[slot][_layout_key(g)]
 
     def _sync(self) -> None:
         t0 = time.perf_counter()
