@@ -144,19 +144,23 @@ def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs,
 @click.option("--dequantize", is_flag=True, help="GPTQ int4/int8 source: write fp16 weights instead of keeping them packed")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
               help="pack an fp16/fp32 checkpoint's layers (round-to-nearest, per group of 128 inputs)")
-def convert(source, out, revision, no_progress, dequantize, quantize):
+@click.option("--keep-head-fp16", is_flag=True,
+              help="packed store: keep lm_head and the embedding fp16 (default: lm_head at the layers' width, "
+                   "embedding int8, round-to-nearest per group)")
+def convert(source, out, revision, no_progress, dequantize, quantize, keep_head_fp16):
     """Convert a checkpoint into a jmoss store, safely (no pickle code runs) and resumably.
 
     SOURCE is a Hugging Face repo id (e.g. fnlp/moss-moon-003-sft) or a local folder with
     pytorch_model*.bin (torch zip format), *.safetensors or a MOSS GPTQ int4/int8 checkpoint.
-    A GPTQ checkpoint keeps its integers (a packed store) unless --dequantize is given.
-    Re-running after an interruption resumes and skips verified layers.
+    A GPTQ checkpoint keeps its integers (a packed store) unless --dequantize is given. A packed
+    store packs lm_head and the embedding too, unless --keep-head-fp16. Re-running after an interruption resumes and skips verified layers.
     """
     from jmoss.converters.convert import convert as run
 
     if dequantize and quantize:
         raise click.UsageError("--dequantize and --quantize exclude each other")
-    path = run(source, out, revision=revision, progress=not no_progress, dequantize=dequantize, quantize=quantize)
+    path = run(source, out, revision=revision, progress=not no_progress, dequantize=dequantize, quantize=quantize,
+               keep_head_fp16=keep_head_fp16)
     click.echo(f"converted {source} -> {path}")
 
 
@@ -180,7 +184,9 @@ def verify(store):
 @click.option("--link-gbps", type=float, default=None, help="host-to-device GB/s for the tok/s bound")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="sequences served at once (serve --max-batch): the KV cache is planned for all of them")
-def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_batch):
+@click.option("--keep-head-fp16", is_flag=True,
+              help="a packed checkpoint: plan the store `jmoss convert --keep-head-fp16` writes (fp16 lm_head and wte)")
+def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_batch, keep_head_fp16):
     """Print MODEL's config and the placement plan for a budget (no weights are read).
 
     MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
@@ -189,9 +195,14 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_
     from jmoss.jittor_setup import resolve_device
     from jmoss.placement import plan_placement
 
+    from jmoss import quant_layout
+
     config = _config_for(model)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
                f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
+    if keep_head_fp16 and config.head_wbits is None:  # a checkpoint's config: plan the store it becomes
+        config = quant_layout.resolved(config, keep_head_fp16=True)
+    click.echo(quant_layout.describe_store(config))
     # resolved as `jmoss chat` resolves it (GPU + toolkit probe, no jittor import: no weights are read)
     device = resolve_device(device)
     # a what-if plan: budgets are not checked against this machine's free memory (no available
