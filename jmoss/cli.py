@@ -324,8 +324,9 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
 @click.option("--host-memory", type=SIZE, default=None, help="host RAM for weights streamed to a GPU, e.g. 24GiB")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch"]),
-              help="also run the same figures for Jittor's native swap (jittor) or transformers (torch)")
+@click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch", "ctranslate2"]),
+              help="also run the same figures for Jittor's native swap (jittor) or transformers (torch); "
+                   "ctranslate2: jmoss fp16/int8/int4 against CTranslate2 float32/int8/int8_float32")
 def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
@@ -334,8 +335,21 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
     `--compare torch` (needs torch and transformers) runs transformers' CodeGen on the same
     weights with everything resident, in fp32, bf16 and fp16 at 1 and all threads, each in its
     own process; both sides show their fastest configuration and list the rest.
+    `--compare ctranslate2` (needs ctranslate2, torch and transformers; an fp16 MODEL) makes the
+    int8/int4 stores and CTranslate2's models from MODEL's weights once, then runs all six,
+    interleaved, median of 3 (jmoss.bench_quant).
     """
     from jmoss.bench import COMPARISONS, format_table, run_bench
+
+    if "ctranslate2" in compare:
+        from jmoss.bench_quant import check_options, compare_ctranslate2
+
+        if len(set(compare)) > 1:
+            raise click.UsageError("--compare ctranslate2 runs on its own (six configurations); leave out the others")
+        check_options(device, device_memory)
+        click.echo(compare_ctranslate2(model, prompt_tokens=prompt_tokens, decode_tokens=max(decode_tokens, 2),
+                                       log=lambda line: click.echo(line, err=True)))
+        return
 
     missing = [c for c in compare if c not in COMPARISONS]
     if missing:
