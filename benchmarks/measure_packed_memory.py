@@ -98,8 +98,12 @@ def main() -> None:
     print(f"CodeGen-350M shape (random, seed 0); CPU: {cpu}; source {hf} (fp16, largest tensor {largest / MB:.1f} MB)")
     base = measured(CONVERT_CHILD, str(hf), "-", "-")
     print(f"baseline (interpreter + converter imported): peak RSS {base / MB:.1f} MB\n")
-    print(f"{'store':<8}{'store MB':>10}{'convert peak':>14}{'over base':>11}{'loaded RSS':>12}{'weights':>10}"
-          f"{'forward peak over loaded':>26}")
+    print("MB (1e6 bytes). convert peak: the converting child's VmHWM; over base: less the baseline child.")
+    print("load: RSS after jmoss.load less RSS before it (jittor and kernels already loaded); load peak: VmHWM at")
+    print("that point less the same; weights: the resident weight bytes (layers + head). forward: VmHWM of a")
+    print("64-token prefill + 8 decode steps over the loaded RSS (HWM reset after the load), anon part in brackets.\n")
+    print(f"{'store':<7}{'store':>8}{'convert peak':>14}{'over base':>11}{'load':>8}{'load peak':>11}{'weights':>9}"
+          f"{'forward':>9}{'(anon)':>9}")
     for fmt in ("fp16", "int8", "int4"):
         store = fp16 if fmt == "fp16" else work / f"jmoss-{fmt}"
         conv = None
@@ -112,12 +116,15 @@ def main() -> None:
             out = Path(tmp) / "stages.json"
             peak = measured(LOAD_CHILD, str(store), str(out))
             stages = json.loads(out.read_text())
-        loaded = stages["loaded"]["VmRSS"] - stages["imported"]["VmRSS"]
+        before = stages["imported"]["VmRSS"]
+        loaded = stages["loaded"]["VmRSS"] - before
+        load_peak = stages["loaded"]["VmHWM"] - before
         forward = stages["forward"]["VmHWM"] - stages["loaded"]["VmRSS"]
+        forward_anon = stages["forward"]["RssAnon"] - stages["loaded"]["RssAnon"]
+        assert peak >= stages["forward"]["VmHWM"]  # the parent's reading from outside bounds the child's own
         conv_text = f"{conv / MB:>14.1f}{(conv - base) / MB:>11.1f}" if conv else f"{'(source)':>14}{'':>11}"
-        print(f"{fmt:<8}{size / MB:>10.1f}{conv_text}{loaded / MB:>12.1f}{stages['weight_bytes'] / MB:>10.1f}"
-              f"{forward / MB:>26.1f}   (load child peak {peak / MB:.1f} MB, anon {stages['loaded']['RssAnon'] / MB:.1f} "
-              f"/ file {stages['loaded']['RssFile'] / MB:.1f} MB after load)")
+        print(f"{fmt:<7}{size / MB:>8.1f}{conv_text}{loaded / MB:>8.1f}{load_peak / MB:>11.1f}"
+              f"{stages['weight_bytes'] / MB:>9.1f}{forward / MB:>9.1f}{forward_anon / MB:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -215,15 +215,18 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_
 def _config_for(model: str):
     from jmoss.api import check_model_path
     from jmoss.config import MossConfig
-    from jmoss.store import resolve_model
+    from jmoss.store import MANIFEST, read_manifest, resolve_model, store_config
 
     check_model_path(model)
     path = Path(model)
     if path.is_file():
         return MossConfig.from_json_file(path)
-    if path.is_dir() and (path / "config.json").exists():
-        return MossConfig.from_json_file(path)
-    return MossConfig.from_json_file(resolve_model(model))
+    if not (path.is_dir() and (path / "config.json").exists()):
+        path = resolve_model(model)
+    config = MossConfig.from_json_file(path)
+    if (path / MANIFEST).exists():  # a store: its manifest says how its lm_head/wte are stored
+        config = store_config(path, read_manifest(path), config)
+    return config
 
 
 @main.command()

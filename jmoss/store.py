@@ -697,7 +697,7 @@ class Store:
             raise _damaged(path, manifest, problems)
         if "config.json" not in manifest["files"]:
             raise _damaged(path, manifest, {"config.json": "not in the manifest"})
-        config = _store_config(path, manifest, MossConfig.from_json_file(path / "config.json"))
+        config = store_config(path, manifest, MossConfig.from_json_file(path / "config.json"))
         problems = _file_set_problems(path, manifest, config)
         if problems:
             raise _damaged(path, manifest, problems)
@@ -825,7 +825,7 @@ class Store:
         return out
 
 
-def _store_config(path: Path, manifest: Mapping[str, Any], config: MossConfig) -> MossConfig:
+def store_config(path: Path, manifest: Mapping[str, Any], config: MossConfig) -> MossConfig:
     """The config a store's files follow: a format-2 store written before lm_head/wte could be
     packed (no ``packed.lm_head`` in its manifest) has them fp16; otherwise the manifest's record of
     them must agree with config.json."""
@@ -978,7 +978,7 @@ def verify(path: str | Path, *, progress: bool = False) -> None:
         problems["config.json"] = "not in the manifest"
     elif "config.json" not in problems:  # its hash matched: it says which files the store must have
         try:
-            config = _store_config(path, manifest, MossConfig.from_json_file(path / "config.json"))
+            config = store_config(path, manifest, MossConfig.from_json_file(path / "config.json"))
         except (ConfigError, StoreError) as exc:  # the recorded config itself is not valid
             problems["config.json"] = f"not a valid config ({exc})"
         else:

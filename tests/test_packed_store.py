@@ -224,6 +224,12 @@ def test_a_format_2_store_from_before_packed_heads_still_loads(model, tmp_path: 
     assert (store.config.head_wbits, store.config.embed_wbits) == (32, 32)
     verify(out)
     np.testing.assert_array_equal(jmoss.load(str(out), device="cpu").logits(ids), want)
+    from click.testing import CliRunner
+
+    from jmoss.cli import main
+
+    info = CliRunner().invoke(main, ["info", str(out), "--device", "cpu"])
+    assert info.exit_code == 0 and "(lm_head fp16)" in info.output and "(wte fp16)" in info.output, info.output
 
 
 def test_plain_jittor_packed_head_is_dequantized_one_tile_at_a_time(monkeypatch) -> None:
