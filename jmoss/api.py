@@ -26,6 +26,7 @@ from jmoss.engine.swap import JittorSwapWeights
 from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
 from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import MossModel, rotary_tables
+from jmoss.quant_layout import EmbeddingTable
 from jmoss.session import Session
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class Model:
         _check_dtype("compute_dtype", self.compute_dtype)
         self.plan = plan  # the jmoss.placement.Plan the weights follow (None: built without one)
         self.rotary = rotary_tables(config)
-        self._wte = groups[layout.EMBED]["wte.weight"]  # host-side (often a read-only memmap)
+        self._wte = EmbeddingTable(groups[layout.EMBED], config)  # host-side (often a read-only memmap)
         self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
         self.ops = pick_ops(self.jt, self.device, self.dtype, self.compute_dtype)
         self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
@@ -91,7 +92,7 @@ class Model:
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Gather embedding rows on the host: decode needs one row per token, not the table."""
-        return np.asarray(self._wte[ids.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
+        return self._wte.rows(ids).reshape(*ids.shape, -1)  # a packed table: only these rows dequantized
 
     # -- forward ---------------------------------------------------------------------------
     def session(self, batch: int = 1, max_len: int | None = None) -> Session:

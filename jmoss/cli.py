@@ -144,19 +144,23 @@ def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs,
 @click.option("--dequantize", is_flag=True, help="GPTQ int4/int8 source: write fp16 weights instead of keeping them packed")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
               help="pack an fp16/fp32 checkpoint's layers (round-to-nearest, per group of 128 inputs)")
-def convert(source, out, revision, no_progress, dequantize, quantize):
+@click.option("--keep-head-fp16", is_flag=True,
+              help="packed store: keep lm_head and the embedding fp16 (default: lm_head at the layers' width, "
+                   "embedding int8, round-to-nearest per group)")
+def convert(source, out, revision, no_progress, dequantize, quantize, keep_head_fp16):
     """Convert a checkpoint into a jmoss store, safely (no pickle code runs) and resumably.
 
     SOURCE is a Hugging Face repo id (e.g. fnlp/moss-moon-003-sft) or a local folder with
     pytorch_model*.bin (torch zip format), *.safetensors or a MOSS GPTQ int4/int8 checkpoint.
-    A GPTQ checkpoint keeps its integers (a packed store) unless --dequantize is given.
-    Re-running after an interruption resumes and skips verified layers.
+    A GPTQ checkpoint keeps its integers (a packed store) unless --dequantize is given. A packed
+    store packs lm_head and the embedding too, unless --keep-head-fp16. Re-running after an interruption resumes and skips verified layers.
     """
     from jmoss.converters.convert import convert as run
 
     if dequantize and quantize:
         raise click.UsageError("--dequantize and --quantize exclude each other")
-    path = run(source, out, revision=revision, progress=not no_progress, dequantize=dequantize, quantize=quantize)
+    path = run(source, out, revision=revision, progress=not no_progress, dequantize=dequantize, quantize=quantize,
+               keep_head_fp16=keep_head_fp16)
     click.echo(f"converted {source} -> {path}")
 
 
@@ -180,7 +184,9 @@ def verify(store):
 @click.option("--link-gbps", type=float, default=None, help="host-to-device GB/s for the tok/s bound")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="sequences served at once (serve --max-batch): the KV cache is planned for all of them")
-def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_batch):
+@click.option("--keep-head-fp16", is_flag=True,
+              help="a packed checkpoint: plan the store `jmoss convert --keep-head-fp16` writes (fp16 lm_head and wte)")
+def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_batch, keep_head_fp16):
     """Print MODEL's config and the placement plan for a budget (no weights are read).
 
     MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
@@ -189,9 +195,14 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_
     from jmoss.jittor_setup import resolve_device
     from jmoss.placement import plan_placement
 
+    from jmoss import quant_layout
+
     config = _config_for(model)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
                f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
+    if keep_head_fp16 and config.head_wbits is None:  # a checkpoint's config: plan the store it becomes
+        config = quant_layout.resolved(config, keep_head_fp16=True)
+    click.echo(quant_layout.describe_store(config))
     # resolved as `jmoss chat` resolves it (GPU + toolkit probe, no jittor import: no weights are read)
     device = resolve_device(device)
     # a what-if plan: budgets are not checked against this machine's free memory (no available
@@ -204,15 +215,18 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_
 def _config_for(model: str):
     from jmoss.api import check_model_path
     from jmoss.config import MossConfig
-    from jmoss.store import resolve_model
+    from jmoss.store import MANIFEST, read_manifest, resolve_model, store_config
 
     check_model_path(model)
     path = Path(model)
     if path.is_file():
         return MossConfig.from_json_file(path)
-    if path.is_dir() and (path / "config.json").exists():
-        return MossConfig.from_json_file(path)
-    return MossConfig.from_json_file(resolve_model(model))
+    if not (path.is_dir() and (path / "config.json").exists()):
+        path = resolve_model(model)
+    config = MossConfig.from_json_file(path)
+    if (path / MANIFEST).exists():  # a store: its manifest says how its lm_head/wte are stored
+        config = store_config(path, read_manifest(path), config)
+    return config
 
 
 @main.command()
@@ -313,8 +327,9 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
 @click.option("--host-memory", type=SIZE, default=None, help="host RAM for weights streamed to a GPU, e.g. 24GiB")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch"]),
-              help="also run the same figures for Jittor's native swap (jittor) or transformers (torch)")
+@click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch", "ctranslate2"]),
+              help="also run the same figures for Jittor's native swap (jittor) or transformers (torch); "
+                   "ctranslate2: jmoss fp16/int8/int4 against CTranslate2 float32/int8/int8_float32")
 def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
@@ -323,8 +338,21 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
     `--compare torch` (needs torch and transformers) runs transformers' CodeGen on the same
     weights with everything resident, in fp32, bf16 and fp16 at 1 and all threads, each in its
     own process; both sides show their fastest configuration and list the rest.
+    `--compare ctranslate2` (needs ctranslate2, torch and transformers; an fp16 MODEL) makes the
+    int8/int4 stores and CTranslate2's models from MODEL's weights once, then runs all six,
+    interleaved, median of 3 (jmoss.bench_quant).
     """
     from jmoss.bench import COMPARISONS, format_table, run_bench
+
+    if "ctranslate2" in compare:
+        from jmoss.bench_quant import check_options, compare_ctranslate2
+
+        if len(set(compare)) > 1:
+            raise click.UsageError("--compare ctranslate2 runs on its own (six configurations); leave out the others")
+        check_options(device, device_memory)
+        click.echo(compare_ctranslate2(model, prompt_tokens=prompt_tokens, decode_tokens=max(decode_tokens, 2),
+                                       log=lambda line: click.echo(line, err=True)))
+        return
 
     missing = [c for c in compare if c not in COMPARISONS]
     if missing:

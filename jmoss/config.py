@@ -62,6 +62,10 @@ class MossConfig:
     model_type: str = "moss"
     wbits: int = 32
     groupsize: int = 128
+    # Packed stores only (wbits 4/8): lm_head's and wte's width, 32 = kept fp16; None = the
+    # converter's default (lm_head at wbits, wte at 8; jmoss.quant_layout). Not in HF configs.
+    head_wbits: int | None = None
+    embed_wbits: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -125,6 +129,10 @@ class MossConfig:
             raise ConfigError("tie_word_embeddings=true is not supported: MOSS/CodeGen have an untied lm_head")
         if self.wbits not in (4, 8, 32) and self.wbits != 16:
             raise ConfigError(f"wbits must be 4, 8 or 32 (unquantized), got {_show(self.wbits)}")
+        for name in ("head_wbits", "embed_wbits"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value not in (4, 8, 32)):
+                raise ConfigError(f"config field {name} must be null, 4, 8 or 32 (fp16), got {_show(value)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MossConfig":
@@ -166,6 +174,9 @@ class MossConfig:
         """The HF-style dict written into a jmoss store (n_inner resolved, aliases dropped)."""
         data = dataclasses.asdict(self)
         data["n_ctx"] = self.n_positions
+        for name in ("head_wbits", "embed_wbits"):  # only packed stores write them (fp16 stores unchanged)
+            if data[name] is None:
+                del data[name]
         return data
 
 

@@ -72,15 +72,29 @@ class JittorOps:
         """A packed (store format 2) Linear in plain jittor: the fallback where jmoss.kernels is not
         used (it dequantizes the layer for the call, which the CPU kernels never do)."""
         jt = self.jt
-        k_in = int(perm.shape[0])
-        wide = qweight.int32()
-        if bits == 8:
-            codes = wide[:, :k_in]
-        else:
-            codes = jt.stack([wide & 15, (wide >> 4) & 15], -1).reshape(int(qweight.shape[0]), -1)[:, :k_in]
-        g = np.arange(k_in) // group_size
-        w = (codes.float32() - zeros.float32()[:, g]) * scales.float32()[:, g]
-        return self.linear(x.float32()[:, perm], w, None if bias is None else bias.float32(), activation)
+        n_out, k_in = int(qweight.shape[0]), int(perm.shape[0])
+        xp = x.float32()[:, perm]
+        if n_out * k_in > DEQUANT_WHOLE_MAX:  # a packed lm_head (657M weights for MOSS): one tile at a time
+            rows = max(1, DEQUANT_TILE // k_in)
+            parts = []
+            for start in range(0, n_out, rows):
+                stop = min(n_out, start + rows)
+                w = dequantize_rows(jt, qweight[start:stop], scales[start:stop], zeros[start:stop], k_in, bits,
+                                    group_size)
+                y = self.jt.nn.matmul_transpose(xp, w)
+                y.sync()  # this tile's weights are freed before the next one is made
+                parts.append(y)
+            y = jt.concat(parts, dim=1)
+            return self.linear_tail(y, bias, activation)
+        w = dequantize_rows(jt, qweight, scales, zeros, k_in, bits, group_size)
+        return self.linear(xp, w, None if bias is None else bias.float32(), activation)
+
+    def linear_tail(self, y, bias=None, activation: str | None = None):
+        if bias is not None:
+            y = y + bias.float32()
+        if activation == "gelu_new":
+            y = gelu_new(self.jt, y)
+        return y
 
     def layer_norm(self, x, weight, bias, eps: float):
         """Float32 statistics whatever the activation dtype (fp16 variance would lose digits)."""
@@ -113,6 +127,28 @@ class JittorOps:
         probs = jt.nn.softmax(scores + attn_bias, dim=-1)
         context = jt.matmul(probs.cast(values.dtype), values[:, :, :end, :])  # [B, H, T, D]
         return context.transpose(0, 2, 1, 3).reshape(b, t, d)
+
+
+# JittorOps.quant_linear dequantizes a packed weight whole up to this many values (every MOSS layer
+# Linear: fc_in is 151M), beyond it (a packed lm_head) in tiles of DEQUANT_TILE values (fp32).
+DEQUANT_WHOLE_MAX = 1 << 28
+DEQUANT_TILE = 1 << 26
+
+
+def dequant_transient_bytes(linears: list[tuple[int, int]]) -> int:
+    """Largest fp32 weight JittorOps.quant_linear makes at once for these [N, K] packed Linears."""
+    return 4 * max((n * k if n * k <= DEQUANT_WHOLE_MAX else max(1, DEQUANT_TILE // k) * k for n, k in linears), default=0)
+
+
+def dequantize_rows(jt: ModuleType, qweight, scales, zeros, k_in: int, bits: int, group_size: int):
+    """float32 W [rows, K] in the permuted input order of packed rows (the plain-jittor fallback)."""
+    wide = qweight.int32()
+    if bits == 8:
+        codes = wide[:, :k_in]
+    else:
+        codes = jt.stack([wide & 15, (wide >> 4) & 15], -1).reshape(int(qweight.shape[0]), -1)[:, :k_in]
+    g = np.arange(k_in) // group_size
+    return (codes.float32() - zeros.float32()[:, g]) * scales.float32()[:, g]
 
 
 def gelu_new(jt: ModuleType, x):
@@ -234,9 +270,16 @@ class MossModel:
         return self._linear(self._linear(a, w, "mlp.fc_in", activation="gelu_new"), w, "mlp.fc_out")
 
     def head(self, h, w: Mapping):
-        """Final LayerNorm and lm_head (with bias); logits in float32."""
+        """Final LayerNorm and lm_head (with bias; packed in a packed store by default); logits in float32."""
         h = self._layer_norm(h, w, "ln_f")
         b, t, d = h.shape
+        if "lm_head.qweight" in w:
+            from jmoss.quant_layout import head_bits
+
+            y = self.ops.quant_linear(h.reshape(b * t, d), w["lm_head.perm"], w["lm_head.qweight"], w["lm_head.scales"],
+                                      w["lm_head.zeros"], w["lm_head.bias"], bits=head_bits(self.config),
+                                      group_size=self.config.groupsize)
+            return y.float32().reshape(b, t, -1)
         return self.ops.linear(h.reshape(b * t, d), w["lm_head.weight"], w["lm_head.bias"]).float32().reshape(b, t, -1)
 
     def forward(

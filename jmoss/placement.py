@@ -35,7 +35,9 @@ from typing import Any, Literal
 
 from jmoss.config import MossConfig
 from jmoss.errors import BudgetError, ContextLengthError, DeviceError
-from jmoss.layout import EMBED, HEAD, Group, all_groups, group_nbytes
+from jmoss.layout import EMBED, HEAD, Group, all_groups, linear_shapes, packed_bits
+from jmoss.model import dequant_transient_bytes
+from jmoss.quant_layout import embed_row_bytes, group_nbytes, head_bits
 from jmoss.sizes import GiB, MiB, format_gb, format_size
 
 Tier = Literal["device", "host", "disk"]
@@ -312,7 +314,13 @@ def work_buffer_bytes(
     act = DTYPE_ITEMSIZE[ACTIVATION_DTYPE[device]]
     f32 = 4
     tokens = batch * prefill_chunk
-    return {
+    bill = {}
+    if device == "cuda" and packed_bits(config):
+        # packed Linears run through jittor there: each is dequantized to fp32 for its call (a packed
+        # lm_head one tile at a time), see JittorOps.quant_linear; the CPU kernels never do this
+        linears = list(linear_shapes(config).values()) + ([(config.vocab_size, d)] if head_bits(config) else [])
+        bill["dequantized_weight"] = dequant_transient_bytes(linears)
+    return bill | {
         # residual input, ln_1 output, attention output, MLP output, their sum, one spare
         "hidden": 6 * tokens * d * act,
         "qkv": tokens * 3 * d * act,
@@ -514,7 +522,7 @@ def plan_placement(
         budget_bytes=budget,
         placements=placements,
         embed_location="host",
-        embed_row_bytes=config.n_embd * weight_itemsize,
+        embed_row_bytes=embed_row_bytes(config, weight_itemsize),
         kv_bytes=kv,
         kv_dtype=kv_dtype,
         max_seq_len=max_seq_len,
