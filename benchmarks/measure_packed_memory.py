@@ -81,7 +81,6 @@ def measured(code: str, *args: str) -> int:
 def main() -> None:
     from make_codegen350m_store import build
 
-    from jmoss import quant_layout
     from jmoss.bench_quant import export_hf_checkpoint
     from jmoss import layout
     from jmoss.store import Store
@@ -111,7 +110,7 @@ def main() -> None:
             shutil.rmtree(store, ignore_errors=True)
             conv = measured(CONVERT_CHILD, str(hf), str(store), fmt)
         cfg = Store.open(store).config
-        size = quant_layout.store_nbytes(cfg)
+        size = layout.store_nbytes(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "stages.json"
             peak = measured(LOAD_CHILD, str(store), str(out))

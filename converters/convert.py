@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jmoss import layout, quant_layout
+from jmoss import layout
 from jmoss.config import MossConfig
 from jmoss.converters import gptq
 from jmoss.converters.sources import GPTQ_SUFFIXES, Source, SourceTensor, resolve
@@ -163,8 +163,8 @@ class _Converter:
             self._add_gptq_part(tensor, group, store_name)
             return
         expected = layout.group_shapes(self.config, group)[store_name]
-        bits = quant_layout.group_bits(self.config, group)
-        packs = store_name[: -len(".weight")] in (*layout.QUANT_LINEARS, quant_layout.PACKABLE.get(group))
+        bits = layout.group_bits(self.config, group)
+        packs = store_name[: -len(".weight")] in (*layout.QUANT_LINEARS, layout.PACKABLE.get(group))
         if tuple(tensor.shape) == expected and bits and packs:
             with tensor.open() as array:  # --quantize: round-to-nearest, group-wise (gptq.quantize_rows)
                 self._write_packed(
@@ -304,7 +304,7 @@ class _Converter:
             if group not in self.pending:
                 continue
             writer = self.writers.get(group)
-            missing = writer.missing() if writer else list(quant_layout.group_tensors(self.config, group))
+            missing = writer.missing() if writer else list(layout.group_tensors(self.config, group))
             label = f"layer {group}" if isinstance(group, int) else group
             problems.append(f"{label}: {', '.join(missing)}")
         if problems:
@@ -353,7 +353,7 @@ def _check_finished_store(
         )
     packed = manifest.get("packed") if isinstance(manifest.get("packed"), dict) else {}
     if packed.get("bits") != layout.packed_bits(config) or (
-            layout.packed_bits(config) and {k: packed.get(k) for k in ("lm_head", "wte")} != quant_layout.manifest_entry(config)):
+            layout.packed_bits(config) and {k: packed.get(k) for k in ("lm_head", "wte")} != layout.manifest_entry(config)):
         held = (f"{packed.get('bits')}-bit packed (lm_head {packed.get('lm_head', 'float16')}, wte "
                 f"{packed.get('wte', 'float16')})" if packed.get("bits") else "fp16")
         raise StoreError(f"{out} already holds {src.id} as {held} weights; choose another --out for this "
@@ -422,7 +422,7 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     ``dequantize`` asks for fp16; ``quantize="int8"|"int4"`` packs an fp16/fp32/bf16 checkpoint
     by round-to-nearest per group of 128 inputs (``gptq.quantize_rows``). A packed store also packs
     lm_head (at the layers' width) and wte (int8) the same way unless ``keep_head_fp16``
-    (``jmoss.quant_layout``); GPTQ layer integers are always kept exactly.
+    (``jmoss.layout``); GPTQ layer integers are always kept exactly.
     Resumable: re-running the same command after an interruption keeps verified groups. On a
     finished store it re-checks every file (sizes, then sha256) and rewrites only damaged ones.
     """
@@ -444,7 +444,7 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     if keep_head_fp16 and not layout.packed_bits(config):
         raise CheckpointError("--keep-head-fp16 is for packed stores (a GPTQ checkpoint kept packed, or --quantize); "
                               "this store is fp16 throughout: leave the flag out")
-    config = quant_layout.resolved(config, keep_head_fp16)
+    config = layout.resolved(config, keep_head_fp16)
     if out is None:
         out = default_store_dir(src.id) if src.hub else default_store_dir_for_local(src.root)
     out = Path(out).expanduser()
@@ -472,7 +472,7 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     done = journal.verified(out, config, hashed)
     journal.save()
     pending = [g for g in layout.all_groups(config) if g not in done]
-    remaining = sum(quant_layout.group_nbytes(config, g) + 4096 for g in pending)
+    remaining = sum(layout.group_nbytes(config, g) + 4096 for g in pending)
     free = shutil.disk_usage(_existing(out)).free
     if free < remaining:
         raise StoreError(
@@ -482,7 +482,7 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     from tqdm import tqdm
 
     bar = tqdm(
-        total=sum(quant_layout.group_nbytes(config, g) for g in pending),
+        total=sum(layout.group_nbytes(config, g) for g in pending),
         unit="B",
         unit_scale=True,
         unit_divisor=1024,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jmoss.errors import CheckpointError
+from jmoss.layout import pack_codes, unpack_codes
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 SUPPORTED_BITS = (2, 4, 8)
@@ -106,30 +107,6 @@ def dequantize(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_id
 # ``group_size`` positions, and scales/zeros are fp16 [out, groups] with the "+1" already applied.
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """[r, K] integer codes (0..2^bits-1) -> [r, packed_row_bytes] uint8, LSB first."""
-    from jmoss.layout import packed_row_bytes
-
-    rows, k_in = codes.shape
-    out = np.zeros((rows, packed_row_bytes(k_in, bits)), np.uint8)
-    c = codes.astype(np.uint8)
-    if bits == 8:
-        out[:, :k_in] = c
-    else:
-        lo, hi = c[:, 0::2], c[:, 1::2]
-        out[:, : lo.shape[1]] = lo
-        out[:, : hi.shape[1]] |= hi << 4
-    return out
-
-
-def unpack_codes(packed: np.ndarray, bits: int, k_in: int) -> np.ndarray:
-    """The inverse of pack_codes: [r, K] uint8 codes."""
-    if bits == 8:
-        return packed[:, :k_in].copy()
-    out = np.empty((packed.shape[0], k_in), np.uint8)
-    out[:, 0::2] = packed[:, : (k_in + 1) // 2] & 15
-    out[:, 1::2] = packed[:, : k_in // 2] >> 4
-    return out
 
 
 def act_order_perm(name: str, g_idx: np.ndarray, group_size: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from jmoss.engine.swap import JittorSwapWeights
 from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
 from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import MossModel, rotary_tables
-from jmoss.quant_layout import EmbeddingTable
+from jmoss.embedding import EmbeddingTable
 from jmoss.session import Session
 
 if TYPE_CHECKING:

@@ -192,17 +192,16 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_
     MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
     is for the budgets given, whatever this machine has (plan for a card you do not own yet).
     """
+    from jmoss import layout
     from jmoss.jittor_setup import resolve_device
     from jmoss.placement import plan_placement
-
-    from jmoss import quant_layout
 
     config = _config_for(model)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
                f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
     if keep_head_fp16 and config.head_wbits is None:  # a checkpoint's config: plan the store it becomes
-        config = quant_layout.resolved(config, keep_head_fp16=True)
-    click.echo(quant_layout.describe_store(config))
+        config = layout.resolved(config, keep_head_fp16=True)
+    click.echo(layout.describe_store(config))
     # resolved as `jmoss chat` resolves it (GPU + toolkit probe, no jittor import: no weights are read)
     device = resolve_device(device)
     # a what-if plan: budgets are not checked against this machine's free memory (no available

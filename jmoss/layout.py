@@ -18,6 +18,7 @@ runtime splits q, k, v with plain slices. See ``qkv_row_order``.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
@@ -120,8 +121,9 @@ def linear_shapes(config: MossConfig) -> dict[str, tuple[int, int]]:
     return {"attn.qkv": (3 * d, d), "attn.out_proj": (d, d), "mlp.fc_in": (inner, d), "mlp.fc_out": (d, inner)}
 
 
-def group_tensors(config: MossConfig, group: Group) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape and numpy dtype of every tensor of a group, in file order (fp16 or packed layers).
+def _plain_group_tensors(config: MossConfig, group: Group) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and numpy dtype of every tensor of a group, in file order (fp16 or packed layers;
+    ``group_tensors`` adds the packed lm_head / wte).
 
     A packed Linear ``P`` [N, K] is four tensors instead of ``P.weight``: ``P.perm`` int32 [K]
     (input feature read at position j, i.e. the act-order permutation sorting features by group),
@@ -153,14 +155,6 @@ def all_groups(config: MossConfig) -> list[Group]:
     return [EMBED, *range(config.n_layer), HEAD]
 
 
-def group_nbytes(config: MossConfig, group: Group, itemsize: int = 2) -> int:
-    """Bytes of a group's tensors without file headers: fp16 tensors at ``itemsize`` (2 as
-    stored), packed ones (``packed_bits(config)``) at their stored size."""
-    total = 0
-    for shape, dtype in group_tensors(config, group).values():
-        count = int(np.prod(shape, dtype=np.int64))
-        total += count * (itemsize if dtype == "float16" else np.dtype(dtype).itemsize)
-    return total
 
 
 def map_hf_name(name: str, config: MossConfig) -> tuple[Group, str] | None:
@@ -259,3 +253,137 @@ def to_hf_state_dict(groups: Mapping[Group, Mapping[str, np.ndarray]], config: M
                 array = source
             out[f"transformer.h.{i}.{store_to_hf_layer[store_name]}"] = array
     return out
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[r, K] integer codes (0..2^bits-1) -> [r, packed_row_bytes] uint8, LSB first."""
+    rows, k_in = codes.shape
+    out = np.zeros((rows, packed_row_bytes(k_in, bits)), np.uint8)
+    c = codes.astype(np.uint8)
+    if bits == 8:
+        out[:, :k_in] = c
+    else:
+        lo, hi = c[:, 0::2], c[:, 1::2]
+        out[:, : lo.shape[1]] = lo
+        out[:, : hi.shape[1]] |= hi << 4
+    return out
+
+def unpack_codes(packed: np.ndarray, bits: int, k_in: int) -> np.ndarray:
+    """The inverse of pack_codes: [r, K] uint8 codes."""
+    if bits == 8:
+        return packed[:, :k_in].copy()
+    out = np.empty((packed.shape[0], k_in), np.uint8)
+    out[:, 0::2] = packed[:, : (k_in + 1) // 2] & 15
+    out[:, 1::2] = packed[:, : k_in // 2] >> 4
+    return out
+
+
+# --- packed lm_head / wte (format 2 stores written with them packed) ---
+
+EMBED_BITS = 8  # wte's default width in a packed store
+FP16 = 32  # head_wbits / embed_wbits value meaning "kept fp16" (as wbits 32 means unquantized)
+# group -> the store name prefix of its one packable matrix
+PACKABLE = {HEAD: "lm_head", EMBED: "wte"}
+
+
+def head_bits(config: MossConfig) -> int | None:
+    """4 or 8 when the store's lm_head is packed, else None (fp16)."""
+    if not packed_bits(config):
+        return None
+    bits = config.head_wbits if config.head_wbits is not None else config.wbits
+    return bits if bits in PACKED_BITS else None
+
+
+def embed_bits(config: MossConfig) -> int | None:
+    """4 or 8 when the store's wte is packed, else None (fp16)."""
+    if not packed_bits(config):
+        return None
+    bits = config.embed_wbits if config.embed_wbits is not None else EMBED_BITS
+    return bits if bits in PACKED_BITS else None
+
+
+def group_bits(config: MossConfig, group: Group) -> int | None:
+    """Width of the packed matrices of a group (layers: wbits; head/embed: above), None = fp16."""
+    if group == HEAD:
+        return head_bits(config)
+    if group == EMBED:
+        return embed_bits(config)
+    return packed_bits(config)
+
+
+def resolved(config: MossConfig, keep_head_fp16: bool = False) -> MossConfig:
+    """``config`` with head_wbits/embed_wbits explicit (what a packed store's config.json says)."""
+    if not packed_bits(config):
+        return replace(config, head_wbits=None, embed_wbits=None)
+    if keep_head_fp16:
+        return replace(config, head_wbits=FP16, embed_wbits=FP16)
+    return replace(config, head_wbits=head_bits(config) or FP16, embed_wbits=embed_bits(config) or FP16)
+
+
+def group_tensors(config: MossConfig, group: Group) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and numpy dtype of every tensor of a group, in file order: fp16, packed layers
+    (see ``_plain_group_tensors``) and a packed lm_head / wte where the config says so.
+
+    ``P.weight`` [N, K] becomes ``P.perm`` (arange: no act-order), ``P.qweight``, ``P.scales``,
+    ``P.zeros`` in its place, laid out exactly like a packed layer Linear.
+    """
+    tensors = _plain_group_tensors(config, group)
+    bits = group_bits(config, group) if group in PACKABLE else None
+    if bits is None:
+        return tensors
+    prefix = PACKABLE[group]
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, (shape, dtype) in tensors.items():
+        if name != f"{prefix}.weight":
+            out[name] = (shape, dtype)
+            continue
+        n_out, k_in = shape
+        g = packed_groups(k_in, config.groupsize)
+        out[f"{prefix}.perm"] = ((k_in,), "int32")
+        out[f"{prefix}.qweight"] = ((n_out, packed_row_bytes(k_in, bits)), "uint8")
+        out[f"{prefix}.scales"] = ((n_out, g), "float16")
+        out[f"{prefix}.zeros"] = ((n_out, g), "float16")
+    return out
+
+
+def group_nbytes(config: MossConfig, group: Group, itemsize: int = 2) -> int:
+    """Bytes of a group's tensors (no header): fp16 ones at ``itemsize``, packed ones as stored."""
+    total = 0
+    for shape, dtype in group_tensors(config, group).values():
+        count = int(np.prod(shape, dtype=np.int64))
+        total += count * (itemsize if dtype == "float16" else np.dtype(dtype).itemsize)
+    return total
+
+
+def embed_row_bytes(config: MossConfig, itemsize: int = 2) -> int:
+    """Bytes one token's embedding lookup reads from the table (a row, and its scales/zeros)."""
+    bits = embed_bits(config)
+    if bits is None:
+        return config.n_embd * itemsize
+    return packed_row_bytes(config.n_embd, bits) + 4 * packed_groups(config.n_embd, config.groupsize)
+
+
+def manifest_entry(config: MossConfig) -> dict[str, object]:
+    """What the manifest's ``packed`` entry records about lm_head and wte."""
+    def one(bits: int | None) -> object:
+        return {"bits": bits, "group_size": config.groupsize, "scheme": "rtn"} if bits else "float16"
+
+    return {"lm_head": one(head_bits(config)), "wte": one(embed_bits(config))}
+
+
+def store_nbytes(config: MossConfig) -> int:
+    """Bytes of every group's tensors (the store's size, less headers, config and tokenizer)."""
+    return sum(group_nbytes(config, g) for g in all_groups(config))
+
+
+def describe_store(config: MossConfig) -> str:
+    """One line for `jmoss info`: the store's size and what each part is stored as."""
+    from jmoss.sizes import format_gb
+
+    def width(bits: int | None) -> str:
+        return f"int{bits}" if bits else "fp16"
+
+    layers = sum(group_nbytes(config, i) for i in range(config.n_layer))
+    parts = [f"layers {format_gb(layers)} ({width(packed_bits(config))})",
+             f"head {format_gb(group_nbytes(config, HEAD))} (lm_head {width(head_bits(config))})",
+             f"embedding {format_gb(group_nbytes(config, EMBED))} (wte {width(embed_bits(config))})"]
+    return f"store: {format_gb(store_nbytes(config))} = " + " + ".join(parts)

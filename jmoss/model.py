@@ -274,7 +274,7 @@ class MossModel:
         h = self._layer_norm(h, w, "ln_f")
         b, t, d = h.shape
         if "lm_head.qweight" in w:
-            from jmoss.quant_layout import head_bits
+            from jmoss.layout import head_bits
 
             y = self.ops.quant_linear(h.reshape(b * t, d), w["lm_head.perm"], w["lm_head.qweight"], w["lm_head.scales"],
                                       w["lm_head.zeros"], w["lm_head.bias"], bits=head_bits(self.config),

@@ -35,9 +35,8 @@ from typing import Any, Literal
 
 from jmoss.config import MossConfig
 from jmoss.errors import BudgetError, ContextLengthError, DeviceError
-from jmoss.layout import EMBED, HEAD, Group, all_groups, linear_shapes, packed_bits
+from jmoss.layout import EMBED, HEAD, Group, all_groups, embed_row_bytes, group_nbytes, head_bits, linear_shapes, packed_bits
 from jmoss.model import dequant_transient_bytes
-from jmoss.quant_layout import embed_row_bytes, group_nbytes, head_bits
 from jmoss.sizes import GiB, MiB, format_gb, format_size
 
 Tier = Literal["device", "host", "disk"]

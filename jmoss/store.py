@@ -38,7 +38,6 @@ import xxhash
 
 from jmoss import layout
 from jmoss.config import MossConfig, parse_json_bytes
-from jmoss import quant_layout
 from jmoss.errors import ConfigError, ModelNotFoundError, StoreError
 from jmoss.jittor_setup import jmoss_home
 
@@ -286,7 +285,7 @@ class GroupWriter:
         self.group = group
         self.path = Path(out) / layout.group_file(group)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.tensors = quant_layout.group_tensors(config, group)
+        self.tensors = layout.group_tensors(config, group)
         self.shapes = {name: shape for name, (shape, _) in self.tensors.items()}
         header, spans = _header_bytes(self.tensors, group)
         self.data_start = len(header)
@@ -451,7 +450,7 @@ def _bytes_record(data: bytes) -> dict[str, Any]:
 
 def store_config_dict(config: MossConfig) -> dict[str, Any]:
     """config.json of a store: wbits 4/8 when its layers are packed, else 32 (fp16 weights)."""
-    return quant_layout.resolved(replace(config, wbits=layout.packed_bits(config) or 32)).to_dict()
+    return layout.resolved(replace(config, wbits=layout.packed_bits(config) or 32)).to_dict()
 
 
 def finalize_store(
@@ -502,7 +501,7 @@ def finalize_store(
     if bits:  # the layers' Linear weights are packed integers (docs/store-format.md, format 2)
         manifest["packed"] = {"bits": bits, "group_size": config.groupsize, "layout": "rows n, perm|qweight|scales|zeros",
                               "scheme": (source or {}).get("quantization", {}).get("method", "gptq"),
-                              **quant_layout.manifest_entry(config)}
+                              **layout.manifest_entry(config)}
     atomic_write_bytes(out / MANIFEST, _sealed_manifest_bytes(manifest))
     _fsync_dir(out)
     return out
@@ -780,7 +779,7 @@ class Store:
             path = self.group_path(group)
             hint = repair_hint(self.path, self.manifest)
             start, entries, _ = parse_safetensors_header(path, StoreError, hint)
-            tensors = quant_layout.group_tensors(self.config, group)
+            tensors = layout.group_tensors(self.config, group)
             expected = {name: shape for name, (shape, _) in tensors.items()}
             offsets: dict[str, tuple[int, tuple[int, ...], str]] = {}
             for name, (dtype, shape, begin, _end) in entries.items():
@@ -806,7 +805,7 @@ class Store:
         return self._data_start[group], self.group_nbytes(group)
 
     def group_nbytes(self, group: Group) -> int:
-        return quant_layout.group_nbytes(self.config, _group_key(group))
+        return layout.group_nbytes(self.config, _group_key(group))
 
     def group(self, group: Group) -> dict[str, np.ndarray]:
         """Read-only arrays of one group (fp16; packed parts uint8/int32), backed by np.memmap.
@@ -833,11 +832,11 @@ def store_config(path: Path, manifest: Mapping[str, Any], config: MossConfig) ->
     if not layout.packed_bits(config) or not isinstance(packed, dict):
         return config
     if "lm_head" not in packed and config.head_wbits is None and config.embed_wbits is None:
-        return quant_layout.resolved(config, keep_head_fp16=True)
+        return layout.resolved(config, keep_head_fp16=True)
     recorded = {k: packed.get(k) for k in ("lm_head", "wte")}
-    if recorded != quant_layout.manifest_entry(config):
+    if recorded != layout.manifest_entry(config):
         raise StoreError(f"{path / MANIFEST}: lm_head/wte are recorded as {recorded}, config.json says "
-                         f"{quant_layout.manifest_entry(config)}; {repair_hint(path)}")
+                         f"{layout.manifest_entry(config)}; {repair_hint(path)}")
     return config
 
 

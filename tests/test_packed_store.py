@@ -274,7 +274,6 @@ def test_info_plans_moss_int4_store_under_9_5_gb_resident_under_12gib(shared_dir
     (GPTQ kept), lm_head int4 and wte int8 by default; 10.82 GB with --keep-head-fp16."""
     from click.testing import CliRunner
 
-    from jmoss import quant_layout
     from jmoss.cli import main
 
     config = moss_int4_config(shared_dir)
@@ -283,15 +282,15 @@ def test_info_plans_moss_int4_store_under_9_5_gb_resident_under_12gib(shared_dir
     codes = (3 * d * d + d * d + inner * d + d * inner) // 2
     groups = 3 * d * (d // 128) + d * (d // 128) + inner * (d // 128) + d * (inner // 128)
     layer = codes + 4 * groups + 4 * (3 * d + inner) + 2 * (2 * d + inner + d)
-    assert quant_layout.group_nbytes(config, 0) == layout.group_nbytes(config, 0) == layer  # 241 MB (906 MB fp16)
+    assert layout.group_nbytes(config, 0) == layout.group_nbytes(config, 0) == layer  # 241 MB (906 MB fp16)
     head = vocab * d // 2 + 4 * vocab * (d // 128) + 4 * d + 2 * (2 * d + vocab)  # int4 lm_head + fp16 ln_f, bias
     embed = vocab * d + 4 * vocab * (d // 128) + 4 * d  # int8 rows + scales/zeros + perm
-    assert quant_layout.group_nbytes(config, layout.HEAD) == head
-    assert quant_layout.group_nbytes(config, layout.EMBED) == embed
-    total = quant_layout.store_nbytes(config)
+    assert layout.group_nbytes(config, layout.HEAD) == head
+    assert layout.group_nbytes(config, layout.EMBED) == embed
+    total = layout.store_nbytes(config)
     assert total == 34 * layer + head + embed and total <= 9.5e9  # 9.22 GB
-    fp16_head = quant_layout.resolved(config, keep_head_fp16=True)
-    assert quant_layout.store_nbytes(fp16_head) == 34 * layer + 2 * (2 * vocab * d + 2 * d + vocab)  # 10.82 GB
+    fp16_head = layout.resolved(config, keep_head_fp16=True)
+    assert layout.store_nbytes(fp16_head) == 34 * layer + 2 * (2 * vocab * d + 2 * d + vocab)  # 10.82 GB
 
     plan = plan_placement(config, device="cuda", device_memory=12 << 30, host_memory=None)
     assert plan.groups_on("device") == layout.all_groups(config)[1:]  # every layer and the head resident
@@ -300,7 +299,7 @@ def test_info_plans_moss_int4_store_under_9_5_gb_resident_under_12gib(shared_dir
     small = plan_placement(config, device="cuda", device_memory=8 << 30, host_memory=None)
     streamed = [g for g in small.groups_on("host") + small.groups_on("disk") if g != layout.EMBED]
     assert streamed and small.streamed_bytes_per_token == (
-        sum(quant_layout.group_nbytes(config, g) for g in streamed) + small.embed_row_bytes)
+        sum(layout.group_nbytes(config, g) for g in streamed) + small.embed_row_bytes)
 
     # `jmoss info` on the checkpoint's config prints the same figures (no weights needed or read)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
