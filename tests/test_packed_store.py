@@ -260,13 +260,13 @@ def test_plain_jittor_packed_head_is_dequantized_one_tile_at_a_time(monkeypatch)
 
 
 def moss_int4_config(shared_dir: Path):
-    """moss-moon-003-sft-int4's config: the real sft-int8 config.json with wbits 4 (moss-spec §2.2: the
-    int4 repo differs only there; its own config.json is not among the shared assets)."""
+    """A real MOSS int4 config: moss-moon-003-sft-plugin-int4's config.json (the sft-int4 one is not
+    among the shared assets; moss-spec §2.2: the int4 repos share the architecture, wbits 4, group 128)."""
     from jmoss.config import MossConfig
 
-    data = json.loads((shared_dir / "assets/moss-moon-003-sft-int8/config.json").read_text())
-    assert (data["wbits"], data["groupsize"], data["n_layer"], data["n_embd"]) == (8, 128, 34, 6144)
-    return MossConfig.from_dict({**data, "wbits": 4})
+    data = json.loads((shared_dir / "assets/moss-moon-003-sft-plugin-int4/config.json").read_text())
+    assert (data["wbits"], data["groupsize"], data["n_layer"], data["n_embd"]) == (4, 128, 34, 6144)
+    return MossConfig.from_dict(data)
 
 
 def test_info_plans_moss_int4_store_under_9_5_gb_resident_under_12gib(shared_dir: Path, tmp_path: Path) -> None:
