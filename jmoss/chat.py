@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from jmoss import dialogue
 from jmoss.errors import ContextLengthError
-from jmoss.generation import Finish, GenerationOptions, StopCheck, fit_to_context, shared_prefix, stream_tokens
+from jmoss.generation import Finish, GenerationOptions, StopCheck, fit_to_context, shared_prefix, stream_steps
 from jmoss.tokenizer import clean_text
 
 if TYPE_CHECKING:
@@ -230,8 +230,13 @@ class Chat:
         run = replace(opts, stop=tuple(opts.stop) + stop)
         history = self._ids[: self.session.length]
         finish = Finish()
-        yield from stream_tokens(self.model, self.session, row, run, history=history, tokens_out=tokens, finish=finish,
-                                 should_stop=should_stop, fit_context=True)
+        for step in stream_steps(self.model, self.session, row, run, history=history, should_stop=should_stop,
+                                 fit_context=True):
+            if step.token is not None:
+                tokens.append(step.token)
+            finish = step.finish or finish
+            if step.text:
+                yield step.text
         if finish.stop_string is not None:
             self._keep_shown(tokens, finish.text)
         reply.generated_tokens += len(tokens)

@@ -295,18 +295,28 @@ class Finish:
     text: str = ""  # all the text the stream yielded
 
 
-def stream_tokens(model: "Model", session: "Session", row: list[int], opts: GenerationOptions,
-                  history: list[int] | None = None, tokens_out: list[int] | None = None,
-                  finish: Finish | None = None, *, should_stop: StopCheck | None = None,
-                  fit_context: bool = False) -> Iterator[str]:
-    """Text deltas for ``row`` appended to ``session`` (used by chat to continue a conversation).
+@dataclass
+class Step:
+    """One step of a stream: the token generated and the text it makes visible (often "" while a
+    UTF-8 character or a possible stop string is incomplete). The last step carries ``finish``;
+    it has ``token`` None when it only flushes the text held back."""
 
-    The generated ids (stop tokens included) are appended to ``tokens_out`` when given; ``finish``
-    says why the stream ended once it has. ``should_stop`` and ``fit_context``: see :func:`generate_ids`.
+    token: int | None
+    text: str = ""
+    finish: Finish | None = None
+
+
+def stream_steps(model: "Model", session: "Session", row: list[int], opts: GenerationOptions, *,
+                 history: list[int] | None = None, should_stop: StopCheck | None = None,
+                 fit_context: bool = False) -> Iterator[Step]:
+    """Each step of ``row``'s continuation in ``session``: token, text delta, and at the end why it stopped.
+
+    Stop tokens are reported as steps (their text is not shown); the texts concatenate to
+    ``finish.text``. ``history``, ``should_stop`` and ``fit_context``: see :func:`generate_ids`.
     """
     stops = _Stops.build(model, opts.stop)
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=opts.skip_special_tokens)
-    finish = finish if finish is not None else Finish()
+    finish = Finish()
     reasons: list[str | None] = []
     text, emitted = "", 0
     for step in generate_ids(model, session, [row], opts, histories=[history or []], should_stop=should_stop,
@@ -314,21 +324,18 @@ def stream_tokens(model: "Model", session: "Session", row: list[int], opts: Gene
         token = step[0]
         if token is None:
             break
-        if tokens_out is not None:
-            tokens_out.append(token)
         if stops.token_hit([token]):
+            yield Step(token)
             break  # a single-token stop (eos, <eoc>…) is not part of the text
         text += decoder.push(token)
         cut = stops.text_cut(text)
         if cut is not None:
             finish.reason, finish.stop_string, finish.text = "stop", _stop_at(stops, text, cut), text[:cut]
-            if cut > emitted:
-                yield text[emitted:cut]
+            yield Step(token, text[emitted:cut], finish)
             return
         safe = len(text) - stops.held_back(text)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
+        yield Step(token, text[emitted:safe])
+        emitted = max(emitted, safe)
     finish.reason = reasons[0]  # generate_ids says why it ended (a single-token stop: "stop")
     text += decoder.flush()
     cut = stops.text_cut(text)
@@ -336,8 +343,27 @@ def stream_tokens(model: "Model", session: "Session", row: list[int], opts: Gene
         finish.reason, finish.stop_string = "stop", _stop_at(stops, text, cut)
     end = cut if cut is not None else len(text)
     finish.text = text[:end]
-    if end > emitted:
-        yield text[emitted:end]
+    yield Step(None, text[emitted:end], finish)
+
+
+def stream_tokens(model: "Model", session: "Session", row: list[int], opts: GenerationOptions,
+                  history: list[int] | None = None, tokens_out: list[int] | None = None,
+                  finish: Finish | None = None, *, should_stop: StopCheck | None = None,
+                  fit_context: bool = False) -> Iterator[str]:
+    """The text deltas of :func:`stream_steps` (used by ``stream`` and batched streams).
+
+    The generated ids (stop tokens included) are appended to ``tokens_out`` when given; ``finish``
+    says why the stream ended once it has.
+    """
+    for step in stream_steps(model, session, row, opts, history=history, should_stop=should_stop,
+                             fit_context=fit_context):
+        if step.token is not None and tokens_out is not None:
+            tokens_out.append(step.token)
+        if step.finish is not None and finish is not None:
+            done = step.finish
+            finish.reason, finish.stop_string, finish.text = done.reason, done.stop_string, done.text
+        if step.text:
+            yield step.text
 
 
 def _stop_at(stops: _Stops, text: str, cut: int) -> str:

@@ -182,3 +182,16 @@ def test_fit_context_clamps_max_tokens_to_the_room_and_says_context(pair):
                        GenerationOptions.from_kwargs(do_sample=False, max_new_tokens=4, stop=[]), finish=finish,
                        fit_context=True))
     assert finish.reason == "length"
+
+
+def test_stream_steps_report_each_token_and_finish_at_the_end(pair):
+    from jmoss.generation import stream_steps
+
+    _, model = pair
+    prompt = model.tokenizer.encode("<|Human|>: 你好<eoh>\n<|MOSS|>:")
+    opts = GenerationOptions.from_kwargs(do_sample=False, max_new_tokens=10, stop=[])
+    steps = list(stream_steps(model, model.session(max_len=len(prompt) + 10), prompt, opts))
+    assert [s.token for s in steps if s.token is not None] == generate_tokens(model, prompt, do_sample=False,
+                                                                            max_new_tokens=10, stop=[])
+    assert all(s.finish is None for s in steps[:-1]) and steps[-1].finish.reason == "length"
+    assert "".join(s.text for s in steps) == steps[-1].finish.text

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from jmoss.batching import BatchRunner, DetachedSession, StepCancelled
 from jmoss.errors import JmossError
-from jmoss.generation import Finish, GenerationOptions, fit_to_context, shared_prefix, stream_tokens
+from jmoss.generation import Finish, GenerationOptions, fit_to_context, shared_prefix, stream_steps
 from jmoss.server.schemas import ServerRequestError, default_meta_instruction, openai_finish_reason, request_error
 
 if TYPE_CHECKING:
@@ -239,9 +239,13 @@ class Worker:
         text, first = "", reply
         finish = Finish()
         try:
-            for delta in stream_tokens(self.model, session, ids[keep:], opts, history=ids[:keep], tokens_out=tokens,
-                                       finish=finish, should_stop=job.should_stop, fit_context=True):
-                if first:  # the model writes "<|MOSS|>: text"; the reply is the text
+            for step in stream_steps(self.model, session, ids[keep:], opts, history=ids[:keep],
+                                     should_stop=job.should_stop, fit_context=True):
+                if step.token is not None:
+                    tokens.append(step.token)
+                finish = step.finish or finish
+                delta = step.text
+                if first and delta:  # the model writes "<|MOSS|>: text"; the reply is the text
                     delta, first = delta.lstrip(" "), not delta.strip(" ")
                 if delta:
                     text += delta
