@@ -29,7 +29,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["jmoss", "jmoss.plugins", "jmoss.web", "jmoss.converters", "jmoss.kernels"],
+    packages=["jmoss", "jmoss.engine", "jmoss.plugins", "jmoss.server", "jmoss.web", "jmoss.converters", "jmoss.kernels"],
     package_dir={"jmoss": "jmoss", "jmoss.converters": "converters", "jmoss.kernels": "kernels"},
     package_data={"jmoss.kernels": ["*.h", "*.cc"], "jmoss": ["data/*"], "jmoss.web": ["*.html", "*.css", "*.js"]},
     install_requires=[

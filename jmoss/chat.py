@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from jmoss import dialogue
 from jmoss.errors import ContextLengthError
-from jmoss.generation import Finish, GenerationOptions, shared_prefix, stream_tokens
+from jmoss.generation import Finish, GenerationOptions, StopCheck, fit_to_context, shared_prefix, stream_steps
 from jmoss.tokenizer import clean_text
 
 if TYPE_CHECKING:
     from jmoss.plugins import Call, CallResult, Plugin
-    from jmoss.session import TextModel
+    from jmoss.session import Session, TextModel
 
 EOM, EOC = "<eom>", "<eoc>"
 
@@ -38,7 +38,8 @@ class Reply:
     inner_thoughts: str | None = None
     commands: list["Call"] = field(default_factory=list)
     results: str | None = None
-    finish_reason: str = "stop"  # "stop", "length" (max_new_tokens or context), "interrupted"
+    # generation's reason ("stop", "length", "context", "time", "cancelled"), or "interrupted" (an exception)
+    finish_reason: str = "stop"
     prefilled_tokens: int = 0
     generated_tokens: int = 0
     notices: list[str] = field(default_factory=list)
@@ -48,7 +49,13 @@ Event = Callable[[str, str], None]  # (kind, text): kind in "thoughts", "command
 
 
 class Chat:
-    """A MOSS conversation on one model; ``send`` a message, get a ``Reply``."""
+    """A MOSS conversation on one model; ``send`` a message, get a ``Reply``.
+
+    The KV cache is a Session of the model's (``max_len`` positions), or ``session`` when the
+    caller owns one: a server shares one cache among many conversations, so a Chat must not
+    allocate its own. ``stream``/``send`` can also run one turn on another session (a batch slot
+    leased for the turn); it must hold a prefix of this conversation's ids, or nothing.
+    """
 
     def __init__(
         self,
@@ -60,6 +67,7 @@ class Chat:
         plugin_timeout: float = 20.0,
         max_len: int | None = None,
         on_event: Event | None = None,
+        session: "Session | None" = None,
         **defaults,
     ):
         from jmoss.plugins import capability_lines, load_plugins
@@ -78,7 +86,7 @@ class Chat:
         self.plugin_timeout = plugin_timeout
         self.defaults = defaults
         self.on_event = on_event
-        self.session = model.session(max_len=max_len)
+        self.session = session if session is not None else model.session(max_len=max_len)
         self.max_len = self.session.max_len
         self.history: list[tuple[str, Reply]] = []
         self.last_reply: Reply | None = None
@@ -98,18 +106,32 @@ class Chat:
     def token_count(self) -> int:
         return len(self._ids)
 
-    def send(self, text: str | bytes, **options) -> Reply:
-        for _ in self.stream(text, **options):
+    def send(self, text: str | bytes, *, session: "Session | None" = None, should_stop: StopCheck | None = None,
+             **options) -> Reply:
+        for _ in self.stream(text, session=session, should_stop=should_stop, **options):
             pass
         assert self.last_reply is not None
         return self.last_reply
 
-    def stream(self, text: str | bytes, **options) -> Iterator[str]:
+    def stream(self, text: str | bytes, *, session: "Session | None" = None, should_stop: StopCheck | None = None,
+               **options) -> Iterator[str]:
         """Yield the reply's text deltas; ``last_reply`` holds the whole Reply afterwards.
 
         ``text`` may be any str or bytes: invalid UTF-8 and lone surrogates become U+FFFD (with a
         notice). A message refused for length (ContextLengthError) leaves the conversation as it was.
+        ``session``: run this turn on it instead of the chat's own. ``should_stop``: a cancel
+        callback; once true the reply ends ("cancelled") and the turn is closed as shown so far.
         """
+        if session is None:
+            yield from self._turn(text, should_stop, options)
+            return
+        own, self.session = self.session, session
+        try:
+            yield from self._turn(text, should_stop, options)
+        finally:
+            self.session = own
+
+    def _turn(self, text: str | bytes, should_stop: StopCheck | None, options: dict) -> Iterator[str]:
         opts = GenerationOptions.from_kwargs(**{**self.defaults, **options})
         text, replaced = clean_text(text)
         reply = Reply()
@@ -123,10 +145,10 @@ class Chat:
         try:
             if self.plugins:
                 self._ids += self.tokenizer.encode(dialogue.human(text))
-                yield from self._plugin_turn(reply, opts)
+                yield from self._plugin_turn(reply, opts, should_stop)
             else:
                 self._ids += self.tokenizer.encode(dialogue.human(text) + dialogue.prefix(dialogue.MOSS))
-                yield from self._reply_pass(reply, opts)
+                yield from self._reply_pass(reply, opts, should_stop)
         except ContextLengthError:
             refused = True
             self._undo_turn()
@@ -143,12 +165,12 @@ class Chat:
             self.session.truncate(start)
 
     # -- passes ------------------------------------------------------------------------------
-    def _reply_pass(self, reply: Reply, opts: GenerationOptions) -> Iterator[str]:
+    def _reply_pass(self, reply: Reply, opts: GenerationOptions, should_stop: StopCheck | None) -> Iterator[str]:
         """Generate ``<|MOSS|>:``'s continuation until <eom>; close the turn whatever happens."""
         tokens: list[int] = []
         first = True
         try:
-            for delta in self._generate(reply, opts, (EOM,), tokens):
+            for delta in self._generate(reply, opts, (EOM,), tokens, should_stop):
                 if first:  # the model writes "<|MOSS|>: text"; the reply is the text
                     delta, first = delta.lstrip(" "), not delta.strip(" ")
                 if delta:
@@ -160,18 +182,21 @@ class Chat:
         finally:
             self._close(tokens, EOM, reply)
 
-    def _plugin_turn(self, reply: Reply, opts: GenerationOptions) -> Iterator[str]:
+    def _plugin_turn(self, reply: Reply, opts: GenerationOptions, should_stop: StopCheck | None) -> Iterator[str]:
         from jmoss.plugins import parse_commands, render_results, run_calls
 
         tokens: list[int] = []
         pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False)
         try:
-            for _ in self._generate(reply, pass1, (), tokens):
+            for _ in self._generate(reply, pass1, (), tokens, should_stop):
                 pass
         except BaseException:
             reply.finish_reason = "interrupted"
             self._close(tokens, EOM, reply)
             raise
+        if reply.finish_reason == "cancelled":  # no tools run for a caller that has gone
+            self._close(tokens, EOM, reply)
+            return
         written = self.tokenizer.decode(tokens, skip_special_tokens=False)
         eom_id = self.tokenizer.token_to_id(EOM)
         if tokens and tokens[-1] == eom_id or dialogue.prefix(dialogue.MOSS) in written:
@@ -190,24 +215,31 @@ class Chat:
         reply.results = render_results(results)
         self._emit("results", reply.results)
         self._ids += self.tokenizer.encode(reply.results + dialogue.prefix(dialogue.MOSS))
-        yield from self._reply_pass(reply, opts)
+        yield from self._reply_pass(reply, opts, should_stop)
 
-    def _generate(self, reply: Reply, opts: GenerationOptions, stop: tuple, tokens: list[int]) -> Iterator[str]:
+    def _generate(self, reply: Reply, opts: GenerationOptions, stop: tuple, tokens: list[int],
+                  should_stop: StopCheck | None) -> Iterator[str]:
         room_needed = min(opts.max_new_tokens, max(1, self.max_len // 4))
         self._fit(room_needed, reply)
         row = self._ids[self.session.length:]
         reply.prefilled_tokens += len(row)
-        budget = min(opts.max_new_tokens, self.max_len - len(self._ids))
+        budget = fit_to_context(opts.max_new_tokens, len(self._ids), self.max_len)
         if budget < opts.max_new_tokens:
             reply.notices.append(f"reply limited to {budget} tokens by the {self.max_len}-position context")
-        run = replace(opts, stop=tuple(opts.stop) + stop, max_new_tokens=budget)
+        run = replace(opts, stop=tuple(opts.stop) + stop)
         history = self._ids[: self.session.length]
         finish = Finish()
-        yield from stream_tokens(self.model, self.session, row, run, history=history, tokens_out=tokens, finish=finish)
+        for step in stream_steps(self.model, self.session, row, run, history=history, should_stop=should_stop,
+                                 fit_context=True):
+            if step.token is not None:
+                tokens.append(step.token)
+            finish = step.finish or finish
+            if step.text:
+                yield step.text
         if finish.stop_string is not None:
             self._keep_shown(tokens, finish.text)
         reply.generated_tokens += len(tokens)
-        reply.finish_reason = "stop" if finish.reason == "stop" else "length"
+        reply.finish_reason = finish.reason or "stop"
 
     def _keep_shown(self, tokens: list[int], text: str) -> None:
         """After a stop string cut the text, keep the ids of what was shown, not of the stop string.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -175,6 +175,18 @@ def _as_rows(model: "TextModel", prompt) -> tuple[list[list[int]], bool]:
     raise GenerationError("prompt must be text, a list of token ids, or a non-empty list of those")
 
 
+StopCheck = Callable[[], bool]  # a cancel callback: True ends generation before the next step
+
+
+def fit_to_context(max_new_tokens: int, used: int, max_len: int) -> int:
+    """How many new tokens fit after ``used`` of ``max_len`` positions: the one clamp of max_tokens."""
+    if used >= max_len:
+        raise ContextLengthError(
+            f"{used} tokens leave no room for a reply in {max_len} positions; shorten the input or start anew"
+        )
+    return min(max_new_tokens, max_len - used)
+
+
 def generate_ids(
     model: "TextModel",
     session: "Session",
@@ -182,36 +194,60 @@ def generate_ids(
     options: GenerationOptions,
     *,
     histories: list[list[int]] | None = None,
+    should_stop: StopCheck | None = None,
+    fit_context: bool = False,
+    reasons: list[str | None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None once done).
 
     A row ends on a stop token sequence (the stop tokens are yielded, so callers see why), at
-    max_new_tokens, at max_time, or when the session is full. ``histories`` are the ids the
-    repetition penalty sees before the new rows (the earlier turns of a chat).
+    max_new_tokens, at max_time, when the session is full, or when ``should_stop()`` turns true
+    (checked before the prefill and before every decode: at most one more step runs). With
+    ``fit_context`` max_new_tokens is clamped to the room the session has after the prefill
+    (:func:`fit_to_context`) and a row ending there ends for "context". ``reasons`` (one entry per
+    row) receives why each row ended: "stop", "length", "context", "time" or "cancelled".
+    ``histories`` are the ids the repetition penalty sees before the new rows (a chat's earlier turns).
     """
     stops = _Stops.build(model, options.stop)
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))
     seen = [list(h) + list(r) for h, r in zip(histories or [[] for _ in rows], rows)]
     generated: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
+    why: list[str | None] = reasons if reasons is not None else []
+    why[:] = [None] * len(rows)
+    limit = options.max_new_tokens
+    if fit_context:
+        limit = fit_to_context(limit, session.length + max(len(r) for r in rows), session.max_len)
+
+    def end(reason: str) -> None:
+        for b, r in enumerate(why):
+            if r is None:
+                why[b] = reason
+
     deadline = time.monotonic() + options.max_time if options.max_time else None
+    if should_stop is not None and should_stop():
+        end("cancelled")
+        return
     logits = session.prefill(rows)
-    for n in range(1, options.max_new_tokens + 1):
+    for n in range(1, limit + 1):
         tokens = sampler(logits, seen)
         step: list[int | None] = []
         for b, token in enumerate(tokens):
-            if done[b]:
+            if why[b] is not None:
                 step.append(None)
                 continue
             generated[b].append(int(token))
             seen[b].append(int(token))
             step.append(int(token))
             if stops.token_hit(generated[b]):
-                done[b] = True
+                why[b] = "stop"
         yield step
-        if all(done) or n == options.max_new_tokens or session.room == 0:
+        if all(r is not None for r in why):
             return  # no forward for a token nobody will read
-        if deadline is not None and time.monotonic() >= deadline:
+        reason = ("length" if n == options.max_new_tokens else "context" if n == limit or session.room == 0
+                  else "time" if deadline is not None and time.monotonic() >= deadline
+                  else "cancelled" if should_stop is not None and should_stop() else None)
+        if reason is not None:
+            end(reason)
             return
         feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
         logits = session.decode(feed)
@@ -248,8 +284,9 @@ class Finish:
     """Why a stream ended, filled in by :func:`stream_tokens` for its caller.
 
     ``reason``: "stop" (a stop token or stop string), "length" (max_new_tokens), "context" (the
-    session is full) or "time" (max_time). ``stop_string`` is the string that cut the text, if
-    one did: the generated ids then hold more than the text shows.
+    session is full, or max_new_tokens was clamped to its room), "time" (max_time) or "cancelled"
+    (the cancel callback). ``stop_string`` is the string that cut the text, if one did: the
+    generated ids then hold more than the text shows.
     """
 
     reason: str | None = None
@@ -257,49 +294,75 @@ class Finish:
     text: str = ""  # all the text the stream yielded
 
 
-def stream_tokens(model: "TextModel", session: "Session", row: list[int], opts: GenerationOptions,
-                  history: list[int] | None = None, tokens_out: list[int] | None = None,
-                  finish: Finish | None = None) -> Iterator[str]:
-    """Text deltas for ``row`` appended to ``session`` (used by chat to continue a conversation).
+@dataclass
+class Step:
+    """One step of a stream: the token generated and the text it makes visible (often "" while a
+    UTF-8 character or a possible stop string is incomplete). The last step carries ``finish``;
+    it has ``token`` None when it only flushes the text held back."""
 
-    The generated ids (stop tokens included) are appended to ``tokens_out`` when given; ``finish``
-    says why the stream ended once it has.
+    token: int | None
+    text: str = ""
+    finish: Finish | None = None
+
+
+def stream_steps(model: "TextModel", session: "Session", row: list[int], opts: GenerationOptions, *,
+                 history: list[int] | None = None, should_stop: StopCheck | None = None,
+                 fit_context: bool = False) -> Iterator[Step]:
+    """Each step of ``row``'s continuation in ``session``: token, text delta, and at the end why it stopped.
+
+    Stop tokens are reported as steps (their text is not shown); the texts concatenate to
+    ``finish.text``. ``history``, ``should_stop`` and ``fit_context``: see :func:`generate_ids`.
     """
     stops = _Stops.build(model, opts.stop)
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=opts.skip_special_tokens)
-    finish = finish if finish is not None else Finish()
-    text, emitted, count = "", 0, 0
-    for step in generate_ids(model, session, [row], opts, histories=[history or []]):
+    finish = Finish()
+    reasons: list[str | None] = []
+    text, emitted = "", 0
+    for step in generate_ids(model, session, [row], opts, histories=[history or []], should_stop=should_stop,
+                             fit_context=fit_context, reasons=reasons):
         token = step[0]
         if token is None:
             break
-        count += 1
-        if tokens_out is not None:
-            tokens_out.append(token)
         if stops.token_hit([token]):
-            finish.reason = "stop"
+            yield Step(token)
             break  # a single-token stop (eos, <eoc>…) is not part of the text
         text += decoder.push(token)
         cut = stops.text_cut(text)
         if cut is not None:
             finish.reason, finish.stop_string, finish.text = "stop", _stop_at(stops, text, cut), text[:cut]
-            if cut > emitted:
-                yield text[emitted:cut]
+            yield Step(token, text[emitted:cut], finish)
             return
         safe = len(text) - stops.held_back(text)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    if finish.reason is None:
-        finish.reason = "length" if count >= opts.max_new_tokens else "context" if session.room == 0 else "time"
+        yield Step(token, text[emitted:safe])
+        emitted = max(emitted, safe)
+    finish.reason = reasons[0]  # generate_ids says why it ended (a single-token stop: "stop")
     text += decoder.flush()
     cut = stops.text_cut(text)
     if cut is not None:
         finish.reason, finish.stop_string = "stop", _stop_at(stops, text, cut)
     end = cut if cut is not None else len(text)
     finish.text = text[:end]
-    if end > emitted:
-        yield text[emitted:end]
+    yield Step(None, text[emitted:end], finish)
+
+
+def stream_tokens(model: "TextModel", session: "Session", row: list[int], opts: GenerationOptions,
+                  history: list[int] | None = None, tokens_out: list[int] | None = None,
+                  finish: Finish | None = None, *, should_stop: StopCheck | None = None,
+                  fit_context: bool = False) -> Iterator[str]:
+    """The text deltas of :func:`stream_steps` (used by ``stream`` and batched streams).
+
+    The generated ids (stop tokens included) are appended to ``tokens_out`` when given; ``finish``
+    says why the stream ended once it has.
+    """
+    for step in stream_steps(model, session, row, opts, history=history, should_stop=should_stop,
+                             fit_context=fit_context):
+        if step.token is not None and tokens_out is not None:
+            tokens_out.append(step.token)
+        if step.finish is not None and finish is not None:
+            done = step.finish
+            finish.reason, finish.stop_string, finish.text = done.reason, done.stop_string, done.text
+        if step.text:
+            yield step.text
 
 
 def _stop_at(stops: _Stops, text: str, cut: int) -> str:

@@ -83,3 +83,23 @@ def test_an_interrupted_reply_keeps_the_session_usable(model):
     assert chat.last_reply.finish_reason == "interrupted"
     assert model.tokenizer.decode(chat._ids, skip_special_tokens=False).endswith("<eom>\n")
     assert chat.send("Still there?").text is not None
+
+
+def test_a_chat_runs_on_the_callers_session_and_a_cancel_closes_the_turn(model):
+    from jmoss.chat import Chat
+
+    session = model.session(max_len=512)
+    chat = Chat(model, session=session, do_sample=False, max_new_tokens=30)
+    assert chat.session is session and chat.max_len == 512
+    deltas: list[str] = []
+    for delta in chat.stream("Interrupt me", should_stop=lambda: len(deltas) >= 2):
+        deltas.append(delta)
+    reply = chat.last_reply
+    assert reply.finish_reason == "cancelled" and reply.text == "".join(deltas).lstrip(" ")
+    assert 0 < reply.generated_tokens < 30 and session.length > len(chat._meta_ids)
+    assert model.tokenizer.decode(chat._ids, skip_special_tokens=False).endswith("<eom>\n")
+    # a turn on another session (a slot leased for it): the chat's own session is back afterwards
+    other = model.session(max_len=512)
+    assert chat.send("Still there?", session=other).finish_reason in ("stop", "length")
+    assert chat.session is session and other.length > 0
+    assert [q for q, _ in chat.history] == ["Interrupt me", "Still there?"]

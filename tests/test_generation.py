@@ -141,3 +141,57 @@ def test_stream_says_why_it_finished(pair):
     assert finish.reason == "stop"
     _, finish = run(max_len=len(prompt) + 5, max_new_tokens=12)
     assert finish.reason == "context"
+
+
+def test_a_cancel_callback_ends_the_stream_with_cancelled(pair):
+    from jmoss.generation import Finish, stream_tokens
+
+    _, model = pair
+    prompt = model.tokenizer.encode("<|Human|>: 你好<eoh>\n<|MOSS|>:")
+    opts = GenerationOptions.from_kwargs(do_sample=False, max_new_tokens=40, stop=[])
+    tokens: list[int] = []
+    finish = Finish()
+    session = model.session(max_len=len(prompt) + 40)
+    text = "".join(stream_tokens(model, session, prompt, opts, tokens_out=tokens, finish=finish,
+                                 should_stop=lambda: len(tokens) >= 3))
+    assert finish.reason == "cancelled" and len(tokens) == 3 and finish.text == text
+    assert session.length == len(prompt) + 2  # the third token was sampled, never fed: no step ran after the cancel
+    # cancelled before it starts: nothing is prefilled
+    finish, idle = Finish(), model.session(max_len=len(prompt) + 40)
+    assert "".join(stream_tokens(model, idle, prompt, opts, finish=finish, should_stop=lambda: True)) == ""
+    assert finish.reason == "cancelled" and idle.length == 0
+
+
+def test_fit_context_clamps_max_tokens_to_the_room_and_says_context(pair):
+    from jmoss.errors import ContextLengthError
+    from jmoss.generation import Finish, fit_to_context, stream_tokens
+
+    _, model = pair
+    assert fit_to_context(100, 10, 64) == 54 and fit_to_context(8, 10, 64) == 8
+    with pytest.raises(ContextLengthError, match="no room"):
+        fit_to_context(8, 64, 64)
+    prompt = model.tokenizer.encode("<|Human|>: 你好<eoh>\n<|MOSS|>:")
+    opts = GenerationOptions.from_kwargs(do_sample=False, max_new_tokens=50, stop=[])
+    tokens: list[int] = []
+    finish = Finish()
+    session = model.session(max_len=len(prompt) + 6)
+    list(stream_tokens(model, session, prompt, opts, tokens_out=tokens, finish=finish, fit_context=True))
+    assert finish.reason == "context" and len(tokens) == 6
+    finish = Finish()
+    list(stream_tokens(model, model.session(max_len=len(prompt) + 6), prompt,
+                       GenerationOptions.from_kwargs(do_sample=False, max_new_tokens=4, stop=[]), finish=finish,
+                       fit_context=True))
+    assert finish.reason == "length"
+
+
+def test_stream_steps_report_each_token_and_finish_at_the_end(pair):
+    from jmoss.generation import stream_steps
+
+    _, model = pair
+    prompt = model.tokenizer.encode("<|Human|>: 你好<eoh>\n<|MOSS|>:")
+    opts = GenerationOptions.from_kwargs(do_sample=False, max_new_tokens=10, stop=[])
+    steps = list(stream_steps(model, model.session(max_len=len(prompt) + 10), prompt, opts))
+    assert [s.token for s in steps if s.token is not None] == generate_tokens(model, prompt, do_sample=False,
+                                                                            max_new_tokens=10, stop=[])
+    assert all(s.finish is None for s in steps[:-1]) and steps[-1].finish.reason == "length"
+    assert "".join(s.text for s in steps) == steps[-1].finish.text

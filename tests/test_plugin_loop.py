@@ -105,6 +105,22 @@ def test_none_command_gives_none_results_and_a_reply(tokenizer):
     assert reply.commands == [] and reply.results == "<|Results|>:\nNone\n<eor>\n" and reply.text == "你好！"
 
 
+def test_a_cancel_during_the_commands_pass_runs_no_tool_and_closes_the_turn(tokenizer):
+    pass1 = '<|Inner Thoughts|>: 需要计算一下<eot>\n<|Commands|>: Calculate("2+3*4")<eoc>'
+    model = ScriptedModel(tokenizer, [pass1])
+    events: list = []
+    chat = Chat_(model, events)
+    session = model.sessions[0]
+    asked = len(chat._meta_ids) + len(tokenizer.encode(dialogue.human("算一下")))
+    reply = chat.send("算一下", do_sample=False, should_stop=lambda: session.length >= asked + 3)
+    assert reply.finish_reason == "cancelled" and reply.generated_tokens == 4  # at most one step after the cancel
+    assert reply.commands == [] and reply.results is None
+    assert events == []  # neither thoughts nor commands were reported, no call ran
+    assert tokenizer.decode(chat._ids, skip_special_tokens=False).endswith("<eom>\n")
+    session.script[:] = tokenizer.encode("<|MOSS|>: 好的<eom>")
+    assert chat.send("还在吗", do_sample=False).text == "好的"
+
+
 def test_model_answering_without_tools_is_kept_as_the_reply(tokenizer):
     model = ScriptedModel(tokenizer, ["<|MOSS|>: 直接回答。<eom>"])
     reply = Chat_(model, []).send("hi", do_sample=False)

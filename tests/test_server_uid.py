@@ -111,7 +111,7 @@ def post(server: AppServer, prompt: str, uid: str | None = None, **extra) -> dic
 def assert_cache_is_a_prefix_of_the_conversation(server: AppServer, uid: str) -> None:
     worker = server.server.config.app.state.worker
     chat = worker.conversations[uid].chat
-    cached = worker.session._session.ids
+    cached = worker.session.ids  # the worker runs every Chat on its one (here: forced) session
     assert cached == chat._ids[: len(cached)]
 
 
