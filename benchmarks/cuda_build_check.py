@@ -31,8 +31,9 @@ Speed: host code is built with ``-O0`` (``cc_flags``; Jittor then drops its ``-O
 device code keeps nvcc's defaults. Cold on a 2-core machine under load average ~10 (other jobs),
 with the toolkit already installed, ``--layers 1``: 907 s wall, 631 CPU-seconds (core 255 s, ops
 284 s, model 360 s; the default 2 layers add 2 kernels, ~12 CPU-seconds); an idle 2-core
-machine needs about half the CPU-seconds plus ~2 min of serial work (~7-8 min; the nvcc trace shows >= 2 compiles in flight for 580 of the 800 s kernel phase).
-Installing the pinned wheels took 8 s here. The previous version measured ~20 min.
+machine needs about half the CPU-seconds plus ~2 min of serial work (~6-7 min, estimated, not measured; the nvcc trace shows >= 2 compiles in flight for 580 of the 800 s kernel phase).
+Installing the pinned wheels took 8 s here. The previous version (host -O2, one sync per op), cold
+right after under the same load: 1064 s wall, 709 CPU-seconds (core 406 s, ops 204 s, model 448 s).
 
 Arch: ``nvcc_flags`` adds ``-gencode=arch=compute_80,code=compute_80`` (PTX that sm_80/86/89/90
 JIT-load) and ``-gencode=arch=compute_90,code=sm_90`` to every nvcc call (one token each: Jittor reads a
