@@ -203,7 +203,13 @@ def state(home: Path | None = None) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         return {"built": True, "complete": False, "path": str(target), "problem": "unreadable manifest"}
-    return {"built": True, "path": str(target), **manifest}
+    current = {"built": True, "path": str(target), **manifest}
+    # A copy whose patched files changed since the build (hand edits, a partial copy) is not trusted.
+    changed = [rel for rel, digest in manifest.get("files", {}).items()
+               if not (target / "jittor" / rel).is_file() or _digest(target / "jittor" / rel) != digest]
+    if changed:
+        current.update(complete=False, problem=f"patched files changed since the build: {', '.join(changed)}")
+    return current
 
 
 def usable_dir(home: Path | None = None) -> Path:
@@ -214,6 +220,7 @@ def usable_dir(home: Path | None = None) -> Path:
                            "CUDA 13 fix: run `jmoss doctor --fix-cuda` (about 1 s; undo with "
                            "`jmoss doctor --undo-cuda-fix`)")
     if not current.get("complete"):
-        raise CudaFixError(f"the CUDA 13 fix in {current['path']} is incomplete (skipped fixes "
-                           f"{current.get('skipped')}): run `jmoss doctor --fix-cuda` again without {SKIP_ENV}")
+        why = current.get("problem") or f"skipped fixes {current.get('skipped')}"
+        raise CudaFixError(f"the CUDA 13 fix in {current['path']} is incomplete ({why}): run "
+                           f"`jmoss doctor --fix-cuda` again without {SKIP_ENV}")
     return Path(current["path"])

@@ -69,10 +69,14 @@ def report() -> list[tuple[str, str]]:
     ]
     for name, when, switch in JITTOR_DOWNLOADS:
         lines.append((f"download: {name}", f"plain jittor: {when}; jmoss sets {switch}, so never"))
+    fix_state = cuda_fix.state()
     if version and version[0] >= 13:
         for problem in CUDA13_PROBLEMS:
             lines.append(("CUDA 13", problem))
-        lines.append(("CUDA 13 fix", cuda_fix_line()))
+    if (version and version[0] >= 13) or fix_state["built"]:
+        lines.append(("CUDA 13 fix", cuda_fix_line(fix_state)))
+        lines.extend(fix_item_lines(fix_state))
+    if version and version[0] >= 13:
         has_npp = nvcc is not None and any(
             os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(nvcc)), d, "npp.h"))
             for d in ("include", os.path.join("targets", "x86_64-linux", "include")))
@@ -83,13 +87,24 @@ def report() -> list[tuple[str, str]]:
     return lines
 
 
-def cuda_fix_line() -> str:
+def fix_item_lines(state: dict) -> list[tuple[str, str]]:
+    """One line per CUDA 13 fix: applied in the copy on disk, left out of it, or not built yet."""
+    applied, skipped = set(state.get("applied", ())), set(state.get("skipped", ()))
+    lines = []
+    for fix in cuda_fix.FIXES:
+        where = "applied" if fix.number in applied else "LEFT OUT" if fix.number in skipped else "not applied"
+        lines.append((f"CUDA 13 fix #{fix.number}", f"{where}: {fix.what} ({fix.path})"))
+    return lines
+
+
+def cuda_fix_line(state: dict | None = None) -> str:
     """The state of jmoss's CUDA 13 fix, and the command that changes it."""
-    state = cuda_fix.state()
+    state = cuda_fix.state() if state is None else state
     if not state["built"]:
         return f"not built: run `jmoss doctor --fix-cuda` (writes a patched jittor copy to {state['path']})"
     if not state.get("complete"):
-        return (f"incomplete copy in {state['path']} (skipped {state.get('skipped')}): run `jmoss doctor --fix-cuda` "
+        why = state.get("problem") or f"skipped {state.get('skipped')}"
+        return (f"incomplete copy in {state['path']} ({why}): jmoss will not import it; run `jmoss doctor --fix-cuda` "
                 f"again without {cuda_fix.SKIP_ENV}")
     return (f"built in {state['path']} (fixes {', '.join(map(str, state['applied']))}; jmoss imports it for CUDA 13); "
             "undo: `jmoss doctor --undo-cuda-fix`")

@@ -75,3 +75,24 @@ def test_runtime_without_libcudart_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("JMOSS_CUDART", "/nonexistent/libcudart.so")
     with pytest.raises(cuda_runtime.DeviceError, match="JMOSS_CUDART"):
         cuda_runtime.mem_info()
+
+
+def test_doctor_reports_each_fix_and_a_changed_copy(tmp_path, monkeypatch):
+    from jmoss import doctor
+
+    monkeypatch.setenv("JMOSS_HOME", str(tmp_path))
+    monkeypatch.setenv(cuda_fix.SKIP_ENV, "3")
+    cuda_fix.build()
+    lines = dict(doctor.report())  # shown once built, whether or not this machine has nvcc 13
+    assert "incomplete" in lines["CUDA 13 fix"] and "will not import" in lines["CUDA 13 fix"]
+    assert lines["CUDA 13 fix #3"].startswith("LEFT OUT") and lines["CUDA 13 fix #1"].startswith("applied")
+    monkeypatch.delenv(cuda_fix.SKIP_ENV)
+    manifest = cuda_fix.build()
+    lines = dict(doctor.report())
+    assert lines["CUDA 13 fix"].startswith("built in")
+    assert all(lines[f"CUDA 13 fix #{n}"].startswith("applied") for n in range(1, 7))
+    helper = cuda_fix.fix_dir(manifest["jittor_version"]) / "jittor/extern/cuda/inc/helper_cuda.h"
+    helper.write_text(helper.read_text() + "\n// edited by hand\n")
+    assert "changed since the build: extern/cuda/inc/helper_cuda.h" in dict(doctor.report())["CUDA 13 fix"]
+    with pytest.raises(cuda_fix.CudaFixError, match="changed since the build"):
+        cuda_fix.usable_dir()
