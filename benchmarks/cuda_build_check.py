@@ -18,14 +18,15 @@ No GPU is needed. What it does, and why:
    patched copy for nvcc 13), so the core (about 150 files), the CUDA extern glue, cuBLAS,
    cuRAND and the cub ops compile; then runs the cub kernels (softmax, where, argsort, argmax,
    cumsum, topk), a fp16 matmul (cuBLAS) and cuRAND in one ``jt.sync`` (so Jittor's parallel op
-   compiler builds them side by side), a 2-layer fp16 MossModel prefill + 2 decode steps and the
-   CUDA engine's ``jt.code`` device-pointer op.
+   compiler builds them side by side), a 2-layer fp16 MossModel prefill + 2 decode steps, the
+   CUDA engine's ``jt.code`` device-pointer op and the packed-weight kernels.
 
 What is compiled (measured, 2026-12-01): all of Jittor's core (171 objects: 133 ``src/**/*.cc``
 with g++, ``nan_checker.cu`` with nvcc, the generated pyjt sources), the CUDA extern glue, the
 cub/cuBLAS/cuRAND custom ops, and 62 JIT kernels (60 with ``--layers 1``: the two missing are
-fused across a layer boundary). Not compiled: cuDNN/cuFFT/cutlass/NCCL ops (jmoss switches them
-off), and the dequantizing kernels of the compressed-weights issue (not in jmoss yet).
+fused across a layer boundary), plus the dequantizing kernels of packed int4/int8 Linears
+(``jmoss.kernels.cuda_quant``: decode GEMV and prefill tile, both widths). Not compiled:
+cuDNN/cuFFT/cutlass/NCCL ops (jmoss switches them off).
 
 Speed: host code is built with ``-O0`` (``cc_flags``; Jittor then drops its ``-O2``/``-Ofast``),
 device code keeps nvcc's defaults. Cold on a 2-core machine under load average ~10 (other jobs),
@@ -211,6 +212,24 @@ stage["model_seconds"] = round(time.time() - t2, 1)
 from jmoss.engine.cuda import _device_ptr
 v = jt.empty((8,), "float16"); v.sync()
 stage["device_ptr_op"] = bool(_device_ptr(jt, v))
+# The dequantizing kernels of packed (int4/int8) Linears: the decode GEMV and the prefill tile,
+# at both widths, through the same call the model makes (kernels/cuda_quant.py).
+t3 = time.time()
+from jmoss.kernels import cuda_quant
+rng = np.random.default_rng(0)
+quant = []
+for bits in (4, 8):
+    n_out, k_in, group = 96, 256, 128
+    q = jt.array(rng.integers(0, 256, size=(n_out, k_in * bits // 8), dtype=np.uint8))
+    s = jt.array(np.full((n_out, k_in // group), 0.01, np.float16))
+    z = jt.array(np.full((n_out, k_in // group), 8, np.float16))
+    perm = jt.array(np.arange(k_in, dtype=np.int32))
+    for rows in (1, cuda_quant.GEMV_MAX_ROWS + 1):
+        xq = jt.array(rng.standard_normal((rows, k_in)).astype(np.float32))
+        quant.append(cuda_quant.quant_linear(jt, xq, perm, q, s, z, bits=bits, group_size=group, cuda=True))
+jt.sync(quant)
+stage["quant_kernels"] = "int4 + int8 dequantizing GEMV (decode) and tile dequantize (prefill)"
+stage["quant_seconds"] = round(time.time() - t3, 1)
 kernels_dir = __import__("pathlib").Path(jt.flags.cache_path) / "jit"
 stage["jit_kernels"] = len(list(kernels_dir.glob("*.so"))) if kernels_dir.exists() else 0
 cache = __import__("pathlib").Path(jt.flags.cache_path)

@@ -28,6 +28,7 @@ from typing import Callable, Mapping, Protocol
 import numpy as np
 
 from jmoss.config import MossConfig
+from jmoss.kernels import cuda_quant
 
 # Masked attention scores are replaced by this (the reference uses float32's minimum; any value
 # whose exp underflows to 0 after max-subtraction gives the same probabilities).
@@ -73,6 +74,9 @@ class JittorOps:
         used (it dequantizes the layer for the call, which the CPU kernels never do)."""
         jt = self.jt
         n_out, k_in = int(qweight.shape[0]), int(perm.shape[0])
+        if jt.flags.use_cuda and cuda_quant.supports(bits, group_size, int(qweight.shape[1])):
+            y = cuda_quant.quant_linear(jt, x, perm, qweight, scales, zeros, bits=bits, group_size=group_size, cuda=True)
+            return self.linear_tail(y, bias, activation)
         xp = x.float32()[:, perm]
         if n_out * k_in > DEQUANT_WHOLE_MAX:  # a packed lm_head (657M weights for MOSS): one tile at a time
             rows = max(1, DEQUANT_TILE // k_in)
@@ -135,8 +139,11 @@ DEQUANT_WHOLE_MAX = 1 << 28
 DEQUANT_TILE = 1 << 26
 
 
-def dequant_transient_bytes(linears: list[tuple[int, int]]) -> int:
-    """Largest fp32 weight JittorOps.quant_linear makes at once for these [N, K] packed Linears."""
+def dequant_transient_bytes(linears: list[tuple[int, int]], *, cuda: bool = False) -> int:
+    """Largest fp32 weight JittorOps.quant_linear makes at once for these [N, K] packed Linears
+    (on CUDA: the dequantizing kernels' prefill tile; decode makes none)."""
+    if cuda:
+        return max((cuda_quant.transient_bytes(k, n) for n, k in linears), default=0)
     return 4 * max((n * k if n * k <= DEQUANT_WHOLE_MAX else max(1, DEQUANT_TILE // k) * k for n, k in linears), default=0)
 
 

@@ -315,10 +315,11 @@ def work_buffer_bytes(
     tokens = batch * prefill_chunk
     bill = {}
     if device == "cuda" and packed_bits(config):
-        # packed Linears run through jittor there: each is dequantized to fp32 for its call (a packed
-        # lm_head one tile at a time), see JittorOps.quant_linear; the CPU kernels never do this
+        # packed Linears there run through the dequantizing CUDA kernels (jmoss.kernels.cuda_quant):
+        # decode dequantizes in registers, prefill one fp32 row tile at a time; the CPU kernels never
+        # make a tile
         linears = list(linear_shapes(config).values()) + ([(config.vocab_size, d)] if head_bits(config) else [])
-        bill["dequantized_weight"] = dequant_transient_bytes(linears)
+        bill["dequantized_weight"] = dequant_transient_bytes(linears, cuda=True)
     return bill | {
         # residual input, ln_1 output, attention output, MLP output, their sum, one spare
         "hidden": 6 * tokens * d * act,
