@@ -349,3 +349,23 @@ def test_pinned_bound_is_the_runtime_probe(device):
     _, runtime = device
     assert cuda_engine.pinned_h2d_bound(1 << 20, 2)["gbps"] == 1.0
     assert ("probe", 1 << 20, 2) in runtime.log
+
+
+def test_gpu_record_reports_what_the_allocator_saw_the_load_take(device, store_path, monkeypatch):
+    from jmoss import cuda_runtime
+
+    jt, runtime = device
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_record
+
+    monkeypatch.setattr(cuda_runtime, "mem_info", runtime.mem_info)  # the record's own cudaMemGetInfo
+    run = gpu_record.run_budget(store_path, "cuda", None, 3)
+    store = Store.open(store_path)
+    resident = sum(store.group_nbytes(g) for g in [*range(SHAPE["n_layer"]), layout.HEAD])
+    memory = run["engine_load_memory"]
+    assert memory["resident_bytes_copied"] == resident and run["resident_on_device_at_load"] is True
+    assert run["memory_added_by_load"] >= memory["device_bytes_added_by_load"] >= resident
+    result = {"device": "cuda", "store_bytes": resident, "store_write_seconds": 0.0, "runs": [run],
+              "probe": runtime.pinned_h2d_gbps(), "greedy_tokens_equal": True, "jittor_swap": {}}
+    text = gpu_record.as_text(result)
+    assert f"resident {resident / 2**20:.1f} MiB copied to device at load" in text and "on device at load: True" in text
