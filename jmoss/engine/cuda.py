@@ -126,8 +126,12 @@ class _Uploader:
             store.finish_span_check(g, hasher)
 
     def close(self) -> None:
-        for obj in (*self.buffers, *self.events, self.stream):
-            obj.close()
+        """Free the buffers, after the copies still reading them (an upload that raised) are done."""
+        try:
+            self.stream.synchronize()
+        finally:
+            for obj in (*self.buffers, *self.events, self.stream):
+                obj.close()
 
 
 def upload_resident(store, groups: list[Group], jt: ModuleType, dtype: str) -> tuple[dict[Group, dict], int]:
