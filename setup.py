@@ -48,7 +48,6 @@ setup(
         "uvicorn>=0.29",
     ],
     extras_require={
-        "cuda": ["cupy-cuda12x>=13"],
         "test": TEST_REQUIREMENTS,
     },
     entry_points={"console_scripts": ["jmoss=jmoss.cli:main"]},

@@ -3,7 +3,8 @@
 Steps: probe pinned host->device bandwidth (CUDA events through jmoss.cuda_runtime); write a
 MOSS-16B-shaped random fp16 store to local disk (benchmarks/random_store.py: numpy bulk RNG);
 run greedy decoding unconstrained and at each ``--budgets`` device budget, ``--tokens`` tokens
-each; report device memory in use after load (cudaMemGetInfo), tok/s, streamed bytes/token,
+each; report device memory in use after load (cudaMemGetInfo) and, from the engine, the resident
+bytes copied to device Vars at load against what cudaMemGetInfo saw the load add; tok/s, streamed bytes/token,
 achieved GB/s against the probe and whether the greedy tokens agree across budgets; then Jittor's
 own swap at ``--swap-budget`` in a subprocess under ``--swap-seconds``.
 
@@ -23,6 +24,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# Jittor's import tries `import cupy` (its numpy_code bridge, which jmoss never uses). On the device
+# the stock cupy is built for numpy 2 while this process runs on the carried numpy 1.26.4: keep
+# it from being half-imported (and from opening a CUDA context of its own) in the record.
+sys.modules.setdefault("cupy", None)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_store import write_random_store  # noqa: E402
@@ -73,6 +79,8 @@ def run_budget(store: Path, device: str, budget: int | None, tokens: int) -> dic
         return {"budget": budget, "error": str(exc).splitlines()[0]}
     load_s = time.perf_counter() - t0
     after_load = memory_in_use(device)
+    # what the CUDA engine copied to device Vars at load, and what cudaMemGetInfo saw the load add
+    engine_memory = getattr(model.weights, "load_memory", None)
     stats = getattr(model.weights, "stats", None)
     session = model.session(max_len=len(PROMPT) + tokens + 1)
     logits = session.prefill([PROMPT])
@@ -92,7 +100,10 @@ def run_budget(store: Path, device: str, budget: int | None, tokens: int) -> dic
         "budget": budget, "load_seconds": round(load_s, 2), "memory_in_use_after_load": after_load,
         "memory_added_by_load": after_load - base, "tok_per_s": steps / decode_s if decode_s > 0 else None,
         "bytes_per_token": per_token, "achieved_gbps": per_token * steps / decode_s / 1e9 if decode_s > 0 else None,
-        "tokens": out,
+        "tokens": out, "engine_load_memory": engine_memory,
+        # resident weights in device memory from load on, measured by the allocator, not assumed
+        "resident_on_device_at_load": (engine_memory["device_bytes_added_by_load"] >= engine_memory["resident_bytes_copied"]
+                                       if engine_memory else None),
     }
 
 
@@ -168,6 +179,11 @@ def as_text(result: dict) -> str:
             continue
         lines.append(f"{budget:>12} {r['memory_in_use_after_load'] / 2**20:>13.1f}MB {r['tok_per_s'] or 0:>8.2f} "
                      f"{r['bytes_per_token'] / 1e6:>9.1f} {r['achieved_gbps'] or 0:>7.2f} {r.get('fraction_of_probe', 0):>8.2f}")
+        if r.get("engine_load_memory"):
+            m = r["engine_load_memory"]
+            lines.append(f"{'':>12} resident {m['resident_bytes_copied'] / 2**20:.1f} MiB copied to device at load; "
+                         f"cudaMemGetInfo: +{m['device_bytes_added_by_load'] / 2**20:.1f} MiB "
+                         f"(on device at load: {r['resident_on_device_at_load']})")
     lines.append(f"greedy tokens equal across budgets: {result['greedy_tokens_equal']}")
     lines.append(f"jittor swap: {json.dumps(result['jittor_swap'])}")
     return "\n".join(lines) + "\n"

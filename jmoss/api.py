@@ -221,7 +221,7 @@ def load(
         batch=batch,
     )
     streams = any(p.where != "device" for p in plan.placements if p.group != layout.EMBED)
-    if streams:
+    if streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
         return Model(store.config, embed, weights=weights, plan=plan, **common)
     groups = {g: store.group(g) for g in layout.all_groups(store.config)}

@@ -165,6 +165,11 @@ class Event:
         check(runtime().cudaEventElapsedTime(ctypes.byref(ms), start.ptr, self.ptr), "cudaEventElapsedTime")
         return ms.value
 
+    def close(self) -> None:
+        if self.ptr:
+            runtime().cudaEventDestroy(self.ptr)
+            self.ptr = None
+
 
 def pinned_h2d_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> dict:
     """Best-of-``repeats`` pinned host->device copy rate, timed with CUDA events (decimal GB/s)."""
@@ -183,5 +188,5 @@ def pinned_h2d_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> dict:
                 best = max(best, nbytes / (ms / 1e3) / 1e9)
         return {"what": "pinned host-to-device copy (cudaMemcpyAsync, CUDA events)", "gbps": best, "bytes": nbytes}
     finally:
-        for obj in (host, device, stream):
+        for obj in (host, device, stream, start, stop):
             obj.close()

@@ -3,14 +3,25 @@
 Same pipeline as the CPU engine (jmoss.engine.pipeline.StreamPipeline: a reader thread filling
 ``prefetch_depth`` slots in plan order, a layer-boundary sync before a slot is reused), with:
 
-- ``host``-tier groups held in pinned host memory (``cupy.cuda.alloc_pinned_memory``), read
-  from the store once at load;
+- ``device``-tier groups (and every group of an all-resident model, ``CudaResidentWeights``)
+  copied straight into device Vars at load: each tensor's Var is allocated on the device first
+  (``jt.empty`` + sync, then ``_device_ptr``), and the group's bytes are read from the store
+  file through two small reusable pinned bounce buffers (``BOUNCE_BYTES`` each) with
+  ``cudaMemcpyAsync``; the page cache is dropped behind the read, so at most one host copy of a
+  bounce buffer's worth exists, and the device memory is in use from load on;
+- ``host``-tier groups held in pinned host memory (``cudaHostAlloc``), read from the store once;
 - ``disk``-tier groups read each token with ``preadv`` into ``prefetch_depth`` pinned staging
   buffers (one slot each), then copied like host-tier groups;
 - device slots: for each slot and tensor name, one jittor Var allocated once (``jt.empty`` +
   sync, so jittor owns the device memory and its allocator accounts for it);
-- copies: ``cudaMemcpyAsync`` host->device on a private non-blocking cupy stream, one per
-  tensor, followed by an event; the model thread waits on the event before handing the slot out.
+- copies: ``cudaMemcpyAsync`` host->device on a private non-blocking stream, one per tensor,
+  then an event recorded on that stream; the reader waits on the slot's event before the slot
+  is handed out (and before its staging buffer is refilled).
+
+The CUDA runtime is reached through ctypes (``jmoss.cuda_runtime``), not cupy: on the device
+machines the stock cupy needs numpy >= 2, which Jittor 1.3.11 misreads, and a numpy-1 cupy wheel
+(54.5 MB) plus numpy 1.26.4 (18 MB) exceed what can be carried there. libcudart is what Jittor's
+CUDA build loads anyway, so this path needs no package beyond Jittor and numpy.
 
 How bytes reach jittor Vars without DLPack (jittor-notes §6): Python cannot ask a Var for its
 device pointer (``raw_ptr`` migrates it to the host), but a ``jt.code`` CUDA op can: ``_device_ptr``
@@ -18,10 +29,10 @@ runs a one-line op whose host code copies ``in0_p`` (the Var's device address) i
 output, read back once at start-up. The address stays valid while the Var lives (no save_mem
 build, so jittor never moves it) and the copy engine writes straight into jittor's buffer: no
 extra device copy. Jittor's kernels run on the legacy default stream; ``jt.sync_all(True)``
-before a slot is released guarantees they finished reading it, and ``event.synchronize()``
+before a slot is released guarantees they finished reading it, and ``Event.synchronize()``
 before it is handed out guarantees the copy landed.
 
-cupy is imported only when this class is built, so ``import jmoss.engine.cuda`` works anywhere.
+Nothing here touches the CUDA runtime at import, so ``import jmoss.engine.cuda`` works anywhere.
 """
 
 from __future__ import annotations
@@ -33,9 +44,11 @@ from typing import Mapping
 
 import numpy as np
 
+from jmoss import cuda_runtime
 from jmoss.engine.pipeline import StreamPipeline, _layout_key, read_span
+from jmoss.engine.resident import ResidentWeights
 from jmoss.errors import DeviceError
-from jmoss.layout import EMBED, Group, all_groups
+from jmoss.layout import EMBED, HEAD, Group, all_groups
 from jmoss.placement import Plan
 
 _PTR_SRC = """
@@ -43,13 +56,7 @@ _PTR_SRC = """
     cudaMemcpy(out0_p, &address, sizeof(address), cudaMemcpyHostToDevice);
 """
 
-
-def _cupy() -> ModuleType:
-    try:
-        import cupy
-    except ImportError:
-        raise DeviceError("streaming weights to a GPU needs cupy: pip install 'jmoss[cuda]'") from None
-    return cupy
+BOUNCE_BYTES = 32 << 20  # each of the two pinned bounce buffers resident groups are read through
 
 
 def _device_ptr(jt: ModuleType, var) -> int:
@@ -59,18 +66,119 @@ def _device_ptr(jt: ModuleType, var) -> int:
 
 
 def pinned_h2d_bound(nbytes: int = 256 << 20, repeats: int = 5) -> dict:
-    """Measured pinned host->device copy rate (GB/s, best of ``repeats``): the bench's CUDA bound."""
-    cupy = _cupy()
-    host = np.frombuffer(cupy.cuda.alloc_pinned_memory(nbytes), np.uint8, nbytes)
-    device = cupy.empty(nbytes, np.uint8)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        device.set(host, stream=stream)
-        stream.synchronize()
-        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
-    return {"what": "pinned host-to-device copy", "gbps": best, "bytes": nbytes}
+    """Measured pinned host->device copy rate (GB/s, best of ``repeats``, CUDA events): the bench's CUDA bound."""
+    return cuda_runtime.pinned_h2d_gbps(nbytes, repeats)
+
+
+def device_memory_now() -> dict[str, int]:
+    """Free and total device bytes as the driver's allocator reports them (cudaMemGetInfo)."""
+    free, total = cuda_runtime.mem_info()
+    return {"free": free, "total": total}
+
+
+class _Uploader:
+    """Store spans -> device addresses through two reusable pinned bounce buffers.
+
+    Chunk ``k`` is read (preadv, page cache dropped behind it) into buffer ``k % 2`` while the
+    copies of chunk ``k - 1`` run on the stream; a buffer is refilled only after the event
+    recorded behind its copies has completed.
+    """
+
+    def __init__(self, chunk: int | None = None) -> None:
+        self.chunk = chunk or BOUNCE_BYTES
+        self.stream = cuda_runtime.Stream()
+        self.buffers = [cuda_runtime.PinnedBuffer(self.chunk) for _ in range(2)]
+        self.events = [cuda_runtime.Event() for _ in range(2)]
+        self._pending = [False, False]
+        self._next = 0
+        self.bytes_copied = 0
+
+    def upload(self, store, g: Group, targets: list[tuple[int, int, int]]) -> None:
+        """Copy group ``g``'s data span to ``targets`` ((absolute file offset, nbytes, device
+        address) per tensor), checking the file's hash as it is read; all copies done on return."""
+        offset, n = store.group_data_span(g)
+        hasher = store.span_hasher(g)
+        fd = os.open(store.group_path(g), os.O_RDONLY)
+        try:
+            pos = 0
+            while pos < n:
+                size = min(self.chunk, n - pos)
+                k = self._next
+                self._next ^= 1
+                if self._pending[k]:
+                    self.events[k].synchronize()  # the copies out of this buffer have finished
+                buf = self.buffers[k]
+                read_span(fd, memoryview(buf.array)[:size], offset + pos, hasher=hasher)
+                lo, hi = offset + pos, offset + pos + size
+                for t_offset, t_bytes, device_ptr in targets:
+                    a, b = max(lo, t_offset), min(hi, t_offset + t_bytes)
+                    if a < b:
+                        self.stream.copy_h2d(device_ptr + (a - t_offset), buf.ptr + (a - lo), b - a)
+                        self.bytes_copied += b - a
+                self.events[k].record(self.stream)
+                self._pending[k] = True
+                pos += size
+        finally:
+            os.close(fd)
+        self.stream.synchronize()  # before any kernel (legacy stream) reads the group
+        self._pending = [False, False]
+        if hasher is not None:
+            store.finish_span_check(g, hasher)
+
+    def close(self) -> None:
+        """Free the buffers, after the copies still reading them (an upload that raised) are done."""
+        try:
+            self.stream.synchronize()
+        finally:
+            for obj in (*self.buffers, *self.events, self.stream):
+                obj.close()
+
+
+def upload_resident(store, groups: list[Group], jt: ModuleType, dtype: str) -> tuple[dict[Group, dict], int]:
+    """(group -> {name: device Var}, bytes copied): every tensor of ``groups`` allocated on the
+    device and filled from the store file, never as a host array (see the module docstring).
+    Floating tensors are cast to ``dtype`` on the device when the store holds another one."""
+    out: dict[Group, dict] = {}
+    if not groups:
+        return out, 0
+    uploader = _Uploader()
+    try:
+        for g in groups:
+            offsets = store.tensor_offsets(g)
+            vars_ = {name: jt.empty(shape, dt) for name, (_, shape, dt) in offsets.items()}  # as stored
+            for var in vars_.values():
+                var.sync()
+            targets = [(off, int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize, _device_ptr(jt, vars_[name]))
+                       for name, (off, shape, dt) in offsets.items()]
+            uploader.upload(store, g, targets)
+            for name, (_, _, dt) in offsets.items():
+                if np.dtype(dt).kind == "f" and np.dtype(dt) != np.dtype(dtype):
+                    vars_[name] = vars_[name].astype(dtype)
+                    vars_[name].sync()
+            out[g] = vars_
+    finally:
+        uploader.close()
+    return out, uploader.bytes_copied
+
+
+def _measured(before: dict[str, int], resident_bytes: int) -> dict[str, int]:
+    after = device_memory_now()
+    return {"device_free_before_load": before["free"], "device_free_after_load": after["free"],
+            "device_total": after["total"], "device_bytes_added_by_load": before["free"] - after["free"],
+            "resident_bytes_copied": resident_bytes}
+
+
+class CudaResidentWeights(ResidentWeights):
+    """Every layer and the head as device Vars, read from the store straight into device memory
+    (the all-resident CUDA plan); ``load_memory`` is what cudaMemGetInfo saw load add."""
+
+    def __init__(self, store, jt: ModuleType, dtype: str = "float16") -> None:
+        before = device_memory_now()
+        n_layer = store.config.n_layer
+        groups, copied = upload_resident(store, [*range(n_layer), HEAD], jt, dtype)
+        self._layers = [groups[i] for i in range(n_layer)]
+        self._head = groups[HEAD]
+        self.load_memory = _measured(before, copied)
 
 
 class CudaStreamingWeights(StreamPipeline):
@@ -79,17 +187,15 @@ class CudaStreamingWeights(StreamPipeline):
     def __init__(self, store, plan: Plan, jt: ModuleType, dtype: str = "float16") -> None:
         if dtype != "float16":
             raise DeviceError("the CUDA engine streams float16 weights as stored")
-        cupy = _cupy()
-        self.store, self.plan, self.jt, self.cupy = store, plan, jt, cupy
+        before = device_memory_now()
+        self.store, self.plan, self.jt = store, plan, jt
+        self._buffers: list = []  # the PinnedBuffers behind _host and _staging, freed on close
         where = {p.group: p.where for p in plan.placements}
         sequence = [g for g in all_groups(store.config) if g != EMBED and where[g] != "device"]
         self._init_pipeline(sequence, plan.prefetch_depth, {g: store.group_data_span(g) for g in sequence})
         self._where = where
-        for g in all_groups(store.config):
-            if g != EMBED and where[g] == "device":
-                self._resident[g] = {n: jt.array(np.array(a)) for n, a in store.group(g).items()}
-                for var in self._resident[g].values():
-                    var.sync()
+        resident = [g for g in all_groups(store.config) if g != EMBED and where[g] == "device"]
+        self._resident, copied = upload_resident(store, resident, jt, dtype)
         self._offsets = {g: store.tensor_offsets(g) for g in sequence}
         # Pinned host copies of host-tier groups (read once) and pinned staging for disk-tier ones.
         self._host: dict[Group, np.ndarray] = {}
@@ -121,17 +227,21 @@ class CudaStreamingWeights(StreamPipeline):
                     var.sync()
                 self._slot_vars[slot][key] = vars_
                 self._slot_ptrs[slot][key] = {n: _device_ptr(jt, v) for n, v in vars_.items()}
-        self._stream = cupy.cuda.Stream(non_blocking=True)
-        self._events = [cupy.cuda.Event(disable_timing=True) for _ in range(self.depth)]
+        self._stream = cuda_runtime.Stream() if sequence else None
+        self._events = [cuda_runtime.Event() for _ in range(self.depth)]
+        self.load_memory = _measured(before, copied)
         if sequence:
             self._start(0)
 
     def _pinned(self, nbytes: int) -> np.ndarray:
-        return np.frombuffer(self.cupy.cuda.alloc_pinned_memory(nbytes), np.uint8, nbytes)
+        buffer = cuda_runtime.PinnedBuffer(nbytes)
+        self._buffers.append(buffer)
+        return buffer.array
 
     def _fill(self, slot: int, g: Group) -> None:
-        """Reader thread: (disk) preadv into pinned staging, then async H2D of every tensor."""
-        runtime = self.cupy.cuda.runtime
+        """Reader thread: (disk) preadv into pinned staging, async H2D of every tensor on the
+        side stream, an event recorded behind the copies, then a wait on it: the slot is handed
+        out, and its staging buffer refilled, only after the copies landed."""
         offset, n = self._spans[g]
         t0 = time.perf_counter()
         if self._where[g] == "disk":
@@ -146,8 +256,7 @@ class CudaStreamingWeights(StreamPipeline):
         base = source.ctypes.data
         for name, (abs_offset, shape, dt) in self._offsets[g].items():
             nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
-            runtime.memcpyAsync(self._slot_ptrs[slot][key][name], base + abs_offset - offset, nbytes,
-                                runtime.memcpyHostToDevice, self._stream.ptr)
+            self._stream.copy_h2d(self._slot_ptrs[slot][key][name], base + abs_offset - offset, nbytes)
         self._events[slot].record(self._stream)
         self._events[slot].synchronize()  # the staging buffer may be refilled only after the copy
         self.stats.read_seconds += time.perf_counter() - t0
@@ -171,7 +280,12 @@ class CudaStreamingWeights(StreamPipeline):
         }
 
     def close(self) -> None:
+        """Stop the reader, close the store files and free the pinned buffers, events and stream."""
         self._halt()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for obj in (*self._buffers, *self._events, *([self._stream] if self._stream else [])):
+            obj.close()
+        self._buffers, self._events, self._stream = [], [], None
+        self._host, self._staging = {}, []
