@@ -43,7 +43,7 @@ they run anyway.
 Packed int8/int4 weights (store format 2, ``quant_linear``): decode dequantizes in registers inside
 the dot product (codes widened with vpmovzxbd/vcvtdq2ps straight into the FMAs, one FMA by the
 group's scale per group, the zero-point term from per-group sums of x), so a token reads 1 or 0.5
-byte per weight and no dequantized copy exists; prefill (M >= 4) dequantizes a 12-row panel (6 on
+byte per weight and no dequantized copy exists; prefill (M >= 16) dequantizes a 12-row panel (6 on
 AVX2) per thread into fp32 and runs the outer-product fp32 GEMM over it (not the AMX path).
 ``quant_compute="int8"`` (``JMOSS_KERNELS_QUANT_COMPUTE=int8``) is an opt-in, approximate prefill
 mode for packed weights on AVX-512 VNNI, what CTranslate2's int8 modes do: x is rounded per row
@@ -51,7 +51,8 @@ to max|x|/127 steps and the integer products run on vpdpbusd (~2.5-3x the fp32 G
 each activation is then off by up to max|x_row|/254, measured ~1e-2 of max|y| on random layers
 (tests/test_quant_kernels.py prints it), far from the 1e-4 fidelity of the default fp32 mode.
 
-Prefill without AMX (any M >= 4, fp16/fp32 or packed weights, AVX-512 or AVX2): each thread turns
+Prefill without AMX (M >= 32 rows for fp16/fp32 weights, >= 16 for packed ones; fewer rows keep
+the dot-product tiles, which win there; AVX-512 or AVX2): each thread turns
 12 (AVX2: 6) rows of W into an fp32 panel and sweeps 2-vector blocks of x rows, packed transposed,
 past it: per k, 2 vector loads and 12 broadcasts feed 24 FMAs held in registers (~80-90 GFLOP/s
 per Zen 4 core, ~75% of its FMA peak, against ~40-60 for the old 4x4 dot-product tile on packed
@@ -282,11 +283,12 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
 
     ``W[n, perm[j]] = scales[n, g] * (qweight codes[n, j] - zeros[n, g])``, ``g = j // group_size``
     (layout in ``layout.group_tensors``). Decode (M < 4 rows) dequantizes in registers inside the
-    dot product; prefill (M >= 4) dequantizes one 12-row panel (6 on AVX2) per thread at a time
-    into fp32 and runs the outer-product fp32 GEMM over it. No dequantized copy of the layer is
-    ever made. With ``configured(quant_compute="int8")`` (or ``JMOSS_KERNELS_QUANT_COMPUTE=int8``)
-    prefill instead quantizes x per row to 8 bits and multiplies on AVX-512 VNNI where
-    ``vnni_ready()``: faster, but approximate (see the module docstring); elsewhere it is ignored.
+    dot product; prefill (M >= 16) dequantizes one 12-row panel (6 on AVX2) per thread at a time
+    into fp32 and runs the outer-product fp32 GEMM over it (4-15 rows: 4-row panels, 4x4 tiles).
+    No dequantized copy of the layer is ever made. With ``configured(quant_compute="int8")`` (or
+    ``JMOSS_KERNELS_QUANT_COMPUTE=int8``) prefill instead quantizes x per row to 8 bits and
+    multiplies on AVX-512 VNNI where ``vnni_ready()``: faster, but approximate (see the module
+    docstring); elsewhere it is ignored.
     """
     jt = _jittor()
     if bits not in (4, 8):

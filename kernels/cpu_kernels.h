@@ -14,7 +14,8 @@
 // runs, software-prefetched), four rows at a time share each load of x, fp16 is widened with
 // vcvtph2ps straight into FMAs, and accumulation is fp32. Small M (2-3 rows) uses the same
 // dot-product micro-kernel with up to 4x4 register tiles; prefill (M >= GEMM_MIN_M) the
-// outer-product GEMM of gemm_panels (fp32 weight panels per thread, x packed transposed). Nothing is allocated here: the output buffer is jittor's, everything else is
+// outer-product GEMM of gemm_panels (fp32 weight panels per thread, x packed transposed).
+// Nothing is allocated here: the output buffer is jittor's, everything else is
 // registers. Bias and gelu_new are applied in a per-chunk epilogue over contiguous output rows,
 // where the compiler vectorises expf.
 //
@@ -275,8 +276,11 @@ static const int GEMM_PR = 12;
 #else
 static const int GEMM_PR = 6;
 #endif
-static const i64 GEMM_MB = 2 * VW;
-static const i64 GEMM_MIN_M = 4;               // fewer x rows: the dot-product tiles (GEMV-like)               // x rows per register tile
+static const i64 GEMM_MB = 2 * VW;  // x rows per register tile
+// Fewer x rows take the dot-product tiles: a 16-lane block of x rows is then mostly padding (measured,
+// M rows, fp16 layer, new/old: M = 4 0.36x, 8 0.52x, 16 0.77x, 64 1.09x; packed: 8 0.81x, 16 1.43x).
+static const i64 GEMM_MIN_M = 32;
+static const i64 QUANT_GEMM_MIN_M = 16;
 #ifndef JMOSS_GEMM_XT_BYTES
 #define JMOSS_GEMM_XT_BYTES (1024 * 1024)
 #endif
@@ -1359,9 +1363,11 @@ static inline void vnni_make_panel(const uint8_t* q, const uint16_t* s, const ui
             } else {
                 const __m512i e = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(row + j / 2)));
                 const __m512i m = _mm512_set1_epi16(15);
-                codes = _mm512_or_si512(_mm512_and_si512(e, m), _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(e, 4), m), 8));
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(e, 4), m);
+                codes = _mm512_or_si512(_mm512_and_si512(e, m), _mm512_slli_epi16(hi, 8));
             }
-            _mm512_storeu_si512((void*)(d + j), BITS == 8 ? _mm512_xor_si512(codes, _mm512_set1_epi8((char)0x80)) : codes);
+            const __m512i wq = BITS == 8 ? _mm512_xor_si512(codes, _mm512_set1_epi8((char)0x80)) : codes;
+            _mm512_storeu_si512((void*)(d + j), wq);
             gsum[j / GS] += (int32_t)_mm512_reduce_add_epi64(_mm512_sad_epu8(codes, _mm512_setzero_si512())) - 64 * c;
         }
         for (; j < K; j++) {
@@ -1371,7 +1377,8 @@ static inline void vnni_make_panel(const uint8_t* q, const uint16_t* s, const ui
         for (; j < Kp; j++) d[j] = 0;
         for (i64 g = 0; g < G; g++) {
             const int32_t sum = gsum[g];
-            const float sc = jmoss_k::scalar_load(s + (n0 + r) * G + g), zp = jmoss_k::scalar_load(z + (n0 + r) * G + g);
+            const float sc = jmoss_k::scalar_load(s + (n0 + r) * G + g);
+            const float zp = jmoss_k::scalar_load(z + (n0 + r) * G + g);
             p.a[r * G + g] = sc;
             p.b[r * G + g] = 128 * sum;
             p.e[r * G + g] = sc * ((float)c - zp);
@@ -1383,8 +1390,9 @@ static inline void vnni_make_panel(const uint8_t* q, const uint16_t* s, const ui
 // them to the stack (seen in the assembly at -O2/-O3/-Ofast); without it the loop is 2 loads, 12
 // broadcasts and 24 vpdpbusd.
 template <int PR, int NV, class BT>
-__attribute__((optimize("no-tree-pre"))) static void vnni_tile(const vnni_panel& p, i64 Kp, i64 G, i64 GS, const uint8_t* xq, const float* xsg,
-                             const float* sxv, const BT* bias, int act, float* y, i64 N, i64 m0, i64 mrows, i64 n0) {
+__attribute__((optimize("no-tree-pre"))) static void vnni_tile(
+        const vnni_panel& p, i64 Kp, i64 G, i64 GS, const uint8_t* xq, const float* xsg, const float* sxv,
+        const BT* bias, int act, float* y, i64 N, i64 m0, i64 mrows, i64 n0) {
     // The fp32 totals live in L1 (touched once per group), so the 24 int32 accumulators, two x
     // vectors and the broadcast fit the 32 registers (in registers too, the compiler spilled both).
     alignas(64) float f[PR][NV * 16];
@@ -1553,13 +1561,13 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
                     const BT* bias, float* y, i64 M, i64 K, i64 N, i64 ldq, i64 GS, int threads, int act, int i8 = 0) {
     const i64 G = (K + GS - 1) / GS;
 #if JMOSS_VNNI
-    if (i8 && M >= QUANT_PANEL_MIN_M && GS % 4 == 0) {
+    if (i8 && M >= jmoss_k::QUANT_GEMM_MIN_M && GS % 4 == 0) {
         qlinear_vnni<BITS>(x, perm, q, s, z, bias, y, M, K, N, ldq, GS, threads, act);
         return;
     }
 #endif
 #if JMOSS_ISA >= 1
-    if (M >= QUANT_PANEL_MIN_M) {
+    if (M >= jmoss_k::QUANT_GEMM_MIN_M) {
         gemm_panels_q<BITS>(x, perm, q, s, z, bias, y, M, K, N, ldq, GS, threads, act);
         return;
     }

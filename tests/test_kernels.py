@@ -10,9 +10,10 @@ under it.
 
 Shapes are chosen against the kernels' structure: N and K not multiples of 4/8/16/32 (register
 tile, AVX2 and AVX-512 widths, chunking), K below one vector, M = 1 (GEMV), 3 and 17 (remainder
-tiles of the 4x4 dot-product tile; M >= 4 takes the outer-product GEMM: 5 and 17 one 1- and
-2-vector block of x rows, 40 a full block and a short one, 64 at K = 4099 two x^T slabs) and N
-not multiples of its 12- (AVX-512) or 6-row (AVX2) weight panels. Every case runs on the native
+tiles of the 4x4 dot-product tile, also taken below 32 rows; M = 40 and 64 take the
+outer-product GEMM: 40 a full block of x rows and a short one, 64 at K = 4099 two x^T slabs; the
+packed-weight tests cover partial 2-vector blocks of the same GEMM) and N not multiples of its
+12- (AVX-512) or 6-row (AVX2) weight panels. Every case runs on the native
 ISA path, the AVX2 path (forced with isa="avx2", also on an AVX-512 CPU) and the portable path,
 with 1 and 2 threads (the thread count is a per-call kernel argument, so one process covers both;
 the environment variables are checked in subprocesses).
