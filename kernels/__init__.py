@@ -7,7 +7,7 @@ its docstring is the API contract.
 """
 
 from jmoss.kernels.cpu import (amx_prefill, amx_ready, attention, available, configured, info, isa_path, layer_norm,
-                               linear, memory_read_probe, quant_linear, threads_used)
+                               linear, memory_read_probe, quant_linear, threads_used, vnni_ready)
 
 __all__ = ["amx_prefill", "amx_ready", "attention", "available", "configured", "info", "isa_path", "layer_norm",
-           "linear", "memory_read_probe", "quant_linear", "threads_used"]
+           "linear", "memory_read_probe", "quant_linear", "threads_used", "vnni_ready"]

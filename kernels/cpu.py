@@ -43,13 +43,27 @@ they run anyway.
 Packed int8/int4 weights (store format 2, ``quant_linear``): decode dequantizes in registers inside
 the dot product (codes widened with vpmovzxbd/vcvtdq2ps straight into the FMAs, one FMA by the
 group's scale per group, the zero-point term from per-group sums of x), so a token reads 1 or 0.5
-byte per weight and no dequantized copy exists; prefill (M >= 4) dequantizes a 4-row panel per
-thread into fp32 and runs the fp32 register-tile GEMM over it (not the AMX path).
+byte per weight and no dequantized copy exists; prefill (M >= 16) dequantizes a 12-row panel (6 on
+AVX2) per thread into fp32 and runs the outer-product fp32 GEMM over it (not the AMX path).
+``quant_compute="int8"`` (``JMOSS_KERNELS_QUANT_COMPUTE=int8``) is an opt-in, approximate prefill
+mode for packed weights on AVX-512 VNNI, what CTranslate2's int8 modes do: x is rounded per row
+to max|x|/127 steps and the integer products run on vpdpbusd (~2.5-3x the fp32 GEMM per core);
+each activation is then off by up to max|x_row|/254, measured ~1e-2 of max|y| on random layers
+(tests/test_quant_kernels.py prints it), far from the 1e-4 fidelity of the default fp32 mode.
+
+Prefill without AMX (M >= 32 rows for fp16/fp32 weights, >= 16 for packed ones; fewer rows keep
+the dot-product tiles, which win there; AVX-512 or AVX2): each thread turns
+12 (AVX2: 6) rows of W into an fp32 panel and sweeps 2-vector blocks of x rows, packed transposed,
+past it: per k, 2 vector loads and 12 broadcasts feed 24 FMAs held in registers (~80-90 GFLOP/s
+per Zen 4 core, ~75% of its FMA peak, against ~40-60 for the old 4x4 dot-product tile on packed
+weights); bias and gelu_new are applied to the accumulators.
 
 Threads come from ``JMOSS_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs this process may run
 on (``os.sched_getaffinity``). The instruction set is chosen at compile time from what
 ``-march=native`` (jittor's flag for every kernel) enables; ``JMOSS_KERNELS_ISA=portable`` forces
-the plain C++ path, which must give the same results and is what any other CPU falls back to.
+the plain C++ path, which must give the same results and is what any other CPU falls back to;
+``avx2`` forces the AVX2+F16C path on an AVX-512 CPU (so its code is tested there too; it falls
+back to portable on a CPU without AVX2).
 
 Compilation: each (header text, dtypes, bias present or not) combination compiles once, about 2 s,
 into jittor's on-disk kernel cache; shapes, thread counts and the activation are runtime arguments
@@ -72,7 +86,7 @@ from jmoss.errors import DeviceError, JmossError
 _HEADER_PATH = Path(__file__).with_name("cpu_kernels.h")
 _ISA_NAMES = {0: "portable", 1: "avx2+f16c", 2: "avx512"}
 _ACTIVATIONS = {None: 0, "gelu_new": 1}
-ISAS = ("native", "portable")
+ISAS = ("native", "avx2", "portable")
 
 _lock = threading.Lock()
 _header_text: str | None = None
@@ -105,7 +119,21 @@ def _default_isa() -> str:
     return value
 
 
-_settings: dict[str, Any] = {"threads": None, "isa": None, "amx": None}
+_settings: dict[str, Any] = {"threads": None, "isa": None, "amx": None, "quant_compute": None}
+QUANT_COMPUTES = ("fp32", "int8")
+
+
+def _default_quant_compute() -> str:
+    value = os.environ.get("JMOSS_KERNELS_QUANT_COMPUTE", "fp32").strip().lower() or "fp32"
+    if value not in QUANT_COMPUTES:
+        raise JmossError(f"JMOSS_KERNELS_QUANT_COMPUTE={value!r}: choose fp32 (default, exact activations) or int8")
+    return value
+
+
+def _quant_compute() -> str:
+    if _settings["quant_compute"] is None:
+        _settings["quant_compute"] = _default_quant_compute()
+    return _settings["quant_compute"]
 
 # Smallest M (rows of x) sent to the AMX-BF16 "bf16x3" GEMM where the CPU and kernel offer it; below
 # it (decode, tiny batches) the fp32 AVX-512 kernels run. Measured on the 2-core SPR VM, 1024 -> 4096
@@ -145,17 +173,22 @@ def _isa() -> str:
 
 
 @contextlib.contextmanager
-def configured(threads: int | None = None, isa: str | None = None, amx: bool | None = None) -> Iterator[None]:
-    """Run the block with a given thread count, ISA path ("native" or "portable") and/or AMX switch.
+def configured(threads: int | None = None, isa: str | None = None, amx: bool | None = None,
+               quant_compute: str | None = None) -> Iterator[None]:
+    """Run the block with a given thread count, ISA path ("native", "avx2", "portable"), AMX switch
+    and/or packed-weight prefill compute mode ("fp32" or the opt-in, approximate "int8").
 
-    All are runtime choices: the thread count and the AMX switch are kernel arguments, and each ISA
-    path is its own cached kernel, so switching costs nothing after the first compile.
+    All are runtime choices: the thread count, the AMX switch and the compute mode are kernel
+    arguments, and each ISA path is its own cached kernel, so switching costs nothing after the
+    first compile.
     """
     if threads is not None and threads < 1:
         raise JmossError(f"threads={threads}: the thread count must be at least 1")
     if isa is not None and isa not in ISAS:
         raise JmossError(f"isa={isa!r}: choose one of {', '.join(ISAS)}")
-    saved = (_threads(), _isa(), _amx())
+    if quant_compute is not None and quant_compute not in QUANT_COMPUTES:
+        raise JmossError(f"quant_compute={quant_compute!r}: choose fp32 or int8")
+    saved = (_threads(), _isa(), _amx(), _quant_compute())
     try:
         if threads is not None:
             _settings["threads"] = threads
@@ -163,9 +196,11 @@ def configured(threads: int | None = None, isa: str | None = None, amx: bool | N
             _settings["isa"] = isa
         if amx is not None:
             _settings["amx"] = bool(amx)
+        if quant_compute is not None:
+            _settings["quant_compute"] = quant_compute
         yield
     finally:
-        _settings["threads"], _settings["isa"], _settings["amx"] = saved
+        _settings["threads"], _settings["isa"], _settings["amx"], _settings["quant_compute"] = saved
 
 
 def _jittor() -> ModuleType:
@@ -182,7 +217,8 @@ def _header(isa: str) -> str:
     if _header_text is None:
         _header_text = _HEADER_PATH.read_text()
     # The define changes the header text, hence jittor's cache key: each path is its own kernel.
-    return ("#define JMOSS_FORCE_PORTABLE 1\n" if isa == "portable" else "") + _header_text
+    prefix = {"portable": "#define JMOSS_FORCE_PORTABLE 1\n", "avx2": "#define JMOSS_FORCE_AVX2 1\n"}.get(isa, "")
+    return prefix + _header_text
 
 
 _LINEAR_SRC = """
@@ -236,7 +272,7 @@ def linear(x: "jt.Var", weight: "jt.Var", bias: "jt.Var | None" = None, *, activ
 _QLINEAR_SRC = """
 jmoss_q::qlinear<{bits}>(in0_p, in1_p, jmoss_u8(in2_p), jmoss_raw(in3_p), jmoss_raw(in4_p), {bias}, out0_p,
                    in0_shape0, in0_shape1, in2_shape0, in2_shape1, (jmoss_k::i64)data["group"],
-                   (int)data["threads"], (int)data["act"]);
+                   (int)data["threads"], (int)data["act"], (int)data["i8"]);
 """
 
 
@@ -247,8 +283,12 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
 
     ``W[n, perm[j]] = scales[n, g] * (qweight codes[n, j] - zeros[n, g])``, ``g = j // group_size``
     (layout in ``layout.group_tensors``). Decode (M < 4 rows) dequantizes in registers inside the
-    dot product; prefill dequantizes one 4-row panel per thread at a time into fp32 and runs the
-    fp32 register-tile GEMM over it. No dequantized copy of the layer is ever made.
+    dot product; prefill (M >= 16) dequantizes one 12-row panel (6 on AVX2) per thread at a time
+    into fp32 and runs the outer-product fp32 GEMM over it (4-15 rows: 4-row panels, 4x4 tiles).
+    No dequantized copy of the layer is ever made. With ``configured(quant_compute="int8")`` (or
+    ``JMOSS_KERNELS_QUANT_COMPUTE=int8``) prefill instead quantizes x per row to 8 bits and
+    multiplies on AVX-512 VNNI where ``vnni_ready()``: faster, but approximate (see the module
+    docstring); elsewhere it is ignored.
     """
     jt = _jittor()
     if bits not in (4, 8):
@@ -279,7 +319,8 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
         inputs.append(bias)
     src = _QLINEAR_SRC.format(bits=bits, bias="jmoss_raw(in5_p)" if bias is not None else "(const float*)nullptr")
     y = jt.code([int(x2.shape[0]), n_out], "float32", inputs, cpu_header=_header(_isa()), cpu_src=src,
-                data={"threads": _threads(), "act": _ACTIVATIONS[activation], "group": int(group_size)})
+                data={"threads": _threads(), "act": _ACTIVATIONS[activation], "group": int(group_size),
+                      "i8": int(_quant_compute() == "int8")})
     return y if x.ndim == 2 else y.reshape(lead + [n_out])
 
 
@@ -372,6 +413,11 @@ def amx_ready() -> bool:
     return _amx_granted
 
 
+def vnni_ready() -> bool:
+    """True when the opt-in int8 (AVX-512 VNNI) prefill mode for packed weights is compiled in."""
+    return bool(_ask("native", "jmoss_vnni_ready()"))
+
+
 def threads_used(threads: int | None = None) -> int:
     """How many OpenMP threads a kernel asking for ``threads`` (default: the configured count) gets."""
     return _ask(_isa(), 'jmoss_threads_used((int)data["threads"])', {"threads": threads or _threads()})
@@ -444,7 +490,7 @@ def info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    _threads(), _isa(), _amx()  # bad environment values raise here, not inside available()'s self-check
+    _threads(), _isa(), _amx(), _quant_compute()  # bad environment values raise here, not in the self-check
     result: dict[str, Any] = {
         "available": available(),
         "threads": _threads(),
@@ -457,6 +503,8 @@ def info() -> dict[str, Any]:
         result["threads_used"] = threads_used()
         result["amx_prefill"] = amx_prefill()
         result["amx_min_m"] = AMX_MIN_M
+        result["quant_compute"] = _quant_compute()
+        result["vnni"] = vnni_ready()
     else:
         result["isa"] = None
     return result

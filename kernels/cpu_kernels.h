@@ -7,14 +7,15 @@
 //   avx512   __AVX512F__ (16 lanes; the K % 16 tail is scalar on every path)
 //   avx2     __AVX2__ && __FMA__ && __F16C__
 //   portable anything else, or JMOSS_FORCE_PORTABLE defined (tests check both paths agree)
+//   (JMOSS_FORCE_AVX2 picks the avx2 path on an AVX-512 CPU, so tests cover it there too)
 //
 // Why the shape of the code: batch-1 decode is a stream of GEMVs whose cost is reading W once, so
 // the GEMV path must run at memory speed: threads take 32-row chunks of W (long sequential
 // runs, software-prefetched), four rows at a time share each load of x, fp16 is widened with
-// vcvtph2ps straight into FMAs, and accumulation is fp32. Prefill (M > 1) uses the same dot-product micro-kernel with a 4x4
-// register tile (4 rows of x times 4 rows of W) so every converted weight vector feeds 4 FMAs and
-// every x vector 4 more; the 4 weight rows (<= 8 KiB per 1024 of K) stay in L1 while the m-tiles
-// sweep past them. Nothing is allocated here: the output buffer is jittor's, everything else is
+// vcvtph2ps straight into FMAs, and accumulation is fp32. Small M (2-3 rows) uses the same
+// dot-product micro-kernel with up to 4x4 register tiles; prefill (M >= GEMM_MIN_M) the
+// outer-product GEMM of gemm_panels (fp32 weight panels per thread, x packed transposed).
+// Nothing is allocated here: the output buffer is jittor's, everything else is
 // registers. Bias and gelu_new are applied in a per-chunk epilogue over contiguous output rows,
 // where the compiler vectorises expf.
 //
@@ -39,6 +40,8 @@
 
 #if defined(JMOSS_FORCE_PORTABLE)
 #define JMOSS_ISA 0
+#elif defined(JMOSS_FORCE_AVX2) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define JMOSS_ISA 1  // tests run the AVX2 code on an AVX-512 CPU too (the compiler may still use EVEX encodings)
 #elif defined(__AVX512F__)
 #define JMOSS_ISA 2
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -125,7 +128,9 @@ static inline float vsum(vec a) {
 template <int MR, int NR, class WT>
 static inline void tile_dot(const float* x, i64 ldx, const WT* w, i64 ldw, i64 K, float acc[MR][NR]) {
     vec a[MR][NR];
+#pragma GCC unroll 8
     for (int i = 0; i < MR; i++)
+#pragma GCC unroll 8
         for (int j = 0; j < NR; j++) a[i][j] = vzero();
     const i64 Kv = K - K % VW;
     for (i64 k = 0; k < Kv; k += VW) {
@@ -133,12 +138,16 @@ static inline void tile_dot(const float* x, i64 ldx, const WT* w, i64 ldw, i64 K
             // Decode streams each weight row once: ask for it ~2-4 KiB ahead so the NR row
             // streams keep enough misses in flight (measured +5-15% GB/s over the hardware
             // prefetcher alone on this 2-core VM). Prefetching past the end is harmless.
+#pragma GCC unroll 8
             for (int j = 0; j < NR; j++) _mm_prefetch((const char*)(w + j * ldw + k + 1024), _MM_HINT_T0);
         }
         vec wv[NR];
+#pragma GCC unroll 8
         for (int j = 0; j < NR; j++) wv[j] = vload(w + j * ldw + k);
+#pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
             vec xv = vload(x + i * ldx + k);
+#pragma GCC unroll 8
             for (int j = 0; j < NR; j++) a[i][j] = vfma(xv, wv[j], a[i][j]);
         }
     }
@@ -249,6 +258,202 @@ static inline void gelu_row(float* row, i64 n) {
     for (; i < n; i++) row[i] = gelu_new(row[i]);
 }
 
+
+#if JMOSS_ISA >= 1
+// ------------------------------------------------------------------------------------------
+// Prefill GEMM, register-blocked outer products over fp32 weight panels (fp16 and packed weights).
+//
+// The dot-product tile above reduces along K and needs a load of W and of x for every FMA pair;
+// here a thread turns PR = GEMM_PR rows of W into an fp32 row-major panel (fp16 widened, packed
+// codes dequantized: make_panel), and every 2-vector block of x rows, packed transposed as
+// [K][2 VW] (xt), sweeps it: per k, two vector loads of x^T and PR broadcasts of panel values
+// feed 2 PR FMAs into 2 PR accumulators (24 of AVX-512's 32 registers, 12 of AVX2's 16). The
+// panel (PR * K * 4 bytes, <= 192 KiB at K = 4096) and the slab of x^T (<= GEMM_XT_BYTES) stay in
+// L2; a weight is converted once per slab, so no copy of the layer ever exists. Bias and gelu_new
+// are applied to the accumulators before they are written out.
+#if JMOSS_ISA == 2
+static const int GEMM_PR = 12;
+#else
+static const int GEMM_PR = 6;
+#endif
+static const i64 GEMM_MB = 2 * VW;  // x rows per register tile
+// Fewer x rows take the dot-product tiles: a 16-lane block of x rows is then mostly padding (measured,
+// M rows, fp16 layer, new/old: M = 4 0.36x, 8 0.52x, 16 0.77x, 64 1.09x; packed: 8 0.81x, 16 1.43x).
+static const i64 GEMM_MIN_M = 32;
+static const i64 QUANT_GEMM_MIN_M = 16;
+#ifndef JMOSS_GEMM_XT_BYTES
+#define JMOSS_GEMM_XT_BYTES (1024 * 1024)
+#endif
+static const i64 GEMM_XT_BYTES = JMOSS_GEMM_XT_BYTES;  // x^T slab budget (L2: 1 MiB per core here)
+
+static inline vec vbcast(const float* p) {
+#if JMOSS_ISA == 2
+    return _mm512_set1_ps(*p);
+#else
+    return _mm256_broadcast_ss(p);
+#endif
+}
+static inline vec vbroadcast1(float v) {
+#if JMOSS_ISA == 2
+    return _mm512_set1_ps(v);
+#else
+    return _mm256_set1_ps(v);
+#endif
+}
+static inline vec vadd(vec a, vec b) {
+#if JMOSS_ISA == 2
+    return _mm512_add_ps(a, b);
+#else
+    return _mm256_add_ps(a, b);
+#endif
+}
+static inline void vstore(float* p, vec v) {
+#if JMOSS_ISA == 2
+    _mm512_storeu_ps(p, v);
+#else
+    _mm256_storeu_ps(p, v);
+#endif
+}
+
+// rows (<= GEMM_MB) x rows starting at m0, columns read through perm (or in order), into xt as
+// [K][GEMM_MB], zeros past the real rows.
+static inline void pack_xt_block(const float* x, const int32_t* perm, i64 K, i64 m0, i64 rows, i64 k0, i64 k1,
+                                 float* xt) {
+    for (i64 k = k0; k < k1; k++) {
+        const i64 src = perm ? perm[k] : k;
+        float* d = xt + k * GEMM_MB;
+        i64 i = 0;
+        for (; i < rows; i++) d[i] = x[(m0 + i) * K + src];
+        for (; i < GEMM_MB; i++) d[i] = 0.f;
+    }
+}
+
+// acc[r][v] = sum_k panel[r][k] * xt[k][v VW + lane] for PR rows of the panel and NV vectors of x^T.
+template <int PR, int NV, class BT>
+static inline void gemm_tile(const float* panel, const float* xt, i64 K, const BT* bias, int act, float* y, i64 N,
+                             i64 m0, i64 mrows, i64 n0) {
+    // jittor compiles at -O2, which keeps a loop-indexed accumulator array in memory unless the
+    // loops are unrolled by hand (measured: 24 accumulators spilled, half the FMA rate).
+    vec a[PR][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < PR; r++)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; v++) a[r][v] = vzero();
+    const float* pr = panel;
+    for (i64 k = 0; k < K; k++) {
+        vec xv[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; v++) xv[v] = vload(xt + k * GEMM_MB + v * VW);
+#pragma GCC unroll 16
+        for (int r = 0; r < PR; r++) {
+            const vec wb = vbcast(pr + r * K + k);
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; v++) a[r][v] = vfma(wb, xv[v], a[r][v]);
+        }
+    }
+    // Epilogue: bias (and gelu_new on AVX-512) on the vectors, then a transposed write of mrows x PR.
+    alignas(64) float tmp[PR][NV * VW];
+#pragma GCC unroll 16
+    for (int r = 0; r < PR; r++) {
+        const vec bv = vbroadcast1(bias ? scalar_load(bias + n0 + r) : 0.f);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; v++) {
+            vec t = vadd(a[r][v], bv);
+#if JMOSS_ISA == 2
+            if (act == 1) t = gelu_new16(t);
+#endif
+            vstore(&tmp[r][v * VW], t);
+        }
+    }
+    for (i64 i = 0; i < mrows; i++) {
+        float* yr = y + (m0 + i) * N + n0;
+        for (int r = 0; r < PR; r++) {
+#if JMOSS_ISA == 2
+            yr[r] = tmp[r][i];
+#else
+            yr[r] = act == 1 ? gelu_new(tmp[r][i]) : tmp[r][i];
+#endif
+        }
+    }
+}
+
+template <int NV, class BT>
+static inline void gemm_tile_rows(int pr, const float* panel, const float* xt, i64 K, const BT* bias, int act,
+                                  float* y, i64 N, i64 m0, i64 mrows, i64 n0) {
+    switch (pr) {
+#define JMOSS_GEMM_CASE(R) \
+        case R: gemm_tile<R, NV>(panel, xt, K, bias, act, y, N, m0, mrows, n0); break;
+        JMOSS_GEMM_CASE(1) JMOSS_GEMM_CASE(2) JMOSS_GEMM_CASE(3) JMOSS_GEMM_CASE(4) JMOSS_GEMM_CASE(5)
+#if JMOSS_ISA == 2
+        JMOSS_GEMM_CASE(6) JMOSS_GEMM_CASE(7) JMOSS_GEMM_CASE(8) JMOSS_GEMM_CASE(9) JMOSS_GEMM_CASE(10)
+        JMOSS_GEMM_CASE(11)
+#endif
+#undef JMOSS_GEMM_CASE
+        default: gemm_tile<GEMM_PR, NV>(panel, xt, K, bias, act, y, N, m0, mrows, n0); break;
+    }
+}
+
+// y[M, N] = act(x[M, K] (columns through perm if given) . W^T + bias), W given by
+// make_panel(n0, rows, dst): rows rows of W from n0 as fp32 [rows][K] at dst.
+template <class MakePanel, class BT>
+static void gemm_panels(const float* x, const int32_t* perm, const BT* bias, float* y, i64 M, i64 K, i64 N,
+                        int threads, int act, const MakePanel& make_panel) {
+    const i64 npanels = (N + GEMM_PR - 1) / GEMM_PR;
+    if (threads < 1) threads = 1;
+    if (threads > npanels) threads = (int)std::max<i64>(1, npanels);
+    const i64 slab_blocks = std::max<i64>(1, GEMM_XT_BYTES / (4 * GEMM_MB * std::max<i64>(K, 1)));
+    const i64 slab = slab_blocks * GEMM_MB;
+    static thread_local std::vector<float> xt_buf;
+    const i64 xt_elems = std::min<i64>(slab, (M + GEMM_MB - 1) / GEMM_MB * GEMM_MB) * K;
+    if ((i64)xt_buf.size() < xt_elems) xt_buf.resize(xt_elems);
+    float* xt = xt_buf.data();
+    for (i64 s0 = 0; s0 < M; s0 += slab) {
+        const i64 srows = std::min(slab, M - s0), nblocks = (srows + GEMM_MB - 1) / GEMM_MB;
+#pragma omp parallel num_threads(threads)
+        {
+            static thread_local std::vector<float> panel_buf;
+            if ((i64)panel_buf.size() < GEMM_PR * K) panel_buf.resize(GEMM_PR * K);
+            float* panel = panel_buf.data();
+            const i64 KC = 256, kchunks = (K + KC - 1) / KC;
+#pragma omp for schedule(static) collapse(2)
+            for (i64 b = 0; b < nblocks; b++)
+                for (i64 kc = 0; kc < kchunks; kc++)
+                    pack_xt_block(x, perm, K, s0 + b * GEMM_MB, std::min<i64>(GEMM_MB, srows - b * GEMM_MB), kc * KC,
+                                  std::min(K, kc * KC + KC), xt + b * GEMM_MB * K);
+            // implicit barrier: x^T is packed before any panel reads it
+#pragma omp for schedule(dynamic, 1)
+            for (i64 p = 0; p < npanels; p++) {
+                const i64 n0 = p * GEMM_PR;
+                const int pr = (int)std::min<i64>(GEMM_PR, N - n0);
+                make_panel(n0, pr, panel);
+                for (i64 b = 0; b < nblocks; b++) {
+                    const i64 m0 = b * GEMM_MB, mrows = std::min<i64>(GEMM_MB, srows - m0);
+                    if (mrows > VW)
+                        gemm_tile_rows<2>(pr, panel, xt + b * GEMM_MB * K, K, bias, act, y + s0 * N, N, m0, mrows, n0);
+                    else
+                        gemm_tile_rows<1>(pr, panel, xt + b * GEMM_MB * K, K, bias, act, y + s0 * N, N, m0, mrows, n0);
+                }
+            }
+        }
+    }
+}
+
+// fp16/fp32 weight rows widened into a panel.
+template <class WT>
+struct widen_panel {
+    const WT* w;
+    i64 K;
+    void operator()(i64 n0, int rows, float* dst) const {
+        const i64 Kv = K - K % VW;
+        for (int r = 0; r < rows; r++) {
+            const WT* src = w + (n0 + r) * K;
+            float* d = dst + r * K;
+            for (i64 k = 0; k < Kv; k += VW) vstore(d + k, vload(src + k));
+            for (i64 k = Kv; k < K; k++) d[k] = scalar_load(src + k);
+        }
+    }
+};
+#endif
 
 #if JMOSS_AMX
 // ------------------------------------------------------------------------------------------
@@ -641,6 +846,12 @@ static void linear(const float* x, const WT* w, const BT* bias, float* y, i64 M,
         return;
     }
 #endif
+#if JMOSS_ISA >= 1
+    if (M >= GEMM_MIN_M) {
+        gemm_panels(x, (const int32_t*)nullptr, bias, y, M, K, N, threads, act, widen_panel<WT>{w, K});
+        return;
+    }
+#endif
     const i64 CHUNK = 32;
     const i64 nchunks = (N + CHUNK - 1) / CHUNK;
     if (threads < 1) threads = 1;
@@ -957,9 +1168,10 @@ static inline int jmoss_threads_used(int threads) {
 // the integer codes widened in registers (vpmovzxbd + vcvtdq2ps) straight into the FMAs, one
 // vector accumulator per row and group folded into the row total with one FMA by s at the end of
 // the group; xsum (the per-group sums of xp) is computed once per call. Four rows share each
-// load of x, as in the fp16 GEMV. Prefill: each thread dequantizes a 4-row panel of W into fp32
-// (exact: (q - z) is a small integer, s an fp16) in a per-thread buffer of 4 * K floats and runs
-// the fp32 4x4 register-tile GEMM above over it, so a weight is dequantized once per call.
+// load of x, as in the fp16 GEMV. Prefill: each thread dequantizes a 12-row (AVX2: 6) panel of W
+// into fp32 (exact: (q - z) is a small integer, s an fp16) in a per-thread buffer and runs the
+// outer-product GEMM of jmoss_k::gemm_panels over it, so a weight is dequantized once per x slab;
+// the portable path keeps the 4x4 dot-product tile over 4-row panels.
 namespace jmoss_q {
 using jmoss_k::i64;
 
@@ -1009,6 +1221,7 @@ static inline void qdot(const float* x, const float* xsum, const uint8_t* q, i64
     for (int r = 0; r < NR; r++) zt[r] = 0.f;
 #if JMOSS_ISA >= 1
     vec tot[NR];
+#pragma GCC unroll 8
     for (int r = 0; r < NR; r++) tot[r] = jmoss_k::vzero();
 #else
     float tot[NR];
@@ -1021,17 +1234,21 @@ static inline void qdot(const float* x, const float* xsum, const uint8_t* q, i64
         i64 j = j0;
 #if JMOSS_ISA >= 1
         vec acc[NR];
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) acc[r] = jmoss_k::vzero();
         if (GS % VW == 0) {
             for (; j + VW <= j1; j += VW) {
+#pragma GCC unroll 8
                 for (int r = 0; r < NR; r++) _mm_prefetch((const char*)(q + r * ldq + j * BITS / 8 + 512), _MM_HINT_T0);
                 const vec xv = jmoss_k::vload(x + j);
+#pragma GCC unroll 8
                 for (int r = 0; r < NR; r++) acc[r] = jmoss_k::vfma(xv, vload_q<BITS>(q + r * ldq, j), acc[r]);
             }
         }
 #endif
         for (; j < j1; j++)
             for (int r = 0; r < NR; r++) tail[r] += x[j] * q_at<BITS>(q + r * ldq, j);
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) {
             const float sc = jmoss_k::scalar_load(s + r * G + g);
             const float zp = jmoss_k::scalar_load(z + r * G + g);
@@ -1062,10 +1279,299 @@ static inline void qgemv_rows(const float* xp, const float* xs, const uint8_t* q
 
 static const i64 QUANT_PANEL_MIN_M = 4;
 
+#if JMOSS_ISA >= 1
+// rows packed rows of W from n0 dequantized into fp32 [rows][K] (exact: (q - z) * s).
+template <int BITS>
+struct dequant_panel {
+    const uint8_t* q;
+    const uint16_t* s;
+    const uint16_t* z;
+    i64 K, ldq, GS, G;
+    void operator()(i64 n0, int rows, float* w) const {
+        for (int r = 0; r < rows; r++) {
+            const uint8_t* row = q + (n0 + r) * ldq;
+            for (i64 g = 0; g < G; g++) {
+                const float sc = jmoss_k::scalar_load(s + (n0 + r) * G + g);
+                const float zp = jmoss_k::scalar_load(z + (n0 + r) * G + g);
+                const i64 j1 = std::min(K, (g + 1) * GS);
+                i64 j = g * GS;
+                if (GS % VW == 0) {
+                    const vec vs = vset1(sc), vz = vset1(zp);
+                    for (; j + VW <= j1; j += VW) {
+#if JMOSS_ISA == 2
+                        _mm512_storeu_ps(w + r * K + j, _mm512_mul_ps(_mm512_sub_ps(vload_q<BITS>(row, j), vz), vs));
+#else
+                        _mm256_storeu_ps(w + r * K + j, _mm256_mul_ps(_mm256_sub_ps(vload_q<BITS>(row, j), vz), vs));
+#endif
+                    }
+                }
+                for (; j < j1; j++) w[r * K + j] = (q_at<BITS>(row, j) - zp) * sc;
+            }
+        }
+    }
+};
+
+// Prefill: the register-blocked GEMM of jmoss_k over panels dequantized per thread, x read through perm.
+template <int BITS, class BT>
+static void gemm_panels_q(const float* x, const int32_t* perm, const uint8_t* q, const uint16_t* s, const uint16_t* z,
+                          const BT* bias, float* y, i64 M, i64 K, i64 N, i64 ldq, i64 GS, int threads, int act) {
+    const i64 G = (K + GS - 1) / GS;
+    jmoss_k::gemm_panels(x, perm, bias, y, M, K, N, threads, act, dequant_panel<BITS>{q, s, z, K, ldq, GS, G});
+}
+#endif
+
+#if JMOSS_ISA == 2 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define JMOSS_VNNI 1
+// Opt-in prefill compute mode "int8" (quant_compute="int8"): activations quantized per row to
+// 8 bits and the integer products done by AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products into 16
+// int32 lanes per instruction, 4x the fp32 FMA rate), what CTranslate2's int8 modes do. Not
+// fp32-exact: each activation is off by up to max|x_row| / 254, so results carry ~1e-3-1e-2
+// relative error (reported by tests and the benchmark); the default stays the fp32 GEMM.
+//
+//   x[m, j] ~ sx_m (qx[m, j] - 128),  qx in [1, 255],  sx_m = max_j |x[m, j]| / 127
+//   W[n, j] = s[n, g] (q[n, j] - z[n, g]) = s (w'[n, j] + c - z),  w' = q - c  (c = 128 for int8, 0 for int4)
+//   sum_{j in g} x W = sx_m s [ (sum qx w' - 128 sum w') + (c - z) sum (qx - 128) ]
+// The bracketed difference is exact in int32 (|.| <= 255 * 128 * GS); the sums are per (row, group)
+// made once per panel / per slab. Tiles are 12 rows of w' x 32 rows of x: x packed [K/4][32][4]
+// bytes (one zmm = 16 rows x 4 consecutive k), each 4 bytes of a w' row broadcast to all lanes.
+static const int VNNI_PR = 12;
+static const i64 VNNI_MB = 32;
+
+
+struct vnni_panel {  // per-thread: PR rows of w' [PR][Kp] and per (row, group) factors
+    std::vector<int8_t> w;
+    std::vector<float> a, e;     // s, s (c - z)
+    std::vector<int32_t> b;      // 128 sum(w'), subtracted in int32 (exact, no cancellation in fp32)
+    std::vector<int32_t> gsum;
+};
+
+template <int BITS>
+static inline void vnni_make_panel(const uint8_t* q, const uint16_t* s, const uint16_t* z, i64 ldq, i64 n0, int rows,
+                                   i64 K, i64 Kp, i64 GS, i64 G, vnni_panel& p) {
+    const int c = BITS == 8 ? 128 : 0;
+    for (int r = 0; r < rows; r++) {
+        const uint8_t* row = q + (n0 + r) * ldq;
+        int8_t* d = p.w.data() + r * Kp;
+        int32_t* gsum = p.gsum.data();  // per group: sum of w' (vector part by vpsadbw on the codes)
+        for (i64 g = 0; g < G; g++) gsum[g] = 0;
+        i64 j = 0;
+        const i64 jv = GS % 64 == 0 ? K - K % 64 : 0;
+        for (; j < jv; j += 64) {
+            __m512i codes;
+            if (BITS == 8) {
+                codes = _mm512_loadu_si512((const void*)(row + j));
+            } else {
+                const __m512i e = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(row + j / 2)));
+                const __m512i m = _mm512_set1_epi16(15);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(e, 4), m);
+                codes = _mm512_or_si512(_mm512_and_si512(e, m), _mm512_slli_epi16(hi, 8));
+            }
+            const __m512i wq = BITS == 8 ? _mm512_xor_si512(codes, _mm512_set1_epi8((char)0x80)) : codes;
+            _mm512_storeu_si512((void*)(d + j), wq);
+            gsum[j / GS] += (int32_t)_mm512_reduce_add_epi64(_mm512_sad_epu8(codes, _mm512_setzero_si512())) - 64 * c;
+        }
+        for (; j < K; j++) {
+            d[j] = (int8_t)((int)q_at<BITS>(row, j) - c);
+            gsum[j / GS] += d[j];
+        }
+        for (; j < Kp; j++) d[j] = 0;
+        for (i64 g = 0; g < G; g++) {
+            const int32_t sum = gsum[g];
+            const float sc = jmoss_k::scalar_load(s + (n0 + r) * G + g);
+            const float zp = jmoss_k::scalar_load(z + (n0 + r) * G + g);
+            p.a[r * G + g] = sc;
+            p.b[r * G + g] = 128 * sum;
+            p.e[r * G + g] = sc * ((float)c - zp);
+        }
+    }
+}
+
+// no-tree-pre: with it GCC 12 copies every accumulator around each vpdpbusd and spills half of
+// them to the stack (seen in the assembly at -O2/-O3/-Ofast); without it the loop is 2 loads, 12
+// broadcasts and 24 vpdpbusd.
+template <int PR, int NV, class BT>
+__attribute__((optimize("no-tree-pre"))) static void vnni_tile(
+        const vnni_panel& p, i64 Kp, i64 G, i64 GS, const uint8_t* xq, const float* xsg, const float* sxv,
+        const BT* bias, int act, float* y, i64 N, i64 m0, i64 mrows, i64 n0) {
+    // The fp32 totals live in L1 (touched once per group), so the 24 int32 accumulators, two x
+    // vectors and the broadcast fit the 32 registers (in registers too, the compiler spilled both).
+    alignas(64) float f[PR][NV * 16];
+    std::memset(f, 0, sizeof(f));
+    __m512i a[PR][NV];
+    for (i64 g = 0; g < G; g++) {
+        const i64 k4b = g * GS / 4, k4e = std::min(Kp, (g + 1) * GS) / 4;
+#pragma GCC unroll 16
+        for (int r = 0; r < PR; r++)
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; v++) a[r][v] = _mm512_setzero_si512();
+        for (i64 k4 = k4b; k4 < k4e; k4++) {
+            __m512i xv[NV];
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; v++) xv[v] = _mm512_loadu_si512((const void*)(xq + (k4 * VNNI_MB + v * 16) * 4));
+#pragma GCC unroll 16
+            for (int r = 0; r < PR; r++) {
+                int32_t word;
+                std::memcpy(&word, p.w.data() + r * Kp + 4 * k4, 4);
+                const __m512i wb = _mm512_set1_epi32(word);
+#pragma GCC unroll 2
+                for (int v = 0; v < NV; v++) a[r][v] = _mm512_dpbusd_epi32(a[r][v], xv[v], wb);
+            }
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < PR; r++) {
+            const __m512 av = _mm512_set1_ps(p.a[r * G + g]), ev = _mm512_set1_ps(p.e[r * G + g]);
+            const __m512i bv = _mm512_set1_epi32(p.b[r * G + g]);
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; v++) {
+                const __m512 t = _mm512_fmadd_ps(av, _mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][v], bv)),
+                                                 _mm512_load_ps(&f[r][v * 16]));
+                _mm512_store_ps(&f[r][v * 16], _mm512_fmadd_ps(ev, _mm512_loadu_ps(xsg + g * VNNI_MB + v * 16), t));
+            }
+        }
+    }
+    alignas(64) float tmp[PR][NV * 16];
+#pragma GCC unroll 16
+    for (int r = 0; r < PR; r++) {
+        const __m512 bv = _mm512_set1_ps(bias ? jmoss_k::scalar_load(bias + n0 + r) : 0.f);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; v++) {
+            __m512 t = _mm512_fmadd_ps(_mm512_load_ps(&f[r][v * 16]), _mm512_loadu_ps(sxv + v * 16), bv);
+            if (act == 1) t = jmoss_k::gelu_new16(t);
+            _mm512_store_ps(&tmp[r][v * 16], t);
+        }
+    }
+    for (i64 i = 0; i < mrows; i++)
+        for (int r = 0; r < PR; r++) y[(m0 + i) * N + n0 + r] = tmp[r][i];
+}
+
+template <int NV, class BT>
+static inline void vnni_tile_rows(int pr, const vnni_panel& p, i64 Kp, i64 G, i64 GS, const uint8_t* xq,
+                                  const float* xsg, const float* sxv, const BT* bias, int act, float* y, i64 N,
+                                  i64 m0, i64 mrows, i64 n0) {
+    switch (pr) {
+#define JMOSS_VNNI_CASE(R) \
+        case R: vnni_tile<R, NV>(p, Kp, G, GS, xq, xsg, sxv, bias, act, y, N, m0, mrows, n0); break;
+        JMOSS_VNNI_CASE(1) JMOSS_VNNI_CASE(2) JMOSS_VNNI_CASE(3) JMOSS_VNNI_CASE(4) JMOSS_VNNI_CASE(5)
+        JMOSS_VNNI_CASE(6) JMOSS_VNNI_CASE(7) JMOSS_VNNI_CASE(8) JMOSS_VNNI_CASE(9) JMOSS_VNNI_CASE(10)
+        JMOSS_VNNI_CASE(11)
+#undef JMOSS_VNNI_CASE
+        default: vnni_tile<VNNI_PR, NV>(p, Kp, G, GS, xq, xsg, sxv, bias, act, y, N, m0, mrows, n0); break;
+    }
+}
+
+// Row m (through perm) quantized into block slot i: qx bytes in xq [Kp/4][VNNI_MB][4], its group
+// sums of (qx - 128) in xsg [G][VNNI_MB], its scale in sxv[i]. Rows past M: all 128 (they add 0).
+// xp: a scratch of Kp + 16 floats. Rounding is to nearest even (vcvtps2dq), as nearbyint.
+static inline void vnni_quantize_row(const float* xr, const int32_t* perm, i64 K, i64 Kp, i64 GS, i64 G, int i,
+                                     bool real, uint8_t* xq, float* xsg, float* sxv, float* xp) {
+    __m512 amax = _mm512_setzero_ps();
+    i64 k = 0;
+    if (real) {
+        for (; k < K; k++) xp[k] = xr[perm[k]];
+        for (i64 t = 0; t < K; t += 16) {
+            const __mmask16 m = K - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - t)) - 1);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, xp + t)));
+        }
+    }
+    for (; k < Kp + 16; k++) xp[k] = 0.f;
+    const float mx = _mm512_reduce_max_ps(amax);
+    const float sx = mx > 0.f ? mx / 127.0f : 1.0f, inv = mx > 0.f ? 127.0f / mx : 0.f;
+    sxv[i] = sx;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (i64 g = 0; g < G; g++) {
+        const i64 j0 = g * GS, j1 = std::min(Kp, (g + 1) * GS);
+        __m512i sum = _mm512_setzero_si512();
+        for (i64 t = j0; t < j1; t += 16) {  // j1 - t is a multiple of 4 (GS % 4 == 0, Kp % 4 == 0)
+            const i64 cnt = std::min<i64>(16, j1 - t);
+            const __mmask16 m = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xp + t), vinv));
+            v = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), v));
+            sum = _mm512_add_epi32(sum, v);
+            alignas(16) uint32_t words[4];
+            _mm_store_si128((__m128i*)words, _mm512_cvtepi32_epi8(_mm512_add_epi32(v, _mm512_set1_epi32(128))));
+            for (i64 w4 = 0; w4 < cnt / 4; w4++) std::memcpy(xq + (((t >> 2) + w4) * VNNI_MB + i) * 4, &words[w4], 4);
+        }
+        xsg[g * VNNI_MB + i] = (float)_mm512_reduce_add_epi32(sum);
+    }
+}
+
+template <int BITS, class BT>
+static void qlinear_vnni(const float* x, const int32_t* perm, const uint8_t* q, const uint16_t* s, const uint16_t* z,
+                         const BT* bias, float* y, i64 M, i64 K, i64 N, i64 ldq, i64 GS, int threads, int act) {
+    const i64 G = (K + GS - 1) / GS, Kp = (K + 3) / 4 * 4;
+    const i64 npanels = (N + VNNI_PR - 1) / VNNI_PR;
+    if (threads < 1) threads = 1;
+    if (threads > npanels) threads = (int)std::max<i64>(1, npanels);
+    const i64 block_bytes = VNNI_MB * (Kp + 4 * G + 4);
+    const i64 slab_blocks = std::max<i64>(1, (768 * 1024) / block_bytes);
+    const i64 nblocks_all = (M + VNNI_MB - 1) / VNNI_MB, sb = std::min(slab_blocks, nblocks_all);
+    static thread_local std::vector<uint8_t> xq_buf;
+    static thread_local std::vector<float> xs_buf;
+    if ((i64)xq_buf.size() < sb * VNNI_MB * Kp) xq_buf.resize(sb * VNNI_MB * Kp);
+    if ((i64)xs_buf.size() < sb * VNNI_MB * (G + 1)) xs_buf.resize(sb * VNNI_MB * (G + 1));
+    uint8_t* xq = xq_buf.data();
+    float* xs = xs_buf.data();
+    for (i64 s0 = 0; s0 < M; s0 += sb * VNNI_MB) {
+        const i64 srows = std::min(sb * VNNI_MB, M - s0), nblocks = (srows + VNNI_MB - 1) / VNNI_MB;
+#pragma omp parallel num_threads(threads)
+        {
+            static thread_local vnni_panel p;
+            if ((i64)p.w.size() < VNNI_PR * Kp) p.w.resize(VNNI_PR * Kp);
+            if ((i64)p.a.size() < VNNI_PR * G) {
+                p.a.resize(VNNI_PR * G);
+                p.b.resize(VNNI_PR * G);
+                p.e.resize(VNNI_PR * G);
+                p.gsum.resize(G);
+            }
+            static thread_local std::vector<float> xp;
+            if ((i64)xp.size() < Kp + 16) xp.resize(Kp + 16);
+#pragma omp for schedule(dynamic, 4)
+            for (i64 m = 0; m < nblocks * VNNI_MB; m++) {
+                const i64 b = m / VNNI_MB;
+                float* xb = xs + b * VNNI_MB * (G + 1);
+                vnni_quantize_row(x + (s0 + m) * K, perm, K, Kp, GS, G, (int)(m % VNNI_MB), m < srows,
+                                  xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, xp.data());
+            }
+            // implicit barrier: the slab is quantized before any panel reads it
+#pragma omp for schedule(dynamic, 1)
+            for (i64 pi = 0; pi < npanels; pi++) {
+                const i64 n0 = pi * VNNI_PR;
+                const int pr = (int)std::min<i64>(VNNI_PR, N - n0);
+                vnni_make_panel<BITS>(q, s, z, ldq, n0, pr, K, Kp, GS, G, p);
+                for (i64 b = 0; b < nblocks; b++) {
+                    const i64 m0 = b * VNNI_MB, mrows = std::min<i64>(VNNI_MB, srows - m0);
+                    const float* xb = xs + b * VNNI_MB * (G + 1);
+                    if (mrows > 16)
+                        vnni_tile_rows<2>(pr, p, Kp, G, GS, xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, bias, act,
+                                          y + s0 * N, N, m0, mrows, n0);
+                    else
+                        vnni_tile_rows<1>(pr, p, Kp, G, GS, xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, bias, act,
+                                          y + s0 * N, N, m0, mrows, n0);
+                }
+            }
+        }
+    }
+}
+#else
+#define JMOSS_VNNI 0
+#endif
+
 template <int BITS, class BT>
 static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const uint16_t* s, const uint16_t* z,
-                    const BT* bias, float* y, i64 M, i64 K, i64 N, i64 ldq, i64 GS, int threads, int act) {
+                    const BT* bias, float* y, i64 M, i64 K, i64 N, i64 ldq, i64 GS, int threads, int act, int i8 = 0) {
     const i64 G = (K + GS - 1) / GS;
+#if JMOSS_VNNI
+    if (i8 && M >= jmoss_k::QUANT_GEMM_MIN_M && GS % 4 == 0) {
+        qlinear_vnni<BITS>(x, perm, q, s, z, bias, y, M, K, N, ldq, GS, threads, act);
+        return;
+    }
+#endif
+#if JMOSS_ISA >= 1
+    if (M >= jmoss_k::QUANT_GEMM_MIN_M) {
+        gemm_panels_q<BITS>(x, perm, q, s, z, bias, y, M, K, N, ldq, GS, threads, act);
+        return;
+    }
+#endif
     // x through the permutation, and per-group sums for the zero-point term (M x K, M x G: small).
     std::vector<float> xbuf(M * K), xsum(M * G, 0.f);
     for (i64 m = 0; m < M; m++)
@@ -1143,3 +1649,12 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
 
 static inline const uint8_t* jmoss_u8(const uint8_t* p) { return p; }
 static inline const uint8_t* jmoss_u8(const int8_t* p) { return reinterpret_cast<const uint8_t*>(p); }
+
+// 1 when the opt-in int8 (VNNI) prefill compute mode is compiled in (AVX-512 VNNI + BW).
+static inline int jmoss_vnni_ready() {
+#if JMOSS_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}

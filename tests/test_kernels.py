@@ -10,7 +10,11 @@ under it.
 
 Shapes are chosen against the kernels' structure: N and K not multiples of 4/8/16/32 (register
 tile, AVX2 and AVX-512 widths, chunking), K below one vector, M = 1 (GEMV), 3 and 17 (remainder
-tiles of the 4x4 GEMM tile) and 64. Every case runs on the native ISA path and the portable path,
+tiles of the 4x4 dot-product tile, also taken below 32 rows; M = 40 and 64 take the
+outer-product GEMM: 40 a full block of x rows and a short one, 64 at K = 4099 two x^T slabs; the
+packed-weight tests cover partial 2-vector blocks of the same GEMM) and N not multiples of its
+12- (AVX-512) or 6-row (AVX2) weight panels. Every case runs on the native
+ISA path, the AVX2 path (forced with isa="avx2", also on an AVX-512 CPU) and the portable path,
 with 1 and 2 threads (the thread count is a per-call kernel argument, so one process covers both;
 the environment variables are checked in subprocesses).
 """
@@ -34,7 +38,7 @@ jt = get_jittor("cpu")
 
 U = 2.0**-24
 SHAPES_NK = [(1, 1), (7, 13), (5, 16), (33, 100), (67, 1000), (130, 1031), (19, 4099)]
-MS = [1, 3, 17, 64]
+MS = [1, 3, 5, 17, 40, 64]
 
 
 # The AMX prefill path ("bf16x3", M >= kernels.cpu.AMX_MIN_M on the native ISA where the CPU has
@@ -86,7 +90,7 @@ def check(got: np.ndarray, want: np.ndarray, bound: np.ndarray, what: str) -> No
     assert np.all(err <= bound), f"{what}: |err| {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
 
 
-@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("wdtype", [np.float16, np.float32])
 @pytest.mark.parametrize("bdtype", [None, np.float16, np.float32])
 @pytest.mark.parametrize("activation", [None, "gelu_new"])
@@ -104,7 +108,7 @@ def test_linear_matches_float64_reference_over_odd_shapes_and_threads(isa, wdtyp
                 check(got, want, bound, f"isa={isa} W={np.dtype(wdtype).name} M={m} N={n} K={k} threads={threads}")
 
 
-@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("m", MS)
 def test_every_k_tail_element_counts(isa, m):
     """x is zero except in the last K % 16 columns, so the result is only the scalar tail."""
@@ -119,7 +123,7 @@ def test_every_k_tail_element_counts(isa, m):
             check(run(x, w, None), want, bound, f"isa={isa} M={m} K={k}")
 
 
-@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 def test_gelu_new_saturates_without_nan_for_large_inputs(isa):
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((5, 300)) * 40).astype(np.float32)
@@ -130,6 +134,18 @@ def test_gelu_new_saturates_without_nan_for_large_inputs(isa):
         got = run(x, w, None, "gelu_new")
     assert np.isfinite(got).all()
     check(got, want, bound, f"isa={isa} large inputs")
+
+
+def test_avx2_path_is_really_forced_on_an_avx2_cpu():
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    want = "avx2+f16c" if {"avx2", "fma", "f16c"} <= flags else "portable"
+    assert kernels.isa_path("avx2") == want
+    with kernels.configured(isa="avx2"):
+        assert kernels.info()["isa"] == want
 
 
 def test_native_and_portable_paths_agree_closely():
@@ -310,7 +326,7 @@ def test_bad_environment_values_raise_jmoss_errors():
 MASK = float(np.finfo(np.float32).min)
 
 
-@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("pdtype", [np.float16, np.float32])
 def test_layer_norm_matches_float64_reference_over_odd_shapes(isa, pdtype):
     rng = np.random.default_rng(11)
@@ -355,7 +371,7 @@ def reference_attention(qkv, keys, values, sin, cos, bias, start, rotary):
     return context, keys, values
 
 
-@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize(
     "batch, heads, dim, rotary, start, length, max_len",
     [

@@ -6,22 +6,30 @@ and (q - z) * s is exact). The GEMV splits each group's sum into s * (x.q) - s *
 sums of the same size as the plain dot product, so the bound is the fp32 one of test_kernels with
 |z| + |q| in place of |q - z|. Shapes cover K tails below a vector, groups cut short by K, odd N
 (the 4-row tile and 32-row chunks), group sizes that are and are not multiples of the vector
-width, M = 1 and 3 (fused GEMV) and 17 (dequantized panels + GEMM), both ISA paths, 1 and 2
-threads, an input permutation, bias and gelu_new.
+width, M = 1 and 3 (fused GEMV), 4 (4-row dequantized panels, 4x4 tiles) and 17, 40, 70 (panels
+dequantized per thread + the outer-product GEMM: a partial 2-vector block of x rows, full blocks
+and short ones; N not multiples of the 12- or 6-row panels; a long K over two x^T slabs), the
+native, AVX2 (forced, also on an AVX-512 CPU) and portable paths, 1 and 2 threads, an input
+permutation, bias and gelu_new.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from jmoss import kernels
 from jmoss.converters import gptq
+from jmoss.errors import JmossError
 from jmoss.jittor_setup import get_jittor
 
 jt = get_jittor("cpu")
 U = 2.0**-24
-CASES = [(1, 1, 32), (7, 13, 32), (33, 100, 32), (67, 1031, 128), (130, 300, 128), (5, 64, 48)]
+CASES = [(1, 1, 32), (7, 13, 32), (33, 100, 32), (67, 1031, 128), (130, 300, 128), (5, 64, 48), (13, 4100, 128)]
 
 
 def _packed(rng, n, k, bits, gs):
@@ -35,7 +43,7 @@ def _gelu(y):
     return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y**3)))
 
 
-@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quant_linear_matches_float64_over_odd_shapes_isas_and_threads(isa, bits):
     rng = np.random.default_rng(bits)
@@ -51,7 +59,7 @@ def test_quant_linear_matches_float64_over_odd_shapes_isas_and_threads(isa, bits
         bound_w = (np.abs(codes) + np.abs(z.astype(np.float64)[:, g])) * np.abs(s.astype(np.float64)[:, g])
         bound_w_orig = np.empty_like(bound_w)
         bound_w_orig[:, perm] = bound_w
-        for m in (1, 3, 17):
+        for m in (1, 3, 4, 17, 40, 70):
             x = rng.standard_normal((m, k)).astype(np.float32)
             for act in (None, "gelu_new"):
                 want = x.astype(np.float64) @ w.T + b.astype(np.float64)
@@ -73,7 +81,7 @@ def test_every_tail_and_group_element_counts(bits):
     n, k, gs = 6, 41, 16
     q, s, z, perm = _packed(rng, n, k, bits, gs)
     w = gptq.dequantize_packed(q, s, z, perm, bits, gs)
-    for isa in ("native", "portable"):
+    for isa in ("native", "avx2", "portable"):
         for j in (0, 15, 16, 31, 32, 39, 40):
             x = np.zeros((1, k), np.float32)
             x[0, j] = 1.0
@@ -113,3 +121,57 @@ def test_plain_jittor_fallback_gives_the_same_packed_linear(bits):
     want = _gelu(x.astype(np.float64) @ gptq.dequantize_packed(q, s, z, perm, bits, gs).T.astype(np.float64) + b)
     np.testing.assert_allclose(plain, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fused, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_compute_mode_stays_within_its_activation_rounding_bound(isa, bits):
+    """quant_compute="int8" (opt-in prefill, M >= 16, on AVX-512 VNNI): x is rounded per row to amax/127
+    steps, so |y - y_ref| <= (amax_m / 254) * sum_j |W[n, j]| plus fp32 rounding; rows past the
+    decode threshold only, group sizes not a multiple of 4 and other ISA paths give the fp32 result
+    exactly. The measured error is printed (pytest -s) as the mode's report."""
+    rng = np.random.default_rng(100 + bits)
+    vnni = isa == "native" and kernels.vnni_ready()
+    for n, k, gs in CASES + [(9, 61, 30)]:
+        q, s, z, perm = _packed(rng, n, k, bits, gs)
+        w = gptq.dequantize_packed(q, s, z, perm, bits, gs).astype(np.float64)
+        b = rng.standard_normal(n).astype(np.float16)
+        for m in (1, 3, 4, 17, 40, 70):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            x[0, 0] = 9.0  # one outlier sets row 0's step
+            for act in (None, "gelu_new"):
+                want = x.astype(np.float64) @ w.T + b.astype(np.float64)
+                amax = np.abs(x.astype(np.float64)).max(axis=1, keepdims=True)
+                tol = amax / 254 * np.abs(w).sum(axis=1) * (1 + 1e-3) + 1e-5 * (np.abs(x) @ np.abs(w).T + np.abs(b))
+                if act:
+                    want, tol = _gelu(want), tol * 1.13 + 1e-6 * np.abs(want)
+                args = [jt.array(a) for a in (x, perm, q, s, z, b)]
+                for threads in (1, 2):
+                    with kernels.configured(threads=threads, isa=isa):
+                        exact = kernels.quant_linear(*args, bits=bits, group_size=gs, activation=act).numpy()
+                        with kernels.configured(quant_compute="int8"):
+                            got = kernels.quant_linear(*args, bits=bits, group_size=gs, activation=act).numpy()
+                    err = np.abs(got - want)
+                    assert (err <= tol).all(), (isa, bits, n, k, gs, m, act, threads, float((err / tol).max()))
+                    if vnni and m >= 16 and gs % 4 == 0 and k >= 100:  # (tiny K can round exactly)
+                        assert not np.array_equal(got, exact)  # the int8 path was really taken
+                        if act is None and threads == 1 and m == 40:
+                            print(f"int8 compute, {bits}-bit N={n} K={k} G={gs}: max |err| / max |y| = "
+                                  f"{err.max() / np.abs(want).max():.2e} (fp32 mode "
+                                  f"{np.abs(exact - want).max() / np.abs(want).max():.2e})")
+                    elif not (vnni and m >= 16 and gs % 4 == 0):
+                        assert np.array_equal(got, exact)
+
+
+def test_int8_compute_mode_is_switched_by_the_environment_and_checked():
+    with pytest.raises(JmossError, match="fp32 or int8"):
+        with kernels.configured(quant_compute="int4"):
+            pass
+    env = dict(os.environ, JMOSS_KERNELS_QUANT_COMPUTE="int8")
+    out = subprocess.run([sys.executable, "-c", "from jmoss import kernels; print(kernels.info()['quant_compute'])"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "int8", out.stderr[-500:]
+    env["JMOSS_KERNELS_QUANT_COMPUTE"] = "bf16"
+    out = subprocess.run([sys.executable, "-c", "from jmoss import kernels; kernels.info()"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "JMOSS_KERNELS_QUANT_COMPUTE" in out.stderr
