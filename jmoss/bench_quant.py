@@ -122,7 +122,7 @@ def build(store_path: Path, work: Path, log: Callable[[str], None] = print) -> d
 
 def work_dir(store_path: Path) -> Path:
     """Where the derived checkpoints and models are kept, keyed to the store's sealed manifest."""
-    from jmoss.jittor_setup import jmoss_home
+    from jmoss.home import jmoss_home
     from jmoss.store import read_manifest
 
     seal = read_manifest(store_path).get("checksum", {}).get("xxh3_128") or Path(store_path).resolve().name

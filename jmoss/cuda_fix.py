@@ -105,7 +105,7 @@ def installed_jittor() -> tuple[str, Path]:
 def fix_root(home: Path | None = None) -> Path:
     """The folder all patched copies live in; deleting it undoes the fix."""
     if home is None:
-        from jmoss.jittor_setup import jmoss_home
+        from jmoss.home import jmoss_home
 
         home = jmoss_home()
     return home / FIX_DIR_NAME

@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 from jmoss import cuda_fix
-from jmoss.jittor_setup import (cuda_device_count, cuda_toolkit_usable, find_nvcc, jittor_home, jmoss_home,
-                                nvcc_version)
+from jmoss.home import jmoss_home
+from jmoss.jittor_setup import cuda_device_count, cuda_toolkit_usable, find_nvcc, jittor_home, nvcc_version
 
 # What a plain `import jittor` fetches, and the switch jmoss sets so it does not (jittor-notes §1.1).
 JITTOR_DOWNLOADS = [

@@ -36,21 +36,13 @@ from types import ModuleType
 from typing import Iterator
 
 from jmoss.errors import DeviceError, JmossError
+from jmoss.home import jmoss_home
 
 _lock = threading.Lock()
 _jittor: ModuleType | None = None
 _device: str | None = None
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def jmoss_home() -> Path:
-    """Root of jmoss's own files: converted models and caches (``$JMOSS_HOME`` overrides)."""
-    env = os.environ.get("JMOSS_HOME")
-    if env:
-        return Path(env).expanduser().resolve()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser().resolve() / "jmoss"
 
 
 def jittor_home() -> Path:

@@ -39,7 +39,7 @@ import xxhash
 from jmoss import layout
 from jmoss.config import MossConfig, parse_json_bytes
 from jmoss.errors import ConfigError, ModelNotFoundError, StoreError
-from jmoss.jittor_setup import jmoss_home
+from jmoss.home import jmoss_home
 
 FORMAT_VERSION = 1  # what an all-fp16 store is written as (unchanged since version 1)
 PACKED_FORMAT_VERSION = 2  # stores with packed int8/int4 layers (docs/store-format.md "Packed layers")

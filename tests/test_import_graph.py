@@ -127,6 +127,11 @@ def test_module_level_imports_have_no_cycle_even_under_type_checking():
     assert _cycle({name: top for name, (top, _) in GRAPH.items()}) is None
 
 
+def test_no_cycle_even_through_imports_inside_functions():
+    """A lazy import (to keep start-up fast) is still a dependency: the graph stays acyclic."""
+    assert _cycle({name: top | local for name, (top, local) in GRAPH.items()}) is None
+
+
 @pytest.mark.parametrize("module", sorted(m for m in SOURCES if _in(m, LOWER_STAGES)))
 def test_lower_stages_never_import_the_facade_or_front_ends(module):
     top, local = GRAPH[module]

@@ -22,13 +22,13 @@ import re
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from jmoss import dialogue
 from jmoss.errors import DialogueError, PluginError
+from jmoss.plugins.base import IMAGE, INLINE, ITEMS, LINES, NO_RESULT, Plugin
 
 ENTRY_POINT_GROUP = "jmoss.plugins"
-NO_RESULT = "No result."
 IMAGE_SUCCESS = "Image generated successfully."
 
 # ---------------------------------------------------------------------------------------------
@@ -232,34 +232,6 @@ def parse_commands(text: str) -> list[Call]:
 # ---------------------------------------------------------------------------------------------
 # Plugins and the registry
 # ---------------------------------------------------------------------------------------------
-
-INLINE, LINES, ITEMS, IMAGE = "inline", "lines", "items", "image"
-
-
-class Plugin:
-    """A tool MOSS can call.
-
-    Subclasses set ``name`` (the command MOSS writes, e.g. "Calculate"), ``capability`` (the
-    switch-line name, e.g. "Calculator"), ``signature`` (e.g. "Calculate(expression)") and
-    ``style``, the result shape: INLINE ``=> 'v'``, LINES (header + lines), ITEMS (header +
-    ``<|n|>:`` items), IMAGE (the one-line success). ``run`` returns the result values or raises
-    ``PluginError`` with a reason; ``run_calls`` turns any failure into a result, never an error.
-    """
-
-    name: ClassVar[str] = ""
-    capability: ClassVar[str] = ""
-    signature: ClassVar[str] = ""
-    style: ClassVar[str] = LINES
-    timeout: float = 10.0
-
-    def available(self) -> bool:
-        """Whether the plugin can run at all (Text2Image is not without a configured backend)."""
-        return True
-
-    def run(self, args: Sequence[str]) -> list[str]:
-        """Result values for one call's arguments."""
-        raise NotImplementedError
-
 
 def builtin_plugins() -> dict[str, Callable[..., Plugin]]:
     """The four tools MOSS was trained on, by command name. Imported lazily (sympy is slow to import)."""

@@ -59,7 +59,7 @@ from decimal import Decimal
 from typing import Callable, Sequence
 
 from jmoss.errors import CalculationError
-from jmoss.plugins import INLINE, NO_RESULT, Plugin
+from jmoss.plugins.base import INLINE, NO_RESULT, Plugin
 
 MAX_EXPRESSION_CHARS = 1000
 MAX_NORMALISED_CHARS = 4 * MAX_EXPRESSION_CHARS  # NFKC and "²" -> "^(2)" lengthen the text

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 from jmoss.errors import PluginError
-from jmoss.plugins import ITEMS, Plugin
+from jmoss.plugins.base import ITEMS, Plugin
 
 DEFAULT_K = 3
 MAX_ITEM_CHARS = 400  # MOSS's snippets stop at 300 or 400 characters; 400 keeps more context

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jmoss.errors import SolverError
-from jmoss.plugins import LINES, NO_RESULT, Plugin
+from jmoss.plugins.base import LINES, NO_RESULT, Plugin
 
 MAX_REQUEST_CHARS = 500
 MAX_EQUATIONS = 12

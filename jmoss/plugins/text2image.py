@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from jmoss.errors import PluginError
-from jmoss.plugins import IMAGE, Plugin
+from jmoss.plugins.base import IMAGE, Plugin
 
 DEFAULT_TIMEOUT = 120.0
 MAX_DESCRIPTION_CHARS = 2000
