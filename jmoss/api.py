@@ -175,6 +175,7 @@ def load(
     prefetch_depth: int = 2,
     swap: str | None = None,
     batch: int = 1,
+    prefill_chunk: int | None = None,
 ) -> Model:
     """Load a converted model (a store directory or a name given to ``jmoss convert``).
 
@@ -183,11 +184,13 @@ def load(
     with the numbers if it cannot fit). With a budget, jmoss.placement decides what stays
     resident and jmoss.engine streams the rest every token; a budget below what one layer needs
     fails here, naming the minimum. ``max_seq_len`` (default n_positions) sizes the KV cache the
-    budget pays for, for ``batch`` sequences at once (``jmoss serve --max-batch``). ``swap="jittor"`` runs every weight as a plain Var under Jittor's own swap
+    budget pays for, for ``batch`` sequences at once (``jmoss serve --max-batch``), in the compute
+    dtype; prompts are prefilled in chunks of ``prefill_chunk`` tokens (default
+    jmoss.placement.DEFAULT_PREFILL_CHUNK), the size the plan's working buffers are billed for. ``swap="jittor"`` runs every weight as a plain Var under Jittor's own swap
     with ``cpu_mem_limit`` = device_memory: the baseline, valid only in a process started with
     JMOSS_JITTOR_SAVE_MEM=1 (``jmoss bench --compare jittor`` spawns one).
     """
-    from jmoss.placement import plan_placement
+    from jmoss.placement import DEFAULT_PREFILL_CHUNK, plan_placement
     from jmoss.sizes import parse_size
     from jmoss.store import Store, resolve_model
 
@@ -203,6 +206,8 @@ def load(
         dtype = "float16"
     dtype = dtype or default_weight_dtype(device)
     _check_dtype("dtype", dtype)  # before planning: the plan sizes weights by it
+    compute_dtype = compute_dtype or ("float16" if device == "cuda" else "float32")
+    _check_dtype("compute_dtype", compute_dtype)  # the KV cache's dtype: the plan bills it
     embed = {layout.EMBED: store.group(layout.EMBED)}  # a host memmap: decode touches one row per token
     common = dict(device=device, dtype=dtype, compute_dtype=compute_dtype, tokenizer_path=store.path, path=store.path)
 
@@ -218,11 +223,12 @@ def load(
         store.config, device=device, device_memory=device_memory, host_memory=host_memory,
         available_device_bytes=available_device, available_host_bytes=available_host,
         max_seq_len=max_seq_len, prefetch_depth=prefetch_depth, weight_itemsize=2 if dtype == "float16" else 4,
-        batch=batch,
+        batch=batch, kv_dtype=compute_dtype,
+        prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
     )
     streams = any(p.where != "device" for p in plan.placements if p.group != layout.EMBED)
     if streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
-        return Model(store.config, embed, weights=weights, plan=plan, **common)
-    groups = {g: store.group(g) for g in layout.all_groups(store.config)}
-    return Model(store.config, groups, plan=plan, **common)
+    else:  # read once into memory the Vars share: peak RSS is the weights, not twice them
+        weights = ResidentWeights.from_store(get_jittor(device), store, dtype)
+    return Model(store.config, embed, weights=weights, plan=plan, **common)

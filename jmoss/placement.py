@@ -16,8 +16,11 @@ Tiers
 
 What the device budget pays for (everything jmoss allocates, nothing else)
 --------------------------------------------------------------------------
-resident weights + static KV cache + working buffers + ``prefetch_depth`` staging slots (each the
-size of the largest streamed group) + a fixed runtime reserve (``RUNTIME_RESERVE``). On cuda the
+resident weights + static KV cache + working buffers + ``prefetch_depth`` staging slots + a fixed
+runtime reserve (``RUNTIME_RESERVE``). A slot holds what the engine allocates for it
+(``slot_allocation``): on cpu one buffer the size of the largest streamed group; on cuda one set of
+Vars per layout streamed through it ("layer", "head"), so a slot that streams the head holds a
+layer set *and* a head set. The engines allocate exactly ``Plan.slot_layouts`` per slot. On cuda the
 CUDA context and library handles (~300-500 MiB, owned by the driver) are *not* in the budget: when
 you give ``device_memory`` for a 12 GB card, leave room for them (say 11GiB); when you give
 ``None``, the caller passes the free memory it measured after the context exists.
@@ -95,19 +98,26 @@ class Plan:
     work_breakdown: dict[str, int]
     reserve_bytes: int
     prefetch_depth: int
-    staging_slot_bytes: int
+    staging_slot_bytes: int  # the largest streamed group: a flat buffer (cpu slot, pinned host staging)
     host_staging_bytes: int
     minimum_device_bytes: int
     notes: tuple[str, ...] = ()
+    # device bytes of one staging slot by layout (see slot_allocation); empty when nothing streams
+    slot_layouts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     # ---- derived totals -------------------------------------------------------------------
     def _sum(self, where: Tier) -> int:
         return sum(p.nbytes for p in self.placements if p.where == where and p.group != EMBED)
 
     @property
+    def device_slot_bytes(self) -> int:
+        """Device bytes of one staging slot: every layout's buffers the engine allocates for it."""
+        return sum(self.slot_layouts.values())
+
+    @property
     def staging_bytes(self) -> int:
         """Device bytes of the staging slots streamed groups are copied into."""
-        return self.prefetch_depth * self.staging_slot_bytes
+        return self.prefetch_depth * self.device_slot_bytes
 
     @property
     def resident_bytes(self) -> int:
@@ -186,7 +196,9 @@ class Plan:
         lines.append("")
         budget_line = "" if self.budget_bytes is None else f" of {format_size(self.budget_bytes)}"
         lines.append(f"device memory{budget_line}:")
-        slots = f"{_count(self.prefetch_depth, 'slot')} x {format_size(self.staging_slot_bytes)}"
+        slots = f"{_count(self.prefetch_depth, 'slot')} x {format_size(self.device_slot_bytes)}"
+        if len(self.slot_layouts) > 1:
+            slots += " (" + " + ".join(f"{k} {format_size(n)}" for k, n in self.slot_layouts.items()) + ")"
         bill = [
             ("resident weights", self.resident_bytes, _count(len(self.resident_layers), "layer")
              + (" + head" if HEAD in self.groups_on("device") else "")),
@@ -253,6 +265,8 @@ class Plan:
             "reserve_bytes": self.reserve_bytes,
             "prefetch_depth": self.prefetch_depth,
             "staging_slot_bytes": self.staging_slot_bytes,
+            "slot_layouts": dict(self.slot_layouts),
+            "device_slot_bytes": self.device_slot_bytes,
             "staging_bytes": self.staging_bytes,
             "host_staging_bytes": self.host_staging_bytes,
             "minimum_device_bytes": self.minimum_device_bytes,
@@ -337,15 +351,41 @@ def work_buffer_bytes(
     }
 
 
+def slot_layout(group: Group) -> str:
+    """The layout a streamed group occupies in a slot: every layer has the same tensors."""
+    return "layer" if isinstance(group, int) else str(group)
+
+
+def slot_allocation(device: str, streamed: list[Group], sizes: dict[Group, int]) -> dict[str, int]:
+    """Device bytes one staging slot needs, by layout, exactly as the engine allocates them.
+
+    On cpu a slot is one byte buffer the size of the largest streamed group and every layout is
+    a set of views into it. On cuda a jittor Var cannot be reinterpreted, so a slot holds one Var
+    set per layout streamed through it, each as large as the largest group of that layout: a
+    slot that streams layers and the head costs a layer *plus* the head.
+    """
+    if not streamed:
+        return {}
+    if device == "cpu":
+        return {"buffer": max(sizes[g] for g in streamed)}
+    out: dict[str, int] = {}
+    for g in streamed:
+        key = slot_layout(g)
+        out[key] = max(out.get(key, 0), sizes[g])
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _Candidate:
     head_resident: bool
     n_resident_layers: int
     resident_bytes: int
-    slot_bytes: int
+    slot_bytes: int  # device bytes of one slot (the sum of slot_layouts)
+    largest: int  # the largest streamed group (a flat host staging buffer per slot)
+    slot_layouts: dict
 
 
-def _candidates(config: MossConfig, sizes: dict[Group, int]) -> list[_Candidate]:
+def _candidates(config: MossConfig, sizes: dict[Group, int], device: str) -> list[_Candidate]:
     """Every resident set worth considering: head in or out, plus the first L layers.
 
     Layers of one model all have the same size, so *which* L layers stay makes no difference to
@@ -358,12 +398,15 @@ def _candidates(config: MossConfig, sizes: dict[Group, int]) -> list[_Candidate]
         for n in range(config.n_layer + 1):
             resident = layers[:n] + ([HEAD] if head_resident else [])
             streamed = layers[n:] + ([] if head_resident else [HEAD])
+            allocation = slot_allocation(device, streamed, sizes)
             out.append(
                 _Candidate(
                     head_resident=head_resident,
                     n_resident_layers=n,
                     resident_bytes=sum(sizes[g] for g in resident),
-                    slot_bytes=max((sizes[g] for g in streamed), default=0),
+                    slot_bytes=sum(allocation.values()),
+                    largest=max((sizes[g] for g in streamed), default=0),
+                    slot_layouts=allocation,
                 )
             )
     return out
@@ -450,7 +493,7 @@ def plan_placement(
         f"{format_size(sum(work.values()))} (prefill chunk {prefill_chunk}) + runtime reserve {format_size(reserve)}"
     )
 
-    candidates = _candidates(config, sizes)
+    candidates = _candidates(config, sizes, device)
     all_resident = next(c for c in candidates if c.head_resident and c.n_resident_layers == config.n_layer)
     cheapest = min(candidates, key=lambda c: (_device_total(c, fixed, 1), -c.resident_bytes))
     minimum = _device_total(cheapest, fixed, 1)
@@ -481,9 +524,10 @@ def plan_placement(
         if device_memory < minimum:
             raise BudgetError(
                 f"device_memory {format_size(device_memory)} is below the minimum of {format_size(minimum)} "
-                f"({minimum / GiB:.2f} GiB) for this model on {device}: {fixed_desc} + one staging slot of "
-                f"{format_size(cheapest.slot_bytes)} (the largest streamed group). "
-                f"With prefetch_depth={prefetch_depth} it needs {format_size(minimum_full_depth)}. "
+                f"({minimum / GiB:.2f} GiB) for this model on {device}: {fixed_desc}"
+                + (f" + resident weights {format_size(cheapest.resident_bytes)}" if cheapest.resident_bytes else "")
+                + f" + one staging slot of {format_size(cheapest.slot_bytes)} (the buffers of the largest "
+                f"streamed group(s)). With prefetch_depth={prefetch_depth} it needs {format_size(minimum_full_depth)}. "
                 f"Raise device_memory, or lower max_seq_len/batch to shrink the KV cache"
             )
         chosen, depth = _choose(candidates, fixed, device_memory, prefetch_depth)
@@ -509,7 +553,7 @@ def plan_placement(
             where[g] = "disk"
     else:
         host_staging = _assign_host(
-            streamed, sizes, where, host_memory, available_host_bytes, depth, chosen.slot_bytes, notes
+            streamed, sizes, where, host_memory, available_host_bytes, depth, chosen.largest, notes
         )
 
     placements = tuple(
@@ -532,10 +576,11 @@ def plan_placement(
         work_breakdown=work,
         reserve_bytes=reserve,
         prefetch_depth=depth,
-        staging_slot_bytes=chosen.slot_bytes if depth else 0,
+        staging_slot_bytes=chosen.largest if depth else 0,
         host_staging_bytes=host_staging,
         minimum_device_bytes=minimum,
         notes=tuple(notes),
+        slot_layouts=dict(chosen.slot_layouts) if depth else {},
     )
 
 

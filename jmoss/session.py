@@ -4,6 +4,11 @@ A Session owns a static KV cache sized once for (batch, max_len) and the bookkee
 left-padded batches exact: per-row position ids (a padded row's first real token is position 0,
 as Hugging Face computes ``cumsum(mask) - 1``) and a key mask that hides pad slots. Generation,
 chat and the server all drive a model through this one class.
+
+The model's plan (jmoss.placement) is the source of every size here: the cache has the plan's KV
+dtype and length, and a prompt is prefilled in chunks of ``plan.prefill_chunk`` tokens, one forward
+each with the cache growing, because the plan's working buffers (attention scores, MLP
+activations) are billed for a chunk, not for the whole prompt.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 
 from jmoss.errors import BudgetError, ContextLengthError, GenerationError
 from jmoss.model import KVCache, make_step
+from jmoss.placement import DEFAULT_PREFILL_CHUNK
 from jmoss.protocols import ForwardModel
 
 if TYPE_CHECKING:
@@ -50,7 +56,11 @@ class Session:
     def __init__(self, model: ForwardModel, batch: int = 1, max_len: int | None = None):
         max_len = planned_length(model, batch, max_len)
         self.model, self.batch, self.max_len = model, batch, max_len
-        self.cache = KVCache(model.jt, model.config, batch, max_len, model.compute_dtype)
+        plan = getattr(model, "plan", None)
+        kv_dtype = model.compute_dtype if plan is None else plan.kv_dtype
+        self.cache = KVCache(model.jt, model.config, batch, max_len, kv_dtype)
+        # tokens per prefill forward: what the plan's working buffers were sized for
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK if plan is None else plan.prefill_chunk
         self.key_mask = np.zeros((batch, max_len), dtype=np.int8)
         self.next_position = np.zeros(batch, dtype=np.int64)
         self.length = 0  # cache slots used (pads included)
@@ -78,7 +88,9 @@ class Session:
         """Append tokens to every row and return logits (last position [B, V], or all [B, T, V]).
 
         Rows of different lengths are left-padded (only allowed on an empty session, as padding
-        in the middle of a sequence would shift later positions).
+        in the middle of a sequence would shift later positions). The tokens go through the model
+        in chunks of ``prefill_chunk``; with ``last_only`` only the last chunk's last position
+        reaches the vocabulary projection that is read back.
         """
         rows = [list(map(int, r)) for r in rows]
         if len(rows) != self.batch:
@@ -102,6 +114,7 @@ class Session:
         return self._forward(ids, np.ones_like(ids, dtype=np.int8), last_only=True)
 
     def _forward(self, ids: np.ndarray, real: np.ndarray, last_only: bool) -> np.ndarray:
+        """Check, then run ``ids`` through the model in plan-sized chunks (all or nothing)."""
         model = self.model
         batch, width = ids.shape
         if self.length + width > self.max_len:
@@ -112,17 +125,40 @@ class Session:
         vocab = model.config.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             raise GenerationError(f"token ids must be in 0..{vocab - 1}")
-        start = self.length
+        start, next_position = self.length, self.next_position.copy()
+        chunk = max(1, int(self.prefill_chunk))
+        parts = []
+        try:
+            for a in range(0, width, chunk):
+                b = min(width, a + chunk)
+                last = b == width
+                logits = self._chunk(ids[:, a:b], real[:, a:b], last_only)
+                if last or not last_only:
+                    parts.append(logits.numpy())
+                else:
+                    model.jt.sync_all()  # run this chunk now: its activations are freed before the next
+                    del logits
+        except BaseException:
+            self.key_mask[:, start:] = 0  # a failed prefill leaves the session as it was
+            self.length, self.next_position = start, next_position
+            raise
+        if last_only:
+            return parts[-1][:, -1, :]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def _chunk(self, ids: np.ndarray, real: np.ndarray, last_only: bool):
+        """One forward of ``ids`` at the end of the cache; returns the (lazy) logits Var."""
+        model = self.model
+        start, width = self.length, ids.shape[1]
         positions = self.next_position[:, None] + np.cumsum(real, axis=1) - 1
         positions = np.where(real > 0, positions, 0)  # pad slots: any valid row of the table
         self.key_mask[:, start : start + width] = real
         step = make_step(model.jt, model.config, model.rotary, start, positions, self.key_mask)
         embeddings = model.embed(ids)
         logits = model.net.forward(embeddings, model.weights.layer, model.weights.head, self.cache, step, last_only)
-        out = logits.numpy()
         self.length += width
         self.next_position += real.sum(axis=1)
-        return out[:, -1, :] if last_only else out
+        return logits
 
 
 class TextModel(ForwardModel, Protocol):

@@ -14,7 +14,7 @@ from conftest import SHARED
 
 from jmoss.config import MossConfig
 from jmoss.errors import BudgetError, ContextLengthError, DeviceError
-from jmoss.placement import RUNTIME_RESERVE, plan_placement
+from jmoss.placement import RUNTIME_RESERVE, plan_placement, slot_allocation
 from jmoss.sizes import GiB, MiB
 
 MOSS_CONFIG = SHARED / "assets" / "moss-moon-003-sft" / "config.json"
@@ -104,10 +104,11 @@ def test_moss_cuda_streamed_gigabytes_per_budget(moss):
     assert got == {8: 28.09, 12: 23.56, 16: 19.93, 20: 15.40, 24: 10.87}
 
 
-@pytest.mark.parametrize("gib", [4, 8, 12, 16, 20, 24, 30, 34])
+@pytest.mark.parametrize("gib", [6, 8, 12, 16, 20, 24, 30, 34])
 def test_moss_plan_is_optimal_among_all_resident_sets(moss, gib):
-    # Brute force over head in/out and any number of resident layers, with 2 staging slots sized
-    # by the largest streamed group: nothing that fits keeps more bytes resident.
+    # Brute force over head in/out and any number of resident layers, with 2 staging slots each
+    # holding what the CUDA engine allocates (a layer Var set if layers stream, plus a head set if
+    # the head streams): nothing that fits keeps more bytes resident.
     budget = gib * GiB
     plan = plan_placement(moss, device="cuda", device_memory=budget, host_memory=64 * GiB)
     best = 0
@@ -115,7 +116,7 @@ def test_moss_plan_is_optimal_among_all_resident_sets(moss, gib):
         for n in range(N_LAYER + 1):
             streamed = [LAYER_BYTES] * (N_LAYER - n) + ([] if head else [HEAD_BYTES])
             resident = n * LAYER_BYTES + (HEAD_BYTES if head else 0)
-            staging = 2 * max(streamed) if streamed else 0
+            staging = 2 * ((LAYER_BYTES if n < N_LAYER else 0) + (0 if head else HEAD_BYTES))
             if resident + FIXED_CUDA + staging <= budget:
                 best = max(best, resident)
     assert plan.resident_bytes == best
@@ -151,12 +152,14 @@ def test_none_budget_without_a_measurement_is_all_resident_and_says_so(moss):
 
 
 def test_budget_below_minimum_fails_early_with_the_minimum(moss):
-    # Cheapest possible plan: stream everything through one slot as big as the largest group.
-    minimum = FIXED_CUDA + HEAD_BYTES
+    # Cheapest possible plan: one slot. On cuda a slot holds a Var set per layout it streams, so
+    # streaming the head costs a layer set + a head set per slot: the head resident + one layer
+    # slot costs the same and keeps more resident.
+    minimum = FIXED_CUDA + HEAD_BYTES + LAYER_BYTES
     with pytest.raises(BudgetError) as info:
         plan_placement(moss, device="cuda", device_memory=2 * GiB, host_memory=64 * GiB)
     message = str(info.value)
-    assert f"{minimum / GiB:.2f} GiB" in message  # 3.38 GiB
+    assert f"{minimum / GiB:.2f} GiB" in message  # 4.22 GiB
     assert "KV cache" in message and "staging slot" in message
     assert "lower max_seq_len" in message
     plan = plan_placement(moss, device="cuda", device_memory=minimum, host_memory=64 * GiB)
@@ -166,12 +169,12 @@ def test_budget_below_minimum_fails_early_with_the_minimum(moss):
 
 
 def test_budget_for_one_slot_but_not_two_degrades_prefetch_depth_and_notes_it(moss):
-    budget = FIXED_CUDA + HEAD_BYTES + 100 * MiB  # one head-sized slot fits, two do not
+    budget = FIXED_CUDA + HEAD_BYTES + LAYER_BYTES + 100 * MiB  # head + one layer slot fits, two slots do not
     plan = plan_placement(moss, device="cuda", device_memory=budget, host_memory=64 * GiB)
     assert plan.prefetch_depth == 1
-    assert plan.staging_slot_bytes == HEAD_BYTES
-    assert plan.resident_bytes == 0
-    assert plan.streamed_bytes_per_token == N_LAYER * LAYER_BYTES + HEAD_BYTES + EMBED_ROW
+    assert plan.staging_slot_bytes == LAYER_BYTES and plan.slot_layouts == {"layer": LAYER_BYTES}
+    assert plan.groups_on("device") == ["head"]
+    assert plan.streamed_bytes_per_token == N_LAYER * LAYER_BYTES + EMBED_ROW
     assert any("only 1 staging slot" in n for n in plan.notes)
     assert plan.device_total_bytes <= budget
 
@@ -304,17 +307,20 @@ def test_tiny_config_plan_by_hand():
     fixed = kv + probe.work_bytes + RUNTIME_RESERVE["cuda"]
     assert probe.kv_bytes == kv
 
-    # Here the head is smaller than a layer (tiny vocab), so it does not set the slot size.
-    # After two layer-sized slots the budget holds head + 1.5 layers = 9832 + 3184 bytes: keeping
-    # two layers (12736) beats keeping the head and one layer (9832), so the head is streamed.
+    # Here the head is smaller than a layer (tiny vocab). On cuda a slot that streams the head
+    # holds a layer Var set *and* a head set, so streaming it would cost 2 x (layer + head) of
+    # slots: after two layer-sized slots the budget holds head + 1.5 layers, and keeping the head
+    # and layer 0 is the best that fits (two layers plus head-carrying slots do not).
+    assert slot_allocation("cuda", [2, 3, "head"], {2: layer, 3: layer, "head": head}) == {"layer": layer, "head": head}
+    assert slot_allocation("cpu", [2, 3, "head"], {2: layer, 3: layer, "head": head}) == {"buffer": layer}
     budget = fixed + head + 2 * layer + layer + layer // 2
     plan = plan_placement(cfg, device="cuda", device_memory=budget, host_memory=None)
-    assert plan.groups_on("device") == [0, 1]
-    assert plan.groups_on("host") == ["embed", 2, 3, 4, 5, "head"]
-    assert plan.staging_slot_bytes == layer
-    assert plan.streamed_bytes_per_token == 4 * layer + head + 2 * d
+    assert plan.groups_on("device") == [0, "head"]
+    assert plan.groups_on("host") == ["embed", 1, 2, 3, 4, 5]
+    assert plan.staging_slot_bytes == layer and plan.slot_layouts == {"layer": layer}
+    assert plan.streamed_bytes_per_token == 5 * layer + 2 * d
     assert plan.device_total_bytes <= budget
-    assert "layers 2-5" in plan.describe()
+    assert "layers 1-5" in plan.describe()
 
     # A little less and two layers no longer fit: the head and layer 0 stay.
     budget = fixed + 2 * layer + head + layer

@@ -62,6 +62,41 @@ def _group_layout(offsets: Mapping[str, tuple[int, tuple[int, ...], str]], start
     return {name: ((off - start) // 2 * itemsize, shape, dtype) for name, (off, shape, dtype) in offsets.items()}
 
 
+def group_views(buf: np.ndarray, layout: Mapping[str, tuple[int, tuple[int, ...], str]], itemsize: int) -> dict:
+    """name -> a numpy view of ``buf`` per tensor (fp16 tensors in ``itemsize``, packed parts as stored)."""
+    out = {}
+    np_dtype = np.float16 if itemsize == 2 else np.float32
+    for name, (offset, shape, dtype) in layout.items():
+        view_dtype = np_dtype if dtype == "float16" else np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(view_dtype).itemsize
+        out[name] = buf[offset : offset + n].view(view_dtype).reshape(shape)
+    return out
+
+
+def read_group(store, g: Group, itemsize: int) -> tuple[np.ndarray, dict]:
+    """One group read into a buffer this process owns: (buffer, name -> view).
+
+    One ``preadv`` of the group's data span, hashed as it is read (first read only) and checked
+    before any byte is used, then dropped from the page cache: the weights exist once in RAM, as
+    anonymous memory RSS reports honestly, never as a memmap copy plus a jittor copy. For
+    ``itemsize`` 4 the fp16 data lands in the upper half and is widened in place.
+    """
+    start, nbytes = store.group_data_span(g)
+    buf = np.empty(nbytes // 2 * itemsize, dtype=np.uint8)
+    fd = os.open(store.group_path(g), os.O_RDONLY)
+    try:
+        target = memoryview(buf)[nbytes:] if itemsize == 4 else memoryview(buf)
+        hasher = store.span_hasher(g)
+        read_span(fd, target, start, hasher=hasher)
+    finally:
+        os.close(fd)
+    if hasher is not None:
+        store.finish_span_check(g, hasher)  # before any byte is used
+    if itemsize == 4:
+        widen_in_place(buf, nbytes // 2, np.empty(_WIDEN_CHUNK, np.float16))
+    return buf, group_views(buf, _group_layout(store.tensor_offsets(g), start, itemsize), itemsize)
+
+
 def wrap_zero_copy(jt: ModuleType, array: np.ndarray):
     """A jittor Var over ``array``'s memory (no copy; CPU only, jittor-notes §4)."""
     if not (type(array) is np.ndarray and array.flags.c_contiguous):
@@ -105,12 +140,14 @@ class StreamingWeights(StreamPipeline):
             if g != EMBED and where[g] == "device":
                 self._resident[g] = self._read_resident(g)
 
-        # Streamed groups: fixed slots (fp16 bytes of the largest group, doubled for float32).
-        slot_bytes = max((n for _, n in self._spans.values()), default=0) // 2 * self.itemsize
-        if sequence and slot_bytes > plan.staging_slot_bytes:
+        # Streamed groups: the plan's slots, allocated as billed (one buffer each, the largest group
+        # in this dtype: fp16 bytes, doubled for float32).
+        needed = max((n for _, n in self._spans.values()), default=0) // 2 * self.itemsize
+        slot_bytes = plan.device_slot_bytes if sequence else 0
+        if needed > slot_bytes:
             raise BudgetError(
-                f"the plan's staging slot ({plan.staging_slot_bytes} B) is smaller than the largest streamed "
-                f"group in {dtype} ({slot_bytes} B): plan with weight_itemsize={self.itemsize}"
+                f"the plan's staging slot ({slot_bytes} B) is smaller than the largest streamed "
+                f"group in {dtype} ({needed} B): plan with weight_itemsize={self.itemsize}"
             )
         self._slots = [np.empty(slot_bytes, dtype=np.uint8) for _ in range(self.depth)]
         self._scratch = np.empty(_WIDEN_CHUNK if dtype == "float32" and sequence else 0, np.float16)
@@ -125,31 +162,12 @@ class StreamingWeights(StreamPipeline):
 
     # ---- reading ---------------------------------------------------------------------------
     def _read_resident(self, g: Group) -> dict:
-        start, nbytes = self.store.group_data_span(g)
-        buf = np.empty(nbytes // 2 * self.itemsize, dtype=np.uint8)
-        fd = os.open(self.store.group_path(g), os.O_RDONLY)
-        try:
-            target = memoryview(buf)[nbytes:] if self.itemsize == 4 else memoryview(buf)
-            hasher = self.store.span_hasher(g)
-            read_span(fd, target, start, hasher=hasher)
-        finally:
-            os.close(fd)
-        if hasher is not None:
-            self.store.finish_span_check(g, hasher)  # before any byte is used
-        if self.itemsize == 4:
-            widen_in_place(buf, nbytes // 2, np.empty(_WIDEN_CHUNK, np.float16))
+        buf, arrays = read_group(self.store, g, self.itemsize)
         self._resident_arrays.append(buf)
-        layout = _group_layout(self.store.tensor_offsets(g), start, self.itemsize)
-        return self._wrap(buf, layout)
+        return {name: wrap_zero_copy(self.jt, a) for name, a in arrays.items()}
 
     def _wrap(self, buf: np.ndarray, layout: Mapping[str, tuple[int, tuple[int, ...]]]) -> dict:
-        out = {}
-        np_dtype = np.float16 if self.itemsize == 2 else np.float32
-        for name, (offset, shape, dtype) in layout.items():
-            view_dtype = np_dtype if dtype == "float16" else np.dtype(dtype)  # packed parts: as stored
-            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(view_dtype).itemsize
-            out[name] = wrap_zero_copy(self.jt, buf[offset : offset + n].view(view_dtype).reshape(shape))
-        return out
+        return {name: wrap_zero_copy(self.jt, a) for name, a in group_views(buf, layout, self.itemsize).items()}
 
     def _fill(self, slot: int, g: Group) -> None:
         offset, nbytes = self._spans[g]

@@ -47,7 +47,7 @@ import numpy as np
 from jmoss import cuda_runtime
 from jmoss.engine.pipeline import StreamPipeline, _layout_key, read_span
 from jmoss.engine.resident import ResidentWeights
-from jmoss.errors import DeviceError
+from jmoss.errors import BudgetError, DeviceError
 from jmoss.layout import EMBED, HEAD, Group, all_groups
 from jmoss.placement import Plan
 
@@ -178,7 +178,47 @@ class CudaResidentWeights(ResidentWeights):
         groups, copied = upload_resident(store, [*range(n_layer), HEAD], jt, dtype)
         self._layers = [groups[i] for i in range(n_layer)]
         self._head = groups[HEAD]
+        self._buffers, self._nbytes = [], copied  # nothing stays on the host; memory() = device bytes
         self.load_memory = _measured(before, copied)
+
+
+def _tensor_bytes(offsets: Mapping[str, tuple[int, tuple[int, ...], str]]) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize for _, shape, dt in offsets.values())
+
+
+def allocate_slots(jt: ModuleType, plan: Plan, offsets: Mapping[Group, Mapping], device_ptr):
+    """Per slot, one Var set per layout in ``plan.slot_layouts``, shaped like the largest streamed
+    group of that layout (``offsets``: streamed group -> ``Store.tensor_offsets``); packed parts
+    keep their stored dtype. Returns (vars, device pointers, bytes allocated).
+
+    The plan paid for these buffers (``plan.staging_bytes``); a store whose streamed layouts differ
+    from what the plan billed is refused before any device memory is taken.
+    """
+    chosen: dict[str, Group] = {}
+    for g, tensors in offsets.items():
+        key = _layout_key(g)
+        if key not in chosen or _tensor_bytes(tensors) > _tensor_bytes(offsets[chosen[key]]):
+            chosen[key] = g
+    needed = {key: _tensor_bytes(offsets[g]) for key, g in chosen.items()}
+    if needed != dict(plan.slot_layouts):
+        raise BudgetError(
+            f"the plan's staging slots ({dict(plan.slot_layouts)} bytes by layout) do not match the streamed "
+            f"groups of this store ({needed}): make the plan for this store with weight_itemsize 2"
+        )
+    slot_vars: list[dict[str, dict]] = []
+    slot_ptrs: list[dict[str, dict[str, int]]] = []
+    total = 0
+    for _ in range(plan.prefetch_depth):
+        slot_vars.append({})
+        slot_ptrs.append({})
+        for key, g in chosen.items():
+            vars_ = {n: jt.empty(shape, dt) for n, (_, shape, dt) in offsets[g].items()}
+            for var in vars_.values():
+                var.sync()
+            slot_vars[-1][key] = vars_
+            slot_ptrs[-1][key] = {n: device_ptr(v) for n, v in vars_.items()}
+            total += needed[key]
+    return slot_vars, slot_ptrs, total
 
 
 class CudaStreamingWeights(StreamPipeline):
@@ -214,19 +254,9 @@ class CudaStreamingWeights(StreamPipeline):
         self._staging = [self._pinned(plan.staging_slot_bytes) for _ in range(self.depth)] \
             if any(where[g] == "disk" for g in sequence) else []
         self._fds = {g: os.open(store.group_path(g), os.O_RDONLY) for g in sequence if where[g] == "disk"}
-        # Device slots: one Var per tensor name and layout ("layer" or "head"), allocated once.
-        self._slot_vars: list[dict[str, dict]] = [{} for _ in range(self.depth)]
-        self._slot_ptrs: list[dict[str, dict[str, int]]] = [{} for _ in range(self.depth)]
-        for slot in range(self.depth):
-            for g in sequence:
-                key = _layout_key(g)
-                if key in self._slot_vars[slot]:
-                    continue
-                vars_ = {n: jt.empty(shape, dt) for n, (_, shape, dt) in self._offsets[g].items()}  # packed: as stored
-                for var in vars_.values():
-                    var.sync()
-                self._slot_vars[slot][key] = vars_
-                self._slot_ptrs[slot][key] = {n: _device_ptr(jt, v) for n, v in vars_.items()}
+        # Device slots: exactly the Var sets the plan names per slot (placement.slot_allocation).
+        self._slot_vars, self._slot_ptrs, self._slot_nbytes = allocate_slots(
+            jt, plan, self._offsets, lambda var: _device_ptr(jt, var))
         self._stream = cuda_runtime.Stream() if sequence else None
         self._events = [cuda_runtime.Event() for _ in range(self.depth)]
         self.load_memory = _measured(before, copied)
@@ -272,9 +302,9 @@ class CudaStreamingWeights(StreamPipeline):
         self.stats.sync_seconds += time.perf_counter() - t0
 
     def memory(self) -> dict[str, int]:
-        per_slot = max((n for _, n in self._spans.values()), default=0)
+        """Bytes this engine allocated: device slots (== plan.staging_bytes) and pinned host memory."""
         return {
-            "device_slots": self.depth * per_slot,
+            "device_slots": self._slot_nbytes,
             "pinned_host_weights": sum(a.nbytes for a in self._host.values()),
             "pinned_staging": sum(a.nbytes for a in self._staging),
         }

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 from jmoss.errors import StoreError
 from jmoss.layout import EMBED, HEAD, Group, all_groups
+from jmoss.placement import slot_layout
 
 _STOP = -1
 
@@ -114,8 +115,7 @@ class EngineStats:
         return out
 
 
-def _layout_key(group: Group) -> str:
-    return "layer" if isinstance(group, int) else str(group)
+_layout_key = slot_layout  # the plan and every engine name a slot's layouts the same way
 
 
 # ------------------------------------------------------------------------------ the engine
