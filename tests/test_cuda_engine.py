@@ -291,12 +291,15 @@ def test_bounce_buffer_is_refilled_only_after_waiting_for_its_copies(device, sto
 
 
 def _plan(store: Store, tiers: dict) -> object:
-    from jmoss.placement import plan_placement
+    from jmoss.placement import plan_placement, slot_allocation
 
     plan = plan_placement(store.config, device="cuda", device_memory=None, host_memory=None, max_seq_len=32)
     placements = tuple(dataclasses.replace(p, where=tiers.get(p.group, p.where)) for p in plan.placements)
     slot = max(store.group_nbytes(g) for g, where in tiers.items() if where == "disk")
-    return dataclasses.replace(plan, placements=placements, staging_slot_bytes=slot, prefetch_depth=2)
+    streamed = [g for g, where in tiers.items() if where != "device"]
+    layouts = slot_allocation("cuda", streamed, {g: store.group_nbytes(g) for g in streamed})
+    return dataclasses.replace(plan, placements=placements, staging_slot_bytes=slot, prefetch_depth=2,
+                               slot_layouts=layouts)
 
 
 def test_streaming_engine_copies_then_records_then_waits_and_matches_the_cpu_path(device, store_path, reference):
@@ -320,6 +323,7 @@ def test_streaming_engine_copies_then_records_then_waits_and_matches_the_cpu_pat
         assert tokens == reference[1]
         # Per fill, on the engine's own stream: the group's copies, then one record of the slot's
         # event, then a wait on that event before the next fill starts (the slot is handed out after).
+        weights._halt()  # the reader is prefetching the next token's groups: let it finish that fill
         stream = weights._stream
         event_ids = [e.id for e in weights._events]
         start = max(i for i, e in enumerate(runtime.log) if e[0] == "event" and e[1] in event_ids) + 1
