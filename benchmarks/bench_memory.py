@@ -37,7 +37,7 @@ import numpy as np
 import jmoss
 t0 = time.perf_counter()
 model = jmoss.load(opts["store"], device="cpu", device_memory=opts["budget"], max_seq_len=opts["max_len"],
-                   dtype=opts.get("dtype"))
+                   dtype=opts.get("dtype"), **({"prefill_chunk": opts["chunk"]} if opts.get("chunk") else {}))
 load_s = time.perf_counter() - t0
 prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, opts["prompt"])]
 session = model.session(max_len=opts["max_len"])
@@ -65,21 +65,22 @@ stop_for_measurement()
 MiB = 1 << 20
 
 
-def shapes(n_layer: int, n_positions: int = 2048) -> dict:
-    return dict(n_embd=1024, n_head=16, rotary_dim=32, n_layer=n_layer, vocab_size=107008, n_positions=n_positions)
+def shapes(n_layer: int, width: int = 1024, n_positions: int = 2048) -> dict:
+    return dict(n_embd=width, n_head=width // 64, rotary_dim=32, n_layer=n_layer, vocab_size=107008,
+                n_positions=n_positions)
 
 
-def make_store(root: Path, n_layer: int) -> Path:
-    """A random fp16 store of ``shapes(n_layer)`` under ``root``, written once."""
+def make_store(root: Path, n_layer: int, width: int = 1024) -> Path:
+    """A random fp16 store of ``shapes(n_layer, width)`` under ``root``, written once."""
     from jmoss.config import MossConfig
     from jmoss.store import MANIFEST
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from random_store import write_random_store
 
-    path = root / f"random-1024x{n_layer}"
+    path = root / f"random-{width}x{n_layer}"
     if not (path / MANIFEST).is_file():
-        config = MossConfig.from_dict({**shapes(n_layer), "model_type": "moss", "eos_token_id": None})
+        config = MossConfig.from_dict({**shapes(n_layer, width), "model_type": "moss", "eos_token_id": None})
         write_random_store(path, config)
     return path
 
@@ -122,6 +123,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=24, help="layers of the long-prompt store")
     parser.add_argument("--resident-layers", type=int, default=52, help="layers of the resident store")
     parser.add_argument("--prompt", type=int, default=1900)
+    parser.add_argument("--width", type=int, default=1024, help="n_embd of the long-prompt store (and its baseline)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="the plan's prefill chunk (default: jmoss's)")
     parser.add_argument("--what", default="long,resident")
     parser.add_argument("--dtype", default=None, help="weight dtype of the resident load (default: jmoss's)")
     args = parser.parse_args()
@@ -135,23 +138,25 @@ def main() -> int:
 
     print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; load average {os.getloadavg()}")
     print(f"# trees: {trees}")
-    baseline_store = make_store(args.stores, 1)
+    baseline_store = make_store(args.stores, 1, args.width if "long" in what else 1024)
     if "long" in what:
-        store = make_store(args.stores, args.layers)
+        store = make_store(args.stores, args.layers, args.width)
         max_len = args.prompt + 4
         config = Store.open(store).config
+        chunk = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}
         plan = plan_placement(config, device="cpu", device_memory=None, host_memory=None, max_seq_len=max_len,
-                              weight_itemsize=2)
+                              weight_itemsize=2, **chunk)
         budget = plan.minimum_device_bytes
         total = sum(f.stat().st_size for f in store.glob("*.safetensors"))
         print(f"\n## long prompt: store {store.name}, {total / 1e6:.0f} MB of files "
               f"({weight_bytes(store) / 1e6:.0f} MB layers + head), minimum budget {mib(budget).strip()} "
               f"for max_seq_len {max_len} = {total / budget:.2f}x the budget")
         for name, tree in trees.items():
-            base = run(Path(tree), dict(store=str(baseline_store), budget=None, max_len=max_len, prompt=16, decode=8))
+            base = run(Path(tree), dict(store=str(baseline_store), budget=None, max_len=max_len, prompt=16, decode=8,
+                                        chunk=args.prefill_chunk))
             for label, n_prompt, n_new in (("long", args.prompt, 4), ("short", 64, 16)):
                 r = run(Path(tree), dict(store=str(store), budget=budget, max_len=max_len, prompt=n_prompt,
-                                         decode=n_new))
+                                         decode=n_new, chunk=args.prefill_chunk))
                 bound = budget + base["peak_rss"] + 64 * MiB
                 print(f"{name:>4} {label:<5} prompt {n_prompt:>4} + {n_new:>2} decode: peak RSS {mib(r['peak_rss'])} "
                       f"(bound budget {mib(budget).strip()} + baseline {mib(base['peak_rss']).strip()} + 64 MiB = "
