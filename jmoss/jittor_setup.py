@@ -446,6 +446,23 @@ def save_mem_requested() -> bool:
     return os.environ.get(SAVE_MEM_ENV, "") == "1"
 
 
+@contextlib.contextmanager
+def _without_cupy():
+    """Jittor's import tries ``import cupy`` for its numpy_code bridge, which jmoss never uses (the
+    CUDA runtime is reached through ctypes, jmoss.cuda_runtime). A cupy built for numpy 2 (the
+    device machines' stock cupy-cuda13x) beside the numpy 1 Jittor needs fails in odd ways at
+    import, so the import sees no cupy; an application that imported cupy itself keeps it."""
+    if "cupy" in sys.modules:
+        yield
+        return
+    sys.modules["cupy"] = None  # `import cupy` raises ImportError, which Jittor handles
+    try:
+        yield
+    finally:
+        if sys.modules.get("cupy", 0) is None:
+            del sys.modules["cupy"]
+
+
 def _import_jittor(device: str) -> ModuleType:
     env = {
         "use_mkl": "0",
@@ -492,7 +509,7 @@ def _import_jittor(device: str) -> ModuleType:
             file=sys.stderr,
             flush=True,
         )
-    with _captured_fds() as log, _home_pointing_at(home), _no_jittor_sigint():
+    with _captured_fds() as log, _home_pointing_at(home), _no_jittor_sigint(), _without_cupy():
         try:
             with warnings.catch_warnings():  # jittor's sources carry invalid escape sequences
                 warnings.simplefilter("ignore", DeprecationWarning)

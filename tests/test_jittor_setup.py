@@ -161,3 +161,25 @@ def test_progress_filter_keeps_every_other_byte():
     tty = CompileProgressFilter(tty=True)
     shown = tty.feed(b"\nCompiling Operators(1/5) used: 2s eta: 3s \r")
     assert shown.startswith(b"\n\x1b[2mjmoss: compiling 5 kernels") and shown.endswith(b"\x1b[0m\n")
+
+
+def test_a_broken_cupy_beside_jittor_does_not_break_jmoss(tmp_path):
+    """Jittor's import tries `import cupy`; a cupy that fails at import (the device machines' stock
+    cupy is built for numpy 2, Jittor runs on numpy 1) must not stop jmoss: jmoss never uses it,
+    so Jittor's import does not even reach it."""
+    fake = tmp_path / "site" / "cupy"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "cupy-was-imported"
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise RuntimeError('this cupy needs numpy >= 2')\n")
+    code = textwrap.dedent("""
+        import sys
+        from jmoss.jittor_setup import get_jittor
+        jt = get_jittor("cpu")
+        assert float(jt.array([1.0, 2.0]).sum().item()) == 3.0
+        assert "cupy" not in sys.modules, "the cupy block must not outlive Jittor's import"
+        print("OK")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-2000:]
+    assert not marker.exists(), "Jittor's import reached the installed cupy"
