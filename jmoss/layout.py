@@ -121,6 +121,16 @@ def linear_shapes(config: MossConfig) -> dict[str, tuple[int, int]]:
     return {"attn.qkv": (3 * d, d), "attn.out_proj": (d, d), "mlp.fc_in": (inner, d), "mlp.fc_out": (d, inner)}
 
 
+def packed_parts(prefix: str, shape: tuple[int, ...], bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The four stored tensors of a packed Linear ``prefix`` whose fp16 weight is ``shape`` [N, K]."""
+    n_out, k_in = shape
+    g = packed_groups(k_in, group_size)
+    return {f"{prefix}.perm": ((k_in,), "int32"),
+            f"{prefix}.qweight": ((n_out, packed_row_bytes(k_in, bits)), "uint8"),
+            f"{prefix}.scales": ((n_out, g), "float16"),
+            f"{prefix}.zeros": ((n_out, g), "float16")}
+
+
 def _plain_group_tensors(config: MossConfig, group: Group) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and numpy dtype of every tensor of a group, in file order (fp16 or packed layers;
     ``group_tensors`` adds the packed lm_head / wte).
@@ -139,12 +149,7 @@ def _plain_group_tensors(config: MossConfig, group: Group) -> dict[str, tuple[tu
     for name, shape in group_shapes(config, group).items():
         prefix = name[: -len(".weight")]
         if name.endswith(".weight") and prefix in QUANT_LINEARS:
-            n_out, k_in = shape
-            g = packed_groups(k_in, config.groupsize)
-            out[f"{prefix}.perm"] = ((k_in,), "int32")
-            out[f"{prefix}.qweight"] = ((n_out, packed_row_bytes(k_in, bits)), "uint8")
-            out[f"{prefix}.scales"] = ((n_out, g), "float16")
-            out[f"{prefix}.zeros"] = ((n_out, g), "float16")
+            out.update(packed_parts(prefix, shape, bits, config.groupsize))
         else:
             out[name] = (shape, "float16")
     return out
@@ -336,12 +341,7 @@ def group_tensors(config: MossConfig, group: Group) -> dict[str, tuple[tuple[int
         if name != f"{prefix}.weight":
             out[name] = (shape, dtype)
             continue
-        n_out, k_in = shape
-        g = packed_groups(k_in, config.groupsize)
-        out[f"{prefix}.perm"] = ((k_in,), "int32")
-        out[f"{prefix}.qweight"] = ((n_out, packed_row_bytes(k_in, bits)), "uint8")
-        out[f"{prefix}.scales"] = ((n_out, g), "float16")
-        out[f"{prefix}.zeros"] = ((n_out, g), "float16")
+        out.update(packed_parts(prefix, shape, bits, config.groupsize))
     return out
 
 

@@ -1204,13 +1204,7 @@ static inline vec vload_q(const uint8_t* row, i64 j) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
 #endif
 }
-static inline vec vset1(float v) {
-#if JMOSS_ISA == 2
-    return _mm512_set1_ps(v);
-#else
-    return _mm256_set1_ps(v);
-#endif
-}
+using jmoss_k::vbroadcast1;
 #endif
 
 // Fused dequantizing dot products of one x row with NR packed rows.
@@ -1253,7 +1247,7 @@ static inline void qdot(const float* x, const float* xsum, const uint8_t* q, i64
             const float sc = jmoss_k::scalar_load(s + r * G + g);
             const float zp = jmoss_k::scalar_load(z + r * G + g);
 #if JMOSS_ISA >= 1
-            tot[r] = jmoss_k::vfma(acc[r], vset1(sc), tot[r]);
+            tot[r] = jmoss_k::vfma(acc[r], vbroadcast1(sc), tot[r]);
 #endif
             zt[r] += sc * (zp * xsum[g] - tail[r]);
         }
@@ -1296,7 +1290,7 @@ struct dequant_panel {
                 const i64 j1 = std::min(K, (g + 1) * GS);
                 i64 j = g * GS;
                 if (GS % VW == 0) {
-                    const vec vs = vset1(sc), vz = vset1(zp);
+                    const vec vs = vbroadcast1(sc), vz = vbroadcast1(zp);
                     for (; j + VW <= j1; j += VW) {
 #if JMOSS_ISA == 2
                         _mm512_storeu_ps(w + r * K + j, _mm512_mul_ps(_mm512_sub_ps(vload_q<BITS>(row, j), vz), vs));
@@ -1613,7 +1607,7 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
                         i64 j = g * GS;
 #if JMOSS_ISA >= 1
                         if (GS % VW == 0) {
-                            const vec vs = vset1(sc), vz = vset1(zp);
+                            const vec vs = vbroadcast1(sc), vz = vbroadcast1(zp);
                             for (; j + VW <= j1; j += VW) {
 #if JMOSS_ISA == 2
                                 _mm512_storeu_ps(w + r * K + j, _mm512_mul_ps(_mm512_sub_ps(vload_q<BITS>(row, j), vz), vs));
