@@ -1273,8 +1273,7 @@ static inline void qgemv_rows(const float* xp, const float* xs, const uint8_t* q
 
 static const i64 QUANT_PANEL_MIN_M = 4;
 
-#if JMOSS_ISA >= 1
-// rows packed rows of W from n0 dequantized into fp32 [rows][K] (exact: (q - z) * s).
+// rows packed rows of W from n0 dequantized into fp32 [rows][K] (exact: (q - z) * s); every ISA.
 template <int BITS>
 struct dequant_panel {
     const uint8_t* q;
@@ -1289,6 +1288,7 @@ struct dequant_panel {
                 const float zp = jmoss_k::scalar_load(z + (n0 + r) * G + g);
                 const i64 j1 = std::min(K, (g + 1) * GS);
                 i64 j = g * GS;
+#if JMOSS_ISA >= 1
                 if (GS % VW == 0) {
                     const vec vs = vbroadcast1(sc), vz = vbroadcast1(zp);
                     for (; j + VW <= j1; j += VW) {
@@ -1299,12 +1299,14 @@ struct dequant_panel {
 #endif
                     }
                 }
+#endif
                 for (; j < j1; j++) w[r * K + j] = (q_at<BITS>(row, j) - zp) * sc;
             }
         }
     }
 };
 
+#if JMOSS_ISA >= 1
 // Prefill: the register-blocked GEMM of jmoss_k over panels dequantized per thread, x read through perm.
 template <int BITS, class BT>
 static void gemm_panels_q(const float* x, const int32_t* perm, const uint8_t* q, const uint16_t* s, const uint16_t* z,
@@ -1598,28 +1600,7 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
                     continue;
                 }
                 float* w = wbuf.data();
-                for (int r = 0; r < nr; r++) {
-                    const uint8_t* row = q + (n0 + r) * ldq;
-                    for (i64 g = 0; g < G; g++) {
-                        const float sc = jmoss_k::scalar_load(s + (n0 + r) * G + g);
-                        const float zp = jmoss_k::scalar_load(z + (n0 + r) * G + g);
-                        const i64 j1 = std::min(K, (g + 1) * GS);
-                        i64 j = g * GS;
-#if JMOSS_ISA >= 1
-                        if (GS % VW == 0) {
-                            const vec vs = vbroadcast1(sc), vz = vbroadcast1(zp);
-                            for (; j + VW <= j1; j += VW) {
-#if JMOSS_ISA == 2
-                                _mm512_storeu_ps(w + r * K + j, _mm512_mul_ps(_mm512_sub_ps(vload_q<BITS>(row, j), vz), vs));
-#else
-                                _mm256_storeu_ps(w + r * K + j, _mm256_mul_ps(_mm256_sub_ps(vload_q<BITS>(row, j), vz), vs));
-#endif
-                            }
-                        }
-#endif
-                        for (; j < j1; j++) w[r * K + j] = (q_at<BITS>(row, j) - zp) * sc;
-                    }
-                }
+                dequant_panel<BITS>{q, s, z, K, ldq, GS, G}(n0, nr, w);
                 // y + n0 as the output base: the tile writes column n0 + jj of row m.
                 for (i64 mb = 0; mb < M; mb += MB) {
                     const i64 me = std::min(M, mb + MB);
