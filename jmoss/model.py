@@ -260,7 +260,18 @@ class MossModel:
         return y.cast(self.dtype).reshape(b, t, -1)
 
     def block(self, h, w: Mapping, layer: int, cache: KVCache, step: Step):
-        """One MossBlock: h + Attn(LN(h)) + MLP(LN(h)); writes this step's keys/values to the cache."""
+        """One MossBlock: h + Attn(LN(h)) + MLP(LN(h)); writes this step's keys/values to the cache.
+
+        Ops that can run a whole layer as one op for a decode step (jmoss.kernels' decode_block)
+        do so; it computes the same thing (tests/test_decode_block.py), with one op instead of ~12."""
+        fused = getattr(self.ops, "decode_block", None)
+        if fused is not None:
+            packed = "attn.qkv.qweight" in w
+            y = fused(h, w, cache.keys[layer], cache.values[layer], step.sin, step.cos, step.attn_bias, step.start,
+                      eps=self.config.layer_norm_epsilon, rotary_dim=self.config.rotary_dim,
+                      bits=self.config.wbits if packed else 0, group_size=self.config.groupsize if packed else 0)
+            if y is not None:
+                return y
         a = self._layer_norm(h, w, "ln_1")
         return self.attention(a, w, layer, cache, step) + self.mlp(a, w) + h
 

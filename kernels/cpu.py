@@ -46,10 +46,12 @@ group's scale per group, the zero-point term from per-group sums of x), so a tok
 byte per weight and no dequantized copy exists; prefill (M >= 16) dequantizes a 12-row panel (6 on
 AVX2) per thread into fp32 and runs the outer-product fp32 GEMM over it (not the AMX path).
 ``quant_compute="int8"`` (``JMOSS_KERNELS_QUANT_COMPUTE=int8``) is an opt-in, approximate prefill
-mode for packed weights on AVX-512 VNNI, what CTranslate2's int8 modes do: x is rounded per row
-to max|x|/127 steps and the integer products run on vpdpbusd (~2.5-3x the fp32 GEMM per core);
-each activation is then off by up to max|x_row|/254, measured ~1e-2 of max|y| on random layers
-(tests/test_quant_kernels.py prints it), far from the 1e-4 fidelity of the default fp32 mode.
+mode on AVX-512 VNNI, what CTranslate2's int8 modes do: x is rounded per row to max|x|/127 steps
+and the integer products run on vpdpbusd (~2.5-3x the fp32 GEMM per core); each activation is
+then off by up to max|x_row|/254, measured ~1e-2 of max|y| on random layers (tests/
+test_quant_kernels.py prints it), far from the 1e-4 fidelity of the default fp32 mode. Packed
+weights keep their codes; fp16/fp32 weights are rounded too, per row and group of 128 to
+max|w|/127 steps, one 12-row panel at a time (never a quantized copy of the layer).
 
 Prefill without AMX (M >= 32 rows for fp16/fp32 weights, >= 16 for packed ones; fewer rows keep
 the dot-product tiles, which win there; AVX-512 or AVX2): each thread turns
@@ -222,8 +224,8 @@ def _header(isa: str) -> str:
 
 
 _LINEAR_SRC = """
-jmoss_k::linear(in0_p, jmoss_raw(in1_p), {bias}, out0_p, in0_shape0, in0_shape1, in1_shape0,
-                (int)data["threads"], (int)data["act"], (int)data["amx"]);
+jmoss_q::flinear(in0_p, jmoss_raw(in1_p), {bias}, out0_p, in0_shape0, in0_shape1, in1_shape0,
+                 (int)data["threads"], (int)data["act"], (int)data["amx"], (int)data["i8"]);
 """
 _SRC_BIAS = _LINEAR_SRC.format(bias="jmoss_raw(in2_p)")
 _SRC_NO_BIAS = _LINEAR_SRC.format(bias="(const float*)nullptr")
@@ -264,7 +266,8 @@ def linear(x: "jt.Var", weight: "jt.Var", bias: "jt.Var | None" = None, *, activ
         inputs,
         cpu_header=_header(_isa()),
         cpu_src=_SRC_BIAS if bias is not None else _SRC_NO_BIAS,
-        data={"threads": _threads(), "act": _ACTIVATIONS[activation], "amx": _amx_min_m()},
+        data={"threads": _threads(), "act": _ACTIVATIONS[activation], "amx": _amx_min_m(),
+              "i8": int(_quant_compute() == "int8")},
     )
     return y if x.ndim == 2 else y.reshape(lead + [n_out])
 
@@ -322,6 +325,80 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
                 data={"threads": _threads(), "act": _ACTIVATIONS[activation], "group": int(group_size),
                       "i8": int(_quant_compute() == "int8")})
     return y if x.ndim == 2 else y.reshape(lead + [n_out])
+
+
+# decode_block: at most this many rows (B*T) take the fused one-op layer; more (prefill) keep the
+# per-op path, whose GEMM paths want the rows and whose scratch the planner bills.
+FUSED_MAX_ROWS = 16
+_BLOCK_LINEARS = ("attn.qkv", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
+_BLOCK_SRC = """
+using PT = std::remove_const_t<std::remove_pointer_t<decltype(jmoss_raw(in1_p))>>;
+auto mk = [&](const void* w, const int32_t* perm, const uint16_t* sc, const uint16_t* zr, const PT* bias,
+              jmoss_k::i64 K, jmoss_k::i64 N, jmoss_k::i64 ldq) {{
+    return jmoss_f::lin<{bits}, PT>{{w, perm, sc, zr, bias, K, N, ldq, (jmoss_k::i64)data["group"]}};
+}};
+{lins}
+jmoss_f::decode_block<{bits}, PT>(in0_p, out0_p, jmoss_raw(in1_p), jmoss_raw(in2_p), (float)data["eps"],
+    l0, l1, l2, l3, {tail_in}, in0_shape0 / (jmoss_k::i64)data["length"], (jmoss_k::i64)data["length"],
+    {keys}_shape1, {keys}_shape3, {keys}_shape2, (jmoss_k::i64)data["start"], (jmoss_k::i64)data["rotary"],
+    (int)data["threads"], (int)data["amx"], (int)data["i8"]);
+"""
+
+
+def decode_block(h: "jt.Var", w: "dict", keys: "jt.Var", values: "jt.Var", sin: "jt.Var", cos: "jt.Var",
+                 attn_bias: "jt.Var", start: int, *, eps: float, rotary_dim: int, bits: int = 0,
+                 group_size: int = 0) -> "jt.Var | None":
+    """One whole decoder layer in one op for a decode step, or None where it does not apply.
+
+    ``h`` float32 [B, T, D] with B*T <= FUSED_MAX_ROWS; ``w`` the layer's weights in store names,
+    fp16 (``bits=0``) or packed (``bits`` 4/8, ``group_size``), with no bias on qkv/out_proj (MOSS,
+    CodeGen); the rest as ``attention``. Computes exactly what layer_norm, linear / quant_linear and
+    attention compute one op at a time -- same kernels, same order -- and returns
+    ``(attn + mlp) + h``; the keys and values of the step are written into the cache in place.
+    Returns None (the caller runs the per-op path) for more rows or any other weight layout.
+    """
+    jt = _jittor()
+    batch, length, dim = (int(s) for s in h.shape)
+    if batch * length > FUSED_MAX_ROWS or str(h.dtype) != "float32":
+        return None
+    if any(f"{n}.bias" in w for n in _BLOCK_LINEARS[:2]) or any(f"{n}.bias" not in w for n in _BLOCK_LINEARS[2:]):
+        return None
+    if str(keys.dtype) != "float32" or str(values.dtype) != "float32" or str(w["ln_1.weight"].dtype) not in ("float16", "float32"):
+        return None
+    params = (w["ln_1.weight"], w["ln_1.bias"], w["mlp.fc_in.bias"], w["mlp.fc_out.bias"])
+    if len({str(p.dtype) for p in params}) != 1:
+        return None
+    inputs = [h.reshape((batch * length, dim)), w["ln_1.weight"], w["ln_1.bias"]]
+    lins = []
+
+    def add(var: "jt.Var") -> str:
+        inputs.append(var)
+        return f"in{len(inputs) - 1}_p"
+
+    for i, name in enumerate(_BLOCK_LINEARS):
+        bias = f"jmoss_raw({add(w[name + '.bias'])})" if name.startswith("mlp.") else "(const PT*)nullptr"
+        if bits:
+            parts = [w.get(f"{name}.{p}") for p in ("perm", "qweight", "scales", "zeros")]
+            if any(p is None for p in parts) or str(parts[2].dtype) != "float16" or str(parts[0].dtype) != "int32":
+                return None
+            perm, qw, sc, zr = (add(p) for p in parts)
+            k_in, (n_out, ldq) = int(parts[0].shape[0]), (int(d) for d in parts[1].shape)
+            lins.append(f"auto l{i} = mk(jmoss_u8({qw}), {perm}, jmoss_raw({sc}), jmoss_raw({zr}), {bias}, "
+                        f"{k_in}, {n_out}, {ldq});")
+        else:
+            weight = w.get(f"{name}.weight")
+            if weight is None or str(weight.dtype) != "float16":
+                return None
+            n_out, k_in = (int(d) for d in weight.shape)
+            wp = add(weight)
+            lins.append(f"auto l{i} = mk(jmoss_raw({wp}), nullptr, nullptr, nullptr, {bias}, {k_in}, {n_out}, 0);")
+    tail = [add(v) for v in (sin, cos, attn_bias, keys, values)]
+    tail_in = ", ".join(tail[:3]) + f", const_cast<float*>({tail[3]}), const_cast<float*>({tail[4]})"
+    src = _BLOCK_SRC.format(bits=bits, lins="\n".join(lins), tail_in=tail_in, keys=tail[3][:-2])
+    return jt.code([batch, length, dim], "float32", inputs, cpu_header=_header(_isa()), cpu_src=src,
+                   data={"eps": float(eps), "length": length, "start": int(start), "rotary": int(rotary_dim),
+                         "threads": _threads(), "amx": _amx_min_m(), "i8": int(_quant_compute() == "int8"),
+                         "group": int(group_size)})
 
 
 _LAYER_NORM_SRC = """

@@ -4,7 +4,8 @@ The packed weight is dequantized in float64 by ``gptq.dequantize_packed``'s form
 rounding in the kernel is fp32 accumulation (the codes, zeros and fp16 scales are exact in fp32,
 and (q - z) * s is exact). The GEMV splits each group's sum into s * (x.q) - s * z * sum(x), two
 sums of the same size as the plain dot product, so the bound is the fp32 one of test_kernels with
-|z| + |q| in place of |q - z|. Shapes cover K tails below a vector, groups cut short by K, odd N
+|z| + |q| in place of |q - z| (the AVX-512 int4 GEMV looks up (q - z) * s itself, a plain dot product,
+well inside it). Shapes cover K tails below a vector, groups cut short by K, odd N
 (the 4-row tile and 32-row chunks), group sizes that are and are not multiples of the vector
 width, M = 1 and 3 (fused GEMV), 4 (4-row dequantized panels, 4x4 tiles) and 17, 40, 70 (panels
 dequantized per thread + the outer-product GEMM: a partial 2-vector block of x rows, full blocks
@@ -78,17 +79,19 @@ def test_quant_linear_matches_float64_over_odd_shapes_isas_and_threads(isa, bits
 def test_every_tail_and_group_element_counts(bits):
     """x nonzero at one position at a time: each code of each group (and the K tail) is read once."""
     rng = np.random.default_rng(7)
-    n, k, gs = 6, 41, 16
-    q, s, z, perm = _packed(rng, n, k, bits, gs)
-    w = gptq.dequantize_packed(q, s, z, perm, bits, gs)
-    for isa in ("native", "avx2", "portable"):
-        for j in (0, 15, 16, 31, 32, 39, 40):
-            x = np.zeros((1, k), np.float32)
-            x[0, j] = 1.0
-            with kernels.configured(isa=isa):
-                got = kernels.quant_linear(jt.array(x), jt.array(perm), jt.array(q), jt.array(s), jt.array(z),
-                                           bits=bits, group_size=gs).numpy()
-            np.testing.assert_allclose(got[0], w[:, j], rtol=1e-6, atol=1e-6)
+    # (41, 16): tails inside a vector; (75, 32): every position of int4's deinterleaved blocks of
+    # 2 vectors (qdot4: 16 codes on AVX2, 32 on AVX-512) and the natural-order tail after them.
+    for n, k, gs, positions in ((6, 41, 16, (0, 15, 16, 31, 32, 39, 40)), (5, 75, 32, range(75))):
+        q, s, z, perm = _packed(rng, n, k, bits, gs)
+        w = gptq.dequantize_packed(q, s, z, perm, bits, gs)
+        for isa in ("native", "avx2", "portable"):
+            for j in positions:
+                x = np.zeros((1, k), np.float32)
+                x[0, j] = 1.0
+                with kernels.configured(isa=isa):
+                    got = kernels.quant_linear(jt.array(x), jt.array(perm), jt.array(q), jt.array(s), jt.array(z),
+                                               bits=bits, group_size=gs).numpy()
+                np.testing.assert_allclose(got[0], w[:, j], rtol=1e-6, atol=1e-6, err_msg=f"{isa} k={k} j={j}")
 
 
 def test_quantize_rows_round_trips_within_one_step():
@@ -175,3 +178,42 @@ def test_int8_compute_mode_is_switched_by_the_environment_and_checked():
     out = subprocess.run([sys.executable, "-c", "from jmoss import kernels; kernels.info()"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "JMOSS_KERNELS_QUANT_COMPUTE" in out.stderr
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("wdtype", [np.float16, np.float32])
+def test_int8_compute_mode_on_float_weights_stays_within_both_rounding_bounds(isa, wdtype):
+    """quant_compute="int8" also takes fp16/fp32 weights (prefill, M >= 16, VNNI): each 12-row panel is
+    rounded per row and group of 128 to amax_w/127 steps as it is made, x per row to amax_x/127, so
+    |y - y_ref| <= amax_x/254 sum|W| + sum_j (|x_j| + amax_x/254) amax_w(j)/254 plus fp32 rounding;
+    fewer rows and other ISA paths keep the exact fp32 result."""
+    rng = np.random.default_rng(7)
+    vnni = isa == "native" and kernels.vnni_ready()
+    for n, k in ((1, 1), (13, 100), (50, 300), (29, 1031)):
+        w = rng.standard_normal((n, k)).astype(wdtype)
+        w[0, 0] = 6.0  # an outlier sets its group's step
+        w64 = w.astype(np.float64)
+        g = np.arange(k) // 128
+        amax_w = np.stack([np.abs(w64[:, g == i]).max(axis=1) for i in range(g.max() + 1)], axis=1)[:, g]
+        b = rng.standard_normal(n).astype(wdtype)
+        for m in (1, 4, 17, 40, 70):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            x64 = x.astype(np.float64)
+            want = x64 @ w64.T + b.astype(np.float64)
+            amax_x = np.abs(x64).max(axis=1, keepdims=True)
+            tol = (amax_x / 254 * np.abs(w64).sum(axis=1) + (np.abs(x64) + amax_x / 254) @ (amax_w / 254).T) * (1 + 1e-3)
+            tol += 1e-5 * (np.abs(x64) @ np.abs(w64).T + np.abs(b))
+            args = [jt.array(a) for a in (x, w, b)]
+            with kernels.configured(isa=isa):
+                exact = kernels.linear(*args).numpy()
+                with kernels.configured(quant_compute="int8"):
+                    got = kernels.linear(*args).numpy()
+            err = np.abs(got - want)
+            assert (err <= tol).all(), (isa, n, k, m, float((err / tol).max()))
+            if vnni and m >= 16 and k >= 100:
+                assert not np.array_equal(got, exact)  # the int8 path was really taken
+                if m == 40:
+                    print(f"int8 compute, {np.dtype(wdtype).name} weights N={n} K={k}: max |err| / max |y| = "
+                          f"{err.max() / np.abs(want).max():.2e}")
+            elif not (vnni and m >= 16):
+                assert np.array_equal(got, exact)
