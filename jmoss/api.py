@@ -226,8 +226,7 @@ def load(
         batch=batch, kv_dtype=compute_dtype,
         prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
     )
-    streams = any(p.where != "device" for p in plan.placements if p.group != layout.EMBED)
-    if streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
+    if plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
     else:  # read once into memory the Vars share: peak RSS is the weights, not twice them
         weights = ResidentWeights.from_store(get_jittor(device), store, dtype)

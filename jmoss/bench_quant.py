@@ -9,7 +9,9 @@ kept (``$JMOSS_HOME/bench-work/<store checksum>``), so a second run converts not
 
 Every configuration runs in its own fresh process, batch 1, the same random prompt and greedy
 decode, the same thread count (``JMOSS_THREADS``, default the kernels'); rounds are interleaved
-(jmoss fp16, int8, int4, ct2 float32, int8, int8_float32, then again) and the median of
+(jmoss fp16, int8, int4 -- where AVX-512 VNNI offers it, the three again with int8 activations,
+``JMOSS_KERNELS_QUANT_COMPUTE=int8``, labelled "i8-act" -- then ct2 float32, int8, int8_float32,
+then again) and the median of
 ``rounds`` is reported; a crashed run is reported and left out of the median. Bytes per token:
 jmoss, the resident weight bytes one decode token reads (layers and head, packed bytes for
 int8/int4; the embedding row is left out); CTranslate2, the size of its model.bin less its
@@ -39,9 +41,22 @@ CT2_COMPUTE = ("float32", "int8", "int8_float32")  # compute types; int8* run th
 INSTALL = (f"pip install ctranslate2=={CT2_VERSION} torch 'transformers>=5,<6' "
            "(bench time only; or put a folder holding ctranslate2 on PYTHONPATH)")
 
-# (label, kind "jmoss"|"ct2", what: a jmoss format or a CTranslate2 compute type), in round order
-CONFIGS: tuple[tuple[str, str, str], ...] = tuple(
-    [(f"jmoss {f}", "jmoss", f) for f in JMOSS_FORMATS] + [(f"ct2 {c}", "ct2", c) for c in CT2_COMPUTE])
+# The jmoss rows with int8 activations (the opt-in quant_compute="int8" prefill mode,
+# JMOSS_KERNELS_QUANT_COMPUTE=int8, what CTranslate2's int8 modes do) are labelled with this.
+INT8_ACT = "i8-act"
+
+
+def configs(int8_activations: bool = False) -> tuple[tuple[str, str, str], ...]:
+    """(label, kind "jmoss"|"ct2", what), in round order: what is a jmoss format (":int8" appended
+    for int8 activations) or a CTranslate2 compute type. The int8-activation jmoss rows only where
+    that mode exists (AVX-512 VNNI; elsewhere the setting is ignored and they would repeat the others)."""
+    rows = [(f"jmoss {f}", "jmoss", f) for f in JMOSS_FORMATS]
+    if int8_activations:
+        rows += [(f"jmoss {f} {INT8_ACT}", "jmoss", f"{f}:int8") for f in JMOSS_FORMATS]
+    return tuple(rows + [(f"ct2 {c}", "ct2", c) for c in CT2_COMPUTE])
+
+
+CONFIGS = configs()
 
 
 def require_ctranslate2() -> None:
@@ -181,26 +196,32 @@ def run_ct2(path: Path, compute: str, options: dict[str, Any]) -> Figures:
     return r
 
 
-def run_jmoss(path: Path, options: dict[str, Any]) -> Figures:
+def run_jmoss(path: Path, options: dict[str, Any], quant_compute: str = "fp32") -> Figures:
     from jmoss.bench import run_child
 
     return run_child({"model": str(path), "device": "cpu", "device_memory": None, "host_memory": None,
                       "prompt_tokens": options["prompt_tokens"], "decode_tokens": options["decode_tokens"],
                       "max_seq_len": options["prompt_tokens"] + options["decode_tokens"], "name": Path(path).name},
-                     env={"JMOSS_THREADS": str(options["threads"])})
+                     env={"JMOSS_THREADS": str(options["threads"]), "JMOSS_KERNELS_QUANT_COMPUTE": quant_compute})
 
 
 def default_runner(label: str, kind: str, what: str, path: Path, options: dict[str, Any]) -> Figures:
-    return run_jmoss(path, options) if kind == "jmoss" else run_ct2(path, what, options)
+    if kind == "jmoss":
+        return run_jmoss(path, options, "int8" if what.endswith(":int8") else "fp32")
+    return run_ct2(path, what, options)
 
 
 def run_rounds(paths: dict[str, Path], options: dict[str, Any], runner=default_runner, rounds: int = 3,
-               log: Callable[[str], None] = print) -> dict[str, list[Figures]]:
-    """Every configuration once per round, interleaved; runs that failed ({}) are left out."""
-    runs: dict[str, list[Figures]] = {label: [] for label, _, _ in CONFIGS}
+               log: Callable[[str], None] = print,
+               order: tuple[tuple[str, str, str], ...] = CONFIGS) -> dict[str, list[Figures]]:
+    """Every configuration of ``order`` once per round, interleaved; runs that failed ({}) are left out."""
+    runs: dict[str, list[Figures]] = {label: [] for label, _, _ in order}
     for round_ in range(rounds):
-        for label, kind, what in CONFIGS:
-            model = paths[label if kind == "jmoss" else ("ct2 float32" if what == "float32" else "ct2 int8")]
+        for label, kind, what in order:
+            if kind == "jmoss":
+                model = paths[f"jmoss {what.split(':')[0]}"]
+            else:
+                model = paths["ct2 float32" if what == "float32" else "ct2 int8"]
             r = runner(label, kind, what, model, options)
             if not r:
                 continue
@@ -269,8 +290,10 @@ def compare_ctranslate2(model: str | Path, *, prompt_tokens: int = 64, decode_to
     paths = build(store_path, work, log)
     options = {"prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "threads": threads,
                "vocab_size": config.vocab_size, "n_embd": config.n_embd}
-    runs = run_rounds(paths, options, runner or default_runner, rounds, log)
     from jmoss import kernels
+
+    order = configs(int8_activations=kernels.vnni_ready())
+    runs = run_rounds(paths, options, runner or default_runner, rounds, log, order)
 
     with kernels.configured(threads=threads):
         bound = memory_bound()

@@ -338,8 +338,9 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
     weights with everything resident, in fp32, bf16 and fp16 at 1 and all threads, each in its
     own process; both sides show their fastest configuration and list the rest.
     `--compare ctranslate2` (needs ctranslate2, torch and transformers; an fp16 MODEL) makes the
-    int8/int4 stores and CTranslate2's models from MODEL's weights once, then runs all six,
-    interleaved, median of 3 (jmoss.bench_quant).
+    int8/int4 stores and CTranslate2's models from MODEL's weights once, then runs jmoss fp16 /
+    int8 / int4 (on AVX-512 VNNI also with int8 activations, "i8-act") and CTranslate2 float32 /
+    int8 / int8_float32, interleaved, median of 3 (jmoss.bench_quant).
     """
     from jmoss.bench import COMPARISONS, format_table, run_bench
 
@@ -347,7 +348,7 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
         from jmoss.bench_quant import check_options, compare_ctranslate2
 
         if len(set(compare)) > 1:
-            raise click.UsageError("--compare ctranslate2 runs on its own (six configurations); leave out the others")
+            raise click.UsageError("--compare ctranslate2 runs on its own (six or nine configurations); leave out the others")
         check_options(device, device_memory)
         click.echo(compare_ctranslate2(model, prompt_tokens=prompt_tokens, decode_tokens=max(decode_tokens, 2),
                                        log=lambda line: click.echo(line, err=True)))

@@ -150,6 +150,12 @@ class Plan:
         """Pinned host memory jmoss allocates (cuda): host-tier weights plus disk staging."""
         return self.host_bytes + self.host_staging_bytes
 
+    @property
+    def streams(self) -> bool:
+        """Whether any weight group (the host-gathered embedding aside) lives off the device, so an
+        engine must move it there each token."""
+        return any(p.where != "device" for p in self.placements if p.group != EMBED)
+
     def groups_on(self, where: Tier) -> list[Group]:
         return [p.group for p in self.placements if p.where == where]
 

@@ -539,14 +539,20 @@ def write_store_from_groups(
 
 def read_small_file(path: Path, error: type[Exception] = StoreError, limit: int = MAX_SMALL_FILE_BYTES) -> bytes:
     """The bytes of a config/tokenizer/manifest file, refusing one too big to be real."""
+    chunks, total = [], 0
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        with open(path, "rb") as f:  # in 1 MiB reads: f.read(limit + 1) would allocate the limit up front
+            while total <= limit:
+                chunk = f.read(min(1 << 20, limit + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > limit:
+    if total > limit:
         raise error(f"{path} is over {limit >> 20} MiB, far more than such a file holds; refused")
-    return data
+    return b"".join(chunks)
 
 
 def inside(root: Path, file: Path) -> bool:

@@ -24,6 +24,9 @@ Public API (what ``jmoss.model`` codes against)::
         qkv float32 [B, T, 3*H*Dh] ([q heads | k heads | v heads]); keys/values the layer's
         float32 static cache [B, H, L, Dh], written at slots [start, start+T); sin/cos float32
         [B, T, 1, R/2]; attn_bias float32 [B, 1, T, start+T]; returns float32 [B, T, H*Dh]
+    decode_block(h, w, keys, values, sin, cos, attn_bias, start, *, eps, rotary_dim, bits=0, group_size=0)
+        a whole decoder layer (fp16 or packed weights) as one op for B*T <= FUSED_MAX_ROWS rows, the
+        same kernels in the same order as the per-op path; None where it does not apply
     available() -> bool     the kernels compile and give right answers on this CPU
     amx_ready() -> bool     the AMX-BF16 prefill GEMM is compiled in and Linux grants the tile state
     amx_prefill() -> bool   prefill GEMMs take that path now (amx_ready, switched on, native ISA)
@@ -41,9 +44,11 @@ keeps every M on the fp32 AVX-512 kernels; without AMX (or if the kernel refuses
 they run anyway.
 
 Packed int8/int4 weights (store format 2, ``quant_linear``): decode dequantizes in registers inside
-the dot product (codes widened with vpmovzxbd/vcvtdq2ps straight into the FMAs, one FMA by the
-group's scale per group, the zero-point term from per-group sums of x), so a token reads 1 or 0.5
-byte per weight and no dequantized copy exists; prefill (M >= 16) dequantizes a 12-row panel (6 on
+the dot product (int8: codes widened with vpmovzxbd/vcvtdq2ps straight into the FMAs, one FMA by
+the group's scale per group, the zero-point term from per-group sums of x; int4 on AVX-512: each
+nibble looked up with vpermps in a 16-entry table of the group's exact (c - z) * s, x handed over
+deinterleaved so no nibble is shuffled into place), so a token reads 1 or 0.5 byte per weight and
+no dequantized copy exists; prefill (M >= 16) dequantizes a 12-row panel (6 on
 AVX2) per thread into fp32 and runs the outer-product fp32 GEMM over it (not the AMX path).
 ``quant_compute="int8"`` (``JMOSS_KERNELS_QUANT_COMPUTE=int8``) is an opt-in, approximate prefill
 mode on AVX-512 VNNI, what CTranslate2's int8 modes do: x is rounded per row to max|x|/127 steps

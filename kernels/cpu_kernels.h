@@ -1627,14 +1627,14 @@ static inline void vnni_quantize_panel(const WT* w, i64 n0, int rows, i64 K, i64
             for (; j < j1; j++) mx = std::max(mx, std::fabs(jmoss_k::scalar_load(row + j)));
             const float sc = mx > 0.f ? mx / 127.0f : 1.0f, inv = mx > 0.f ? 127.0f / mx : 0.f;
             const __m512 vinv = _mm512_set1_ps(inv);
-            int32_t sum = 0;
+            __m512i vsum = _mm512_setzero_si512();
             j = j0;
-            for (; j + 16 <= j1; j += 16) {
-                __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(jmoss_k::vload(row + j), vinv));
-                v = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), v));
-                sum += _mm512_reduce_add_epi32(v);
+            for (; j + 16 <= j1; j += 16) {  // |w| <= max|w|: w * inv rounds into [-127, 127], no clamp
+                const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(jmoss_k::vload(row + j), vinv));
+                vsum = _mm512_add_epi32(vsum, v);
                 _mm_storeu_si128((__m128i*)(d + j), _mm512_cvtepi32_epi8(v));
             }
+            int32_t sum = _mm512_reduce_add_epi32(vsum);
             for (; j < j1; j++) {
                 const int v = std::max(-127, std::min(127, (int)std::nearbyint(jmoss_k::scalar_load(row + j) * inv)));
                 d[j] = (int8_t)v;

@@ -87,3 +87,23 @@ def test_rounds_are_interleaved_medians_kept_and_a_crashed_run_left_out() -> Non
     assert "jmoss int4: decode 1.20x, prefill 0.16x CTranslate2's best" in table
     int4 = next(l for l in table.splitlines() if l.startswith("jmoss int4"))
     assert int4.split()[2:] == ["3", "110.0", "48.00", "100.0", "4.80", "48%", "1.0", "GiB"]
+
+
+def test_int8_activation_rows_run_the_same_stores_with_the_mode_switched_on(monkeypatch) -> None:
+    """Where VNNI offers int8 activations, the three jmoss formats run again with
+    JMOSS_KERNELS_QUANT_COMPUTE=int8, on the same stores, interleaved in the same rounds."""
+    order = bench_quant.configs(int8_activations=True)
+    assert [label for label, _, _ in order] == [
+        "jmoss fp16", "jmoss int8", "jmoss int4", "jmoss fp16 i8-act", "jmoss int8 i8-act", "jmoss int4 i8-act",
+        "ct2 float32", "ct2 int8", "ct2 int8_float32"]
+    assert bench_quant.configs() == bench_quant.CONFIGS and len(bench_quant.CONFIGS) == 6
+    seen = []
+    monkeypatch.setattr(bench_quant, "run_jmoss", lambda path, options, compute="fp32": seen.append((path.name, compute))
+                        or {"prefill_tok_s": 1.0, "decode_tok_s": 1.0, "bytes_per_token": 1.0})
+    monkeypatch.setattr(bench_quant, "run_ct2", lambda path, what, options: {})
+    paths = {name: Path(name.replace(" ", "-")) for name in
+             ("jmoss fp16", "jmoss int8", "jmoss int4", "ct2 float32", "ct2 int8")}
+    runs = bench_quant.run_rounds(paths, {}, rounds=1, log=lambda line: None, order=order)
+    assert seen == [("jmoss-fp16", "fp32"), ("jmoss-int8", "fp32"), ("jmoss-int4", "fp32"),
+                    ("jmoss-fp16", "int8"), ("jmoss-int8", "int8"), ("jmoss-int4", "int8")]
+    assert len(runs["jmoss int4 i8-act"]) == 1 and runs["ct2 int8"] == []

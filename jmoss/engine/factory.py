@@ -10,7 +10,6 @@ from typing import Any
 
 from jmoss.engine.cpu import StreamingWeights
 from jmoss.engine.cuda import CudaResidentWeights, CudaStreamingWeights
-from jmoss.layout import EMBED
 from jmoss.placement import Plan
 
 
@@ -18,7 +17,7 @@ def build_weights(store, plan: Plan, jt: ModuleType, dtype: str) -> Any:
     """The weight source for a plan: the CPU streaming engine, or on cuda the streaming engine, or
     (nothing streamed) every group read from the store straight into device memory."""
     if plan.device == "cuda":
-        if all(p.where == "device" for p in plan.placements if p.group != EMBED):
+        if not plan.streams:
             return CudaResidentWeights(store, jt, dtype)
         return CudaStreamingWeights(store, plan, jt, dtype)
     return StreamingWeights(store, plan, jt, dtype)
