@@ -1613,6 +1613,30 @@ static inline void vnni_quantize_row(const float* xr, const int32_t* perm, i64 K
 // (row, group of GS) w' = round(w / s) in [-127, 127], s = max|w| / 127 (RTN, what CTranslate2's
 // int8 modes do to a float model at load), so it fits vnni_tile as int8 codes with z = c = 128.
 // Each weight is off by up to s / 2; the panel is made once per x slab (12 rows x K).
+// max |w| over [j0, j1) of a weight row. fp16: on the bits, 32 at a time without converting (for
+// finite halves |w| orders as the integer bits & 0x7fff); fp32: converted lanes.
+static inline float vnni_group_amax(const uint16_t* row, i64 j0, i64 j1) {
+    __m512i m = _mm512_setzero_si512();
+    const __m512i mag = _mm512_set1_epi16(0x7fff);
+    i64 j = j0;
+    for (; j + 32 <= j1; j += 32) m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512((const void*)(row + j)), mag));
+    alignas(64) uint16_t lanes[32];
+    _mm512_store_si512((void*)lanes, m);
+    uint16_t best = 0;
+    for (int i = 0; i < 32; i++) best = std::max(best, lanes[i]);
+    for (; j < j1; j++) best = std::max<uint16_t>(best, row[j] & 0x7fff);
+    return _cvtsh_ss(best);
+}
+
+static inline float vnni_group_amax(const float* row, i64 j0, i64 j1) {
+    __m512 amax = _mm512_setzero_ps();
+    i64 j = j0;
+    for (; j + 16 <= j1; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + j)));
+    float mx = _mm512_reduce_max_ps(amax);
+    for (; j < j1; j++) mx = std::max(mx, std::fabs(row[j]));
+    return mx;
+}
+
 template <class WT>
 static inline void vnni_quantize_panel(const WT* w, i64 n0, int rows, i64 K, i64 Kp, i64 GS, i64 G, vnni_panel& p) {
     for (int r = 0; r < rows; r++) {
@@ -1620,15 +1644,11 @@ static inline void vnni_quantize_panel(const WT* w, i64 n0, int rows, i64 K, i64
         int8_t* d = p.w.data() + r * Kp;
         for (i64 g = 0; g < G; g++) {
             const i64 j0 = g * GS, j1 = std::min(K, j0 + GS);
-            __m512 amax = _mm512_setzero_ps();
-            i64 j = j0;
-            for (; j + 16 <= j1; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(jmoss_k::vload(row + j)));
-            float mx = _mm512_reduce_max_ps(amax);
-            for (; j < j1; j++) mx = std::max(mx, std::fabs(jmoss_k::scalar_load(row + j)));
+            float mx = vnni_group_amax(row, j0, j1);
             const float sc = mx > 0.f ? mx / 127.0f : 1.0f, inv = mx > 0.f ? 127.0f / mx : 0.f;
             const __m512 vinv = _mm512_set1_ps(inv);
             __m512i vsum = _mm512_setzero_si512();
-            j = j0;
+            i64 j = j0;
             for (; j + 16 <= j1; j += 16) {  // |w| <= max|w|: w * inv rounds into [-127, 127], no clamp
                 const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(jmoss_k::vload(row + j), vinv));
                 vsum = _mm512_add_epi32(vsum, v);
