@@ -3,8 +3,9 @@
 For every run (jmoss's streaming engine, and with ``--compare jittor`` Jittor's native swap on the
 same model, budget, prompt and greedy decode) a fresh child process loads the model, warms up
 (JIT compiles), then times a prefill of ``prompt_tokens`` (the median of 3 when nothing streams)
-and ``decode_tokens`` greedy decode steps. The parent measures the child's peak RSS from outside (its ``VmHWM``, read while the child
-is stopped at its end; see ``spawn_measured``), so nothing the child forgets to count is missed. Printed side by side:
+and ``decode_tokens`` greedy decode steps. The parent measures the child's peak RSS from outside
+(its ``VmHWM``, read while the child is stopped at its end; see ``spawn_measured``), so nothing the
+child forgets to count is missed. Printed side by side:
 
 - prefill and decode tok/s;
 - bytes streamed per decode token (the engine's own count; for the jittor run, the bytes its

@@ -329,7 +329,9 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
 @click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch", "ctranslate2"]),
               help="also run the same figures for Jittor's native swap (jittor) or transformers (torch); "
                    "ctranslate2: jmoss fp16/int8/int4 against CTranslate2 float32/int8/int8_float32")
-def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare):
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="--compare ctranslate2: interleaved rounds, the median reported (more on a noisy machine)")
+def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
 
@@ -340,7 +342,7 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
     `--compare ctranslate2` (needs ctranslate2, torch and transformers; an fp16 MODEL) makes the
     int8/int4 stores and CTranslate2's models from MODEL's weights once, then runs jmoss fp16 /
     int8 / int4 (on AVX-512 VNNI also with int8 activations, "i8-act") and CTranslate2 float32 /
-    int8 / int8_float32, interleaved, median of 3 (jmoss.bench_quant).
+    int8 / int8_float32, interleaved, the median of --rounds (jmoss.bench_quant).
     """
     from jmoss.bench import COMPARISONS, format_table, run_bench
 
@@ -351,7 +353,7 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
             raise click.UsageError("--compare ctranslate2 runs on its own (six or nine configurations); leave out the others")
         check_options(device, device_memory)
         click.echo(compare_ctranslate2(model, prompt_tokens=prompt_tokens, decode_tokens=max(decode_tokens, 2),
-                                       log=lambda line: click.echo(line, err=True)))
+                                       rounds=rounds, log=lambda line: click.echo(line, err=True)))
         return
 
     missing = [c for c in compare if c not in COMPARISONS]
