@@ -63,6 +63,15 @@ namespace jmoss_k {
 
 typedef int64_t i64;
 
+// The first 64-byte aligned address of a scratch vector grown to hold n elements past it.
+template <class T>
+static inline T* aligned64(std::vector<T>& v, i64 n) {
+    const i64 need = n + (i64)(64 / sizeof(T));
+    if ((i64)v.size() < need) v.resize(need);
+    const uintptr_t a = (reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63);
+    return reinterpret_cast<T*>(a);
+}
+
 // IEEE half -> float without any instruction-set help (portable path, tails, bias).
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
@@ -406,15 +415,13 @@ static void gemm_panels(const float* x, const int32_t* perm, const BT* bias, flo
     const i64 slab = slab_blocks * GEMM_MB;
     static thread_local std::vector<float> xt_buf;
     const i64 xt_elems = std::min<i64>(slab, (M + GEMM_MB - 1) / GEMM_MB * GEMM_MB) * K;
-    if ((i64)xt_buf.size() < xt_elems) xt_buf.resize(xt_elems);
-    float* xt = xt_buf.data();
+    float* xt = aligned64(xt_buf, xt_elems);  // its 64-byte loads stay within one line each
     for (i64 s0 = 0; s0 < M; s0 += slab) {
         const i64 srows = std::min(slab, M - s0), nblocks = (srows + GEMM_MB - 1) / GEMM_MB;
 #pragma omp parallel num_threads(threads)
         {
             static thread_local std::vector<float> panel_buf;
-            if ((i64)panel_buf.size() < GEMM_PR * K) panel_buf.resize(GEMM_PR * K);
-            float* panel = panel_buf.data();
+            float* panel = aligned64(panel_buf, GEMM_PR * K);
             const i64 KC = 256, kchunks = (K + KC - 1) / KC;
 #pragma omp for schedule(static) collapse(2)
             for (i64 b = 0; b < nblocks; b++)
@@ -698,15 +705,13 @@ static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i6
     const i64 MBn = (M + 15) / 16, NBn = (N + PR - 1) / PR;
     // x^T packed per 16-row m-block as [k pair][16 m][2] bf16, hi and lo; reused between calls.
     static thread_local std::vector<uint16_t> xpack;
-    if ((i64)xpack.size() < 2 * MBn * 16 * Kp) xpack.resize(2 * MBn * 16 * Kp);
-    uint16_t* xh = xpack.data();
+    uint16_t* xh = aligned64(xpack, 2 * MBn * 16 * Kp);
     uint16_t* xl = xh + MBn * 16 * Kp;
     if (threads > NBn) threads = (int)std::max<i64>(1, NBn);
 #pragma omp parallel num_threads(threads)
     {
         static thread_local std::vector<uint16_t> scratch;
-        if ((i64)scratch.size() < 4 * Kp) scratch.resize(4 * Kp);
-        uint16_t* rh = scratch.data();
+        uint16_t* rh = aligned64(scratch, 4 * Kp);
         uint16_t* rl = rh + 2 * Kp;
 #pragma omp for schedule(static)
         for (i64 m = 0; m < MBn * 16; m++) {
@@ -1699,10 +1704,11 @@ static void linear_vnni(const float* x, const int32_t* perm, const Maker& make, 
     const i64 nblocks_all = (M + VNNI_MB - 1) / VNNI_MB, sb = std::min(slab_blocks, nblocks_all);
     static thread_local std::vector<uint8_t> xq_buf;
     static thread_local std::vector<float> xs_buf;
-    if ((i64)xq_buf.size() < sb * VNNI_MB * Kp) xq_buf.resize(sb * VNNI_MB * Kp);
-    if ((i64)xs_buf.size() < sb * VNNI_MB * (G + 1)) xs_buf.resize(sb * VNNI_MB * (G + 1));
-    uint8_t* xq = xq_buf.data();
-    float* xs = xs_buf.data();
+    // 64-byte aligned: the tile's 64-byte loads of xq and xsg split a cache line each otherwise, and
+    // where malloc happened to put these (heap state differs run to run) swung a 350M fp16 prefill
+    // between 96 and 125 ms.
+    uint8_t* xq = jmoss_k::aligned64(xq_buf, sb * VNNI_MB * Kp);
+    float* xs = jmoss_k::aligned64(xs_buf, sb * VNNI_MB * (G + 1));
     for (i64 s0 = 0; s0 < M; s0 += sb * VNNI_MB) {
         const i64 srows = std::min(sb * VNNI_MB, M - s0), nblocks = (srows + VNNI_MB - 1) / VNNI_MB;
 #pragma omp parallel num_threads(threads)
@@ -1716,13 +1722,13 @@ static void linear_vnni(const float* x, const int32_t* perm, const Maker& make, 
                 p.gsum.resize(G);
             }
             static thread_local std::vector<float> xp;
-            if ((i64)xp.size() < Kp + 16) xp.resize(Kp + 16);
+            float* xpa = jmoss_k::aligned64(xp, Kp + 16);
 #pragma omp for schedule(dynamic, 4)
             for (i64 m = 0; m < nblocks * VNNI_MB; m++) {
                 const i64 b = m / VNNI_MB;
                 float* xb = xs + b * VNNI_MB * (G + 1);
                 vnni_quantize_row(x + (s0 + m) * K, perm, K, Kp, GS, G, (int)(m % VNNI_MB), m < srows,
-                                  xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, xp.data());
+                                  xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, xpa);
             }
             // implicit barrier: the slab is quantized before any panel reads it
 #pragma omp for schedule(dynamic, 1)
@@ -1786,20 +1792,23 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
     }
 #endif
     // x through the permutation, and per-group sums for the zero-point term (M x K, M x G: small).
-    std::vector<float> xbuf(M * K), xsum(M * G, 0.f);
+    // x through perm (64-byte aligned: the GEMV's vector loads of it never split a line)
+    static thread_local std::vector<float> xbuf_v, xr_v;
+    float* xbuf = jmoss_k::aligned64(xbuf_v, M * K);
+    std::vector<float> xsum(M * G, 0.f);
     for (i64 m = 0; m < M; m++)
         for (i64 j = 0; j < K; j++) xbuf[m * K + j] = x[m * K + perm[j]];
     for (i64 m = 0; m < M; m++)
         for (i64 j = 0; j < K; j++) xsum[m * G + j / GS] += xbuf[m * K + j];
     const bool panel = M >= QUANT_PANEL_MIN_M;
+    const float* xp = xbuf;
 #if JMOSS_ISA >= 1
     if (BITS == 4 && GS % Q4B == 0 && !panel) {  // qdot4 reads x deinterleaved per block
-        std::vector<float> xr(M * K);
-        for (i64 m = 0; m < M; m++) q4_deinterleave(xbuf.data() + m * K, K, xr.data() + m * K);
-        xbuf.swap(xr);
+        float* xr = jmoss_k::aligned64(xr_v, M * K);
+        for (i64 m = 0; m < M; m++) q4_deinterleave(xbuf + m * K, K, xr + m * K);
+        xp = xr;
     }
 #endif
-    const float* xp = xbuf.data();
     const float* xs = xsum.data();
     const i64 CHUNK = 32;
     const i64 nchunks = (N + CHUNK - 1) / CHUNK;
@@ -1897,9 +1906,7 @@ static void decode_block(const float* h, float* hout, const PT* ln_w, const PT* 
                          int threads, int amx, int i8) {
     const i64 M = B * T, D = H * Dh, S = start + T, F = fc_in.N;
     static thread_local std::vector<float> buf;
-    const i64 need = M * (D + 3 * D + D + 2 * D + D + D + F + D);
-    if ((i64)buf.size() < need) buf.resize(need);
-    float* a = buf.data();
+    float* a = jmoss_k::aligned64(buf, M * (D + 3 * D + D + 2 * D + D + D + F + D));
     float* qkvb = a + M * D;
     float* q = qkvb + 3 * M * D;
     float* kv = q + M * D;  // k [B, H, T, Dh] then v
