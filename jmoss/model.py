@@ -308,15 +308,20 @@ class MossModel:
         cache: KVCache,
         step: Step,
         last_only: bool = False,
+        logits: bool = True,
     ):
         """Run all blocks over host-gathered embeddings [B, T, d]; return float32 logits.
 
         ``layer_weights(i)`` is called once per layer in order, so a streaming source can prefetch.
         With ``last_only`` only the last position's logits are computed (decode and prefill need no more).
+        ``logits=False`` (a prompt chunk before the last) skips the head and returns the last hidden
+        state instead, to be synced so the chunk's keys and values are written; the head's weights
+        are still taken, so a streaming source sees the order it prefetches in.
         """
         h = self.jt.array(embeddings).cast(self.dtype)
         for i in range(self.config.n_layer):
             h = self.block(h, layer_weights(i), i, cache, step)
         if last_only:
             h = h[:, -1:, :]
-        return self.head(h, head_weights())
+        head = head_weights()
+        return self.head(h, head) if logits else h

@@ -132,11 +132,12 @@ class Session:
             for a in range(0, width, chunk):
                 b = min(width, a + chunk)
                 last = b == width
-                logits = self._chunk(ids[:, a:b], real[:, a:b], last_only)
-                if last or not last_only:
+                wanted = last or not last_only  # a chunk before the last needs no logits, only its cache
+                logits = self._chunk(ids[:, a:b], real[:, a:b], last_only, logits=wanted)
+                if wanted:
                     parts.append(logits.numpy())
                 else:
-                    model.jt.sync_all()  # run this chunk now: its activations are freed before the next
+                    model.jt.sync_all()  # run this chunk now (its keys/values): its activations are freed before the next
                     del logits
         except BaseException:
             self.key_mask[:, start:] = 0  # a failed prefill leaves the session as it was
@@ -146,8 +147,9 @@ class Session:
             return parts[-1][:, -1, :]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
-    def _chunk(self, ids: np.ndarray, real: np.ndarray, last_only: bool):
-        """One forward of ``ids`` at the end of the cache; returns the (lazy) logits Var."""
+    def _chunk(self, ids: np.ndarray, real: np.ndarray, last_only: bool, logits: bool = True):
+        """One forward of ``ids`` at the end of the cache; returns the (lazy) logits Var (with
+        ``logits=False`` the last hidden state, the head skipped)."""
         model = self.model
         start, width = self.length, ids.shape[1]
         positions = self.next_position[:, None] + np.cumsum(real, axis=1) - 1
@@ -155,10 +157,10 @@ class Session:
         self.key_mask[:, start : start + width] = real
         step = make_step(model.jt, model.config, model.rotary, start, positions, self.key_mask)
         embeddings = model.embed(ids)
-        logits = model.net.forward(embeddings, model.weights.layer, model.weights.head, self.cache, step, last_only)
+        out = model.net.forward(embeddings, model.weights.layer, model.weights.head, self.cache, step, last_only, logits)
         self.length += width
         self.next_position += real.sum(axis=1)
-        return logits
+        return out
 
 
 class TextModel(ForwardModel, Protocol):

@@ -2,7 +2,8 @@
 
 The plan bills working buffers (attention scores, MLP activations) for ``plan.prefill_chunk``
 tokens, so a longer prompt must go through the model chunk by chunk, the KV cache growing; the
-logits must not change (fp32 tolerance), nor the decode that follows.
+logits must not change (fp32 tolerance), nor the decode that follows. Chunks before the last
+compute no logits (the head is skipped, its weights still taken in the streaming order).
 """
 
 from __future__ import annotations
@@ -25,16 +26,23 @@ def store(tmp_path_factory) -> Path:
 
 
 class Recorder:
-    """Wraps a model's ``net.forward`` to record (tokens, last_only) of every forward."""
+    """Wraps a model's ``net.forward`` to record (tokens, last_only, logits) of every forward, and
+    counts the head computations (``net.head``)."""
 
     def __init__(self, model):
-        self.calls: list[tuple[int, bool]] = []
-        self._forward = model.net.forward
+        self.calls: list[tuple[int, bool, bool]] = []
+        self.heads = 0
+        self._forward, self._head = model.net.forward, model.net.head
         model.net.forward = self
+        model.net.head = self._count_head
 
-    def __call__(self, embeddings, layer, head, cache, step, last_only=False):
-        self.calls.append((embeddings.shape[1], last_only))
-        return self._forward(embeddings, layer, head, cache, step, last_only)
+    def _count_head(self, h, w):
+        self.heads += 1
+        return self._head(h, w)
+
+    def __call__(self, embeddings, layer, head, cache, step, last_only=False, logits=True):
+        self.calls.append((embeddings.shape[1], last_only, logits))
+        return self._forward(embeddings, layer, head, cache, step, last_only, logits)
 
 
 def _real(logits: np.ndarray) -> list[np.ndarray]:
@@ -54,7 +62,7 @@ def test_chunked_prefill_equals_one_pass(store, dtype):
     one_pass.prefill_chunk = 64
 
     all_chunked = chunked.prefill(ROWS, last_only=False)
-    assert recorder.calls == [(4, False), (4, False), (3, False)]
+    assert recorder.calls == [(4, False, True), (4, False, True), (3, False, True)] and recorder.heads == 3
     all_once = one_pass.prefill(ROWS, last_only=False)
     assert all_chunked.shape == all_once.shape == (2, 11, SHAPE["vocab_size"])
     for a, b in zip(_real(all_chunked), _real(all_once)):
@@ -63,8 +71,10 @@ def test_chunked_prefill_equals_one_pass(store, dtype):
     chunked.reset()
     one_pass.reset()
     recorder.calls.clear()
+    recorder.heads = 0
     last_chunked = chunked.prefill(ROWS)
-    assert recorder.calls == [(4, True), (4, True), (3, True)]  # only the last position reaches the head
+    # only the last chunk's last position reaches the head; the chunks before it only fill the cache
+    assert recorder.calls == [(4, True, False), (4, True, False), (3, True, True)] and recorder.heads == 1
     np.testing.assert_allclose(last_chunked, one_pass.prefill(ROWS), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(last_chunked, all_once[:, -1], rtol=1e-4, atol=1e-4)
     assert chunked.length == one_pass.length == 11
@@ -105,3 +115,31 @@ def test_a_failed_chunk_leaves_the_session_as_it_was(store):
     model.net.forward = forward
     assert session.length == 3 and session.next_position.tolist() == [3]
     assert session.key_mask[0].tolist() == [1, 1, 1] + [0] * 29
+
+
+def test_chunks_that_skip_the_head_keep_a_streaming_pipeline_in_order(store):
+    """Under a budget that streams every layer and the head, chunks before the last still take the
+    head's weights (the reader prefetches in plan order) but compute no logits; the result and the
+    decode after it equal a resident one-pass prefill, and the pipeline never restarts."""
+    from jmoss.placement import plan_placement
+
+    resident = jmoss.load(store, device="cpu", dtype="float32")
+    minimum = plan_placement(resident.config, device="cpu", device_memory=1 << 40, host_memory=None,
+                             weight_itemsize=4, prefill_chunk=4).minimum_device_bytes
+    streamed = jmoss.load(store, device="cpu", dtype="float32", device_memory=minimum + (16 << 10), prefill_chunk=4)
+    assert streamed.plan.streams and streamed.plan.groups_on("disk")
+    recorder = Recorder(streamed)
+    session, one_pass = streamed.session(batch=2, max_len=32), resident.session(batch=2, max_len=32)
+    one_pass.prefill_chunk = 64
+    streamed.weights.stats.reset()
+    restarts, start = [], streamed.weights._start
+    streamed.weights._start = lambda base: (restarts.append(base), start(base))
+    got = session.prefill(ROWS)
+    assert restarts == []
+    assert recorder.calls == [(4, True, False), (4, True, False), (3, True, True)] and recorder.heads == 1
+    assert streamed.weights.stats.forwards == 3  # the head's weights were taken by every chunk, in order
+    want = one_pass.prefill(ROWS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    tokens = np.argmax(got, axis=-1)
+    np.testing.assert_allclose(session.decode(tokens), one_pass.decode(tokens), rtol=1e-4, atol=1e-4)
+    streamed.weights.close()
