@@ -137,7 +137,7 @@ class Session:
                 if wanted:
                     parts.append(logits.numpy())
                 else:
-                    model.jt.sync_all()  # run this chunk now (its keys/values): its activations are freed before the next
+                    model.jt.sync_all()  # run this chunk (its keys/values) now: its activations go before the next
                     del logits
         except BaseException:
             self.key_mask[:, start:] = 0  # a failed prefill leaves the session as it was
@@ -157,7 +157,8 @@ class Session:
         self.key_mask[:, start : start + width] = real
         step = make_step(model.jt, model.config, model.rotary, start, positions, self.key_mask)
         embeddings = model.embed(ids)
-        out = model.net.forward(embeddings, model.weights.layer, model.weights.head, self.cache, step, last_only, logits)
+        out = model.net.forward(embeddings, model.weights.layer, model.weights.head, self.cache, step, last_only,
+                                logits)
         self.length += width
         self.next_position += real.sum(axis=1)
         return out

@@ -368,7 +368,9 @@ def decode_block(h: "jt.Var", w: "dict", keys: "jt.Var", values: "jt.Var", sin: 
         return None
     if any(f"{n}.bias" in w for n in _BLOCK_LINEARS[:2]) or any(f"{n}.bias" not in w for n in _BLOCK_LINEARS[2:]):
         return None
-    if str(keys.dtype) != "float32" or str(values.dtype) != "float32" or str(w["ln_1.weight"].dtype) not in ("float16", "float32"):
+    if str(keys.dtype) != "float32" or str(values.dtype) != "float32":
+        return None
+    if str(w["ln_1.weight"].dtype) not in ("float16", "float32"):
         return None
     params = (w["ln_1.weight"], w["ln_1.bias"], w["mlp.fc_in.bias"], w["mlp.fc_out.bias"])
     if len({str(p.dtype) for p in params}) != 1:
