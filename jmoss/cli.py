@@ -329,8 +329,9 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
 @click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch", "ctranslate2"]),
               help="also run the same figures for Jittor's native swap (jittor) or transformers (torch); "
                    "ctranslate2: jmoss fp16/int8/int4 against CTranslate2 float32/int8/int8_float32")
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="--compare ctranslate2: interleaved rounds, the median reported (more on a noisy machine)")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="--compare ctranslate2 only: interleaved rounds, the median reported (default 3; more on a "
+                   "noisy machine)")
 def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
@@ -353,8 +354,10 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
             raise click.UsageError("--compare ctranslate2 runs on its own (six or nine configurations); leave out the others")
         check_options(device, device_memory)
         click.echo(compare_ctranslate2(model, prompt_tokens=prompt_tokens, decode_tokens=max(decode_tokens, 2),
-                                       rounds=rounds, log=lambda line: click.echo(line, err=True)))
+                                       rounds=rounds or 3, log=lambda line: click.echo(line, err=True)))
         return
+    if rounds is not None:
+        raise click.UsageError("--rounds applies to --compare ctranslate2 (the other runs are measured once)")
 
     missing = [c for c in compare if c not in COMPARISONS]
     if missing:

@@ -36,6 +36,10 @@ def test_missing_ctranslate2_is_one_error_saying_how_to_install_it(no_ctranslate
                           (["--compare", "torch"], "runs on its own")):
         result = CliRunner().invoke(main, ["bench", str(store), "--compare", "ctranslate2", *args])
         assert result.exit_code != 0 and message in result.output, result.output
+    for args, message in ((["--rounds", "5"], "--rounds applies to --compare ctranslate2"),
+                          (["--rounds", "0"], "0 is not in the range x>=1")):
+        result = CliRunner().invoke(main, ["bench", str(store), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_exported_checkpoint_is_the_stores_weights_for_transformers(tmp_path: Path) -> None:
