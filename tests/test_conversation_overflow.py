@@ -141,3 +141,39 @@ def test_moss_uid_api_caps_a_reply_with_max_new_tokens(server):
     reply = httpx.post(server.url + "/", json={"prompt": question(0), "max_new_tokens": 5}, timeout=60).json()
     full = long_reply(30).strip()
     assert 0 < len(reply["response"]) < len(full) // 2 and full.startswith(reply["response"])
+
+
+def test_the_page_continues_a_12_turn_conversation_on_a_512_position_model(tokenizer, browser, report):
+    """The chat page, in Chromium: every turn answered, the dropped turns greyed, the note visible."""
+    from test_web import ChatPage, screenshot_path
+
+    replies = {f"turn {i}: " + question(i): long_reply(30) for i in range(TURNS)}
+    srv = AppServer(create_app(ShortModel(tokenizer, replies), model_name=MODEL_ID, max_tokens_limit=128))
+    page = None
+    try:
+        page = ChatPage(browser, srv)
+        page.page.fill("#max-tokens", "64")
+        for i in range(TURNS):
+            page.send(f"turn {i}: " + question(i))
+            kind, text = page.messages()[-1]
+            assert (kind, text) == ("assistant", long_reply(30).strip()), (i, kind, text)
+        notes = page.page.locator("#messages .context-note")
+        assert notes.count() >= 1 and notes.last.is_visible()
+        note = notes.last.inner_text()
+        assert f"{CONTEXT}-position context" in note and "dropped" in note
+        dropped = page.page.locator("#messages .msg.dropped").count()
+        assert dropped >= 2 and dropped % 2 == 0
+        sent = page.requests[-1]["messages"]
+        assert sent[0]["role"] == "system" and len(sent) < 2 * TURNS  # the dropped turns are not sent again
+        assert not page.console_errors, page.console_errors
+        shot = screenshot_path("web-chat-12-turns-512-positions.png")
+        page.page.screenshot(path=str(shot))
+        assert shot.stat().st_size > 10_000
+        report(f"12-turn chat on a {CONTEXT}-position model: {dropped} messages greyed as dropped; screenshot {shot}")
+    finally:
+        if page is not None:
+            page.close()
+        srv.stop()
+
+
+from test_web import browser  # noqa: E402,F401  (the module's Chromium fixture)
