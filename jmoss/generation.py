@@ -423,11 +423,18 @@ def _stop_at(stops: _Stops, text: str, cut: int) -> str:
 
 def _max_len(model: "TextModel", rows: list[list[int]], opts: GenerationOptions) -> int:
     longest = max(len(r) for r in rows)
-    if longest >= model.config.n_positions:
+    context = model.config.n_positions
+    plan = getattr(model, "plan", None)
+    if plan is not None and plan.max_seq_len < context:  # loaded with a shorter context (-c, max_seq_len=)
+        context = plan.max_seq_len
+        if longest >= context:
+            raise ContextLengthError(f"the prompt has {longest} tokens but the context is {context} positions "
+                                     "(-c/--ctx-size, max_seq_len=): raise it or shorten the prompt")
+    if longest >= context:
         raise ContextLengthError(
             f"the prompt has {longest} tokens but the model has n_positions={model.config.n_positions}; shorten it"
         )
-    return min(model.config.n_positions, longest + opts.max_new_tokens)
+    return min(context, longest + opts.max_new_tokens)
 
 
 def generate(model: "TextModel", prompt, **options) -> str | list[str]:
