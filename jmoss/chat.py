@@ -190,7 +190,8 @@ class Chat:
         tokens: list[int] = []
         pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False)
         try:
-            for _ in self._generate(reply, pass1, (), tokens, should_stop):
+            # pass 1 gets half the room at most: the Results and the reply must still fit after it
+            for _ in self._generate(reply, pass1, (), tokens, should_stop, share=0.5):
                 pass
         except BaseException:
             reply.finish_reason = "interrupted"
@@ -220,12 +221,13 @@ class Chat:
         yield from self._reply_pass(reply, opts, should_stop)
 
     def _generate(self, reply: Reply, opts: GenerationOptions, stop: tuple, tokens: list[int],
-                  should_stop: StopCheck | None) -> Iterator[str]:
+                  should_stop: StopCheck | None, share: float = 1.0) -> Iterator[str]:
         room_needed = min(opts.max_new_tokens, max(1, self.max_len // 4))
         self._fit(room_needed, reply)
         row = self._ids[self.session.length:]
         reply.prefilled_tokens += len(row)
         budget = fit_to_context(opts.max_new_tokens, len(self._ids), self.max_len)
+        budget = min(budget, max(1, int((self.max_len - len(self._ids)) * share)))
         if budget < opts.max_new_tokens:
             reply.notices.append(f"reply limited to {budget} tokens by the {self.max_len}-position context")
         run = replace(opts, stop=tuple(opts.stop) + stop, max_new_tokens=budget)  # budget: max_len may be below the session's
@@ -289,6 +291,8 @@ class Chat:
             dropped += 1
             if kept + room_needed <= self.max_len:
                 break
+        if not dropped:  # only this turn is left: the reply gets the room there is (fit_to_context)
+            return
         self._turn_starts = starts
         self.history = self.history[dropped:]
         self.session.reset()  # positions shift: the cache is rebuilt from the kept turns

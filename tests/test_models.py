@@ -90,14 +90,12 @@ def hub(tmp_path_factory, shared_dir) -> Iterator[tuple[str, type]]:
 @pytest.fixture(scope="module")
 def env(hub, tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("home")
+    (home / "jmoss").mkdir()
     full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
     # the compiled Jittor core is shared: only the models folder is this test's own
     jittor = Path(os.environ.get("JMOSS_HOME", Path.home() / ".cache/jmoss")) / "jittor"
-    (home / "jmoss").mkdir()
-    if jittor.exists():
-        (home / "jmoss" / "jittor").symlink_to(jittor.resolve())
     full.update(HF_ENDPOINT=hub[0], HF_HOME=str(home / "hf"), JMOSS_HOME=str(home / "jmoss"),
-                HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+                JITTOR_HOME=str(jittor.resolve()), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
     return full
 
 

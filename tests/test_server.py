@@ -190,9 +190,6 @@ def test_stop_sequence_cuts_the_completion(client):
 
 
 def test_client_errors_reach_the_openai_client_as_typed_exceptions(client):
-    with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
-    assert e.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"frobnicate": True})
@@ -207,7 +204,7 @@ def test_client_errors_reach_the_openai_client_as_typed_exceptions(client):
 
 def test_moss_api_uid_continues_the_history(server):
     first = httpx.post(server.url + "/", json={"prompt": "你好", "max_length": 400}, timeout=60).json()
-    assert set(first) == {"response", "history", "status", "time", "uid"}
+    assert set(first) == {"response", "history", "status", "time", "uid", "dropped_turns"}
     assert first["status"] == 200 and first["history"] == [["你好", first["response"]]]
     assert len(first["uid"]) == 36  # a uuid4, as moss_api_demo.py returns
     second = httpx.post(server.url + "/", json={"prompt": "再说一遍", "uid": first["uid"], "max_length": 500},
@@ -253,7 +250,7 @@ def _assert_error(response: httpx.Response, status: int, code: str | None = None
     ("/v1/chat/completions", b'{"model": "tiny-moss", "messages": [{"role": "robot", "content": "x"}]}', 400, "invalid_value"),
     ("/v1/chat/completions", b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "x"}], "max_tokens": "8"}', 400, "invalid_value"),
     ("/v1/chat/completions", b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, None),
-    ("/v1/chat/completions", b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "x"}], "n": 0}', 400, "invalid_value"),
     ("/v1/chat/completions", b'{"model": "tiny-moss", "messages": [{"role": "assistant", "content": "x"}]}', 400, "invalid_value"),
     ("/v1/completions", b'{"model": "tiny-moss", "prompt": "x", "seed": -1}', 400, "invalid_value"),
     ("/v1/completions", b'{"model": "tiny-moss", "prompt": "x", "stream": "yes"}', 400, "invalid_value"),
