@@ -158,7 +158,10 @@ def test_the_prompt_edits_lines_and_recalls_history(store, tmp_path):
     child.send("X\r")
     child.expect_exact("<|MOSS|>: ")
     child.expect_exact("<|Human|>: ")
-    child.send("\x1b[A")  # Up: the last message again
+    child.sendline("second")
+    child.expect_exact("<|MOSS|>: ")
+    child.expect_exact("<|Human|>: ")
+    child.send("\x1b[A\x1b[A")  # Up, Up: the message before the last one again
     child.send("\r")
     child.expect_exact("<|MOSS|>: ")
     child.expect_exact("<|Human|>: ")
@@ -167,7 +170,7 @@ def test_the_prompt_edits_lines_and_recalls_history(store, tmp_path):
     child.close()
     assert child.exitstatus == 0
     history = (tmp_path / "home" / "chat_history").read_text(encoding="utf-8")
-    assert [line for line in history.splitlines() if line.startswith("+")] == ["+abXc", "+abXc"]
+    assert [line for line in history.splitlines() if line.startswith("+")] == ["+abXc", "+second", "+abXc", "+/bye"]
 
 
 def test_ctrl_c_at_an_empty_prompt_says_how_to_quit_and_help_lists_the_commands(store, tmp_path):
@@ -240,7 +243,7 @@ def test_compile_notices_are_held_during_a_reply_and_off_with_quiet():
     progress = b"\nCompiling Operators(1/5) used: 2s eta: 3s \rCompiling Operators(5/5) used: 4s eta: 0s \r\n"
     held = CompileProgressFilter(tty=True)
     held.control(b"h")  # a reply is on the screen
-    assert held.feed(b"reply text goes on" + progress) == b"reply text goes on"
+    assert held.feed(b"reply text goes on" + progress) == b"reply text goes on\n"
     held.control(b"H")
     assert b"jmoss: compiling 5 kernels" in held.feed(progress)  # after the reply: shown
     quiet = CompileProgressFilter(tty=False, quiet=True)
