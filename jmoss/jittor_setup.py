@@ -271,6 +271,7 @@ class CompileProgressFilter:
     """
 
     PREFIX = b"Compiling Operators("
+    LOG_EVERY = 30.0  # off a terminal: seconds between "still compiling" lines of one long burst
 
     def __init__(self, tty: bool = False, quiet: bool = False):
         self.tty = tty
@@ -283,14 +284,15 @@ class CompileProgressFilter:
         self.after_progress = False  # the next empty line is Jittor's newline after its progress
         self.live = False  # a redrawn progress line is on the terminal now
         self.burst = None  # (done, total, started) of the burst being compiled
+        self.logged = 0.0  # when the last "still compiling" line was written (off a terminal)
 
     def pending(self) -> bool:
         """True when bytes are held back waiting to see whether Jittor's progress follows."""
         return self.held_newline or bool(self.buf)
 
     def busy(self) -> bool:
-        """True while a burst's live line wants a tick each second."""
-        return self.burst is not None and self.tty and not (self.quiet or self.hold)
+        """True while a burst is being compiled and shown: ``tick`` wants calling about once a second."""
+        return self.burst is not None and not (self.quiet or self.hold)
 
     def control(self, data: bytes) -> bytes:
         """Apply jmoss's control bytes; return what to write (the live line erased when held)."""
@@ -302,8 +304,20 @@ class CompileProgressFilter:
         return self._erase() if self.quiet or self.hold else b""
 
     def tick(self) -> bytes:
-        """The live line with the time so far (called about once a second while ``busy``)."""
-        return self._live() if self.busy() else b""
+        """The live line with the time so far (called about once a second while ``busy``); off a
+        terminal, a plain line when a burst has gone on for another ``LOG_EVERY`` seconds."""
+        if not self.busy():
+            return b""
+        if self.tty:
+            return self._live()
+        import time
+
+        done, total, started = self.burst
+        now = time.monotonic()
+        if now - max(started, self.logged) < self.LOG_EVERY:
+            return b""
+        self.logged = now
+        return f"jmoss: still compiling kernels, {done}/{total} after {now - started:.0f} s\n".encode()
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes read from the pipe; return the bytes to write now."""

@@ -252,6 +252,13 @@ def test_compile_notices_are_held_during_a_reply_and_off_with_quiet():
     out = live.feed(b"\nCompiling Operators(2/9) used: 2s eta: 3s \r")
     assert b"compiling kernels 2/9" in out and live.busy() and b"compiling kernels 2/9" in live.tick()
     assert live.feed(b"\n") == b"\r\x1b[K" and not live.busy()  # the live line is erased when the burst ends
+    log = CompileProgressFilter(tty=False)
+    log.LOG_EVERY = 0.05  # (30 s in use)
+    log.feed(b"\nCompiling Operators(3/9) used: 2s eta: 3s \r")
+    import time
+
+    time.sleep(0.1)
+    assert log.tick().startswith(b"jmoss: still compiling kernels, 3/9 after") and log.tick() == b""
 
 
 HELD_PROBE = """
