@@ -1,6 +1,7 @@
 """``jmoss demo``: the whole pipeline on any machine, offline.
 
-About 3 minutes the first time on 2 cores (Jittor compiles its core once), 20 s after.
+Minutes the first time on 2 cores (Jittor compiles its core once: 2 min 40 s idle, far longer on a
+busy machine; see the README), a minute or less after. The store is kept as the model "demo".
 
 1. build a small MOSS-architecture checkpoint with RANDOM weights, in the Hugging Face layout
    (safetensors, the fused mp_num=4 qkv_proj), plus a byte-level BPE tokenizer trained on the spot

@@ -224,7 +224,9 @@ def test_moss_api_sessions_are_bounded_lru(server):
     assert len(set(uids)) == 4 and server.health()["sessions"] == 3
     evicted = httpx.post(server.url + "/", json={"prompt": "back", "uid": uids[0], "max_length": 260}, timeout=60).json()
     assert evicted["uid"] != uids[0] and len(evicted["history"]) == 1
-    kept = httpx.post(server.url + "/", json={"prompt": "back", "uid": uids[3], "max_length": 300}, timeout=60).json()
+    # (max_length 300 would now drop the first turn to leave the reply room: the history would be 1 long)
+    kept = httpx.post(server.url + "/", json={"prompt": "back", "uid": uids[3], "max_length": 300, "max_new_tokens": 8,
+                                              "truncation": "disabled"}, timeout=60).json()
     assert kept["uid"] == uids[3] and len(kept["history"]) == 2
 
 
