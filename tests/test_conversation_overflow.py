@@ -21,7 +21,7 @@ from jmoss.server import create_app
 from jmoss.tokenizer import load_tokenizer
 from moss_fixtures import moss_tokenizer_dir
 from test_server import MODEL_ID
-from test_web import AppServer, ScriptedModel, long_reply
+from test_web import AppServer, ScriptedModel, browser, long_reply  # noqa: F401 (browser: test_web's fixture)
 
 CONTEXT = 512
 TURNS = 12
@@ -175,5 +175,3 @@ def test_the_page_continues_a_12_turn_conversation_on_a_512_position_model(token
             page.close()
         srv.stop()
 
-
-from test_web import browser  # noqa: E402,F401  (the module's Chromium fixture)
