@@ -239,8 +239,16 @@ def _tolerant_stdin() -> None:
 
 def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: bool, gen_kwargs: dict,
              meta_instruction: str | None = None, status: Status | None = None) -> None:
-    """Read messages from stdin until `stop` or end of input; stream MOSS's replies to stdout."""
+    """Read messages from stdin until `/bye` (`stop`) or end of input; stream MOSS's replies to stdout.
+
+    A ``meta_instruction`` of the user's (``--system``) gets the plugins' capability lines too, as
+    MOSS's own does: without them the model would not know it may call the tools."""
     status = status or Status()
+    if meta_instruction is not None and plugins:
+        from jmoss.plugins import capability_lines, load_plugins
+
+        plugins = load_plugins(plugins, **(plugin_options or {}))
+        meta_instruction += capability_lines(plugins)
     chat = Chat(model, meta_instruction, plugins=plugins, plugin_options=plugin_options,
                 on_event=_show_event(show_thoughts, status), **gen_kwargs)
     meter = TurnMeter(chat.session, status)
