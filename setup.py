@@ -50,6 +50,8 @@ setup(
     ],
     extras_require={
         "test": TEST_REQUIREMENTS,
+        # jmoss serve --ray: Ray Serve's request-router API (RequestRouter) exists since 2.49
+        "ray": ["ray[serve]>=2.49"],
     },
     entry_points={"console_scripts": ["jmoss=jmoss.cli:main"]},
     classifiers=[

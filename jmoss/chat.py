@@ -107,6 +107,37 @@ class Chat:
     def token_count(self) -> int:
         return len(self._ids)
 
+    def transcript(self) -> dict:
+        """The conversation as plain data (ids, where each turn starts, the texts): what another
+        process needs to continue it exactly (:meth:`restore`), without this chat's cache."""
+        return {"meta_instruction": self.meta_instruction, "ids": list(self._ids),
+                "turn_starts": list(self._turn_starts), "history": [[q, r.text] for q, r in self.history]}
+
+    def restore(self, transcript: dict) -> None:
+        """Continue the conversation ``transcript`` (from :meth:`transcript`, maybe of another process):
+        the next turn prefills its whole history once, then goes on as if it had never moved.
+
+        The ids are checked before anything touches the cache: they must start with this chat's
+        meta instruction, fit its context, and be token ids of its vocabulary.
+        """
+        ids, starts, history = transcript.get("ids"), transcript.get("turn_starts"), transcript.get("history")
+        config = getattr(self.model, "config", None)  # generated ids may lie past the tokenizer's (padded vocab)
+        vocab = max(self.tokenizer.vocab_size, getattr(config, "vocab_size", 0))
+        if (transcript.get("meta_instruction") != self.meta_instruction or not isinstance(ids, list)
+                or ids[: len(self._meta_ids)] != self._meta_ids or len(ids) >= self.max_len
+                or not all(type(t) is int and 0 <= t < vocab for t in ids)):
+            raise ValueError("the transcript does not belong to this model's conversations (meta instruction, "
+                             "context or token ids differ)")
+        if (not isinstance(starts, list) or not isinstance(history, list) or len(starts) != len(history)
+                or starts != sorted(starts) or any(type(s) is not int or not len(self._meta_ids) <= s < len(ids)
+                                                   for s in starts)
+                or not all(isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h)
+                           for h in history)):
+            raise ValueError("the transcript's turns do not match its ids")
+        self.session.reset()
+        self._ids, self._turn_starts = list(ids), list(starts)
+        self.history = [(q, Reply(text=r)) for q, r in history]
+
     def send(self, text: str | bytes, *, session: "Session | None" = None, should_stop: StopCheck | None = None,
              max_len: int | None = None, **options) -> Reply:
         for _ in self.stream(text, session=session, should_stop=should_stop, max_len=max_len, **options):

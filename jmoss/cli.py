@@ -503,8 +503,19 @@ def doctor(fix_cuda, undo_cuda_fix, cuda_details):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="serve on a Ray Serve cluster: --replicas copies of the model behind this front; ADDRESS "
+                   "(HOST:PORT of `ray start --head`, or auto) joins a cluster, none starts a local one "
+                   "(pip install 'jmoss[ray]')")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True,
+              help="with --ray: model replicas, each with its own budget and --max-batch")
+@click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="with --ray: CPUs Ray reserves per replica (also its kernel threads unless -t)")
+@click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
+              help="with --ray: GPUs per replica (default 1 with --device cuda, or auto on a cluster with GPUs; else 0)")
 def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, pull, host, port, model_name,
-          max_new_tokens, system, plugins, search_docs, text2image_cmd, no_web, max_batch, **limits):
+          max_new_tokens, system, plugins, search_docs, text2image_cmd, no_web, max_batch, ray_address, replicas,
+          replica_cpus, replica_gpus, **limits):
     """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.
 
     MODEL is a converted store directory, or a model name (see `jmoss list`).
@@ -516,6 +527,19 @@ def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, p
 
     _check_port(host, port)  # before loading: a busy port must not cost a model load
     names, options = _plugin_args(plugins, search_docs, text2image_cmd)
+    if ray_address is not None:
+        from jmoss.server.ray_app import serve_ray
+
+        click.echo(f"jmoss: deploying {replicas} replicas of {model} on "
+                   f"{'a local Ray cluster' if ray_address == 'local' else 'the Ray cluster at ' + ray_address}",
+                   err=True)
+        log_level = limits.pop("log_level")
+        serve_ray(model, host, port, address=None if ray_address == "local" else ray_address, replicas=replicas,
+                  replica_cpus=replica_cpus, replica_gpus=replica_gpus, threads=threads, device=device, dtype=dtype,
+                  device_memory=device_memory, host_memory=host_memory, ctx_size=ctx_size, model_name=model_name,
+                  web=not no_web, log_level=log_level, plugins=names, plugin_options=options, max_batch=max_batch,
+                  default_max_tokens=max_new_tokens, meta_instruction=_system_text(system), **limits)
+        return
     m = _load(model, device, dtype, device_memory, host_memory, batch=max_batch, threads=threads, ctx_size=ctx_size,
               pull=pull)
     log_level = limits.pop("log_level")

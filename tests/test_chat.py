@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from jmoss import dialogue
@@ -103,3 +105,45 @@ def test_a_chat_runs_on_the_callers_session_and_a_cancel_closes_the_turn(model):
     assert chat.send("Still there?", session=other).finish_reason in ("stop", "length")
     assert chat.session is session and other.length > 0
     assert [q for q, _ in chat.history] == ["Interrupt me", "Still there?"]
+
+
+def test_a_restored_transcript_continues_with_the_same_replies(model):
+    """What jmoss serve --ray does when a replica dies: another Chat (another process's) is given
+    the conversation's transcript; its next turn prefills the whole history once, then only its own."""
+    talk = ["What is 2 + 2?", "And 3 + 3?", "Thanks!", "Bye."]
+    kept = model.chat(do_sample=False, max_new_tokens=10)
+    replies = [kept.send(t).text for t in talk]
+    moved = model.chat(do_sample=False, max_new_tokens=10)
+    for t in talk[:2]:
+        moved.send(t)
+    transcript = moved.transcript()
+    assert json.loads(json.dumps(transcript)) == transcript  # plain data: it crosses processes
+    other = model.chat(do_sample=False, max_new_tokens=10)
+    other.restore(transcript)
+    third = other.send(talk[2])
+    assert third.prefilled_tokens > len(transcript["ids"])  # the history, read once
+    fourth = other.send(talk[3])
+    own = len(model.tokenizer.encode(dialogue.human(talk[3]) + "<|MOSS|>:"))
+    assert own <= fourth.prefilled_tokens <= own + 3  # + the previous reply's closing tokens (see above)
+    assert [third.text, fourth.text] == replies[2:]
+    assert [q for q, _ in other.history] == talk and other.transcript() == kept.transcript()
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda t: t.update(ids=t["ids"] + [10**9]),  # not a token id
+    lambda t: t.update(ids=[5] + t["ids"][1:]),  # another meta instruction
+    lambda t: t.update(meta_instruction="You are someone else.\n"),
+    lambda t: t.update(turn_starts=t["turn_starts"][::-1]),
+    lambda t: t.update(history=t["history"][:1]),
+    lambda t: t.update(ids=t["ids"] * 40),  # past the context
+])
+def test_a_transcript_that_does_not_fit_the_chat_is_refused(model, tamper):
+    chat = model.chat(do_sample=False, max_new_tokens=4)
+    chat.send("hi")
+    chat.send("again")
+    transcript = chat.transcript()
+    tamper(transcript)
+    other = model.chat(do_sample=False, max_new_tokens=4)
+    with pytest.raises(ValueError):
+        other.restore(transcript)
+    assert other.token_count == len(other._meta_ids) and other.history == []  # left as it was

@@ -417,6 +417,17 @@ def _event_stream(job: Job, *, first: dict | list[dict] | None, delta: Callable[
 
 
 # -- the app ---------------------------------------------------------------------------------------
+def base_app(lifespan: Callable[[FastAPI], Any] | None = None) -> FastAPI:
+    """The FastAPI app every jmoss HTTP front starts from (this process's, and a Ray cluster's front,
+    jmoss.server.ray_app), so both answer every error in OpenAI's shape."""
+    app = FastAPI(title="jmoss", summary="MOSS over HTTP: MOSS's uid API and the OpenAI API", lifespan=lifespan)
+    app.add_exception_handler(ServerRequestError, _on_request_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientGone, _on_client_gone)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _on_bug)
+    return app
+
+
 def create_app(
     model: "TextModel",
     *,
@@ -462,12 +473,8 @@ def create_app(
         yield
         worker.stop()
 
-    app = FastAPI(title="jmoss", summary="MOSS over HTTP: MOSS's uid API and the OpenAI API", lifespan=lifespan)
+    app = base_app(lifespan)
     app.state.worker, app.state.service = worker, svc
-    app.add_exception_handler(ServerRequestError, _on_request_error)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(ClientGone, _on_client_gone)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, _on_bug)
     app.include_router(router)
     if web:
         from jmoss.web import render_page

@@ -145,14 +145,25 @@ def serve(model: "TextModel", host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     requests; past ``max_connections`` open connections new requests get 503. ``max_header_bytes``
     bounds the request line plus headers (431 and close).
     """
+    app = create_app(model, web=web, **limits)
+    run_app(app, host, port, log_level=log_level, header_timeout=header_timeout, body_timeout=body_timeout,
+            idle_timeout=idle_timeout, max_connections=max_connections, max_header_bytes=max_header_bytes)
+
+
+def run_app(app: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, log_level: str = "info",
+            header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+            idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+            max_header_bytes: int = 16 * 1024) -> None:
+    """Run a jmoss ASGI app (this process's, or a Ray cluster's front) on uvicorn with jmoss's
+    connection handling (:func:`timed_protocol`, the limits :func:`serve` describes) until interrupted."""
     import copy
 
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    app = create_app(model, web=web, **limits)
     log_config = copy.deepcopy(LOGGING_CONFIG)  # jmoss.server's info lines (disconnects, timeouts) beside uvicorn's
     log_config["loggers"]["jmoss"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    # loop="asyncio": the same event loop whether or not uvloop is installed (ray[serve] pulls it in)
     uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=log_config, timeout_graceful_shutdown=5,
-                http=timed_protocol(header_timeout, body_timeout, max_header_bytes), timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]
+                loop="asyncio", http=timed_protocol(header_timeout, body_timeout, max_header_bytes), timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]
                 limit_concurrency=max_connections, h11_max_incomplete_event_size=max_header_bytes)

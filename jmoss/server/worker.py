@@ -122,6 +122,8 @@ class Worker:
         self._conv_lock = threading.RLock()
         self._turn_locks: dict[int, threading.Lock] = {}  # one turn at a time per Chat (same uid twice)
         self.conversations: OrderedDict[str, Conversation] = OrderedDict()
+        # uid -> a transcript kept elsewhere (a cluster's front), made a Chat when its turn runs
+        self._offered: OrderedDict[str, dict | None] = OrderedDict()
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.pending = 0
@@ -362,8 +364,47 @@ class Worker:
             if now - oldest.last_used <= self.session_ttl:
                 break
             self._drop(oldest_uid)
+        if uid is not None and uid in self._offered:
+            self._take_offer(uid, now)
         found = self.conversations.get(uid) if uid is not None else None
         return found.chat if found is not None else None
+
+    @_serialized
+    def offer(self, uid: str, transcript: dict | None) -> bool:
+        """A conversation whose history lives outside this worker (jmoss.server.ray_app's front):
+        ``uid`` continues ``transcript`` (None: a new conversation under that uid). Kept as it is
+        when this worker's copy already matches (its KV cache is still warm); otherwise rebuilt from
+        the transcript when its next turn runs, on the thread that owns the cache. True if rebuilt."""
+        found = self.conversations.get(uid)
+        if found is not None and transcript is not None and found.chat.transcript() == transcript:
+            self._offered.pop(uid, None)
+            return False
+        self._offered[uid] = transcript
+        self._offered.move_to_end(uid)
+        while len(self._offered) > self.session_limit:
+            self._offered.popitem(last=False)
+        return True
+
+    @_serialized
+    def transcript(self, uid: str) -> "tuple[dict, Reply | None] | None":
+        """(the conversation of ``uid`` as plain data, its last reply), or None if unknown."""
+        found = self.conversations.get(uid)
+        return (found.chat.transcript(), found.chat.last_reply) if found is not None else None
+
+    def _take_offer(self, uid: str, now: float) -> None:
+        transcript = self._offered.pop(uid)
+        if uid in self.conversations:
+            self._drop(uid)
+        while len(self.conversations) >= self.session_limit:
+            self._drop(next(iter(self.conversations)))
+        chat = self.new_chat(default_meta_instruction(self.plugins, self.meta_instruction))
+        if transcript is not None:
+            try:
+                chat.restore(transcript)
+            except ValueError as exc:
+                raise ServerRequestError(500, f"this conversation's history could not be restored: {exc}",
+                                         type="server_error") from None
+        self.conversations[uid] = Conversation(chat, now)
 
     @property
     def meta_tokens(self) -> int:
@@ -374,6 +415,7 @@ class Worker:
 
     @_serialized
     def forget(self, uid: str) -> None:
+        self._offered.pop(uid, None)
         if uid in self.conversations:
             self._drop(uid)
 
