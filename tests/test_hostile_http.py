@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import socket
+import threading
 import time
 from typing import Awaitable, Iterator
+
 
 import httpx
 import psutil
@@ -153,6 +156,110 @@ def test_broken_http_is_refused_and_closed_at_once(server, data):
     assert out.split(b" ")[1] in (b"400", b"431", b"505"), out[:200]
     assert time.monotonic() - start < 1.5  # closed by the server, not left to a timeout
     assert server.health()["status"] == "ok"
+
+
+# -- framing: answered, then closed, through raw sockets ----------------------------------------------
+
+ANSWER_WITHIN = 1.0  # seconds from the last byte sent to the status line, and to the server's close
+
+
+def _exchange(port: int, data: bytes, upload: bool = False, wait: float = 10.0) -> tuple[bytes, float | None, float | None, str]:
+    """Send ``data`` on a fresh socket, then read until the server closes; with ``upload`` a thread keeps
+    sending body bytes meanwhile, as a client uploading a large body does. Returns what arrived, the
+    seconds until its status line and until the server's close (None if they never came within
+    ``wait``: a generous socket timeout, the behaviour is asserted on the measured time), and how
+    the reading ended ("closed", "reset" or "timeout")."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    stop = threading.Event()
+
+    def push() -> None:
+        try:
+            while not stop.is_set():
+                s.sendall(b"x" * 65536)
+        except OSError:
+            pass
+
+    try:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass
+        start = time.monotonic()
+        pusher = threading.Thread(target=push, daemon=True) if upload else None
+        if pusher is not None:
+            pusher.start()
+        out, status_at, ended = b"", None, "timeout"
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if status_at is None and b"\r\n" in out:
+                    status_at = time.monotonic() - start
+            ended = "closed"
+        except ConnectionResetError:
+            ended = "reset"
+        except socket.timeout:
+            pass
+        closed_at = time.monotonic() - start if ended == "closed" else None
+        return out, status_at, closed_at, ended
+    finally:
+        stop.set()
+        s.close()
+
+
+def _statuses(out: bytes) -> list[int]:
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", out)]
+
+
+def _post(path: str, headers: bytes, body: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s\r\n%s" % (path.encode(), headers, body)
+
+
+HUGE = b"Content-Length: 1000000000000\r\n"
+FRAMING = {  # name: (request bytes, keep uploading?, the statuses that must arrive before the close)
+    "huge-length": (_post(COMP, HUGE), False, [413]),
+    "huge-length-with-body": (_post(COMP, HUGE, b'{"model": "tiny-moss", ' + b" " * 5000), False, [413]),
+    "huge-length-uploading": (_post(CHAT, HUGE, b"{"), True, [413]),
+    "huge-length-expect-100": (_post(MOSS, HUGE + b"Expect: 100-continue\r\n"), False, [413]),
+    "huge-length-chunked": (_post(COMP, b"Transfer-Encoding: chunked\r\n", b"200000\r\n" + b" " * 1200000), False, [413]),
+    "unread-body-404": (_post("/nowhere", b"Content-Length: 1000\r\n", b"{}"), False, [404]),
+    "unread-body-405": (_post("/v1/models", b"Content-Length: 1000\r\n", b"{}"), False, [405]),
+    "unread-body-health": (_post("/health", b"Content-Length: 50\r\n", b"{"), False, [405]),
+    "longer-than-length": (_post(COMP, b"Content-Length: 10\r\n", b'{"model": ' + b"x" * 300000), False, [400, 400]),
+    "longer-than-length-json": (_post(MOSS, b"Content-Length: 2\r\n", b"{}" + b"GARBAGE " * 40000), False, [400, 400]),
+    "length-and-chunked": (_post(COMP, b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"), False, [400]),
+    "chunked-and-length": (_post(MOSS, b"Transfer-Encoding: chunked\r\nContent-Length: 14\r\n",
+                                 b"e\r\n{\"prompt\": \"x\"}\r\n0\r\n\r\n"), False, [400]),
+    "length-and-chunked-get": (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"0\r\n\r\n", False, [400]),
+}
+
+
+@pytest.mark.parametrize("name", list(FRAMING))
+def test_a_request_whose_body_is_not_read_is_answered_and_closed_at_once(server, name, report):
+    data, upload, statuses = FRAMING[name]
+    out, status_at, closed_at, ended = _exchange(server.port, data, upload=upload)
+    assert _statuses(out) == statuses, (ended, out[:300])
+    assert status_at is not None and status_at < ANSWER_WITHIN, (status_at, ended)
+    assert ended == "closed" and closed_at < ANSWER_WITHIN, (ended, closed_at)
+    assert b"connection: close" in out.lower()
+    assert server.health()["status"] == "ok"
+    report(f"{name}: status line after {1000 * status_at:.0f} ms, closed after {1000 * closed_at:.0f} ms")
+
+
+def test_a_fully_read_request_keeps_its_connection(server):
+    """The closing rules leave ordinary keep-alive alone: three requests, one socket, no close."""
+    body = json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        reader = s.makefile("rb")
+        for request in (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                        _post(CHAT, b"Content-Length: %d\r\n" % len(body), body),  # a 400 for max_tokens, body read
+                        b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"):
+            s.sendall(request)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += reader.readline()
+            assert b"connection: close" not in head.lower(), head
+            reader.read(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
 
 
 def _moss(server, **body) -> httpx.Response:
