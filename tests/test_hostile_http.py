@@ -11,17 +11,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import re
 import socket
 import threading
 import time
+import typing
 from typing import Awaitable, Iterator
 
+import annotated_types
 
 import httpx
 import psutil
 import pytest
 
+from jmoss.server.schemas import ChatCompletionRequest, CompletionRequest, MossRequest
 from test_server import MODEL_ID, ServerProcess, build_store
 
 HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT = 2.0, 3.0, 3.0
@@ -102,6 +106,104 @@ def _is_json_error(r: httpx.Response, status: range = range(400, 500)) -> bool:
 def test_hostile_bodies_get_a_json_4xx(server, path, body):
     r = httpx.post(server.url + path, content=body, timeout=30)
     assert _is_json_error(r), (r.status_code, r.text[:300])
+
+
+# -- every number a request names is bounded ------------------------------------------------------
+
+ROUTES = [(CHAT, ChatCompletionRequest, {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+          (COMP, CompletionRequest, {"model": MODEL_ID, "prompt": "x", "max_tokens": 2}),
+          (MOSS, MossRequest, {"prompt": "hi", "max_length": 600})]
+
+
+def _numeric_fields(schema) -> dict[str, tuple[type, list]]:
+    """Each field that takes a number: (int or float, its pydantic constraints or allowed literals)."""
+    fields = {}
+    for name, info in schema.model_fields.items():
+        args = typing.get_args(info.annotation) or (info.annotation,)
+        literals = [a for arg in args for a in typing.get_args(arg) if typing.get_origin(arg) is typing.Literal]
+        if float in args:
+            fields[name] = (float, info.metadata)
+        elif int in args:
+            fields[name] = (int, info.metadata)
+        elif any(type(v) is int for v in literals):
+            fields[name] = (int, literals)
+    return fields
+
+
+def _bounds(kind: type, constraints: list) -> tuple[float | None, float | None, bool, bool]:
+    """(lowest, highest, lowest allowed itself, highest allowed itself) from ge/gt/le/lt or literals."""
+    if all(type(c) is int for c in constraints):  # Literal[...] values
+        return min(constraints), max(constraints), True, True
+    lo = hi = None
+    lo_in = hi_in = True
+    for c in constraints:
+        if isinstance(c, annotated_types.Ge):
+            lo = c.ge
+        elif isinstance(c, annotated_types.Gt):
+            lo, lo_in = c.gt, False
+        elif isinstance(c, annotated_types.Le):
+            hi = c.le
+        elif isinstance(c, annotated_types.Lt):
+            hi, hi_in = c.lt, False
+    return lo, hi, lo_in, hi_in
+
+
+def _json_number(v: float) -> bytes:
+    return str(v).encode() if isinstance(v, int) else repr(float(v)).encode()
+
+
+def _outside(kind: type, constraints: list) -> list[bytes]:
+    """JSON literals the field must refuse: just past each bound, far past, not a number of its kind."""
+    lo, hi, lo_in, hi_in = _bounds(kind, constraints)
+    step = 1 if kind is int else 1e-9  # a float just past: relative, so JSON parsing keeps the difference
+    below = [] if lo is None else [lo - step * max(1, abs(lo)) if lo_in else lo]
+    above = [] if hi is None else [hi + step * max(1, abs(hi)) if hi_in else hi]
+    values = [_json_number(v) for v in below + above + [10**30, -(10**30)]]
+    if kind is int:
+        literal = all(type(c) is int for c in constraints)  # Literal[1]: compared by value, 1.0 == 1
+        values += [b"1.5", b"1e12", b"-0.5"] + ([] if literal else [b"1.0"])
+    else:
+        values += [b"1e308", b"-1e308"]
+    return values + [b"NaN", b"Infinity", b"-Infinity", b"1e999", b'"1"', b"true", b"[1]", b"{}"]
+
+
+NUMERIC = [(path, base, name, kind, constraints) for path, schema, base in ROUTES
+           for name, (kind, constraints) in _numeric_fields(schema).items()]
+
+
+def test_every_numeric_field_has_a_lower_and_an_upper_bound():
+    assert len(NUMERIC) >= 15, [n for _, _, n, _, _ in NUMERIC]
+    unbounded = [(path, name) for path, _, name, kind, constraints in NUMERIC
+                 if None in _bounds(kind, constraints)[:2]]
+    assert not unbounded, f"fields without both bounds: {unbounded}"
+
+
+@pytest.mark.parametrize("path, base, name, kind, constraints", NUMERIC,
+                         ids=[f"{p}-{n}" for p, _, n, _, _ in NUMERIC])
+def test_numbers_past_a_fields_bounds_get_a_json_400(server, path, base, name, kind, constraints):
+    """A family per field: just past each bound, far past, a float for an int, NaN/Infinity, other types."""
+    head = json.dumps({k: v for k, v in base.items() if k != name}).encode()[:-1]
+    accepted = []
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for value in _outside(kind, constraints):
+            r = client.post(path, content=head + b', "%s": %s}' % (name.encode(), value))
+            if not (_is_json_error(r, range(400, 401)) and r.json()["error"]["param"] in (name, None)):
+                accepted.append((value.decode(), r.status_code, r.text[:120]))
+    assert not accepted, accepted
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(server):
+    """Below 0.01 (1e-320 would turn every logit into inf) a temperature means what 0 means: greedy."""
+    messages = [{"role": "user", "content": "Name three colours."}]
+    texts = {}
+    for temperature in (0, 1e-320, 1e-5, 0.0099):
+        r = httpx.post(server.url + CHAT, json={"model": MODEL_ID, "messages": messages, "max_tokens": 8,
+                                                "temperature": temperature, "repetition_penalty": 1.0}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        texts[temperature] = r.json()["choices"][0]["message"]["content"]
+    assert len(set(texts.values())) == 1, texts
+    moss = [_moss(server, prompt="Name three colours.", max_length=600, temperature=t) for t in (0, 1e-300)]
+    assert [r.status_code for r in moss] == [200, 200] and moss[0].json()["response"] == moss[1].json()["response"]
 
 
 def test_oversized_bodies_are_refused_before_they_are_read(server):
