@@ -7,6 +7,7 @@ conversation, and the KV cache is reused across turns.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -180,6 +181,30 @@ def _show_event(show_thoughts: bool, status: Status | None = None):
     return on_event
 
 
+# What a terminal lets through in a typed line that is no text: ANSI escape sequences (arrow keys
+# without line editing send "\x1b[A") and the other C0/C1 control characters (tab is text).
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]?|[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def clean_typed_line(text: str) -> tuple[str, int]:
+    """``text`` without escape sequences and control characters, and how many were removed."""
+    return _CONTROL.subn("", text)
+
+
+def read_line(prompt: str) -> str:
+    """One typed line, without its line ending (\\n or \\r\\n); ``EOFError`` at end of input.
+
+    Not ``input()``: on a terminal it reads through C's fgets and measures the line with strlen,
+    so a NUL byte hides the newline after it and the chat would wait for another line.
+    """
+    click.echo(prompt, nl=False)
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.removesuffix("\n").removesuffix("\r")
+
+
 def _tolerant_stdin() -> None:
     """Read stdin with ``surrogateescape``: a line that is not UTF-8 reaches Chat (which replaces
     the bad bytes and says so) instead of ending the chat with a UnicodeDecodeError."""
@@ -206,10 +231,14 @@ def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: boo
     click.echo(WELCOME)
     while True:
         try:
-            text = input(HUMAN if sys.stdin.isatty() else "<|Human|>: ")
+            text = read_line(HUMAN if sys.stdin.isatty() else "<|Human|>: ")
         except (EOFError, KeyboardInterrupt):
             click.echo()
             return
+        text, removed = clean_typed_line(text)
+        if removed:
+            click.secho(f"[note] removed {removed} control character(s) or escape sequence(s) from the message",
+                        fg="bright_black", err=True)
         command = text.strip()
         if command == "stop":
             return
