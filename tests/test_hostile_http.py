@@ -196,7 +196,7 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(server):
     """Below 0.01 (1e-320 would turn every logit into inf) a temperature means what 0 means: greedy."""
     messages = [{"role": "user", "content": "Name three colours."}]
     texts = {}
-    for temperature in (0, 1e-320, 1e-5, 0.0099):
+    for temperature in (0, 1e-320, 0.0099):
         r = httpx.post(server.url + CHAT, json={"model": MODEL_ID, "messages": messages, "max_tokens": 8,
                                                 "temperature": temperature, "repetition_penalty": 1.0}, timeout=60)
         assert r.status_code == 200, r.text[:300]
