@@ -203,7 +203,7 @@ class Chat:
         tokens: list[int] = []
         first = True
         try:
-            for delta in self._generate(reply, opts, (EOM,), tokens, should_stop):
+            for delta in self._generate(reply, opts, (EOM,), tokens, should_stop, len(self._closing_ids(EOM))):
                 if first:  # the model writes "<|MOSS|>: text"; the reply is the text
                     delta, first = delta.lstrip(" "), not delta.strip(" ")
                 if delta:
@@ -222,7 +222,8 @@ class Chat:
         pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False)
         try:
             # pass 1 gets half the room at most: the Results and the reply must still fit after it
-            for _ in self._generate(reply, pass1, (), tokens, should_stop, share=0.5):
+            closing = max(len(self._closing_ids(EOC)), len(self._closing_ids(EOM)))
+            for _ in self._generate(reply, pass1, (), tokens, should_stop, closing, share=0.5):
                 pass
         except BaseException:
             reply.finish_reason = "interrupted"
@@ -252,13 +253,15 @@ class Chat:
         yield from self._reply_pass(reply, opts, should_stop)
 
     def _generate(self, reply: Reply, opts: GenerationOptions, stop: tuple, tokens: list[int],
-                  should_stop: StopCheck | None, share: float = 1.0) -> Iterator[str]:
+                  should_stop: StopCheck | None, closing: int, share: float = 1.0) -> Iterator[str]:
+        """Generate into ``tokens``, leaving ``closing`` positions for what :meth:`_close` appends and
+        taking at most ``share`` of the room left."""
         room_needed = min(opts.max_new_tokens, max(1, self.max_len // 4))
-        self._fit(room_needed, reply)
+        self._fit(room_needed + closing, reply)
         row = self._ids[self.session.length:]
         reply.prefilled_tokens += len(row)
-        budget = fit_to_context(opts.max_new_tokens, len(self._ids), self.max_len)
-        budget = min(budget, max(1, int((self.max_len - len(self._ids)) * share)))
+        budget = fit_to_context(opts.max_new_tokens, len(self._ids) + closing, self.max_len)
+        budget = min(budget, max(1, int((self.max_len - len(self._ids) - closing) * share)))
         if budget < opts.max_new_tokens:
             reply.notices.append(f"reply limited to {budget} tokens by the {self.max_len}-position context")
         run = replace(opts, stop=tuple(opts.stop) + stop, max_new_tokens=budget)  # budget: max_len may be below the session's
@@ -274,9 +277,13 @@ class Chat:
         if finish.stop_string is not None:
             self._keep_shown(tokens, finish.text)
         reply.generated_tokens += len(tokens)
-        reply.finish_reason = finish.reason or "stop"
-        if reply.finish_reason == "length" and budget < opts.max_new_tokens:
-            reply.finish_reason = "context"
+        reason = finish.reason or "stop"
+        reply.finish_reason = "context" if reason == "length" and budget < opts.max_new_tokens else reason
+
+    def _closing_ids(self, marker: str) -> list[int]:
+        """What :meth:`_close` appends after a field: its end marker (unless generated) and a newline."""
+        marker_id = self.tokenizer.token_to_id(marker)
+        return ([marker_id] if marker_id is not None else self.tokenizer.encode(marker)) + self.tokenizer.encode("\n")
 
     def _keep_shown(self, tokens: list[int], text: str) -> None:
         """After a stop string cut the text, keep the ids of what was shown, not of the stop string.
@@ -293,12 +300,20 @@ class Chat:
 
         A tokenizer without the marker as one token (a CodeGen model in a MOSS chat) gets its text.
         """
-        self._ids += tokens
-        marker_id = self.tokenizer.token_to_id(marker)
-        marker_ids = [marker_id] if marker_id is not None else self.tokenizer.encode(marker)
-        if tokens[-len(marker_ids):] != marker_ids:
-            self._ids += marker_ids
-        self._ids += self.tokenizer.encode("\n")
+        closing = self._closing_ids(marker)
+        newline = len(self.tokenizer.encode("\n"))
+        marker_ids = closing[:-newline]
+        if tokens[-len(marker_ids):] == marker_ids:
+            closing = closing[len(marker_ids):]
+        # _generate left room for the closing ids; a stop string's re-encoded text may still be a
+        # token longer than what was generated, and the conversation must fit the positions.
+        over = len(self._ids) + len(tokens) + len(closing) - self.max_len
+        if over > 0:
+            del tokens[max(0, len(tokens) - over):]
+            kept = len(self._ids) + len(tokens)
+            if self.session.length > kept:
+                self.session.truncate(kept)
+        self._ids += tokens + closing
         del tokens[:]
 
     def _fit(self, room_needed: int, reply: Reply) -> None:

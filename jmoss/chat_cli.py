@@ -12,6 +12,7 @@ shown as visible escapes (``^[``, ``\\x9b``), never executed by the terminal.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -194,21 +195,21 @@ def _show_event(show_thoughts: bool, status: Status | None = None):
     return on_event
 
 
-_CONTROL = {c: f"^{chr(c + 64)}" for c in range(32) if c not in (9, 10)}  # tab and newline are text
-_CONTROL[127] = "^?"
-_CONTROL.update({c: f"\\x{c:02x}" for c in range(0x80, 0xA0)})  # C1 controls (0x9b is a CSI on many terminals)
+_OUTPUT_CONTROL = {c: f"^{chr(c + 64)}" for c in range(32) if c not in (9, 10)}  # tab and newline are text
+_OUTPUT_CONTROL[127] = "^?"
+_OUTPUT_CONTROL.update({c: f"\\x{c:02x}" for c in range(0x80, 0xA0)})  # C1 controls (0x9b is a CSI on many terminals)
 
 
 def visible(text: str) -> str:
     """``text`` with its control characters written out (ESC as ``^[``, CR as ``^M``…): model output
     reaches the terminal as characters, never as cursor moves, colour changes or title sets."""
-    return text.translate(_CONTROL)
+    return text.translate(_OUTPUT_CONTROL)
 
 
 def _reader():
     """A function reading one message: prompt_toolkit's editing prompt on a terminal, else input()."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        return lambda: input("<|Human|>: ")
+        return lambda: read_line(HUMAN if sys.stdin.isatty() else "<|Human|>: ")
     os.environ.setdefault("PROMPT_TOOLKIT_NO_CPR", "1")  # no cursor-position query a terminal may never answer
     from prompt_toolkit import PromptSession
     from prompt_toolkit.formatted_text import ANSI
@@ -224,6 +225,30 @@ def _reader():
     session = PromptSession(history=history)
     prompt = ANSI(HUMAN)
     return lambda: session.prompt(prompt)
+
+
+# What a terminal lets through in a typed line that is no text: ANSI escape sequences (arrow keys
+# without line editing send "\x1b[A") and the other C0/C1 control characters (tab is text).
+_TYPED_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]?|[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def clean_typed_line(text: str) -> tuple[str, int]:
+    """``text`` without escape sequences and control characters, and how many were removed."""
+    return _TYPED_CONTROL.subn("", text)
+
+
+def read_line(prompt: str) -> str:
+    """One typed line, without its line ending (\\n or \\r\\n); ``EOFError`` at end of input.
+
+    Not ``input()``: on a terminal it reads through C's fgets and measures the line with strlen,
+    so a NUL byte hides the newline after it and the chat would wait for another line.
+    """
+    click.echo(prompt, nl=False)
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.removesuffix("\n").removesuffix("\r")
 
 
 def _tolerant_stdin() -> None:
@@ -273,6 +298,10 @@ def run_chat(model, plugins: list[str], plugin_options: dict, show_thoughts: boo
         except KeyboardInterrupt:  # at the prompt: a reply's Ctrl-C pressed late must not end the chat
             click.secho(QUIT_HINT, fg="bright_black", err=True)
             continue
+        text, removed = clean_typed_line(text)
+        if removed:
+            click.secho(f"[note] removed {removed} control character(s) or escape sequence(s) from the message",
+                        fg="bright_black", err=True)
         command = text.strip()
         if command in ("stop", "/bye", "/exit", "/quit"):
             return

@@ -499,7 +499,7 @@ def doctor(fix_cuda, undo_cuda_fix, cuda_details):
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="seconds an idle keep-alive connection is kept open between requests")
 @click.option("--max-connections", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="open connections beyond which new requests get 503")
+              help="open connections beyond which new requests get 503 (/health is always answered)")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")

@@ -12,7 +12,7 @@ import pytest
 
 from jmoss import dialogue
 from jmoss import layout
-from jmoss.chat_cli import Status, TurnMeter, _show_event, field_body
+from jmoss.chat_cli import Status, TurnMeter, _show_event, clean_typed_line, field_body
 from jmoss.store import write_store_from_groups
 from moss_fixtures import moss_tokenizer_dir, tiny_moss
 from torch_reference import state_dict_numpy
@@ -69,6 +69,53 @@ def test_quiet_chat_prints_no_status_and_no_speed_line(store):
     child.close()
     assert child.exitstatus == 0
     assert "tok/s" not in shown and "loading model" not in shown and "reading prompt" not in shown, shown
+
+
+# Control characters a terminal passes through in a typed line (not its own line-editing keys:
+# ^C ^D ^H ^O ^Q ^R ^S ^U ^V ^W ^Z ^\\ DEL), one line each, the NUL first.
+TYPED_CONTROLS = [chr(c) for c in range(0x20) if chr(c) not in "\t\n\r\x03\x04\x08\x0f\x11\x12\x13\x15\x16\x17\x1a\x1c"]
+
+
+def test_a_typed_line_with_a_control_character_is_answered_at_once(store):
+    """main read with input(): on a terminal fgets + strlen, so a NUL hid the newline and the chat
+    waited for another line. The line editor takes a typed control character as a key (never text),
+    pasted ones are removed with a note, and each line is answered at once."""
+    child = _spawn(store, "--quiet")
+    child.expect("Welcome to MOSS")
+    child.expect_exact("<|Human|>: ")
+    child.send("你\x00好\r")
+    child.expect_exact("<|MOSS|>: ", timeout=30)
+    for control in TYPED_CONTROLS + ["\x1b[A", "\x1b[1;5C"]:  # pasted (bracketed paste), arrow keys too
+        child.expect_exact("<|Human|>: ")
+        child.send(f"\x1b[200~cle{control}ar\x1b[201~\r")  # `clear` once cleaned: answered without generating
+        child.expect("removed 1 control character", timeout=30)
+        child.expect("Welcome to MOSS", timeout=30)
+    child.expect_exact("<|Human|>: ")
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_a_piped_line_with_a_nul_is_answered_and_its_control_characters_removed(store):
+    """Off a terminal (a script feeding the chat) lines are read whole, NUL included."""
+    import subprocess
+
+    run = subprocess.run([*JMOSS, "chat", str(store), "--greedy", "--max-new-tokens", "4", "--quiet"],
+                         input="你\x00好\ncle\x07ar\n\x00\x07\nstop\n".encode(), capture_output=True, timeout=240)
+    err = run.stderr.decode()
+    assert run.returncode == 0, err
+    assert "removed 1 control character" in err and "removed 2 control character" in err
+    assert run.stdout.decode().count("<|MOSS|>:") == 1  # `clear` and the empty line generate nothing
+
+
+def test_clean_typed_line_removes_every_control_character_and_escape_sequence():
+    controls = [chr(c) for c in [*range(0x20), *range(0x7f, 0xa0)] if chr(c) != "\t"]
+    for c in controls:
+        assert clean_typed_line(f"你{c}好") == ("你好", 1), repr(c)
+    for seq in ["\x1b[A", "\x1b[1;5D", "\x1b[200~", "\x1bO", "\x1b"]:
+        assert clean_typed_line(f"x{seq}y") == ("xy", 1), repr(seq)
+    assert clean_typed_line("tab\tand 😀 stay") == ("tab\tand 😀 stay", 0)
 
 
 def test_results_are_shown_without_their_markers(capsys):

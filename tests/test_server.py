@@ -348,3 +348,29 @@ def test_with_plugins_chat_requests_run_the_tool_loop(store, tmp_path, tokenizer
     # pass 1 reads meta (with the switch lines) + the Human turn; pass 2 also reads the Results
     assert out.usage.prompt_tokens >= len(tokenizer.encode(meta)) + len(tokenizer.encode(dialogue.human("2^10?")))
     assert out.choices[0].finish_reason in ("stop", "length") and streamed_text == out.choices[0].message.content
+
+
+def test_health_answers_when_idle_sockets_fill_the_connection_limit(server, report):
+    """1000 idle sockets (the --max-connections default) get other requests a 503; /health still answers."""
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+
+        def get(path: str) -> tuple[int, float]:
+            start = time.monotonic()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+                head = s.recv(65536)
+            return int(head.split(b" ")[1]), time.monotonic() - start
+
+        deadline = time.monotonic() + 8  # within the server's 10 s header timeout, which would free them
+        while get("/v1/models")[0] != 503:  # the server has accepted them all: the limit is reached
+            assert time.monotonic() < deadline, "the idle sockets never filled the connection limit"
+            time.sleep(0.1)
+        status, seconds = get("/health")
+        assert status == 200
+    finally:
+        for s in idle:
+            s.close()
+    report(f"/health answered 200 in {1000 * seconds:.0f} ms beside 1000 idle sockets (other paths: 503)")

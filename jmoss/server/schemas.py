@@ -3,7 +3,9 @@
 Unknown fields are refused (extra="forbid") as OpenAI itself does ("Unrecognized request
 argument"): a silently ignored field would hide a client bug. Fields OpenAI defines that only
 have a meaning we cannot honour are accepted at their neutral value and refused otherwise.
-strict: "0.5" is not a number, 1 is not a bool. NaN/Infinity are not numbers either.
+strict: "0.5" is not a number, 1 is not a bool, 8.0 is not an int. NaN/Infinity are not numbers
+either. Every number has a lower and an upper bound: a count at most ``MAX_COUNT``, a float
+within the range where sampling's arithmetic stays finite.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ if TYPE_CHECKING:
 MAX_CHOICES = 16  # OpenAI's ``n``: choices per request (each one a reply's worth of generation)
 TRUNCATION = Literal["auto", "disabled"]  # OpenAI's name (Responses API) for dropping the oldest turns or not
 MOSS_DEFAULTS = dict(max_length=2048, top_p=0.8, temperature=0.7, top_k=40, repetition_penalty=1.02)  # §5.1
+# No count a request names (tokens, positions, top_k) is meaningful past a C int; the server's own
+# limits (max_tokens, the context) are checked after parsing, with messages that name them.
+MAX_COUNT = 2**31 - 1
+# Below this a temperature divides logits past float32's range; the limit T -> 0 is greedy, which
+# is what a client sending 1e-8 "for determinism" means (vLLM treats such values alike).
+GREEDY_BELOW = 1e-2
 
 
 class ServerRequestError(JmossError):
@@ -89,16 +97,16 @@ class Sampling(_Body):
     """Fields shared by both OpenAI endpoints; top_k and repetition_penalty are common extensions."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10)  # a logit x100 at most
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)  # not Literal: that takes true (true == 1)
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -110,7 +118,7 @@ class Sampling(_Body):
 
 class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # newer clients' name for max_tokens
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)  # newer clients' name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # "auto" (jmoss's default): a conversation past the context loses its oldest whole turns, and the
@@ -132,7 +140,7 @@ class MossRequest(_Body):
 
     prompt: str = Field(min_length=1)
     uid: str | None = None
-    max_length: int = Field(default=MOSS_DEFAULTS["max_length"], ge=1)
+    max_length: int = Field(default=MOSS_DEFAULTS["max_length"], ge=1, le=MAX_COUNT)
     top_p: float = Field(default=MOSS_DEFAULTS["top_p"], gt=0, le=1)
     temperature: float = Field(default=MOSS_DEFAULTS["temperature"], ge=0, le=2)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
@@ -176,7 +184,7 @@ def sampling_options(req: Sampling, *, max_tokens_limit: int, default_max: int,
         logprobs = getattr(req, "logprobs", None)
     temperature = MOSS_DEFAULTS["temperature"] if req.temperature is None else req.temperature
     top_p = MOSS_DEFAULTS["top_p"] if req.top_p is None else req.top_p
-    greedy = temperature == 0 or top_p == 0  # OpenAI's "deterministic" settings
+    greedy = temperature < GREEDY_BELOW or top_p == 0  # OpenAI's "deterministic" settings
     try:
         return GenerationOptions.from_kwargs(
             max_new_tokens=max_tokens, do_sample=not greedy, temperature=temperature if not greedy else 1.0,
@@ -190,8 +198,8 @@ def sampling_options(req: Sampling, *, max_tokens_limit: int, default_max: int,
 
 
 def moss_options(req: MossRequest, max_new_tokens: int) -> dict:
-    """moss_api_demo.py's sampling (temperature 0: greedy) as Chat options."""
-    greedy = req.temperature == 0
+    """moss_api_demo.py's sampling (temperature 0, or below ``GREEDY_BELOW``: greedy) as Chat options."""
+    greedy = req.temperature < GREEDY_BELOW
     return dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=req.temperature if not greedy else 1.0,
                 top_p=req.top_p, top_k=MOSS_DEFAULTS["top_k"], repetition_penalty=MOSS_DEFAULTS["repetition_penalty"],
                 stop=tuple(req.stop), seed=req.seed)
