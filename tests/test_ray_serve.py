@@ -259,3 +259,38 @@ def test_chat_requests_that_extend_a_cached_prompt_go_to_its_replica(cluster):
                                                             "temperature": 0})
         assert second.headers[REPLICA_HEADER] == replica
         assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > first.json()["usage"]["prompt_tokens"] // 2
+
+
+def test_the_cli_flags_reach_serve_ray(monkeypatch, tmp_path):
+    """`jmoss serve MODEL --ray [ADDRESS] --replicas N --replica-cpus/--replica-gpus` is serve_ray(...)."""
+    from click.testing import CliRunner
+
+    from jmoss import cli
+
+    calls = []
+    monkeypatch.setattr(ray_app, "serve_ray", lambda *a, **k: calls.append((a, k)))
+    runner = CliRunner()
+    out = runner.invoke(cli.main, ["serve", str(tmp_path), "--ray", "--replicas", "3", "--replica-cpus", "2",
+                                   "--max-batch", "4", "--port", "0"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(cli.main, ["serve", str(tmp_path), "--ray", "10.0.0.1:6379", "--replica-gpus", "1",
+                                   "--device", "cuda", "--port", "0", "--session-limit", "9"])
+    assert out.exit_code == 0, out.output
+    (args1, local), (_, joined) = calls
+    assert args1[0] == str(tmp_path) and local["address"] is None and local["replicas"] == 3
+    assert local["replica_cpus"] == 2 and local["replica_gpus"] is None and local["max_batch"] == 4
+    assert joined["address"] == "10.0.0.1:6379" and joined["replica_gpus"] == 1 and joined["device"] == "cuda"
+    assert joined["session_limit"] == 9 and joined["replicas"] == 2
+
+
+def test_replicas_get_an_absolute_path_or_a_name(monkeypatch, tmp_path):
+    """A relative store path is made absolute (a replica's working directory is its node's); a
+    converted name stays a name, for each node to resolve; a missing path fails once, in the front."""
+    from jmoss.errors import ModelNotFoundError
+
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert ray_app._replica_model("store") == str(tmp_path / "store")
+    assert ray_app._replica_model("fnlp/moss-moon-003-sft:int4") == "fnlp/moss-moon-003-sft:int4"
+    with pytest.raises(ModelNotFoundError):
+        ray_app._replica_model("./no-such-store")

@@ -466,9 +466,8 @@ def connect(address: str | None = None, **init: Any) -> Any:
     ray = _ray()
     if ray.is_initialized():
         return ray
-    env = {k: os.environ[k] for k in ("JMOSS_HOME",) if k in os.environ}  # replicas find the same models
     try:
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, **init)
+        ray.init(address=address, **init)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise RayClusterError(f"cannot reach the Ray cluster at {address}: {exc}; start one with "
                               "`ray start --head` there, or leave out the address to start a local one") from None
@@ -534,6 +533,7 @@ def serve_ray(model: str, host: str = "127.0.0.1", port: int = 19324, *, address
         DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, run_app,
     )
 
+    target = _replica_model(model)
     started = time.monotonic()
     ray = connect(address)
     from ray import serve
@@ -547,7 +547,7 @@ def serve_ray(model: str, host: str = "127.0.0.1", port: int = 19324, *, address
                 max_seq_len=ctx_size, batch=limits.get("max_batch", 1))
     app = dict(limits, model_name=model_name or model, web=web)
     try:
-        handle = deploy(_resolve(model), replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+        handle = deploy(target, replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
                         threads=threads, load=load, app=app, queued=limits.get("queue_size", 16))
         log.warning("jmoss: %d replicas of %s up on Ray %s in %.1f s", replicas, model, ray.__version__,
                     time.monotonic() - started)
@@ -567,15 +567,15 @@ def serve_ray(model: str, host: str = "127.0.0.1", port: int = 19324, *, address
             ray.shutdown()
 
 
-def _resolve(model: str) -> str:
-    """A converted name as its store path when it resolves here (the replicas then need no JMOSS_HOME
-    of their own, only the same path); otherwise as given, for the replicas' nodes to resolve."""
+def _replica_model(model: str) -> str:
+    """``model`` as the replicas should open it: a path that exists here made absolute (a replica's
+    working directory is its node's, not the front's); a converted name kept as a name, for each
+    node to resolve under its own JMOSS_HOME (boxes need the same name, not the same path). A
+    mistyped path fails here, once, not on every replica."""
+    from pathlib import Path
+
     from jmoss.api import check_model_path
-    from jmoss.errors import NotConvertedError
-    from jmoss.store import resolve_model
 
     check_model_path(model)
-    try:
-        return str(resolve_model(model))
-    except NotConvertedError:
-        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
