@@ -144,7 +144,7 @@ class MossRequest(_Body):
     top_p: float = Field(default=MOSS_DEFAULTS["top_p"], gt=0, le=1)
     temperature: float = Field(default=MOSS_DEFAULTS["temperature"], ge=0, le=2)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
-    max_new_tokens: int | None = Field(default=None, ge=1)  # jmoss's: caps the reply (max_length caps the whole)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)  # jmoss's: caps the reply (max_length caps the whole)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     truncation: TRUNCATION = "auto"  # as in ChatCompletionRequest
 
