@@ -186,7 +186,8 @@ class Chat:
         from jmoss.plugins import parse_commands, render_results, run_calls
 
         tokens: list[int] = []
-        pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False)
+        # a constraint (a JSON reply) shapes the reply, not MOSS's thoughts and commands
+        pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False, constraint=None)
         try:
             for _ in self._generate(reply, pass1, (), tokens, should_stop):
                 pass

@@ -66,3 +66,7 @@ class CalculationError(PluginError):
 
 class SolverError(PluginError):
     """A Solve request cannot be parsed or solved within its bounds; MOSS is shown 'No result.'."""
+
+
+class ConstraintError(JmossError):
+    """An output constraint (a JSON schema, a grammar) is malformed or uses a feature jmoss cannot enforce."""

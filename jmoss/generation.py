@@ -2,9 +2,15 @@
 
 Sampling follows MOSS (moss-spec §5.2): repetition penalty over every id in the sequence so far
 (prompt included; each distinct id once: negative logits multiplied, positive divided) ->
-temperature -> top-k -> top-p -> softmax -> sample. Greedy decoding applies the repetition
-penalty too, as Hugging Face's generate does. Ids at or past the tokenizer's size (the embedding
-has padding rows) are never produced.
+[token mask] -> temperature -> top-k -> top-p -> softmax -> sample. Greedy decoding applies the
+repetition penalty too, as Hugging Face's generate does. Ids at or past the tokenizer's size (the
+embedding has padding rows) are never produced.
+
+The token mask is the one hook for constrained output (``GenerationOptions.constraint``, e.g. a
+JSON schema, jmoss.constraints): each generated row gets its own :class:`TokenMask`, asked which
+ids may come next before every sampling step and told which one came. It sits after the
+repetition penalty and before temperature, so greedy, top-k and top-p only ever choose among
+allowed ids.
 
 Text streaming never splits a UTF-8 character (the tokenizer's stream decoder holds back
 incomplete bytes) and never shows the beginning of a string stop sequence that may still match.
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -38,6 +44,7 @@ class GenerationOptions:
     max_time: float | None = None
     seed: int | None = None
     skip_special_tokens: bool = True
+    constraint: "Constraint | None" = None  # e.g. a JSON schema (jmoss.constraints); one TokenMask per row
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -52,6 +59,8 @@ class GenerationOptions:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.max_time is not None and not self.max_time > 0:
             raise GenerationError(f"max_time must be a positive number of seconds, got {self.max_time!r}")
+        if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
+            raise GenerationError("constraint must have a start() that returns a TokenMask (see jmoss.constraints)")
 
     @classmethod
     def from_kwargs(cls, **options) -> "GenerationOptions":
@@ -69,6 +78,30 @@ class GenerationOptions:
         return cls(**options)
 
 
+class TokenMask(Protocol):
+    """One row's constraint on its next token: the sampler's hook (a grammar matcher, usually).
+
+    ``mask()``: which ids may come next, a bool array over at least the sampled vocabulary (None:
+    any). ``advance(token)``: the id that was chosen. ``rollback(n)``: take back the last ``n``
+    advanced ids, for a caller that verified a draft and rejected its tail. ``done``: nothing but
+    the end of the sequence may follow.
+    """
+
+    done: bool
+
+    def mask(self) -> np.ndarray | None: ...
+
+    def advance(self, token: int) -> None: ...
+
+    def rollback(self, n: int) -> None: ...
+
+
+class Constraint(Protocol):
+    """What ``GenerationOptions.constraint`` holds: a compiled rule that starts one TokenMask per row."""
+
+    def start(self) -> TokenMask: ...
+
+
 class Sampler:
     """Turns next-token logits into token ids for a batch, in MOSS's order."""
 
@@ -77,10 +110,14 @@ class Sampler:
         self.vocab_limit = vocab_limit
         self.rng = np.random.default_rng(options.seed)
 
-    def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.array([self.pick(row, history) for row, history in zip(logits, histories)], dtype=np.int64)
+    def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]],
+                 masks: Sequence[TokenMask | None] | None = None) -> np.ndarray:
+        masks = masks or [None] * len(histories)
+        return np.array([self.pick(row, history, mask) for row, history, mask in zip(logits, histories, masks)],
+                        dtype=np.int64)
 
-    def pick(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def pick(self, logits: np.ndarray, history: Sequence[int], mask: TokenMask | None = None) -> int:
+        """One position's next id from its logits, the ids before it and its row's TokenMask (if any)."""
         o = self.options
         scores = np.array(logits[: self.vocab_limit], dtype=np.float32)
         if o.repetition_penalty != 1.0 and len(history):
@@ -88,6 +125,8 @@ class Sampler:
             seen = seen[seen < self.vocab_limit]
             values = scores[seen]
             scores[seen] = np.where(values < 0, values * o.repetition_penalty, values / o.repetition_penalty)
+        if mask is not None:
+            scores = _masked(scores, mask.mask())
         if not o.do_sample:
             return int(scores.argmax())
         scores = scores / o.temperature
@@ -102,6 +141,19 @@ class Sampler:
             scores[order[remove]] = -np.inf
         probs = _softmax(scores)
         return int(self.rng.choice(probs.size, p=probs))
+
+
+def _masked(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """``scores`` with every id the mask forbids at -inf (ids past the mask's length are forbidden)."""
+    if allowed is None:
+        return scores
+    n = min(scores.size, allowed.size)
+    out = np.full_like(scores, -np.inf)
+    keep = np.flatnonzero(allowed[:n])
+    if keep.size == 0:
+        raise GenerationError("the output constraint allows no token here (a grammar that cannot continue)")
+    out[keep] = scores[keep]
+    return out
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -207,11 +259,14 @@ def generate_ids(
     (:func:`fit_to_context`) and a row ending there ends for "context". ``reasons`` (one entry per
     row) receives why each row ended: "stop", "length", "context", "time" or "cancelled".
     ``histories`` are the ids the repetition penalty sees before the new rows (a chat's earlier turns).
+    With ``options.constraint`` each row gets its own TokenMask, advanced by every id it takes.
+    The model's ``stats`` (jmoss.stats), when it has one, records tokens and latencies.
     """
     stops = _Stops.build(model, options.stop)
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))
     seen = [list(h) + list(r) for h, r in zip(histories or [[] for _ in rows], rows)]
     generated: list[list[int]] = [[] for _ in rows]
+    masks = [options.constraint.start() for _ in rows] if options.constraint is not None else None
     why: list[str | None] = reasons if reasons is not None else []
     why[:] = [None] * len(rows)
     limit = options.max_new_tokens
@@ -227,30 +282,40 @@ def generate_ids(
     if should_stop is not None and should_stop():
         end("cancelled")
         return
-    logits = session.prefill(rows)
-    for n in range(1, limit + 1):
-        tokens = sampler(logits, seen)
-        step: list[int | None] = []
-        for b, token in enumerate(tokens):
-            if why[b] is not None:
-                step.append(None)
-                continue
-            generated[b].append(int(token))
-            seen[b].append(int(token))
-            step.append(int(token))
-            if stops.token_hit(generated[b]):
-                why[b] = "stop"
-        yield step
-        if all(r is not None for r in why):
-            return  # no forward for a token nobody will read
-        reason = ("length" if n == options.max_new_tokens else "context" if n == limit or session.room == 0
-                  else "time" if deadline is not None and time.monotonic() >= deadline
-                  else "cancelled" if should_stop is not None and should_stop() else None)
-        if reason is not None:
-            end(reason)
-            return
-        feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
-        logits = session.decode(feed)
+    stats: Any = getattr(model, "stats", None)
+    run = stats.begin(len(rows), sum(map(len, rows)), session.length, masks is not None) if stats is not None else None
+    try:
+        logits = session.prefill(rows)
+        for n in range(1, limit + 1):
+            tokens = sampler(logits, seen, masks)
+            step: list[int | None] = []
+            for b, token in enumerate(tokens):
+                if why[b] is not None:
+                    step.append(None)
+                    continue
+                generated[b].append(int(token))
+                seen[b].append(int(token))
+                step.append(int(token))
+                if masks is not None:
+                    masks[b].advance(int(token))
+                if stops.token_hit(generated[b]) or (masks is not None and masks[b].done):
+                    why[b] = "stop"  # a completed constraint (the JSON closed) ends the row: no eos step
+            if run is not None:
+                run.step(sum(t is not None for t in step))
+            yield step
+            if all(r is not None for r in why):
+                return  # no forward for a token nobody will read
+            reason = ("length" if n == options.max_new_tokens else "context" if n == limit or session.room == 0
+                      else "time" if deadline is not None and time.monotonic() >= deadline
+                      else "cancelled" if should_stop is not None and should_stop() else None)
+            if reason is not None:
+                end(reason)
+                return
+            feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
+            logits = session.decode(feed)
+    finally:
+        if run is not None:
+            run.end()
 
 
 def _vocab_limit(model: "TextModel") -> int:
