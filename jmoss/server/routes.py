@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from jmoss import dialogue
+from jmoss.errors import JmossError
+from jmoss.server.response_format import constraint_for
 from jmoss.server.schemas import (
     MOSS_DEFAULTS, ChatCompletionRequest, CompletionRequest, MossRequest, Sampling, ServerRequestError,
     error_response, messages_to_moss, moss_options, openai_finish_reason, sampling_options, usage,
@@ -55,7 +57,9 @@ class Service:
     max_tokens_limit: int
     max_body_bytes: int
     created: int
+    eos_token_id: int | None = None
     page: Any = None  # the chat page (jmoss.web), when served
+    metrics: Any = None  # jmoss.server.metrics.Metrics
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> Any:
         body = await _read_body(request, self.max_body_bytes)
@@ -71,6 +75,21 @@ class Service:
 
     def options(self, req: Sampling, default_max: int, stop: Sequence[str] = ()):
         return sampling_options(req, max_tokens_limit=self.max_tokens_limit, default_max=default_max, stop=stop)
+
+    async def constraint(self, fmt: Any, *, reply: bool) -> Any:
+        """The request's response_format as a token constraint, compiled off the event loop (None: text)."""
+        if fmt is None or fmt.type == "text":
+            return None
+        return await asyncio.to_thread(constraint_for, fmt, self.tokenizer, self.eos_token_id, reply=reply)
+
+    async def grammar(self, lark: str) -> Any:
+        from jmoss.constraints import lark as compile_lark
+
+        try:
+            return await asyncio.to_thread(compile_lark, self.tokenizer, lark, eos_token_id=self.eos_token_id)
+        except JmossError as exc:
+            raise ServerRequestError(400, f"tool_choice cannot be enforced: {exc}", param="tool_choice",
+                                     code="invalid_value") from None
 
     async def count_prompt(self, ids_of: Callable[[], list[int]], param: str) -> list[int]:
         ids = await asyncio.to_thread(ids_of)  # the Rust tokenizer is thread-safe and releases the GIL
@@ -149,24 +168,72 @@ async def health(request: Request) -> dict:
             "limits": {"max_prompt_tokens": svc.max_prompt_tokens, "max_tokens": svc.max_tokens_limit}}
 
 
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus' text format (jmoss.server.metrics); needs the key when keys are set, unless --metrics-public."""
+    body, content_type = _service(request).metrics.render()
+    return Response(body, media_type=content_type)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
     svc = _service(request)
     req: ChatCompletionRequest = await svc.parse(request, ChatCompletionRequest)
     svc.check_model(req.model)
-    tools, tokenizer, worker = svc.tools, svc.tokenizer, svc.worker
-    meta, turns, last = messages_to_moss(req.messages, tools)
-    opts = svc.options(req, default_max=min(256, svc.max_tokens_limit), stop=() if tools else (_EOM,))
-    reply_prefix = "" if tools else dialogue.prefix(dialogue.MOSS)  # the plugin loop writes its own fields
+    constraint = await svc.constraint(req.response_format, reply=True)
+    if req.tools:  # the client's functions (jmoss.server.tools); the server's --plugins sit this one out
+        run = await _client_tools_job(svc, req, constraint)
+    elif svc.tools:
+        run = await _plugin_job(svc, req, constraint)
+    else:
+        meta, turns, last = messages_to_moss(req.messages, ())
+        opts = replace(svc.options(req, default_max=min(256, svc.max_tokens_limit), stop=(_EOM,)), constraint=constraint)
+        ids = await svc.count_prompt(lambda: _prompt_ids(svc.tokenizer, meta, turns, dialogue.human(last)
+                                                         + dialogue.prefix(dialogue.MOSS)), "messages")
+        run = lambda job: svc.worker.complete(ids, opts, job, reply=True)  # noqa: E731
 
-    def prompt_ids() -> list[int]:
-        # Encoded field by field, as Chat does, so a resent conversation matches the cached ids.
-        ids = tokenizer.encode(meta) + [t for turn in turns for t in tokenizer.encode(turn)]
-        return ids + tokenizer.encode(dialogue.human(last) + reply_prefix)
+    job = svc.worker.submit(run, stream=req.stream)
+    ident, made, name = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), svc.model_name
+    if not req.stream:
+        try:
+            out = await _result(job, request)
+        except ClientGone as exc:
+            return _client_gone(request, exc)
+        message: dict[str, Any] = {"role": "assistant", "content": out["text"]}
+        if out.get("tool_calls"):
+            message["tool_calls"] = out["tool_calls"]
+        if out.get("reasoning"):
+            message["reasoning_content"] = out["reasoning"]
+        return {"id": ident, "object": "chat.completion", "created": made, "model": name,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": out["finish_reason"]}],
+                "usage": usage(out)}
 
-    ids = await svc.count_prompt(prompt_ids, "messages")
+    def chunk(delta: dict, finish: str | None) -> dict:
+        return {"id": ident, "object": "chat.completion.chunk", "created": made, "model": name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-    def run_tools(job: Job) -> dict:
+    return _event_stream(job, first=chunk({"role": "assistant", "content": ""}, None),
+                         delta=lambda value: chunk({"content": value} if isinstance(value, str) else value, None),
+                         last=lambda out: chunk({}, out["finish_reason"]),
+                         usage=(lambda out: {**chunk({}, None), "choices": [], "usage": usage(out)})
+                         if req.include_usage else None,
+                         event=lambda value: {**chunk({}, None), "jmoss_event": value})
+
+
+def _prompt_ids(tokenizer: Any, meta: str, pieces: Sequence[str], tail: str = "") -> list[int]:
+    # Encoded field by field, as Chat does, so a resent conversation matches the cached ids.
+    ids = tokenizer.encode(meta) + [t for piece in pieces for t in tokenizer.encode(piece)]
+    return ids + tokenizer.encode(tail) if tail else ids
+
+
+async def _plugin_job(svc: Service, req: ChatCompletionRequest, constraint: Any) -> Callable[[Job], dict]:
+    """The server's own plugins (--plugins): MOSS's two-pass loop in a Chat (the constraint shapes its reply)."""
+    tokenizer, worker = svc.tokenizer, svc.worker
+    meta, turns, last = messages_to_moss(req.messages, svc.tools)
+    opts = replace(svc.options(req, default_max=min(256, svc.max_tokens_limit)), constraint=constraint)
+    ids = await svc.count_prompt(lambda: _prompt_ids(tokenizer, meta, turns, dialogue.human(last)), "messages")
+
+    def run(job: Job) -> dict:
         chat = worker.new_chat(meta + "".join(turns))
         if req.jmoss_events and req.stream:
             chat.on_event = lambda kind, text: job.post("event", {"kind": kind, "text": text})
@@ -175,31 +242,33 @@ async def chat_completions(request: Request) -> Any:
         return {"text": reply.text, "finish_reason": openai_finish_reason(reply.finish_reason),
                 "prompt_tokens": len(ids) + extra, "completion_tokens": reply.generated_tokens}
 
+    return run
+
+
+async def _client_tools_job(svc: Service, req: ChatCompletionRequest, constraint: Any) -> Callable[[Job], dict]:
+    """The client's functions: MOSS's Commands come back as tool_calls, tool messages go in as Results."""
+    from jmoss.server import tools as tool_calls
+
+    tokenizer, worker = svc.tokenizer, svc.worker
+    toolset = tool_calls.ToolSet.from_request(req.tools or [])
+    rendered = tool_calls.render(req.messages, toolset, dialogue.base_meta_instruction())
+    choice = req.tool_choice or "auto"
+    parallel = req.parallel_tool_calls is not False
+    base = svc.options(req, default_max=min(256, svc.max_tokens_limit))
+    reply_opts = replace(base, stop=tuple(base.stop) + (_EOM,), constraint=constraint)
+    pass1_opts = replace(base, stop=tuple(base.stop) + ("<eoc>", _EOM), skip_special_tokens=False)
+    forced = tool_calls.tool_choice_name(choice, toolset)
+    if choice == "required" or forced:
+        grammar = tool_calls.call_grammar(tokenizer, toolset, forced, parallel)
+        pass1_opts = replace(pass1_opts, constraint=await svc.grammar(grammar))
+    ids = await svc.count_prompt(lambda: _prompt_ids(tokenizer, rendered.meta, rendered.pieces), "messages")
+
     def run(job: Job) -> dict:
-        return worker.complete(ids, opts, job, reply=True)
+        return worker.passes(ids, job, lambda gen: tool_calls.run_turn(
+            gen, tokenizer, rendered, ids, toolset, reply_opts=reply_opts, pass1_opts=pass1_opts,
+            none=choice == "none", parallel=parallel, post=lambda delta: job.post("delta", delta)))
 
-    job = worker.submit(run_tools if tools else run, stream=req.stream)
-    ident, made, name = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), svc.model_name
-    if not req.stream:
-        try:
-            out = await _result(job, request)
-        except ClientGone as exc:
-            return _client_gone(request, exc)
-        return {"id": ident, "object": "chat.completion", "created": made, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                             "logprobs": None, "finish_reason": out["finish_reason"]}],
-                "usage": usage(out)}
-
-    def chunk(delta: dict, finish: str | None) -> dict:
-        return {"id": ident, "object": "chat.completion.chunk", "created": made, "model": name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-    return _event_stream(job, first=chunk({"role": "assistant", "content": ""}, None),
-                         delta=lambda text: chunk({"content": text}, None),
-                         last=lambda out: chunk({}, out["finish_reason"]),
-                         usage=(lambda out: {**chunk({}, None), "choices": [], "usage": usage(out)})
-                         if req.include_usage else None,
-                         event=lambda value: {**chunk({}, None), "jmoss_event": value})
+    return run
 
 
 @router.post("/v1/completions")
@@ -212,6 +281,7 @@ async def completions(request: Request) -> Any:
                                  code="invalid_value")
     text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
     opts = svc.options(req, default_max=min(16, svc.max_tokens_limit))  # OpenAI's default for completions
+    opts = replace(opts, constraint=await svc.constraint(req.response_format, reply=False))
     ids = await svc.count_prompt(lambda: svc.tokenizer.encode(text), "prompt")
     job = svc.worker.submit(lambda job: svc.worker.complete(ids, opts, job, reply=False), stream=req.stream)
     ident, made = f"cmpl-{secrets.token_hex(12)}", int(time.time())
@@ -232,6 +302,16 @@ async def completions(request: Request) -> Any:
     return _event_stream(job, first=None, delta=lambda t: body([choice(t, None)]),
                          last=lambda out: body([choice("", out["finish_reason"])]),
                          usage=(lambda out: body([], usage=usage(out))) if req.include_usage else None)
+
+
+class _Counted:
+    """Starlette middleware shape around Metrics.middleware (requests by route and status)."""
+
+    def __init__(self, app: Any, metrics: Any):
+        self._app = metrics.middleware(app)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -360,6 +440,8 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     web: bool = True,
     max_batch: int = 1,
+    api_keys: Sequence[str] = (),
+    metrics_public: bool = False,
 ) -> FastAPI:
     """The ASGI app serving ``model``; its worker thread starts here and stops at shutdown.
 
@@ -368,7 +450,12 @@ def create_app(
     replies); ``session_limit``/``session_ttl`` bound the uid conversations. ``web`` serves the
     chat page at ``GET /``. ``max_batch`` sequences are generated together (continuous batching;
     load the model with ``batch=max_batch`` so its memory plan pays for their KV cache).
+    ``api_keys``: when given, every route but ``/health`` and the page (and ``/metrics`` with
+    ``metrics_public``) needs ``Authorization: Bearer KEY`` (jmoss.server.auth).
     """
+    from jmoss.server.auth import ApiKeyMiddleware, check_key
+    from jmoss.server.metrics import Metrics
+
     from jmoss.plugins import Plugin, load_plugins
 
     names = [p for p in plugins if isinstance(p, str)]
@@ -379,7 +466,10 @@ def create_app(
     worker = Worker(model, tools, queue_size, session_limit, session_ttl, max_batch)
     svc = Service(worker, model_name, model.tokenizer, tools,
                   max_prompt_tokens=min(max_prompt_tokens or n_positions - 1, n_positions - 1),
-                  max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, created=int(time.time()))
+                  max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, created=int(time.time()),
+                  eos_token_id=model.config.eos_token_id)
+    svc.metrics = Metrics(model, worker)
+    keys = [check_key(k) for k in api_keys]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -393,12 +483,20 @@ def create_app(
     app.add_exception_handler(ClientGone, _on_client_gone)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _on_bug)
     app.include_router(router)
+
+    def public(method: str, path: str) -> bool:
+        return path == "/health" or (web and path == "/" and method in ("GET", "HEAD")) or \
+            (metrics_public and path == "/metrics")
+
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, public=public)
+    app.add_middleware(_Counted, metrics=svc.metrics)  # outermost: refused keys are counted too
     if web:
         from jmoss.web import render_page
 
         svc.page = render_page({
             "model": model_name, "meta": dialogue.base_meta_instruction(),
-            "plugins": [p.capability or p.name for p in tools], "max_tokens": max_tokens_limit,
+            "plugins": [p.capability or p.name for p in tools], "max_tokens": max_tokens_limit, "auth": bool(keys),
             "defaults": {"temperature": MOSS_DEFAULTS["temperature"], "top_p": MOSS_DEFAULTS["top_p"],
                          "max_tokens": min(256, max_tokens_limit)}})
         app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
