@@ -292,3 +292,23 @@ def test_the_cli_refuses_a_malformed_key_before_loading_anything(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jmoss.cli", "serve", str(tmp_path / "no-model"), "--api-key", "short"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "API key must be" in out.stderr
+
+
+def test_the_cli_takes_keys_from_flags_the_environment_and_a_file(tmp_path, shared_dir, monkeypatch):
+    from test_server import ServerProcess, build_store
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# rotated monthly\nfile-key-aaaaaaaa\n")
+    monkeypatch.setenv("JMOSS_API_KEY", "env-key-bbbbbbbb")
+    srv = ServerProcess(build_store(tmp_path, shared_dir), "--api-key", "flag-key-cccccccc", "--api-key-file", str(keys),
+                        "--metrics-public", "--no-web", log=tmp_path / "server.log")
+    try:
+        for key in ("flag-key-cccccccc", "env-key-bbbbbbbb", "file-key-aaaaaaaa"):
+            assert client(srv, key).models.list().data[0].id == MODEL_ID
+        with pytest.raises(openai.AuthenticationError):
+            client(srv, "not-a-key-at-all").models.list()
+        assert httpx.get(srv.url + "/metrics", timeout=10).status_code == 200  # --metrics-public
+        assert httpx.get(srv.url + "/", timeout=10).status_code == 401  # --no-web: no public page
+    finally:
+        srv.stop()
+    assert "3 API key(s)" in (tmp_path / "server.log").read_text()
