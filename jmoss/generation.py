@@ -148,11 +148,12 @@ def _masked(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     if allowed is None:
         return scores
     n = min(scores.size, allowed.size)
-    out = np.full_like(scores, -np.inf)
-    keep = np.flatnonzero(allowed[:n])
-    if keep.size == 0:
+    if not allowed[:n].any():
         raise GenerationError("the output constraint allows no token here (a grammar that cannot continue)")
-    out[keep] = scores[keep]
+    if n == scores.size:
+        return np.where(allowed[:n], scores, np.float32(-np.inf))
+    out = np.full_like(scores, -np.inf)
+    out[:n] = np.where(allowed[:n], scores[:n], np.float32(-np.inf))
     return out
 
 
