@@ -160,7 +160,7 @@ class ResponseFormat(_Body):
 
 
 class _Function(_Body):
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # what MOSS's command syntax can name
     description: str | None = Field(default=None, max_length=4096)
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
