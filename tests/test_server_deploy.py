@@ -312,3 +312,17 @@ def test_the_cli_takes_keys_from_flags_the_environment_and_a_file(tmp_path, shar
     finally:
         srv.stop()
     assert "3 API key(s)" in (tmp_path / "server.log").read_text()
+
+
+def test_serving_beyond_loopback_without_a_key_warns_at_start_up(model, monkeypatch, capsys):
+    import uvicorn
+
+    from jmoss.server import serve
+
+    ran = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw["host"]))  # nothing is bound
+    serve(model, host="0.0.0.0", port=0, model_name=MODEL_ID)
+    assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
+    serve(model, host="0.0.0.0", port=0, model_name=MODEL_ID, api_keys=KEYS)
+    serve(model, host="127.0.0.1", port=0, model_name=MODEL_ID)
+    assert capsys.readouterr().err == "" and ran == ["0.0.0.0", "0.0.0.0", "127.0.0.1"]
