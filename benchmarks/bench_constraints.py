@@ -163,8 +163,8 @@ def library_walks(tokenizer, steps: int = 64, walks: int = 5, xgrammar_path: str
             return not state["m"].done
 
         ms, count = walk(first, advance, name)
-        rows.append({"library": "llguidance", "schema": name, "setup_s": setup, "compile_s": compile_s,
-                     "mask_ms": ms, "steps": count})
+        rows.append({"library": f"llguidance {_version('llguidance')}", "schema": name, "setup_s": setup,
+                     "compile_s": compile_s, "mask_ms": ms, "steps": count})
     if xgrammar_path:
         sys.path.append(xgrammar_path)
     try:
@@ -195,9 +195,18 @@ def library_walks(tokenizer, steps: int = 64, walks: int = 5, xgrammar_path: str
             return state["m"].accept_token(token) and not state["m"].is_terminated()
 
         ms, count = walk(first, advance, name)
-        rows.append({"library": f"xgrammar {xgr.__version__}", "schema": name, "setup_s": setup,
+        rows.append({"library": f"xgrammar {_version('xgrammar')}", "schema": name, "setup_s": setup,
                      "compile_s": compile_s, "mask_ms": ms, "steps": count})
     return rows
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
 
 
 def _cpu_name() -> str:
@@ -216,6 +225,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--libraries", action="store_true", help="also compare llguidance and xgrammar")
+    parser.add_argument("--no-decode", action="store_true", help="only the library comparison")
     parser.add_argument("--xgrammar-path", default=None, help="a folder holding xgrammar (not a jmoss dependency)")
     parser.add_argument("--tokenizer", type=Path, action="append", default=[],
                         help="--libraries: also on this tokenizer folder (e.g. MOSS's files; repeatable)")
@@ -225,14 +235,17 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip()
     print(f"# bench_constraints: {_cpu_name()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"commit {commit}, load average {os.getloadavg()[0]:.2f} at start")
-    rows = decode_rounds(args.store, args.tokens, args.rounds)
-    base = rows[0]["decode_tok_s"]
-    print(f"\nDecode on {args.store.name}, {args.tokens} tokens, sampled, median of {args.rounds} interleaved rounds")
-    print(f"{'configuration':<16}{'decode tok/s':>14}{'vs none':>9}{'mask ms/token':>15}{'mask share':>12}")
-    for r in rows:
-        share = r["mask_ms_per_token"] / (1000 / r["decode_tok_s"]) if r["config"] != "no constraint" else 0.0
-        print(f"{r['config']:<16}{r['decode_tok_s']:>14.2f}{r['decode_tok_s'] / base:>9.3f}"
-              f"{r['mask_ms_per_token']:>15.3f}{100 * share:>11.1f}%")
+    rows = [] if args.no_decode else decode_rounds(args.store, args.tokens, args.rounds)
+    if rows:
+        base = rows[0]["decode_tok_s"]
+        print(f"\nDecode on {args.store.name}, up to {args.tokens} tokens, sampled, median of {args.rounds} "
+              "interleaved rounds")
+        print(f"{'configuration':<16}{'decode tok/s':>14}{'vs none':>9}{'mask ms/token':>15}{'mask share':>12}"
+              f"{'tokens':>8}")
+        for r in rows:
+            share = r["mask_ms_per_token"] / (1000 / r["decode_tok_s"]) if r["config"] != "no constraint" else 0.0
+            print(f"{r['config']:<16}{r['decode_tok_s']:>14.2f}{r['decode_tok_s'] / base:>9.3f}"
+                  f"{r['mask_ms_per_token']:>15.3f}{100 * share:>11.1f}%{r['tokens']:>8.0f}")
     if args.libraries:
         import jmoss
 

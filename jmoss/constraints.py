@@ -7,11 +7,12 @@ The masks come from llguidance (guidance-ai's low-level grammar engine, a Rust e
 Python dependencies): given a JSON schema it knows, before every step, which token ids keep the
 output a prefix of some valid document, and it refuses a schema feature it cannot enforce by
 name ("Unimplemented keys: ["uniqueItems"]"), which becomes the ConstraintError message. It was
-chosen over xgrammar by measurement (``benchmarks/bench_constraints.py``): on MOSS's 106k-token
-vocabulary both compute a mask in well under a millisecond, but xgrammar compiles each schema in
-~0.8 s against llguidance's ~1 ms (every request brings its own schema), and xgrammar needs torch,
-transformers and triton at run time, which jmoss keeps to its tests. llguidance can also roll a
-matcher back, which a caller verifying drafted tokens needs.
+chosen over xgrammar by measurement (``benchmarks/bench_constraints.py``, results/constraints-cpu-350m.txt):
+on MOSS's 106k-token vocabulary both compute a mask in 0.02-0.04 ms, but xgrammar compiled a nested
+schema in 0.70 s against llguidance's 11 ms (every request brings its own schema) and silently
+ignored a ``multipleOf``; and xgrammar needs torch, transformers and triton at run time, which jmoss
+keeps to its tests. llguidance can also roll a matcher back, which a caller verifying drafted tokens
+needs.
 
 The JSON is written compactly in Python's ``json.dumps`` style: ", " between items, ": " after
 keys, no other whitespace. One layout keeps outputs bounded (no runs of blank lines from a weak
