@@ -48,6 +48,7 @@ setup(
         "uvicorn>=0.29",
         "prometheus-client>=0.20",  # GET /metrics
         "llguidance>=1.9",  # JSON-schema output and tool_choice: token masks (no Python dependencies, no torch)
+        "prompt_toolkit>=3.0.36",  # jmoss chat's prompt: line editing and history
     ],
     extras_require={
         "test": TEST_REQUIREMENTS,

@@ -2,15 +2,16 @@
 
 Sampling follows MOSS (moss-spec §5.2): repetition penalty over every id in the sequence so far
 (prompt included; each distinct id once: negative logits multiplied, positive divided) ->
-[token mask] -> temperature -> top-k -> top-p -> softmax -> sample. Greedy decoding applies the
-repetition penalty too, as Hugging Face's generate does. Ids at or past the tokenizer's size (the
-embedding has padding rows) are never produced.
+OpenAI's presence/frequency penalties (over the generated ids only) -> [token mask] -> temperature
+-> top-k -> top-p -> softmax -> sample. Greedy decoding applies the penalties too, as Hugging Face's
+generate does. Ids at or past the tokenizer's size (the embedding has padding rows) are never
+produced. With ``logprobs`` set, each step also reports the chosen token's log-probability and the
+``logprobs`` most likely tokens, from the model's own distribution (before any penalty or mask).
 
 The token mask is the one hook for constrained output (``GenerationOptions.constraint``, e.g. a
 JSON schema, jmoss.constraints): each generated row gets its own :class:`TokenMask`, asked which
 ids may come next before every sampling step and told which one came. It sits after the
-repetition penalty and before temperature, so greedy, top-k and top-p only ever choose among
-allowed ids.
+penalties and before temperature, so greedy, top-k and top-p only ever choose among allowed ids.
 
 Text streaming never splits a UTF-8 character (the tokenizer's stream decoder holds back
 incomplete bytes) and never shows the beginning of a string stop sequence that may still match.
@@ -44,6 +45,10 @@ class GenerationOptions:
     max_time: float | None = None
     seed: int | None = None
     skip_special_tokens: bool = True
+    # OpenAI's: subtracted from a token's logit once it was generated (presence), and per time (frequency)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely (0-20)
     constraint: "Constraint | None" = None  # e.g. a JSON schema (jmoss.constraints); one TokenMask per row
 
     def __post_init__(self) -> None:
@@ -59,6 +64,13 @@ class GenerationOptions:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.max_time is not None and not self.max_time > 0:
             raise GenerationError(f"max_time must be a positive number of seconds, got {self.max_time!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise GenerationError(f"{name} must be a number in [-2, 2] (OpenAI's range), got {value!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise GenerationError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
         if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
             raise GenerationError("constraint must have a start() that returns a TokenMask (see jmoss.constraints)")
 
@@ -103,21 +115,35 @@ class Constraint(Protocol):
 
 
 class Sampler:
-    """Turns next-token logits into token ids for a batch, in MOSS's order."""
+    """Turns next-token logits into token ids for a batch, in MOSS's order.
+
+    ``last`` holds, after each call with ``options.logprobs`` set, one ``(logprob, top)`` per row:
+    the chosen id's log-probability and ``[(id, logprob), ...]`` of the most likely ids.
+    """
 
     def __init__(self, options: GenerationOptions, vocab_limit: int):
         self.options = options
         self.vocab_limit = vocab_limit
         self.rng = np.random.default_rng(options.seed)
+        self.last: list[tuple[float, list[tuple[int, float]]] | None] = []
 
     def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]],
+                 generated: Sequence[Sequence[int]] | None = None,
                  masks: Sequence[TokenMask | None] | None = None) -> np.ndarray:
-        masks = masks or [None] * len(histories)
-        return np.array([self.pick(row, history, mask) for row, history, mask in zip(logits, histories, masks)],
-                        dtype=np.int64)
+        generated = generated if generated is not None else [()] * len(histories)
+        masks = masks if masks is not None else [None] * len(histories)
+        picked = [self.pick(row, history, new, mask)
+                  for row, history, new, mask in zip(logits, histories, generated, masks)]
+        if self.options.logprobs is not None:
+            self.last = [_logprobs(row[: self.vocab_limit], token, self.options.logprobs)
+                         for row, token in zip(logits, picked)]
+        return np.array(picked, dtype=np.int64)
 
-    def pick(self, logits: np.ndarray, history: Sequence[int], mask: TokenMask | None = None) -> int:
-        """One position's next id from its logits, the ids before it and its row's TokenMask (if any)."""
+    def pick(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = (),
+             mask: TokenMask | None = None) -> int:
+        """One position's next id from its logits, ``history`` (every id before it, prompt included),
+        ``generated`` (the ids this generation produced so far, the tail of ``history``) and its
+        row's TokenMask (if any)."""
         o = self.options
         scores = np.array(logits[: self.vocab_limit], dtype=np.float32)
         if o.repetition_penalty != 1.0 and len(history):
@@ -125,6 +151,12 @@ class Sampler:
             seen = seen[seen < self.vocab_limit]
             values = scores[seen]
             scores[seen] = np.where(values < 0, values * o.repetition_penalty, values / o.repetition_penalty)
+        if (o.presence_penalty or o.frequency_penalty) and len(generated):
+            # OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c over the output
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            keep = ids < self.vocab_limit
+            ids, counts = ids[keep], counts[keep]
+            scores[ids] -= (counts * o.frequency_penalty + o.presence_penalty).astype(np.float32)
         if mask is not None:
             scores = _masked(scores, mask.mask())
         if not o.do_sample:
@@ -155,6 +187,15 @@ def _masked(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     out = np.full_like(scores, -np.inf)
     out[:n] = np.where(allowed[:n], scores[:n], np.float32(-np.inf))
     return out
+
+
+def _logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log_softmax of the model's logits at ``token``, and the ``top`` most likely ids (best first)."""
+    x = np.asarray(logits, dtype=np.float64)
+    logp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    best = np.argpartition(-logp, top)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in best]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -250,6 +291,7 @@ def generate_ids(
     should_stop: StopCheck | None = None,
     fit_context: bool = False,
     reasons: list[str | None] | None = None,
+    logprobs_out: list | None = None,
 ) -> Iterator[list[int | None]]:
     """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None once done).
 
@@ -262,6 +304,8 @@ def generate_ids(
     ``histories`` are the ids the repetition penalty sees before the new rows (a chat's earlier turns).
     With ``options.constraint`` each row gets its own TokenMask, advanced by every id it takes.
     The model's ``stats`` (jmoss.stats), when it has one, records tokens and latencies.
+    ``logprobs_out`` (with ``options.logprobs`` set) is refilled at each step with each row's
+    ``(logprob, top)`` (see :class:`Sampler`).
     """
     stops = _Stops.build(model, options.stop)
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))
@@ -288,7 +332,9 @@ def generate_ids(
     try:
         logits = session.prefill(rows)
         for n in range(1, limit + 1):
-            tokens = sampler(logits, seen, masks)
+            tokens = sampler(logits, seen, generated, masks)
+            if logprobs_out is not None:
+                logprobs_out[:] = sampler.last
             step: list[int | None] = []
             for b, token in enumerate(tokens):
                 if why[b] is not None:
@@ -369,6 +415,9 @@ class Step:
     token: int | None
     text: str = ""
     finish: Finish | None = None
+    logprob: float | None = None  # with options.logprobs: the token's log-probability under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # ... and the most likely (id, logprob), best first
+    stop: bool = False  # the token is a stop token (eos, <eom>…): not part of the text
 
 
 def stream_steps(model: "TextModel", session: "Session", row: list[int], opts: GenerationOptions, *,
@@ -383,23 +432,26 @@ def stream_steps(model: "TextModel", session: "Session", row: list[int], opts: G
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=opts.skip_special_tokens)
     finish = Finish()
     reasons: list[str | None] = []
+    scores: list = []
     text, emitted = "", 0
     for step in generate_ids(model, session, [row], opts, histories=[history or []], should_stop=should_stop,
-                             fit_context=fit_context, reasons=reasons):
+                             fit_context=fit_context, reasons=reasons,
+                             logprobs_out=scores if opts.logprobs is not None else None):
         token = step[0]
         if token is None:
             break
+        logprob, top = scores[0] if scores and scores[0] is not None else (None, None)
         if stops.token_hit([token]):
-            yield Step(token)
+            yield Step(token, logprob=logprob, top_logprobs=top, stop=True)
             break  # a single-token stop (eos, <eoc>…) is not part of the text
         text += decoder.push(token)
         cut = stops.text_cut(text)
         if cut is not None:
             finish.reason, finish.stop_string, finish.text = "stop", _stop_at(stops, text, cut), text[:cut]
-            yield Step(token, text[emitted:cut], finish)
+            yield Step(token, text[emitted:cut], finish, logprob, top)
             return
         safe = len(text) - stops.held_back(text)
-        yield Step(token, text[emitted:safe])
+        yield Step(token, text[emitted:safe], logprob=logprob, top_logprobs=top)
         emitted = max(emitted, safe)
     finish.reason = reasons[0]  # generate_ids says why it ended (a single-token stop: "stop")
     text += decoder.flush()
@@ -437,11 +489,18 @@ def _stop_at(stops: _Stops, text: str, cut: int) -> str:
 
 def _max_len(model: "TextModel", rows: list[list[int]], opts: GenerationOptions) -> int:
     longest = max(len(r) for r in rows)
-    if longest >= model.config.n_positions:
+    context = model.config.n_positions
+    plan = getattr(model, "plan", None)
+    if plan is not None and plan.max_seq_len < context:  # loaded with a shorter context (-c, max_seq_len=)
+        context = plan.max_seq_len
+        if longest >= context:
+            raise ContextLengthError(f"the prompt has {longest} tokens but the context is {context} positions "
+                                     "(-c/--ctx-size, max_seq_len=): raise it or shorten the prompt")
+    if longest >= context:
         raise ContextLengthError(
             f"the prompt has {longest} tokens but the model has n_positions={model.config.n_positions}; shorten it"
         )
-    return min(model.config.n_positions, longest + opts.max_new_tokens)
+    return min(context, longest + opts.max_new_tokens)
 
 
 def generate(model: "TextModel", prompt, **options) -> str | list[str]:

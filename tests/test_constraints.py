@@ -122,12 +122,12 @@ def test_the_mask_comes_after_the_repetition_penalty_and_before_temperature_and_
     assert greedy.pick(logits, history=[], mask=Allow({1, 2})) == 1
     # top-k counts allowed ids only: k=1 under the mask keeps the best allowed one, whatever the rest
     top1 = Sampler(GenerationOptions(do_sample=True, temperature=5.0, top_k=1, seed=0, repetition_penalty=1.0), vocab)
-    assert {top1.pick(logits, [], Allow({3, 6})) for _ in range(20)} == {3}
+    assert {top1.pick(logits, [], mask=Allow({3, 6})) for _ in range(20)} == {3}
     # high temperature spreads the probability over the allowed ids only
     hot = Sampler(GenerationOptions(do_sample=True, temperature=50.0, top_p=1.0, seed=0, repetition_penalty=1.0), vocab)
-    assert {hot.pick(logits, [], Allow({4, 7})) for _ in range(50)} == {4, 7}
+    assert {hot.pick(logits, [], mask=Allow({4, 7})) for _ in range(50)} == {4, 7}
     with pytest.raises(GenerationError):
-        greedy.pick(logits, [], Allow(set()))
+        greedy.pick(logits, [], mask=Allow(set()))
 
 
 def test_max_new_tokens_cuts_an_unbounded_document_with_reason_length(tokenizer):
