@@ -46,6 +46,8 @@ setup(
         "bm25s>=0.2",
         "fastapi>=0.110",  # jmoss serve is a core command, so its stack is in the default install
         "uvicorn>=0.29",
+        "prometheus-client>=0.20",  # GET /metrics
+        "llguidance>=1.9",  # JSON-schema output and tool_choice: token masks (no Python dependencies, no torch)
         "prompt_toolkit>=3.0.36",  # jmoss chat's prompt: line editing and history
     ],
     extras_require={

@@ -28,6 +28,7 @@ from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import MossModel, rotary_tables
 from jmoss.embedding import EmbeddingTable
 from jmoss.session import Session
+from jmoss.stats import Stats
 
 if TYPE_CHECKING:
     from jmoss.tokenizer import Tokenizer
@@ -72,6 +73,7 @@ class Model:
         self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
         self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self._tokenizer: Tokenizer | None = None
+        self.stats = Stats()  # every generation on this model records here (jmoss.stats; GET /metrics)
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], config: MossConfig, **kwargs) -> "Model":
@@ -137,6 +139,13 @@ class Model:
         from jmoss.batching import stream_batch
 
         return stream_batch(self, prompts, max_batch=max_batch, **options)
+
+    def json_constraint(self, schema: dict | None = None, *, leading_space: bool = False):
+        """A ``constraint=`` for generate/stream/chat: output that is one JSON document valid under
+        ``schema`` (None: any JSON object), enforced at every token (jmoss.constraints)."""
+        from jmoss.constraints import json_schema
+
+        return json_schema(self.tokenizer, schema, eos_token_id=self.config.eos_token_id, leading_space=leading_space)
 
     def chat(self, meta_instruction: str | None = None, **kwargs):
         """A multi-turn MOSS conversation whose KV cache is kept across turns."""

@@ -503,8 +503,15 @@ def doctor(fix_cuda, undo_cuda_fix, cuda_details):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
+              help="require `Authorization: Bearer KEY` on every route but /health and the page (repeatable; "
+                   "also JMOSS_API_KEY, whitespace-separated)")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="file of API keys, one per line (# comments and blank lines skipped)")
+@click.option("--metrics-public", is_flag=True, help="serve GET /metrics without a key even when keys are set")
 def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, pull, host, port, model_name,
-          max_new_tokens, system, plugins, search_docs, text2image_cmd, no_web, max_batch, **limits):
+          max_new_tokens, system, plugins, search_docs, text2image_cmd, no_web, max_batch, api_keys, api_key_file,
+          metrics_public, **limits):
     """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.
 
     MODEL is a converted store directory, or a model name (see `jmoss list`).
@@ -513,17 +520,20 @@ def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, p
     request sends "truncation": "disabled".
     """
     from jmoss.server import serve as run
+    from jmoss.server.auth import load_keys
 
+    keys = load_keys(api_keys, api_key_file)  # checked before the model loads: a bad key fails in a second
     _check_port(host, port)  # before loading: a busy port must not cost a model load
     names, options = _plugin_args(plugins, search_docs, text2image_cmd)
     m = _load(model, device, dtype, device_memory, host_memory, batch=max_batch, threads=threads, ctx_size=ctx_size,
               pull=pull)
     log_level = limits.pop("log_level")
     page = "" if no_web else "chat page at /, "
-    click.echo(f"jmoss serving {model} on http://{host}:{port} ({page}OpenAI API under /v1)", err=True)
+    guard = f", {len(keys)} API key(s)" if keys else ""
+    click.echo(f"jmoss serving {model} on http://{host}:{port} ({page}OpenAI API under /v1{guard})", err=True)
     run(m, host, port, log_level=log_level, web=not no_web, model_name=model_name or model, plugins=names,
         plugin_options=options, max_batch=max_batch, default_max_tokens=max_new_tokens,
-        meta_instruction=_system_text(system), **limits)
+        meta_instruction=_system_text(system), api_keys=keys, metrics_public=metrics_public, **limits)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from jmoss.server.routes import create_app
@@ -253,6 +254,11 @@ def serve(model: "TextModel", host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
+    from jmoss.server.auth import exposure_warning
+
+    warning = exposure_warning(host, limits.get("api_keys", ()))
+    if warning:  # one line on stderr, before uvicorn's logging is set up
+        print(f"jmoss: {warning}", file=sys.stderr, flush=True)
     app = create_app(model, web=web, **limits)
     log_config = copy.deepcopy(LOGGING_CONFIG)  # jmoss.server's info lines (disconnects, timeouts) beside uvicorn's
     log_config["loggers"]["jmoss"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
