@@ -35,7 +35,7 @@ from jmoss.store import (
     TOKENIZER_FILES,
     MANIFEST,
     GroupWriter,
-    _is_checkpoint_dir,
+    is_checkpoint_dir,
     atomic_write_bytes,
     check_files,
     default_store_dir,
@@ -451,7 +451,7 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     if out.resolve().is_relative_to(src.root.resolve()):
         where = "is a checkpoint folder (the source itself)" if out.resolve() == src.root.resolve() else f"is inside the checkpoint folder {src.root}"
         raise StoreError(f"--out {out} {where}; the store needs a folder of its own (or omit --out)")
-    if out.exists() and _is_checkpoint_dir(out):
+    if out.exists() and is_checkpoint_dir(out):
         raise StoreError(f"--out {out} is a checkpoint folder; the store needs a folder of its own (or omit --out)")
     described = src.describe()
     journal = _Journal(out, {"source": described, "config": config.to_dict()})

@@ -24,7 +24,7 @@ import pytest
 from jmoss import layout
 from jmoss.config import MossConfig
 from jmoss.errors import JmossError, StoreError
-from jmoss.store import FAST_HASH, MANIFEST, Store, _sealed_manifest_bytes, verify, write_store_from_groups
+from jmoss.store import FAST_HASH, MANIFEST, Store, sealed_manifest_bytes, verify, write_store_from_groups
 from moss_fixtures import moss_tokenizer_dir
 
 CONFIG = MossConfig(vocab_size=107008, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, model_type="moss",
@@ -72,7 +72,7 @@ def _manifest(path: Path) -> dict:
 
 
 def _write_manifest(path: Path, manifest: dict, seal: bool) -> None:
-    data = _sealed_manifest_bytes(manifest) if seal else (json.dumps(manifest, indent=2) + "\n").encode()
+    data = sealed_manifest_bytes(manifest) if seal else (json.dumps(manifest, indent=2) + "\n").encode()
     (path / MANIFEST).write_bytes(data)
 
 

@@ -207,7 +207,7 @@ def test_keep_head_fp16_is_for_packed_stores_only(model, tmp_path: Path) -> None
 def test_a_format_2_store_from_before_packed_heads_still_loads(model, tmp_path: Path) -> None:
     """A store whose config.json and manifest say nothing of lm_head/wte (written before they could be
     packed) has them fp16, and loads as such."""
-    from jmoss.store import _bytes_record, _sealed_manifest_bytes
+    from jmoss.store import bytes_record, sealed_manifest_bytes
 
     src = save_torch_shards(model, tmp_path / "src")
     out = convert(str(src), tmp_path / "out", progress=False, quantize="int8", keep_head_fp16=True)
@@ -219,8 +219,8 @@ def test_a_format_2_store_from_before_packed_heads_still_loads(model, tmp_path: 
     (out / "config.json").write_bytes(data)
     manifest = json.loads((out / MANIFEST).read_text())
     del manifest["checksum"], manifest["packed"]["lm_head"], manifest["packed"]["wte"]
-    manifest["files"]["config.json"] = _bytes_record(data)
-    (out / MANIFEST).write_bytes(_sealed_manifest_bytes(manifest))
+    manifest["files"]["config.json"] = bytes_record(data)
+    (out / MANIFEST).write_bytes(sealed_manifest_bytes(manifest))
     store = Store.open(out)
     assert (store.config.head_wbits, store.config.embed_wbits) == (32, 32)
     verify(out)
