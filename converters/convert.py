@@ -415,14 +415,16 @@ def _gptq_format(src: Source, config: MossConfig) -> tuple[int, int]:
 
 
 def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True,
-            dequantize: bool = False, quantize: str | None = None, keep_head_fp16: bool = False) -> Path:
+            dequantize: bool = False, quantize: str | None = None, head_bits: int | None = None,
+            embed_bits: int | None = None, keep_head_fp16: bool = False) -> Path:
     """Convert ``source`` (HF repo id or local folder) into a jmoss store; return the store path.
 
     A GPTQ int4/int8 checkpoint keeps its integers (a packed store, format 2) unless
     ``dequantize`` asks for fp16; ``quantize="int8"|"int4"`` packs an fp16/fp32/bf16 checkpoint
     by round-to-nearest per group of 128 inputs (``gptq.quantize_rows``). A packed store also packs
-    lm_head (at the layers' width) and wte (int8) the same way unless ``keep_head_fp16``
-    (``jmoss.layout``); GPTQ layer integers are always kept exactly.
+    lm_head and wte the same way, at ``head_bits`` and ``embed_bits`` (4, 8, or 16 = kept fp16;
+    default 8 for both, whatever the layers' width); ``keep_head_fp16`` is both 16 (``jmoss.layout``).
+    GPTQ layer integers are always kept exactly.
     Resumable: re-running the same command after an interruption keeps verified groups. On a
     finished store it re-checks every file (sizes, then sha256) and rewrites only damaged ones.
     """
@@ -441,10 +443,15 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
         config = replace(config, wbits=bits, groupsize=group_size)
     else:
         config = replace(config, wbits=32)
-    if keep_head_fp16 and not layout.packed_bits(config):
-        raise CheckpointError("--keep-head-fp16 is for packed stores (a GPTQ checkpoint kept packed, or --quantize); "
+    chosen = [flag for flag, given in (("--keep-head-fp16", keep_head_fp16), ("--head-bits", head_bits),
+                                      ("--embed-bits", embed_bits)) if given]
+    if chosen and not layout.packed_bits(config):
+        raise CheckpointError(f"{chosen[0]} is for packed stores (a GPTQ checkpoint kept packed, or --quantize); "
                               "this store is fp16 throughout: leave the flag out")
-    config = layout.resolved(config, keep_head_fp16)
+    if keep_head_fp16 and {head_bits, embed_bits} - {None, 16}:
+        raise CheckpointError("--keep-head-fp16 keeps lm_head and the embedding fp16 (it is --head-bits 16 "
+                              "--embed-bits 16): give either it or the widths")
+    config = layout.resolved(config, keep_head_fp16, head_width=head_bits, embed_width=embed_bits)
     if out is None:
         out = default_store_dir(src.id) if src.hub else default_store_dir_for_local(src.root)
     out = Path(out).expanduser()
