@@ -124,6 +124,7 @@ class _Converter:
         self.gptq_bits: set[int] = set()
         self.qkv_order = layout.qkv_row_order(config)
         self.seen: set[str] = set()
+        self.claimed: dict[tuple[layout.Group, str], tuple[str, str]] = {}  # target -> (kind, first source name)
 
     def target(self, name: str) -> tuple[layout.Group, str] | None:
         """(group, store name) of a source tensor name; None for buffers the store drops."""
@@ -156,6 +157,8 @@ class _Converter:
             raise CheckpointError(f"tensor {tensor.name[:100]} appears twice in the checkpoint (again in {tensor.file.name})")
         self.seen.add(tensor.name)
         target = self.target(tensor.name)
+        if target is not None:
+            self._claim(tensor, target)
         if target is None or target[0] not in self.pending:
             return  # ignored buffer (causal_mask) or an already-verified group: bytes never read
         group, store_name = target
@@ -184,6 +187,25 @@ class _Converter:
         with tensor.open() as array:
             self._write(group, store_name, expected, lambda rows: _to_fp16(array[rows], tensor.dtype, tensor.name), order)
             del array  # drop the view before the mapping closes: an exported buffer cannot be unmapped
+
+    def _claim(self, tensor: SourceTensor, target: tuple[layout.Group, str]) -> None:
+        """Refuse a second source for one store tensor (a Linear's fp16 weight beside its GPTQ
+        parts, GPTQ parts for a tensor that is not a Linear), by name, before any byte is read:
+        otherwise whichever came second would be dropped unread once its group was written."""
+        group, store_name = target
+        gptq_part = tensor.name.endswith(GPTQ_SUFFIXES)
+        prefix = store_name[: -len(".weight")]
+        if gptq_part and not (store_name.endswith(".weight") and prefix in (*layout.QUANT_LINEARS, "lm_head")):
+            raise CheckpointError(f"GPTQ tensor {tensor.name[:100]} stands for {store_name}, which is not a quantizable "
+                                  "Linear of MOSS/CodeGen; the checkpoint is corrupt or of another architecture")
+        kind = "GPTQ parts" if gptq_part else "weight"
+        first = self.claimed.setdefault(target, (kind, tensor.name))
+        if first[0] != kind:
+            label = f"layer {group}" if isinstance(group, int) else group
+            raise CheckpointError(
+                f"{tensor.name[:100]} and {first[1][:100]} both give {store_name} of {label} (an fp16 weight and "
+                "GPTQ parts of one Linear); the checkpoint is inconsistent: keep one of them"
+            )
 
     def _check_gptq_part(self, tensor: SourceTensor, suffix: str, out_features: int, in_features: int) -> None:
         """Shape and dtype of one packed part against the Linear the config implies, before its

@@ -45,7 +45,8 @@ HEAD_NAMES = ("ln_f.weight", "ln_f.bias", "lm_head.weight", "lm_head.bias")
 
 _LAYER_RE = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 # Buffers some checkpoints carry that the runtime rebuilds or never needs.
-_IGNORED_SUFFIXES = ("attn.causal_mask", "attn.masked_bias", "attn.bias", "attn.embed_positions")
+# Matched whole (a name like "mlp.attn.bias" is not one of them: it is refused, never dropped).
+_IGNORED_BUFFERS = frozenset(("attn.causal_mask", "attn.masked_bias", "attn.bias", "attn.embed_positions"))
 _HF_LAYER_TO_STORE = {
     "ln_1.weight": "ln_1.weight",
     "ln_1.bias": "ln_1.bias",
@@ -174,7 +175,7 @@ def map_hf_name(name: str, config: MossConfig) -> tuple[Group, str] | None:
     m = _LAYER_RE.match(name)
     if m:
         i, rest = int(m.group(1)), m.group(2)
-        if rest.endswith(_IGNORED_SUFFIXES):
+        if rest in _IGNORED_BUFFERS:
             return None
         if rest in _HF_LAYER_TO_STORE and i < config.n_layer:
             return i, _HF_LAYER_TO_STORE[rest]

@@ -42,6 +42,10 @@ IO_CHUNK = 16 << 20
 # ~1.7 GB/s): sha256 stays for `jmoss verify`, which a user runs on purpose.
 FAST_HASH = "xxh3_128"
 MAX_HEADER_BYTES = 100 << 20  # what the safetensors library itself allows
+# JSON values a safetensors header may hold, counted as its bytes ',', '[' and '{' before it is
+# parsed (a tensor entry has 8): 2^20 bounds what json.loads allocates to ~150 MB, where a 95 MiB
+# header of 1.7M one-element tensors cost ~1.5 GB. A MOSS/CodeGen file holds at most a few thousand.
+MAX_HEADER_VALUES = 1 << 20
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_SMALL_FILE_BYTES = 256 << 20  # config and tokenizer files are read whole
 # safetensors dtype -> bytes per element
@@ -149,7 +153,8 @@ def parse_safetensors_header(
     """(data start, {name: (dtype, shape, begin, end)} in file order, metadata) of a safetensors file.
 
     Checks everything the safetensors library checks, before anything is sized by it: header
-    length within the file and at most 100 MiB, a UTF-8 JSON object without duplicate keys,
+    length within the file and at most 100 MiB, at most MAX_HEADER_VALUES JSON values (counted
+    before parsing, so a huge header cannot make the parser allocate gigabytes), a UTF-8 JSON object without duplicate keys,
     string dtypes it knows, shapes of non-negative ints, ``data_offsets`` pairs whose byte count
     matches dtype x shape, and spans that tile the data from byte 0 to the end of the file with
     no gap and no overlap.
@@ -169,7 +174,12 @@ def parse_safetensors_header(
         raise error(f"cannot read {path}: {exc.strerror or exc}{tail}") from None
     if len(text) < n:
         raise error(f"{path} is truncated (header cut short){tail}")
+    values = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if values > MAX_HEADER_VALUES:
+        raise error(f"{path}: the safetensors header holds about {values} JSON values, more than any model file "
+                    f"(limit {MAX_HEADER_VALUES}); refused before parsing it{tail}")
     header = parse_json_bytes(text, f"{path} (safetensors header)", error)
+    del text
     if not isinstance(header, dict):
         raise error(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object; corrupt file{tail}")
     metadata = header.pop("__metadata__", {})
