@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jmoss import layout
+from jmoss import layout, store_check
 from jmoss.config import MossConfig, parse_json_bytes
 from jmoss.errors import ConfigError, ModelNotFoundError, StoreError
 from jmoss.store_format import (  # noqa: F401  (also re-exported: the store's public names)
@@ -55,6 +55,7 @@ from jmoss.store_format import (  # noqa: F401  (also re-exported: the store's p
     fast_hash,
     fast_hash_bytes,
     fast_hash_file,
+    file_hashes,
     file_record,
     inside,
     parse_safetensors_header,
@@ -104,9 +105,10 @@ class Store:
 
     Every file is checked against the manifest's fast hash the first time it is read: config,
     tokenizer and manifest at ``open``, a group file by ``group()`` or, for the engines that read
-    spans themselves, by ``check_group_span`` on the bytes they read. Stores written before the
-    fast hash existed have no such record: their small files are checked by sha256 at open, their
-    group files only by `jmoss verify`.
+    spans themselves, by ``check_group_span`` / ``span_hasher`` on the bytes they read. Then
+    ``jmoss.store_check`` checks what the bytes say: the manifest and config at ``open``, each
+    group's header when it is first parsed, and the values the kernels depend on (perm, scales,
+    zeros) in the bytes the reader hands on, on the group's first read.
     """
 
     def __init__(self, path: Path, config: MossConfig, manifest: dict) -> None:
@@ -148,6 +150,10 @@ class Store:
         problems = _file_set_problems(path, manifest, config)
         if problems:
             raise _damaged(path, manifest, problems)
+        try:
+            store_check.check_config(config, manifest)
+        except store_check.CheckFailed as failure:
+            raise refused(path, manifest, "config.json", failure) from None
         store = cls(path, config, manifest)
         store._verified.update(small)
         return store
@@ -174,7 +180,8 @@ class Store:
         """Check a group file whose data span the caller read into ``data`` (before using it).
 
         Header bytes are re-read (a few KB) and hashed with ``data``: together they are the whole
-        file, whose size ``open`` checked. A no-op once the file passed, and for old stores.
+        file, whose size ``open`` checked; then the values in ``data`` are checked. A no-op once
+        the file passed.
         """
         h = self.span_hasher(group)
         if h is None:
@@ -185,10 +192,10 @@ class Store:
         h.update(view)
         self.finish_span_check(group, h)
 
-    def span_hasher(self, group: Group) -> Any:
-        """A fast hasher already fed the group file's header, for a reader to feed the data span
-        to as it reads it (hashing each chunk while it is in the CPU cache); None when the file
-        was checked already or the manifest records no fast hash. Finish with finish_span_check."""
+    def span_hasher(self, group: Group) -> "SpanCheck | None":
+        """What a reader feeds the group's data span to as it reads it, in order (hashing each chunk
+        while it is in the CPU cache, copying the values ``store_check`` checks); None when the file
+        was checked already. Finish with finish_span_check before any byte is used."""
         group = _group_key(group)
         name = layout.group_file(group)
         record = self.manifest["files"].get(name, {})
@@ -198,18 +205,21 @@ class Store:
         h = fast_hash()
         with open(self.group_path(group), "rb") as f:
             h.update(f.read(start))
-        return h
+        names = store_check.value_tensors(self.config, group)
+        return SpanCheck(h, store_check.SpanValues(self.tensor_offsets(group), start, names))
 
-    def finish_span_check(self, group: Group, hasher: Any) -> None:
-        """Compare a span_hasher fed the whole data span; raise naming the file on a mismatch."""
-        name = layout.group_file(_group_key(group))
+    def finish_span_check(self, group: Group, hasher: "SpanCheck") -> None:
+        """Compare a span_hasher fed the whole data span with the manifest, then check the values it
+        collected; raise naming the file and the check on a mismatch."""
+        group = _group_key(group)
+        name = layout.group_file(group)
         if hasher.hexdigest() != self.manifest["files"][name][FAST_HASH]:
             raise self._mismatch(name)
-        with self._lock:
-            self._verified.add(name)
+        self._check_values(group, hasher.values.arrays(self.group_data_span(group)[1]))
 
     def check_group_file(self, group: Group) -> None:
-        """Hash a group file once (for readers that memory-map it rather than read spans)."""
+        """Hash a group file once, then check its values (for readers that memory-map it rather
+        than read spans)."""
         group = _group_key(group)
         name = layout.group_file(group)
         record = self.manifest["files"].get(name, {})
@@ -217,34 +227,37 @@ class Store:
             return
         if fast_hash_file(self.group_path(group)) != record[FAST_HASH]:
             raise self._mismatch(name)
+        self._check_values(group, self._mapped(group, store_check.value_tensors(self.config, group)))
+
+    def _check_values(self, group: Group, arrays: Mapping[str, np.ndarray]) -> None:
+        name = layout.group_file(group)
+        try:
+            store_check.check_group_values(self.config, group, arrays)
+        except store_check.CheckFailed as failure:
+            raise refused(self.path, self.manifest, name, failure) from None
         with self._lock:
             self._verified.add(name)
 
     def tensor_offsets(self, group: Group) -> dict[str, tuple[int, tuple[int, ...], str]]:
-        """name -> (absolute byte offset, shape, numpy dtype str), in file order."""
+        """name -> (absolute byte offset, shape, numpy dtype str), in file order; the header is
+        parsed once, and checked (``store_check.check_group_header``) before anything uses it."""
         group = _group_key(group)
         if group not in self._offsets:
-            path = self.group_path(group)
-            hint = repair_hint(self.path, self.manifest)
-            start, entries, _ = parse_safetensors_header(path, StoreError, hint)
-            tensors = layout.group_tensors(self.config, group)
-            expected = {name: shape for name, (shape, _) in tensors.items()}
-            offsets: dict[str, tuple[int, tuple[int, ...], str]] = {}
-            for name, (dtype, shape, begin, _end) in entries.items():
-                numpy_dtype = NUMPY_DTYPES.get(dtype)
-                want = tensors[name][1] if name in tensors else "float16"
-                if numpy_dtype != want:
-                    raise StoreError(f"{path}: tensor {name[:100]} is {dtype}, this store's format says "
-                                     f"{SAFETENSORS_DTYPES[want]}; {hint}")
-                offsets[name] = (start + begin, shape, numpy_dtype)
-            if list(offsets) != list(expected) or any(offsets[n][1] != expected[n] for n in expected):
-                raise StoreError(
-                    f"{path} does not hold the tensors config.json describes for group {group!r} "
-                    f"(found {[(n[:100], o[1]) for n, o in list(offsets.items())[:20]]}); {hint}"
-                )
-            self._offsets[group] = offsets
-            self._data_start[group] = start
+            try:
+                self._parse_header(group)
+            except StoreError as exc:  # the hint resolves paths: only worth it when there is an error
+                raise StoreError(f"{exc}; {repair_hint(self.path, self.manifest)}") from None
+            except store_check.CheckFailed as failure:
+                raise refused(self.path, self.manifest, self.group_path(group).name, failure) from None
         return self._offsets[group]
+
+    def _parse_header(self, group: Group) -> None:
+        """Parse and check a group file's header (StoreError, store_check.CheckFailed), then keep it."""
+        start, entries, metadata = parse_safetensors_header(self.group_path(group), StoreError)
+        store_check.check_group_header(self.config, group, entries, metadata, start)
+        self._offsets[group] = {name: (start + begin, shape, NUMPY_DTYPES[dtype])
+                                for name, (dtype, shape, begin, _end) in entries.items()}
+        self._data_start[group] = start
 
     def group_data_span(self, group: Group) -> tuple[int, int]:
         """(absolute offset, nbytes) of the group's tensor data: one contiguous read."""
@@ -258,34 +271,60 @@ class Store:
     def group(self, group: Group) -> dict[str, np.ndarray]:
         """Read-only arrays of one group (fp16; packed parts uint8/int32), backed by np.memmap.
 
-        The file is hashed first (once per Store), so no byte of a tampered file is used.
+        The file is hashed and its values checked first (once per Store), so no byte of a
+        tampered file is used.
         """
         group = _group_key(group)
+        self.check_group_file(group)
+        return self._mapped(group)
+
+    def _mapped(self, group: Group, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Arrays of a group's tensors (``names``, default all) over one np.memmap of its span."""
         offsets = self.tensor_offsets(group)
         start, nbytes = self.group_data_span(group)
-        self.check_group_file(group)
         data = np.memmap(self.group_path(group), dtype=np.uint8, mode="r", offset=start, shape=(nbytes,))
         out = {}
-        for name, (offset, shape, dtype) in offsets.items():
+        for name in offsets if names is None else names:
+            offset, shape, dtype = offsets[name]
             n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             out[name] = data[offset - start : offset - start + n].view(dtype).reshape(shape)
         return out
 
 
+class SpanCheck:
+    """A group's first read in progress: the file's fast hash (its header already fed) and the
+    copies of the values ``store_check`` checks (``SpanValues``). A reader calls ``update`` with
+    each chunk of the data span, in order, and ``Store.finish_span_check`` at the end."""
+
+    def __init__(self, hasher: Any, values: store_check.SpanValues) -> None:
+        self.hasher, self.values = hasher, values
+
+    def update(self, chunk: memoryview | np.ndarray) -> None:
+        self.hasher.update(chunk)
+        self.values.feed(chunk)
+
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
+
+
+def refused(path: Path, manifest: Mapping[str, Any] | None, file: str, failure: store_check.CheckFailed) -> StoreError:
+    """The one-line error for a store that breaks a rule of ``store_check``: the file, the check, why."""
+    return StoreError(
+        f"store check \"{failure.check}\" ({store_check.CHECKS[failure.check]}) failed for {path / file}: "
+        f"{failure.detail}; the store was altered or damaged after conversion, or written by another tool: "
+        f"{repair_hint(path, manifest, 'to rewrite it')}"
+    )
+
+
 def store_config(path: Path, manifest: Mapping[str, Any], config: MossConfig) -> MossConfig:
     """The config a store's files follow: a format-2 store written before lm_head/wte could be
-    packed (no ``packed.lm_head`` in its manifest) has them fp16; otherwise the manifest's record of
-    them must agree with config.json."""
+    packed (no ``packed.lm_head`` in its manifest, no head_wbits in config.json) has them fp16."""
     packed = manifest.get("packed")
     if not layout.packed_bits(config) or not isinstance(packed, dict):
         return config
     if "lm_head" not in packed and config.head_wbits is None and config.embed_wbits is None:
         return layout.resolved(config, keep_head_fp16=True)
-    recorded = {k: packed.get(k) for k in ("lm_head", "wte")}
-    if recorded != layout.manifest_entry(config):
-        raise StoreError(f"{path / MANIFEST}: lm_head/wte are recorded as {recorded}, config.json says "
-                         f"{layout.manifest_entry(config)}; {repair_hint(path)}")
-    return config
+    return config  # store_check.check_config compares the two records
 
 
 def _damaged(path: Path, manifest: Mapping[str, Any], problems: Mapping[str, str]) -> StoreError:
@@ -361,14 +400,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"convert the model again with this jmoss: {repair_hint(path, manifest, 'to rewrite it')}"
         )
     _check_manifest(path, raw, manifest)
+    try:
+        store_check.check_manifest(manifest)
+    except store_check.CheckFailed as failure:
+        raise refused(path, manifest, MANIFEST, failure) from None
     return manifest
 
 
 def check_files(path: str | Path, manifest: Mapping[str, Any], *, hashes: bool = True, progress: Any = None) -> dict[str, str]:
-    """Problems of the files a manifest lists, by file name: presence and size, then sha256.
+    """Problems of the files a manifest lists, by file name: presence and size, then both hashes.
 
     Sizes are checked for every file first (cheap: a stat each); only files of the right size
-    are hashed, and only with ``hashes`` (sha256 runs at ~1.7 GiB/s per core with SHA-NI, so a
+    are hashed, and only with ``hashes``: sha256 and the fast hash in one read, so a file whose
+    sha256 alone was recomputed still fails (sha256 runs at ~1.7 GiB/s per core with SHA-NI, so a
     whole 32 GB moss-moon-003 store costs ~20 s of CPU plus the disk read). A name that is not a
     plain file name, or a file that resolves outside the store (a symlink), is a problem and is
     never opened.
@@ -392,14 +436,18 @@ def check_files(path: str | Path, manifest: Mapping[str, Any], *, hashes: bool =
             to_hash.append((name, file, record))
     if hashes:
         for name, file, record in to_hash:
-            if sha256_file(file, progress) != record.get("sha256"):
+            sha, fast = file_hashes(file, progress)
+            if sha != record.get("sha256"):
                 problems[name] = "sha256 mismatch (the file changed or the disk corrupted it)"
+            elif FAST_HASH in record and fast != record[FAST_HASH]:
+                problems[name] = f"{FAST_HASH} mismatch (the file changed, or its manifest entry was edited)"
     return problems
 
 
 def verify(path: str | Path, *, progress: bool = False) -> None:
-    """Re-hash every file the manifest lists, and check they are exactly the files the store's
-    config implies; raise StoreError naming each bad, missing or unexpected file."""
+    """Re-hash every file the manifest lists (sha256 and the fast hash), check they are exactly the
+    files the store's config implies, and apply every ``store_check`` rule to what they hold, as a
+    load would; raise StoreError naming each bad, missing or unexpected file and what it fails."""
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     files = manifest["files"]
@@ -423,8 +471,40 @@ def verify(path: str | Path, *, progress: bool = False) -> None:
             problems["config.json"] = f"not a valid config ({exc})"
         else:
             problems.update(_file_set_problems(path, manifest, config))
+            try:
+                store_check.check_config(config, manifest)
+            except store_check.CheckFailed as failure:
+                problems["config.json"] = _failed(failure)
+            else:
+                store = Store(path, config, manifest)
+                for group in layout.all_groups(config):
+                    name = layout.group_file(group)
+                    if name not in problems:
+                        problem = _group_problem(store, group)
+                        if problem:
+                            problems[name] = problem
+    if len(problems) == 1:
+        (name, problem), = problems.items()
+        raise StoreError(f"store {path} failed verification: {name}: {problem}; "
+                         f"{repair_hint(path, manifest)} (only the damaged files are rewritten)")
     if problems:
         raise StoreError(
             f"store {path} failed verification:\n  " + "\n  ".join(f"{n}: {p}" for n, p in problems.items())
             + f"\nTo repair it, {repair_hint(path, manifest)} (only the damaged files are rewritten)"
         )
+
+
+def _failed(failure: store_check.CheckFailed) -> str:
+    return f"store check \"{failure.check}\" ({store_check.CHECKS[failure.check]}) failed: {failure.detail}"
+
+
+def _group_problem(store: Store, group: Group) -> str | None:
+    """What a group file whose hashes matched fails of ``store_check`` (header, then values)."""
+    try:
+        store._parse_header(group)
+        store_check.check_group_values(store.config, group, store._mapped(group, store_check.value_tensors(store.config, group)))
+    except store_check.CheckFailed as failure:
+        return _failed(failure)
+    except StoreError as exc:  # the header does not parse
+        return str(exc).split(": ", 1)[-1]
+    return None

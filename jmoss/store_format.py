@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -87,17 +88,25 @@ def fast_hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_record(path: Path) -> dict[str, Any]:
-    """{"size", "sha256", FAST_HASH} of a file, in one read."""
-    sha, fast, size = hashlib.sha256(), fast_hash(), 0
-    buf = bytearray(IO_CHUNK)
+def file_hashes(path: Path, progress: Any = None) -> tuple[str, str]:
+    """(sha256, fast hash) of a file, in one read (``progress.update(n)`` per chunk when given)."""
+    sha, fast = hashlib.sha256(), fast_hash()
     with open(path, "rb", buffering=0) as f:
+        # a buffer no bigger than the file: config and tokenizer files are a few KB, not 16 MiB
+        buf = bytearray(min(IO_CHUNK, os.fstat(f.fileno()).st_size + 1))
         while n := f.readinto(buf):
             chunk = memoryview(buf)[:n]
             sha.update(chunk)
             fast.update(chunk)
-            size += n
-    return {"size": size, "sha256": sha.hexdigest(), FAST_HASH: fast.hexdigest()}
+            if progress is not None:
+                progress.update(n)
+    return sha.hexdigest(), fast.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """{"size", "sha256", FAST_HASH} of a file, in one read."""
+    sha, fast = file_hashes(path)
+    return {"size": Path(path).stat().st_size, "sha256": sha, FAST_HASH: fast}
 
 
 def bytes_record(data: bytes) -> dict[str, Any]:
