@@ -188,11 +188,13 @@ def convert(source, out, revision, no_progress, dequantize, quantize, head_bits,
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def verify(store):
-    """Re-check every file of a converted STORE against its manifest's sha256."""
+    """Re-check a converted STORE: every file's sha256 and fast hash against its manifest, and every
+    rule of the store check (jmoss/store_check.py: headers against config.json, perms, scales, zeros),
+    as a load would. A failure names the file and the check, one line per file."""
     from jmoss.store import verify as run
 
     run(store, progress=True)
-    click.echo(f"{store}: all files verified")
+    click.echo(f"{store}: all files verified (hashes and store check)")
 
 
 @main.command()

@@ -191,10 +191,11 @@ def value_tensors(config: MossConfig, group: layout.Group) -> list[str]:
 
 
 _FINITE16 = (np.arange(1 << 16, dtype=np.uint32) & 0x7C00) != 0x7C00  # fp16 bit pattern -> finite
-_ZEROS_OK = {}  # bits -> fp16 bit pattern -> an integer in 0..2^bits (+0.0 only)
+_ZEROS_OK = {}  # bits -> fp16 bit pattern -> an integer in 0..2^bits (-0.0 included: it is 0)
 for _bits in layout.PACKED_BITS:
     _ZEROS_OK[_bits] = np.zeros(1 << 16, dtype=bool)
     _ZEROS_OK[_bits][np.arange((1 << _bits) + 1).astype(np.float16).view(np.uint16)] = True
+    _ZEROS_OK[_bits][0x8000] = True
 
 
 def _first_bad(ok: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -7,8 +7,9 @@ every perm, scales, zeros and vector tensor of every group at several values and
 header's identity and layout, widths, config and manifest fields. Each case is applied in place,
 the manifest's hashes and seal recomputed as an attacker would, checked, and undone.
 
-Loads that run the kernels (every perm/scales/zeros case, resident and streamed) run in a child
-process, so a signal or an abort fails the test instead of killing pytest.
+Loads through jmoss.load (the engines' own readers, and the kernels), one case per perm/scales/
+zeros tensor of every file and format, resident and streamed, run in a child process, so a signal
+or an abort fails the test instead of killing pytest.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def child_results(bases) -> dict[str, list[dict]]:
 def test_loads_that_would_run_the_kernels_are_refused_without_a_signal(child_results, cases, report) -> None:
     proc, results = child_results["checked"]
     assert proc.returncode == 0, f"the child died (status {proc.returncode}): {proc.stderr[-3000:]}"
-    expected = {c.name: c for c in cases if c.runs_kernels}
+    expected = {c.name: c for c in cs.child_cases(cases)}
     assert {r["case"] for r in results} == set(expected), "the child stopped early"
     for r in results:
         case = expected[r["case"]]
@@ -134,7 +135,7 @@ def test_with_the_value_checks_bypassed_the_kernels_still_stay_in_bounds(child_r
     logits, never a stray read), and wte.perm is used by numpy, which bounds every index."""
     proc, results = child_results["bypassed"]
     assert proc.returncode == 0, f"the child died (status {proc.returncode}): {proc.stderr[-3000:]}"
-    assert len(results) == 2 * sum(c.runs_kernels for c in cases) and all(r["loaded"] for r in results)
+    assert len(results) == 2 * len(cs.child_cases(cases)) and all(r["loaded"] for r in results)
     report(f"value checks bypassed: {len(results)} crafted loads ran a forward, child exit 0, "
            f"{sum(not r['finite'] for r in results)} gave non-finite logits")
 
@@ -187,3 +188,20 @@ def test_an_old_store_without_fast_hashes_is_refused_saying_to_convert_again(bas
         for run in (lambda: verify(path), lambda: Store.open(path)):
             with pytest.raises(StoreError, match=r'store check "manifest".*older jmoss.*jmoss convert test/fp16'):
                 run()
+
+
+def test_the_cli_prints_one_error_line_naming_the_file_and_the_check(bases, cases, tmp_path: Path) -> None:
+    """`jmoss verify` and `jmoss generate` on one crafted store per check: exit 1, no traceback, one line."""
+    sample = {}
+    for case in cases:
+        sample.setdefault(case.check, case)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for case in sample.values():
+        with cs.crafted(bases[case.fmt], case) as path:
+            for args in (["verify", str(path)], ["generate", str(path), "12", "--max-new-tokens", "2", "--device", "cpu"]):
+                proc = subprocess.run([sys.executable, "-m", "jmoss.cli", *args], capture_output=True, text=True,
+                                      env=env, timeout=600)
+                output = proc.stdout + proc.stderr
+                errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
+                assert proc.returncode == 1 and "Traceback" not in output and len(errors) == 1, (case.name, output[-2000:])
+                _assert_names(errors[0], case)
