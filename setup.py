@@ -46,6 +46,7 @@ setup(
         "bm25s>=0.2",
         "fastapi>=0.110",  # jmoss serve is a core command, so its stack is in the default install
         "uvicorn>=0.29",
+        "prompt_toolkit>=3.0.36",  # jmoss chat's prompt: line editing and history
     ],
     extras_require={
         "test": TEST_REQUIREMENTS,

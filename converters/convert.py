@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -403,6 +404,21 @@ def _check_finished_store(
 
 
 QUANTIZE_CHOICES = {"int8": 8, "int4": 4}
+
+
+def _variant_options(src: Source, config: MossConfig, variant: str) -> tuple[str | None, bool]:
+    """(quantize, dequantize) that turn this checkpoint into ``variant``."""
+    if variant not in ("fp16", *QUANTIZE_CHOICES):
+        raise CheckpointError(f"variant {variant!r}: choose fp16, int8 or int4")
+    if not src.is_gptq():
+        return (None if variant == "fp16" else variant), False
+    if variant == "fp16":
+        return None, True
+    bits, _ = _gptq_format(src, config)
+    if QUANTIZE_CHOICES[variant] != bits:
+        raise CheckpointError(f"{src.id} is a {bits}-bit GPTQ checkpoint: it converts to int{bits} (kept as it is) "
+                              f"or fp16, not {variant}")
+    return None, False
 QUANTIZE_GROUP = 128
 
 
@@ -438,7 +454,7 @@ def _gptq_format(src: Source, config: MossConfig) -> tuple[int, int]:
 
 def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True,
             dequantize: bool = False, quantize: str | None = None, head_bits: int | None = None,
-            embed_bits: int | None = None, keep_head_fp16: bool = False) -> Path:
+            embed_bits: int | None = None, keep_head_fp16: bool = False, variant: str | None = None) -> Path:
     """Convert ``source`` (HF repo id or local folder) into a jmoss store; return the store path.
 
     A GPTQ int4/int8 checkpoint keeps its integers (a packed store, format 2) unless
@@ -449,9 +465,14 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
     GPTQ layer integers are always kept exactly.
     Resumable: re-running the same command after an interruption keeps verified groups. On a
     finished store it re-checks every file (sizes, then sha256) and rewrites only damaged ones.
+    ``variant`` ("fp16", "int8", "int4": ``jmoss pull NAME:VARIANT``) picks quantize/dequantize for
+    whatever the checkpoint is. A conversion into another format than the checkpoint's own goes to
+    its own default folder (``…--int4``), beside the plain one.
     """
     src: Source = resolve(source, revision)
     config = MossConfig.from_json_file(src.config_path)
+    if variant is not None:
+        quantize, dequantize = _variant_options(src, config, variant)
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise CheckpointError(f"--quantize {quantize!r}: choose int8 or int4")
     gptq_source = src.is_gptq()
@@ -475,13 +496,20 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
                               "--embed-bits 16): give either it or the widths")
     config = layout.resolved(config, keep_head_fp16, head_width=head_bits, embed_width=embed_bits)
     if out is None:
-        out = default_store_dir(src.id) if src.hub else default_store_dir_for_local(src.root)
+        suffix = quantize or ("fp16" if dequantize and gptq_source else None)
+        out = default_store_dir(src.id, suffix) if src.hub else default_store_dir_for_local(src.root, suffix)
     out = Path(out).expanduser()
     if out.resolve().is_relative_to(src.root.resolve()):
         where = "is a checkpoint folder (the source itself)" if out.resolve() == src.root.resolve() else f"is inside the checkpoint folder {src.root}"
         raise StoreError(f"--out {out} {where}; the store needs a folder of its own (or omit --out)")
     if out.exists() and is_checkpoint_dir(out):
         raise StoreError(f"--out {out} is a checkpoint folder; the store needs a folder of its own (or omit --out)")
+    if not any(p.name in ("tokenizer.json", "vocab.json") for p in src.tokenizer_files):
+        # weights alone convert fine, but chat/generate on text would fail at first use: say so now
+        fix = (f"copy them into {src.root} and run this command again (only they are added)" if not src.hub
+               else "the repo has none: token ids still work (model.logits, generate_tokens)")
+        print(f"jmoss: warning: {src.id} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): the "
+              f"store will take token ids but no text; {fix}", file=sys.stderr, flush=True)
     described = src.describe()
     journal = _Journal(out, {"source": described, "config": config.to_dict()})
     hashed: frozenset[str] = frozenset()

@@ -85,9 +85,18 @@ class Model:
         if self._tokenizer is None:
             if self._tokenizer_path is None:
                 raise GenerationError("this model was built without tokenizer files; pass token ids")
+            from jmoss.errors import TokenizerError
             from jmoss.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self._tokenizer_path)
+            try:
+                self._tokenizer = load_tokenizer(self._tokenizer_path)
+            except TokenizerError as exc:
+                if self.path is None or any((self.path / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+                    raise
+                raise TokenizerError(
+                    f"{self.path} has no tokenizer files: the checkpoint it was converted from had none. Copy "
+                    "tokenizer.json (or vocab.json + merges.txt) into that checkpoint folder and run the same "
+                    "`jmoss convert` again (only they are added), or pass token ids instead of text") from exc
         return self._tokenizer
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -144,7 +153,7 @@ def _available_memory(device: str) -> tuple[int | None, int]:
     return (host if device == "cpu" else None), host
 
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(:(fp16|int8|int4))?")
 
 
 def check_model_path(model: str | Path) -> None:

@@ -43,6 +43,7 @@ class Reply:
     prefilled_tokens: int = 0
     generated_tokens: int = 0
     notices: list[str] = field(default_factory=list)
+    dropped_turns: int = 0  # oldest turns dropped so that this one fits the context
 
 
 Event = Callable[[str, str], None]  # (kind, text): kind in "thoughts", "commands", "results", "notice"
@@ -107,29 +108,30 @@ class Chat:
         return len(self._ids)
 
     def send(self, text: str | bytes, *, session: "Session | None" = None, should_stop: StopCheck | None = None,
-             **options) -> Reply:
-        for _ in self.stream(text, session=session, should_stop=should_stop, **options):
+             max_len: int | None = None, **options) -> Reply:
+        for _ in self.stream(text, session=session, should_stop=should_stop, max_len=max_len, **options):
             pass
         assert self.last_reply is not None
         return self.last_reply
 
     def stream(self, text: str | bytes, *, session: "Session | None" = None, should_stop: StopCheck | None = None,
-               **options) -> Iterator[str]:
+               max_len: int | None = None, **options) -> Iterator[str]:
         """Yield the reply's text deltas; ``last_reply`` holds the whole Reply afterwards.
 
         ``text`` may be any str or bytes: invalid UTF-8 and lone surrogates become U+FFFD (with a
         notice). A message refused for length (ContextLengthError) leaves the conversation as it was.
         ``session``: run this turn on it instead of the chat's own. ``should_stop``: a cancel
         callback; once true the reply ends ("cancelled") and the turn is closed as shown so far.
+        ``max_len``: this turn's context, below the session's (MOSS's API ``max_length``): the
+        conversation is fitted into it as into the session, oldest turns dropped first.
         """
-        if session is None:
-            yield from self._turn(text, should_stop, options)
-            return
-        own, self.session = self.session, session
+        own, limit = self.session, self.max_len
+        self.session = session if session is not None else own
+        self.max_len = min(max_len, self.session.max_len) if max_len else self.session.max_len
         try:
             yield from self._turn(text, should_stop, options)
         finally:
-            self.session = own
+            self.session, self.max_len = own, limit
 
     def _turn(self, text: str | bytes, should_stop: StopCheck | None, options: dict) -> Iterator[str]:
         opts = GenerationOptions.from_kwargs(**{**self.defaults, **options})
@@ -188,7 +190,8 @@ class Chat:
         tokens: list[int] = []
         pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False)
         try:
-            for _ in self._generate(reply, pass1, (), tokens, should_stop):
+            # pass 1 gets half the room at most: the Results and the reply must still fit after it
+            for _ in self._generate(reply, pass1, (), tokens, should_stop, share=0.5):
                 pass
         except BaseException:
             reply.finish_reason = "interrupted"
@@ -218,15 +221,16 @@ class Chat:
         yield from self._reply_pass(reply, opts, should_stop)
 
     def _generate(self, reply: Reply, opts: GenerationOptions, stop: tuple, tokens: list[int],
-                  should_stop: StopCheck | None) -> Iterator[str]:
+                  should_stop: StopCheck | None, share: float = 1.0) -> Iterator[str]:
         room_needed = min(opts.max_new_tokens, max(1, self.max_len // 4))
         self._fit(room_needed, reply)
         row = self._ids[self.session.length:]
         reply.prefilled_tokens += len(row)
         budget = fit_to_context(opts.max_new_tokens, len(self._ids), self.max_len)
+        budget = min(budget, max(1, int((self.max_len - len(self._ids)) * share)))
         if budget < opts.max_new_tokens:
             reply.notices.append(f"reply limited to {budget} tokens by the {self.max_len}-position context")
-        run = replace(opts, stop=tuple(opts.stop) + stop)
+        run = replace(opts, stop=tuple(opts.stop) + stop, max_new_tokens=budget)  # budget: max_len may be below the session's
         history = self._ids[: self.session.length]
         finish = Finish()
         for step in stream_steps(self.model, self.session, row, run, history=history, should_stop=should_stop,
@@ -240,6 +244,8 @@ class Chat:
             self._keep_shown(tokens, finish.text)
         reply.generated_tokens += len(tokens)
         reply.finish_reason = finish.reason or "stop"
+        if reply.finish_reason == "length" and budget < opts.max_new_tokens:
+            reply.finish_reason = "context"
 
     def _keep_shown(self, tokens: list[int], text: str) -> None:
         """After a stop string cut the text, keep the ids of what was shown, not of the stop string.
@@ -285,9 +291,12 @@ class Chat:
             dropped += 1
             if kept + room_needed <= self.max_len:
                 break
+        if not dropped:  # only this turn is left: the reply gets the room there is (fit_to_context)
+            return
         self._turn_starts = starts
         self.history = self.history[dropped:]
         self.session.reset()  # positions shift: the cache is rebuilt from the kept turns
+        reply.dropped_turns += dropped
         notice = f"dropped the {dropped} oldest turn(s) to stay within {self.max_len} positions (meta instruction kept)"
         reply.notices.append(notice)
         self._emit("notice", notice)

@@ -2,9 +2,11 @@
 
 Sampling follows MOSS (moss-spec §5.2): repetition penalty over every id in the sequence so far
 (prompt included; each distinct id once: negative logits multiplied, positive divided) ->
-temperature -> top-k -> top-p -> softmax -> sample. Greedy decoding applies the repetition
-penalty too, as Hugging Face's generate does. Ids at or past the tokenizer's size (the embedding
-has padding rows) are never produced.
+OpenAI's presence/frequency penalties (over the generated ids only) -> temperature -> top-k ->
+top-p -> softmax -> sample. Greedy decoding applies the penalties too, as Hugging Face's generate
+does. Ids at or past the tokenizer's size (the embedding has padding rows) are never produced.
+With ``logprobs`` set, each step also reports the chosen token's log-probability and the
+``logprobs`` most likely tokens, from the model's own distribution (before any penalty).
 
 Text streaming never splits a UTF-8 character (the tokenizer's stream decoder holds back
 incomplete bytes) and never shows the beginning of a string stop sequence that may still match.
@@ -38,6 +40,10 @@ class GenerationOptions:
     max_time: float | None = None
     seed: int | None = None
     skip_special_tokens: bool = True
+    # OpenAI's: subtracted from a token's logit once it was generated (presence), and per time (frequency)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely (0-20)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -52,6 +58,13 @@ class GenerationOptions:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.max_time is not None and not self.max_time > 0:
             raise GenerationError(f"max_time must be a positive number of seconds, got {self.max_time!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise GenerationError(f"{name} must be a number in [-2, 2] (OpenAI's range), got {value!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise GenerationError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
 
     @classmethod
     def from_kwargs(cls, **options) -> "GenerationOptions":
@@ -70,17 +83,30 @@ class GenerationOptions:
 
 
 class Sampler:
-    """Turns next-token logits into token ids for a batch, in MOSS's order."""
+    """Turns next-token logits into token ids for a batch, in MOSS's order.
+
+    ``last`` holds, after each call with ``options.logprobs`` set, one ``(logprob, top)`` per row:
+    the chosen id's log-probability and ``[(id, logprob), ...]`` of the most likely ids.
+    """
 
     def __init__(self, options: GenerationOptions, vocab_limit: int):
         self.options = options
         self.vocab_limit = vocab_limit
         self.rng = np.random.default_rng(options.seed)
+        self.last: list[tuple[float, list[tuple[int, float]]] | None] = []
 
-    def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.array([self.pick(row, history) for row, history in zip(logits, histories)], dtype=np.int64)
+    def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]],
+                 generated: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        generated = generated if generated is not None else [()] * len(histories)
+        picked = [self.pick(row, history, new) for row, history, new in zip(logits, histories, generated)]
+        if self.options.logprobs is not None:
+            self.last = [_logprobs(row[: self.vocab_limit], token, self.options.logprobs)
+                         for row, token in zip(logits, picked)]
+        return np.array(picked, dtype=np.int64)
 
-    def pick(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def pick(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = ()) -> int:
+        """One position's next id from its logits, ``history`` (every id before it, prompt included)
+        and ``generated`` (the ids this generation produced so far, the tail of ``history``)."""
         o = self.options
         scores = np.array(logits[: self.vocab_limit], dtype=np.float32)
         if o.repetition_penalty != 1.0 and len(history):
@@ -88,6 +114,12 @@ class Sampler:
             seen = seen[seen < self.vocab_limit]
             values = scores[seen]
             scores[seen] = np.where(values < 0, values * o.repetition_penalty, values / o.repetition_penalty)
+        if (o.presence_penalty or o.frequency_penalty) and len(generated):
+            # OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c over the output
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            keep = ids < self.vocab_limit
+            ids, counts = ids[keep], counts[keep]
+            scores[ids] -= (counts * o.frequency_penalty + o.presence_penalty).astype(np.float32)
         if not o.do_sample:
             return int(scores.argmax())
         scores = scores / o.temperature
@@ -102,6 +134,15 @@ class Sampler:
             scores[order[remove]] = -np.inf
         probs = _softmax(scores)
         return int(self.rng.choice(probs.size, p=probs))
+
+
+def _logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log_softmax of the model's logits at ``token``, and the ``top`` most likely ids (best first)."""
+    x = np.asarray(logits, dtype=np.float64)
+    logp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    best = np.argpartition(-logp, top)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in best]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -197,6 +238,7 @@ def generate_ids(
     should_stop: StopCheck | None = None,
     fit_context: bool = False,
     reasons: list[str | None] | None = None,
+    logprobs_out: list | None = None,
 ) -> Iterator[list[int | None]]:
     """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None once done).
 
@@ -207,6 +249,8 @@ def generate_ids(
     (:func:`fit_to_context`) and a row ending there ends for "context". ``reasons`` (one entry per
     row) receives why each row ended: "stop", "length", "context", "time" or "cancelled".
     ``histories`` are the ids the repetition penalty sees before the new rows (a chat's earlier turns).
+    ``logprobs_out`` (with ``options.logprobs`` set) is refilled at each step with each row's
+    ``(logprob, top)`` (see :class:`Sampler`).
     """
     stops = _Stops.build(model, options.stop)
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))
@@ -229,7 +273,9 @@ def generate_ids(
         return
     logits = session.prefill(rows)
     for n in range(1, limit + 1):
-        tokens = sampler(logits, seen)
+        tokens = sampler(logits, seen, generated)
+        if logprobs_out is not None:
+            logprobs_out[:] = sampler.last
         step: list[int | None] = []
         for b, token in enumerate(tokens):
             if why[b] is not None:
@@ -303,6 +349,9 @@ class Step:
     token: int | None
     text: str = ""
     finish: Finish | None = None
+    logprob: float | None = None  # with options.logprobs: the token's log-probability under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # ... and the most likely (id, logprob), best first
+    stop: bool = False  # the token is a stop token (eos, <eom>…): not part of the text
 
 
 def stream_steps(model: "TextModel", session: "Session", row: list[int], opts: GenerationOptions, *,
@@ -317,23 +366,26 @@ def stream_steps(model: "TextModel", session: "Session", row: list[int], opts: G
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=opts.skip_special_tokens)
     finish = Finish()
     reasons: list[str | None] = []
+    scores: list = []
     text, emitted = "", 0
     for step in generate_ids(model, session, [row], opts, histories=[history or []], should_stop=should_stop,
-                             fit_context=fit_context, reasons=reasons):
+                             fit_context=fit_context, reasons=reasons,
+                             logprobs_out=scores if opts.logprobs is not None else None):
         token = step[0]
         if token is None:
             break
+        logprob, top = scores[0] if scores and scores[0] is not None else (None, None)
         if stops.token_hit([token]):
-            yield Step(token)
+            yield Step(token, logprob=logprob, top_logprobs=top, stop=True)
             break  # a single-token stop (eos, <eoc>…) is not part of the text
         text += decoder.push(token)
         cut = stops.text_cut(text)
         if cut is not None:
             finish.reason, finish.stop_string, finish.text = "stop", _stop_at(stops, text, cut), text[:cut]
-            yield Step(token, text[emitted:cut], finish)
+            yield Step(token, text[emitted:cut], finish, logprob, top)
             return
         safe = len(text) - stops.held_back(text)
-        yield Step(token, text[emitted:safe])
+        yield Step(token, text[emitted:safe], logprob=logprob, top_logprobs=top)
         emitted = max(emitted, safe)
     finish.reason = reasons[0]  # generate_ids says why it ended (a single-token stop: "stop")
     text += decoder.flush()
@@ -371,11 +423,18 @@ def _stop_at(stops: _Stops, text: str, cut: int) -> str:
 
 def _max_len(model: "TextModel", rows: list[list[int]], opts: GenerationOptions) -> int:
     longest = max(len(r) for r in rows)
-    if longest >= model.config.n_positions:
+    context = model.config.n_positions
+    plan = getattr(model, "plan", None)
+    if plan is not None and plan.max_seq_len < context:  # loaded with a shorter context (-c, max_seq_len=)
+        context = plan.max_seq_len
+        if longest >= context:
+            raise ContextLengthError(f"the prompt has {longest} tokens but the context is {context} positions "
+                                     "(-c/--ctx-size, max_seq_len=): raise it or shorten the prompt")
+    if longest >= context:
         raise ContextLengthError(
             f"the prompt has {longest} tokens but the model has n_positions={model.config.n_positions}; shorten it"
         )
-    return min(model.config.n_positions, longest + opts.max_new_tokens)
+    return min(context, longest + opts.max_new_tokens)
 
 
 def generate(model: "TextModel", prompt, **options) -> str | list[str]:

@@ -66,6 +66,7 @@ from jmoss.store_format import (  # noqa: F401  (also re-exported: the store's p
     sha256_file,
 )
 from jmoss.store_paths import (  # noqa: F401  (re-exported)
+    VARIANTS,
     default_store_dir,
     default_store_dir_for_local,
     is_checkpoint_dir,
@@ -73,6 +74,9 @@ from jmoss.store_paths import (  # noqa: F401  (re-exported)
     repair_command,
     repair_hint,
     resolve_model,
+    split_variant,
+    store_variant,
+    stores_of_source,
 )
 from jmoss.store_write import (  # noqa: F401  (re-exported)
     GroupWriter,
@@ -449,6 +453,12 @@ def verify(path: str | Path, *, progress: bool = False) -> None:
     files the store's config implies, and apply every ``store_check`` rule to what they hold, as a
     load would; raise StoreError naming each bad, missing or unexpected file and what it fails."""
     path = Path(path).expanduser()
+    if is_checkpoint_dir(path):  # a source folder: its store is elsewhere (or not made yet)
+        stores = [s for s in stores_of_source(path) if (s / MANIFEST).is_file()]
+        raise StoreError(
+            f"{path} is a checkpoint folder, not a jmoss store; " + (
+                f"it was converted to {', '.join(map(str, stores))}: `jmoss verify {shlex.quote(str(stores[0]))}` "
+                "checks that" if stores else f"convert it first: `jmoss convert {shlex.quote(str(path))}`"))
     manifest = read_manifest(path)
     files = manifest["files"]
     bar = None
@@ -490,7 +500,7 @@ def verify(path: str | Path, *, progress: bool = False) -> None:
     if problems:
         raise StoreError(
             f"store {path} failed verification:\n  " + "\n  ".join(f"{n}: {p}" for n, p in problems.items())
-            + f"\nTo repair it, {repair_hint(path, manifest)} (only the damaged files are rewritten)"
+            + "\nR" + repair_hint(path, manifest)[1:] + " (only the damaged files are rewritten)"
         )
 
 

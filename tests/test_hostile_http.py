@@ -55,9 +55,9 @@ MALFORMED_JSON = [
 WRONG_TYPES = [
     _msg(messages="hi"), _msg(messages=[{"role": "user", "content": 7}]), _msg(messages=[{"role": ["user"], "content": "x"}]),
     _msg(messages=[["user", "hi"]]), _msg(max_tokens=8.0), _msg(max_tokens=True), _msg(temperature="0.5"),
-    _msg(top_p=2), _msg(stop=5), _msg(stream="yes"), _msg(stream_options=[]), _msg(model=5), _msg(n=3),
+    _msg(top_p=2), _msg(stop=5), _msg(stream="yes"), _msg(stream_options=[]), _msg(model=5), _msg(n="3"),
     _msg(messages=[{"role": "user", "content": [{"type": "image", "url": "x"}]}]), _msg(user={"id": 1}),
-    _msg(logprobs=True), _msg(presence_penalty=1.5),
+    _msg(logprobs="yes"), _msg(presence_penalty=2.5), _msg(n=0), _msg(top_logprobs=21),
 ]
 HUGE_NUMBERS = [
     _msg(max_tokens=10**400), _msg(max_tokens=2**63), _msg(seed=10**30), _msg(seed=-1), _msg(top_k=-(10**20)),

@@ -20,6 +20,8 @@ from jmoss.generation import GenerationOptions
 if TYPE_CHECKING:
     from jmoss.plugins import Plugin
 
+MAX_CHOICES = 16  # OpenAI's ``n``: choices per request (each one a reply's worth of generation)
+TRUNCATION = Literal["auto", "disabled"]  # OpenAI's name (Responses API) for dropping the oldest turns or not
 MOSS_DEFAULTS = dict(max_length=2048, top_p=0.8, temperature=0.7, top_k=40, repetition_penalty=1.02)  # §5.1
 
 
@@ -96,10 +98,10 @@ class Sampling(_Body):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    n: Literal[1] | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     user: str | None = None
-    presence_penalty: Literal[0] | None = None
-    frequency_penalty: Literal[0] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
 
     @property
     def include_usage(self) -> bool:
@@ -109,7 +111,11 @@ class Sampling(_Body):
 class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # newer clients' name for max_tokens
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # "auto" (jmoss's default): a conversation past the context loses its oldest whole turns, and the
+    # reply says how many (jmoss_truncation); "disabled": OpenAI's 400 context_length_exceeded instead
+    truncation: TRUNCATION = "auto"
     # jmoss's opt-in (the chat page sends it): with plugins, a streamed reply also carries chunks
     # {"jmoss_event": {"kind", "text"}} for the turn's Inner Thoughts, Commands, Results, notices.
     jmoss_events: bool = False
@@ -118,7 +124,7 @@ class ChatCompletionRequest(Sampling):
 class CompletionRequest(Sampling):
     prompt: str | list[str] = Field(min_length=1)
     echo: Literal[False] | None = None
-    logprobs: None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy endpoint's: how many alternatives
 
 
 class MossRequest(_Body):
@@ -130,6 +136,9 @@ class MossRequest(_Body):
     top_p: float = Field(default=MOSS_DEFAULTS["top_p"], gt=0, le=1)
     temperature: float = Field(default=MOSS_DEFAULTS["temperature"], ge=0, le=2)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
+    max_new_tokens: int | None = Field(default=None, ge=1)  # jmoss's: caps the reply (max_length caps the whole)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    truncation: TRUNCATION = "auto"  # as in ChatCompletionRequest
 
 
 def validation_error(exc: ValidationError) -> ServerRequestError:
@@ -159,6 +168,12 @@ def sampling_options(req: Sampling, *, max_tokens_limit: int, default_max: int,
     if len(user_stop) > 4 or any(len(s) > 256 for s in user_stop):
         raise ServerRequestError(400, "stop takes at most 4 sequences of at most 256 characters each",
                                  param="stop", code="invalid_value")
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ServerRequestError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = getattr(req, "logprobs", None)
     temperature = MOSS_DEFAULTS["temperature"] if req.temperature is None else req.temperature
     top_p = MOSS_DEFAULTS["top_p"] if req.top_p is None else req.top_p
     greedy = temperature == 0 or top_p == 0  # OpenAI's "deterministic" settings
@@ -167,7 +182,9 @@ def sampling_options(req: Sampling, *, max_tokens_limit: int, default_max: int,
             max_new_tokens=max_tokens, do_sample=not greedy, temperature=temperature if not greedy else 1.0,
             top_p=top_p if not greedy else 1.0, top_k=req.top_k or 0,
             repetition_penalty=req.repetition_penalty or MOSS_DEFAULTS["repetition_penalty"],
-            seed=req.seed, stop=tuple(stop) + tuple(s for s in user_stop if s))
+            seed=req.seed, stop=tuple(stop) + tuple(s for s in user_stop if s),
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            logprobs=logprobs)
     except JmossError as exc:
         raise request_error(exc) from None
 
@@ -177,15 +194,16 @@ def moss_options(req: MossRequest, max_new_tokens: int) -> dict:
     greedy = req.temperature == 0
     return dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=req.temperature if not greedy else 1.0,
                 top_p=req.top_p, top_k=MOSS_DEFAULTS["top_k"], repetition_penalty=MOSS_DEFAULTS["repetition_penalty"],
-                stop=tuple(req.stop))
+                stop=tuple(req.stop), seed=req.seed)
 
 
 # -- conversations in MOSS's format --------------------------------------------------------------
 
 
-def default_meta_instruction(plugins: Sequence["Plugin"]) -> str:
-    """MOSS's base meta instruction, plus the capability switch lines when tools are enabled."""
-    return _with_capabilities(dialogue.base_meta_instruction(), plugins)
+def default_meta_instruction(plugins: Sequence["Plugin"], meta: str | None = None) -> str:
+    """MOSS's base meta instruction (or ``meta``, a server's --system), plus the capability switch
+    lines when tools are enabled."""
+    return _with_capabilities(meta or dialogue.base_meta_instruction(), plugins)
 
 
 def _with_capabilities(meta: str, plugins: Sequence["Plugin"]) -> str:
@@ -196,7 +214,8 @@ def _with_capabilities(meta: str, plugins: Sequence["Plugin"]) -> str:
     return meta + capability_lines(plugins)
 
 
-def messages_to_moss(messages: list[Message], plugins: Sequence["Plugin"]) -> tuple[str, list[str], str]:
+def messages_to_moss(messages: list[Message], plugins: Sequence["Plugin"],
+                     default_meta: str | None = None) -> tuple[str, list[str], str]:
     """(meta instruction, rendered earlier turns, last user text) in MOSS's SFT format (moss-spec §4.3).
 
     System/developer messages (only before the first turn) replace the meta instruction; the
@@ -221,7 +240,7 @@ def messages_to_moss(messages: list[Message], plugins: Sequence["Plugin"]) -> tu
         meta = meta if meta.endswith("\n") else meta + "\n"
         meta = _with_capabilities(meta, plugins)
     else:
-        meta = default_meta_instruction(plugins)
+        meta = default_meta_instruction(plugins, default_meta)
     turns.pop()  # the last user message is the turn to answer
     return meta, turns, messages[-1].text()
 

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from jmoss.batching import BatchRunner, DetachedSession, StepCancelled
@@ -109,8 +109,9 @@ class Worker:
     """
 
     def __init__(self, model: "TextModel", plugins: list["Plugin"], queue_size: int, session_limit: int,
-                 session_ttl: float, max_batch: int = 1):
+                 session_ttl: float, max_batch: int = 1, meta_instruction: str | None = None):
         self.model, self.plugins = model, plugins
+        self.meta_instruction = meta_instruction  # a server's --system (None: MOSS's)
         self.capacity = queue_size + max_batch  # waiting + the ones running
         self.session_limit, self.session_ttl = session_limit, session_ttl
         self.runner = BatchRunner(model, max_batch) if max_batch > 1 else None
@@ -217,18 +218,47 @@ class Worker:
             self.runner.release(slot)
 
     # -- jobs (run on the worker thread) -----------------------------------------------------
-    def complete(self, ids: list[int], opts: GenerationOptions, job: Job, *, reply: bool) -> dict:
-        """Continue ``ids``; with ``reply`` the text is MOSS's reply (leading space of "<|MOSS|>: " dropped).
+    def complete(self, ids: list[int], opts: GenerationOptions, job: Job, *, reply: bool, n: int = 1) -> dict:
+        """Continue ``ids`` ``n`` times (OpenAI's ``n``); with ``reply`` the text is MOSS's reply (leading
+        space of "<|MOSS|>: " dropped). Deltas are posted as ``(choice index, text, token entries)``.
 
         The cache is truncated to the longest prefix shared with what it holds, so a request that
-        repeats the meta instruction or the previous conversation prefills only its new tokens.
+        repeats the meta instruction or the previous conversation prefills only its new tokens
+        (so do the 2nd..nth choices). With a batch runner the choices run at once, each on a slot.
         """
+        fit_to_context(opts.max_new_tokens, len(ids), self.runner.max_len if self.runner else self.session.max_len)
+        seeds = [opts.seed + i if opts.seed is not None else None for i in range(n)]  # reproducible, not equal
         score = lambda held: -1 if held.owner is not None else shared_prefix(held.ids, ids)  # noqa: E731
-        with self._cache(job, score) as (session, state):
-            return self._complete(session, state, ids, opts, job, reply=reply)
+
+        def one(i: int) -> dict:
+            with self._cache(job, score) as (session, state):
+                return self._complete(session, state, ids, replace(opts, seed=seeds[i]), job, reply=reply, index=i)
+
+        if n == 1 or self.runner is None:
+            outs = [one(i) for i in range(n)]
+        else:
+            outs = [None] * n
+            errors: list[BaseException] = []
+
+            def work(i: int) -> None:
+                try:
+                    outs[i] = one(i)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, on the job's thread
+                    errors.append(exc)
+                    job.cancelled.set()  # the others stop at their next step: the request has failed
+
+            threads = [threading.Thread(target=work, args=(i,), name="jmoss-choice", daemon=True) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise next((e for e in errors if not isinstance(e, (Cancelled, StepCancelled))), errors[0])
+        first = outs[0]
+        return {**first, "choices": outs, "completion_tokens": sum(o["completion_tokens"] for o in outs)}
 
     def _complete(self, session: Any, state: Any, ids: list[int], opts: GenerationOptions, job: Job, *,
-                  reply: bool) -> dict:
+                  reply: bool, index: int = 0) -> dict:
         if state.owner is not None:  # a uid conversation's tokens: nothing to share
             session.reset()
             state.ids, state.owner = [], None
@@ -236,6 +266,7 @@ class Worker:
         keep = min(shared_prefix(state.ids, ids), len(ids) - 1, session.length)
         session.truncate(keep)
         tokens: list[int] = []
+        entries: list[dict] = []
         text, first = "", reply
         finish = Finish()
         try:
@@ -244,21 +275,40 @@ class Worker:
                 if step.token is not None:
                     tokens.append(step.token)
                 finish = step.finish or finish
+                new = self._entries(step) if opts.logprobs is not None and not step.stop else []
+                entries += new
                 delta = step.text
                 if first and delta:  # the model writes "<|MOSS|>: text"; the reply is the text
                     delta, first = delta.lstrip(" "), not delta.strip(" ")
-                if delta:
+                if delta or new:
                     text += delta
-                    job.post("delta", delta)
+                    job.post("delta", (index, delta, new))
         finally:
             state.ids = (ids + tokens)[: session.length]
         if finish.reason == "cancelled":
             raise Cancelled()
-        return {"text": text, "finish_reason": openai_finish_reason(finish.reason),
+        return {"index": index, "text": text, "finish_reason": openai_finish_reason(finish.reason),
+                "logprobs": entries if opts.logprobs is not None else None,
                 "prompt_tokens": len(ids), "completion_tokens": len(tokens), "cached_tokens": keep}
 
-    def chat_turn(self, chat: "Chat", text: str, options: dict, job: Job) -> "Reply":
-        """One turn of a Chat on the shared cache (MOSS's plugin loop runs here when enabled)."""
+    def _entries(self, step: Any) -> list[dict]:
+        """OpenAI's logprobs entry of a step's token: text, logprob, UTF-8 bytes, most likely alternatives."""
+        if step.token is None or step.logprob is None:
+            return []
+        tok = self.model.tokenizer
+
+        def entry(token: int, logprob: float) -> dict:
+            raw = tok.decode_bytes([token])
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+        return [{**entry(step.token, step.logprob),
+                 "top_logprobs": [entry(t, lp) for t, lp in step.top_logprobs or []]}]
+
+    def chat_turn(self, chat: "Chat", text: str, options: dict, job: Job, max_len: int | None = None) -> "Reply":
+        """One turn of a Chat on the shared cache (MOSS's plugin loop runs here when enabled);
+        ``max_len`` caps the turn's context below the cache's (MOSS's ``max_length``)."""
+        if max_len is not None:
+            options = {**options, "max_len": max_len}
         if self.runner is not None:
             reply = self._batched_turn(chat, text, options, job)
         else:
@@ -290,7 +340,7 @@ class Worker:
     @staticmethod
     def _stream_turn(chat: "Chat", text: str, options: dict, job: Job, session: Any = None) -> "Reply":
         for delta in chat.stream(text, session=session, should_stop=job.should_stop, **options):
-            job.post("delta", delta)
+            job.post("delta", (0, delta, []))
         assert chat.last_reply is not None
         return chat.last_reply
 
@@ -319,7 +369,7 @@ class Worker:
     def meta_tokens(self) -> int:
         """Tokens of a new conversation before its first turn (its meta instruction)."""
         if self._meta_tokens is None:
-            self._meta_tokens = len(self.model.tokenizer.encode(default_meta_instruction(self.plugins)))
+            self._meta_tokens = len(self.model.tokenizer.encode(default_meta_instruction(self.plugins, self.meta_instruction)))
         return self._meta_tokens
 
     @_serialized
@@ -340,7 +390,7 @@ class Worker:
         while len(self.conversations) >= self.session_limit:
             self._drop(next(iter(self.conversations)))
         uid = str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))  # 122 random bits from the OS CSPRNG
-        chat = self.new_chat(default_meta_instruction(self.plugins))
+        chat = self.new_chat(default_meta_instruction(self.plugins, self.meta_instruction))
         self.conversations[uid] = Conversation(chat, now)
         return uid, chat
 

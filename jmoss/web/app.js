@@ -12,6 +12,7 @@ const ui = {
 const PANEL_TITLES = { thoughts: "Inner Thoughts", commands: "Commands", results: "Results", notice: "Notice" };
 
 let history = [];        // [{role, content}] of this chat, sent with every request
+let shown = [];          // the message element of each history entry (greyed once the server drops it)
 let controller = null;   // the AbortController of the request in flight
 let chatId = 0;          // bumped by New chat, so a request still finishing cannot write into the new chat
 
@@ -159,6 +160,21 @@ function addEvent(message, event) {
   message.panel.append(section);
 }
 
+// The server dropped the oldest `messages` of the history to fit the model's context: they stay on the
+// page, greyed, and are not sent again (the next request starts where the server's context starts).
+function dropOldest(reply, truncation) {
+  const count = Math.min(Number(truncation.dropped_messages) || 0, history.length - 1);
+  if (count <= 0) return;
+  history.splice(0, count);
+  for (const node of shown.splice(0, count)) node.classList.add("dropped");
+  const turns = Number(truncation.dropped_turns) || count;
+  const note = el("div", "note context-note");
+  note.textContent = `The conversation outgrew the model's ${config.context}-position context: the oldest ` +
+    `${turns} turn${turns === 1 ? "" : "s"} (greyed above) ${turns === 1 ? "was" : "were"} dropped; ` +
+    "MOSS no longer sees them.";
+  reply.root.insertBefore(note, reply.content);
+}
+
 function scrollDown() {
   ui.messages.scrollTop = ui.messages.scrollHeight;
 }
@@ -228,7 +244,7 @@ async function send() {
   ui.input.value = "";
   const mine = chatId;
   history.push({ role: "user", content: text });
-  addMessage("user", text);
+  shown.push(addMessage("user", text).root);
   const reply = addMessage("assistant");
   reply.root.classList.add("streaming");
   controller = new AbortController();
@@ -251,6 +267,7 @@ async function send() {
           break;
         }
         if (chunk.jmoss_event) addEvent(reply, chunk.jmoss_event);
+        if (chunk.jmoss_truncation && mine === chatId) dropOldest(reply, chunk.jmoss_truncation);
         const choice = chunk.choices && chunk.choices[0];
         if (choice && choice.delta && typeof choice.delta.content === "string" && choice.delta.content) {
           answer += choice.delta.content;
@@ -271,10 +288,12 @@ async function send() {
   if (failure !== null && !answer) {
     reply.root.remove();
     history.pop();  // the server did not take this turn: do not resend it
+    shown.pop();
     addMessage("error", failure).root.dataset.error = "true";
     return;
   }
   history.push({ role: "assistant", content: answer });  // a stopped reply stays, as MOSS's Chat keeps it
+  shown.push(reply.root);
   if (stopped) addNote(reply, "stopped");
   else if (finish === "length") addNote(reply, "cut off at max tokens");
   if (failure !== null) addMessage("error", failure).root.dataset.error = "true";
@@ -289,6 +308,7 @@ function newChat() {
   stop();
   chatId++;
   history = [];
+  shown = [];
   ui.messages.replaceChildren();
   ui.input.focus();
 }
