@@ -495,8 +495,8 @@ def verify(path: str | Path, *, progress: bool = False) -> None:
                             problems[name] = problem
     if len(problems) == 1:
         (name, problem), = problems.items()
-        raise StoreError(f"store {path} failed verification: {name}: {problem}; "
-                         f"{repair_hint(path, manifest)} (only the damaged files are rewritten)")
+        raise StoreError(f"store {path} failed verification: {name}: {problem}. "
+                         f"R{repair_hint(path, manifest)[1:]} (only the damaged files are rewritten)")
     if problems:
         raise StoreError(
             f"store {path} failed verification:\n  " + "\n  ".join(f"{n}: {p}" for n, p in problems.items())
