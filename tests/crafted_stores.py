@@ -221,8 +221,9 @@ def value_cases(bases: dict[str, Path]) -> list[Case]:
                     bad_values = [(label, value, "scales") for label, value in (("NaN", np.nan), ("+inf", np.inf), ("-inf", -np.inf))]
                 elif name.endswith(".zeros"):
                     top = float(1 << bits)
-                    bad_values = [(label, value, "zeros") for label, value in (("-1", -1.0), ("2^bits+1", top + 1), ("0.5", 0.5),
-                                                                            ("NaN", np.nan), ("inf", np.inf), ("65504", 65504.0))]
+                    bad_values = [(label, value, "zeros") for label, value in (("-1", -1.0), ("2^bits+1", top + 1),
+                                                                            ("2^bits+0.5", top + 0.5), ("NaN", np.nan),
+                                                                            ("inf", np.inf), ("65504", 65504.0))]
                 elif dtype == "float16" and len(shape) == 1:
                     bad_values = [(label, value, "finite") for label, value in (("NaN", np.nan), ("inf", np.inf))]
                 else:

@@ -146,14 +146,15 @@ def test_value_checks_reject_exactly_the_bad_values() -> None:
     for name, (shape, dtype) in layout.group_tensors(config, 0).items():
         if name.endswith(".perm"):
             good[name] = np.random.default_rng(0).permutation(shape[0]).astype(np.int32)
-        elif name.endswith(".zeros"):  # every integer 0..2^bits, and -0 (== 0)
+        elif name.endswith(".zeros"):  # every integer 0..2^bits, -0 (== 0), and fractions in range
             good[name] = (np.arange(int(np.prod(shape))) % 17).astype(np.float16).reshape(shape)
             good[name].flat[-1] = -0.0
+            good[name].flat[-2] = 7.5  # what benchmark stores use: the middle of the 4-bit codes
         elif name in store_check.value_tensors(config, 0):
             good[name] = np.full(shape, 0.5, np.float16)
     store_check.check_group_values(config, 0, good)
     zeros, perm = "mlp.fc_out.zeros", "attn.out_proj.perm"
-    for value in (17.0, 1.5, -1.0, np.nan, np.inf):
+    for value in (17.0, 16.5, -1.0, -0.5, np.nan, np.inf):
         bad = good[zeros].copy()
         bad.flat[3] = value
         with pytest.raises(store_check.CheckFailed, match=r"zeros: mlp.fc_out.zeros\[0, 3\]"):
