@@ -307,6 +307,27 @@ def rm(names):
         click.echo(f"deleted {remove(name)}")
 
 
+# A packed store's lm_head and embedding widths, for `convert` and the plan of `info`.
+head_options = _with_options([
+    click.option("--head-bits", type=click.Choice(["4", "8", "16"]), default=None,
+                 help="packed store: lm_head's width, 16 = fp16 (default 8, whatever the layers' width: "
+                      "docs/store-format.md states each width's error)"),
+    click.option("--embed-bits", type=click.Choice(["4", "8", "16"]), default=None,
+                 help="packed store: the embedding's width, 16 = fp16 (default 8)"),
+    click.option("--keep-head-fp16", is_flag=True, help="the same as --head-bits 16 --embed-bits 16"),
+])
+
+
+def _head_widths(head_bits: str | None, embed_bits: str | None, keep_head_fp16: bool) -> tuple[int | None, int | None]:
+    """(--head-bits, --embed-bits) as ints, --keep-head-fp16 folded in (a usage error if they disagree)."""
+    head, embed = (int(b) if b else None for b in (head_bits, embed_bits))
+    if keep_head_fp16:
+        if {head, embed} - {None, 16}:
+            raise click.UsageError("--keep-head-fp16 is --head-bits 16 --embed-bits 16: give either it or the widths")
+        head, embed = 16, 16
+    return head, embed
+
+
 @main.command()
 @click.argument("source")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -316,34 +337,36 @@ def rm(names):
 @click.option("--dequantize", is_flag=True, help="GPTQ int4/int8 source: write fp16 weights instead of keeping them packed")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
               help="pack an fp16/fp32 checkpoint's layers (round-to-nearest, per group of 128 inputs)")
-@click.option("--keep-head-fp16", is_flag=True,
-              help="packed store: keep lm_head and the embedding fp16 (default: lm_head at the layers' width, "
-                   "embedding int8, round-to-nearest per group)")
-def convert(source, out, revision, no_progress, dequantize, quantize, keep_head_fp16):
+@head_options
+def convert(source, out, revision, no_progress, dequantize, quantize, head_bits, embed_bits, keep_head_fp16):
     """Convert a checkpoint into a jmoss store, safely (no pickle code runs) and resumably.
 
     SOURCE is a Hugging Face repo id (e.g. fnlp/moss-moon-003-sft) or a local folder with
     pytorch_model*.bin (torch zip format), *.safetensors or a MOSS GPTQ int4/int8 checkpoint.
     A GPTQ checkpoint keeps its integers (a packed store) unless --dequantize is given. A packed
-    store packs lm_head and the embedding too, unless --keep-head-fp16. Re-running after an interruption resumes and skips verified layers.
+    store packs lm_head and the embedding too, at 8 bits unless --head-bits/--embed-bits say
+    otherwise. Re-running after an interruption resumes and skips verified layers.
     """
     from jmoss.converters.convert import convert as run
 
     if dequantize and quantize:
         raise click.UsageError("--dequantize and --quantize exclude each other")
+    head_bits, embed_bits = _head_widths(head_bits, embed_bits, keep_head_fp16)
     path = run(source, out, revision=revision, progress=not no_progress, dequantize=dequantize, quantize=quantize,
-               keep_head_fp16=keep_head_fp16)
+               head_bits=head_bits, embed_bits=embed_bits)
     click.echo(f"converted {source} -> {path}")
 
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def verify(store):
-    """Re-check every file of a converted STORE against its manifest's sha256."""
+    """Re-check a converted STORE: every file's sha256 and fast hash against its manifest, and every
+    rule of the store check (jmoss/store_check.py: headers against config.json, perms, scales, zeros),
+    as a load would. A failure names the file and the check, one line per file."""
     from jmoss.store import verify as run
 
     run(store, progress=True)
-    click.echo(f"{store}: all files verified")
+    click.echo(f"{store}: all files verified (hashes and store check)")
 
 
 @main.command()
@@ -358,9 +381,9 @@ def verify(store):
 @click.option("--link-gbps", type=float, default=None, help="host-to-device GB/s for the tok/s bound")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="sequences served at once (serve --max-batch): the KV cache is planned for all of them")
-@click.option("--keep-head-fp16", is_flag=True,
-              help="a packed checkpoint: plan the store `jmoss convert --keep-head-fp16` writes (fp16 lm_head and wte)")
-def info(model, device, device_memory, host_memory, max_seq_len, revision, link_gbps, max_batch, keep_head_fp16):
+@head_options
+def info(model, device, device_memory, host_memory, max_seq_len, revision, link_gbps, max_batch, head_bits, embed_bits,
+         keep_head_fp16):
     """Print MODEL's config and the placement plan for a budget (no weights are read).
 
     MODEL is a store directory, a converted name, a folder/file with a config.json, or a Hugging
@@ -374,8 +397,12 @@ def info(model, device, device_memory, host_memory, max_seq_len, revision, link_
     config = _config_for(model, revision)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
                f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
-    if keep_head_fp16 and config.head_wbits is None:  # a checkpoint's config: plan the store it becomes
-        config = layout.resolved(config, keep_head_fp16=True)
+    head, embed = _head_widths(head_bits, embed_bits, keep_head_fp16)
+    if config.head_wbits is None:  # a checkpoint's config: plan the store `jmoss convert` makes of it
+        config = layout.resolved(config, head_width=head, embed_width=embed)
+    elif head or embed:
+        raise click.UsageError(f"{model} is a store: its lm_head and embedding widths are fixed "
+                               "(--head-bits/--embed-bits plan a checkpoint's conversion)")
     click.echo(layout.describe_store(config))
     # resolved as `jmoss chat` resolves it (GPU + toolkit probe, no jittor import: no weights are read)
     device = resolve_device(device)
@@ -410,7 +437,7 @@ def _config_for(model: str, revision: str | None = None):
                 config = replace(config, wbits=int(exc.variant[3:]), groupsize=128)  # what `jmoss pull` makes
             elif exc.variant == "fp16":
                 config = replace(config, wbits=32)
-            return layout.resolved(config, False) if layout.packed_bits(config) else config
+            return config  # info resolves lm_head/wte widths as `jmoss convert` would (--head-bits...)
     config = MossConfig.from_json_file(path)
     if (path / MANIFEST).exists():  # a store: its manifest says how its lm_head/wte are stored
         config = store_config(path, read_manifest(path), config)

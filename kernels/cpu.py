@@ -303,6 +303,8 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
         raise JmossError(f"bits={bits}: packed weights are 4- or 8-bit")
     if activation not in _ACTIVATIONS:
         raise JmossError(f"activation={activation!r}: choose None or 'gelu_new'")
+    if group_size < 1:
+        raise JmossError(f"group_size={group_size}: a packed weight's group size is a positive integer")
     k_in = int(perm.shape[0])
     n_out, row_bytes = (int(s) for s in qweight.shape)
     groups = -(-k_in // group_size)
@@ -382,11 +384,14 @@ def decode_block(h: "jt.Var", w: "dict", keys: "jt.Var", values: "jt.Var", sin: 
         inputs.append(var)
         return f"in{len(inputs) - 1}_p"
 
+    _check_block_shapes(w, dim, int(keys.shape[1]) * int(keys.shape[3]), bits, group_size)
     for i, name in enumerate(_BLOCK_LINEARS):
         bias = f"jmoss_raw({add(w[name + '.bias'])})" if name.startswith("mlp.") else "(const PT*)nullptr"
         if bits:
             parts = [w.get(f"{name}.{p}") for p in ("perm", "qweight", "scales", "zeros")]
             if any(p is None for p in parts) or str(parts[2].dtype) != "float16" or str(parts[0].dtype) != "int32":
+                return None
+            if str(parts[1].dtype) not in ("uint8", "int8") or str(parts[3].dtype) != "float16":
                 return None
             perm, qw, sc, zr = (add(p) for p in parts)
             k_in, (n_out, ldq) = int(parts[0].shape[0]), (int(d) for d in parts[1].shape)
@@ -406,6 +411,40 @@ def decode_block(h: "jt.Var", w: "dict", keys: "jt.Var", values: "jt.Var", sin: 
                    data={"eps": float(eps), "length": length, "start": int(start), "rotary": int(rotary_dim),
                          "threads": _threads(), "amx": _amx_min_m(), "i8": int(_quant_compute() == "int8"),
                          "group": int(group_size)})
+
+
+def _check_block_shapes(w: "dict", dim: int, heads_dim: int, bits: int, group_size: int) -> None:
+    """Every size decode_block's C++ takes from the weights' shapes agrees with x and the cache
+    (the store check guarantees it for a store; a mismatch here would index outside a buffer)."""
+    fc_in = w.get("mlp.fc_in.qweight" if bits else "mlp.fc_in.weight")
+    if fc_in is None:
+        return  # decode_block declines the layer; the per-op path checks it
+    inner = int(fc_in.shape[0])
+    want = {"attn.qkv": (dim, 3 * dim), "attn.out_proj": (dim, dim), "mlp.fc_in": (dim, inner), "mlp.fc_out": (inner, dim)}
+    bad = [] if heads_dim == dim else [f"cache heads x head_dim {heads_dim} != {dim}"]
+    for name in ("ln_1.weight", "ln_1.bias"):
+        if tuple(w[name].shape) != (dim,):
+            bad.append(f"{name} {list(w[name].shape)}")
+    for name, size in (("mlp.fc_in.bias", inner), ("mlp.fc_out.bias", dim)):
+        if tuple(w[name].shape) != (size,):
+            bad.append(f"{name} {list(w[name].shape)}")
+    for name, (k_in, n_out) in want.items():
+        if not bits:
+            weight = w.get(f"{name}.weight")
+            if weight is not None and tuple(weight.shape) != (n_out, k_in):
+                bad.append(f"{name}.weight {list(weight.shape)}")
+            continue
+        parts = {p: w.get(f"{name}.{p}") for p in ("perm", "qweight", "scales", "zeros")}
+        if any(v is None for v in parts.values()):
+            continue  # decode_block declines the layer; the per-op path checks it
+        groups = -(-k_in // group_size) if group_size >= 1 else -1
+        if (tuple(parts["perm"].shape) != (k_in,) or int(parts["qweight"].shape[0]) != n_out
+                or int(parts["qweight"].shape[1]) * 8 < k_in * bits or groups < 1
+                or tuple(parts["scales"].shape) != (n_out, groups) or tuple(parts["zeros"].shape) != (n_out, groups)):
+            bad.append(f"{name} perm {list(parts['perm'].shape)} qweight {list(parts['qweight'].shape)} scales "
+                       f"{list(parts['scales'].shape)} zeros {list(parts['zeros'].shape)} (group {group_size})")
+    if bad:
+        raise JmossError(f"decode_block: the layer's weights do not fit x [.., {dim}]: {'; '.join(bad)}")
 
 
 _LAYER_NORM_SRC = """

@@ -36,6 +36,7 @@
 #include <cmath>
 #include <algorithm>
 #include <type_traits>
+#include <limits>
 #include <omp.h>
 #include "type/fp16_compute.h"  // jittor::float16, the element type jittor hands us for fp16 Vars
 
@@ -1775,9 +1776,23 @@ static void flinear(const float* x, const WT* w, const BT* bias, float* y, i64 M
     jmoss_k::linear(x, w, bias, y, M, K, N, threads, act, amx_min_m);
 }
 
+// Whether every perm[j] is in [0, K). A store's perms are checked before any kernel sees them
+// (jmoss.store_check); this O(K) test per call, outside the loops over N, keeps a perm that
+// changed on disk after that check (a streamed layer is re-read every token) from indexing
+// outside x: the layer's output is NaN instead.
+static inline bool perm_in_range(const int32_t* perm, i64 K) {
+    uint32_t bad = 0;
+    for (i64 j = 0; j < K; j++) bad |= (uint32_t)((uint32_t)perm[j] >= (uint64_t)K);
+    return bad == 0;
+}
+
 template <int BITS, class BT>
 static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const uint16_t* s, const uint16_t* z,
                     const BT* bias, float* y, i64 M, i64 K, i64 N, i64 ldq, i64 GS, int threads, int act, int i8 = 0) {
+    if (GS < 1 || (perm && !perm_in_range(perm, K))) {
+        std::fill(y, y + M * N, std::numeric_limits<float>::quiet_NaN());
+        return;
+    }
     const i64 G = (K + GS - 1) / GS;
 #if JMOSS_VNNI
     if (i8 && M >= jmoss_k::QUANT_GEMM_MIN_M && GS % 4 == 0) {
