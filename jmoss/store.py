@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 import shlex
@@ -29,6 +30,7 @@ import shutil
 import struct
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -431,6 +433,33 @@ def fast_hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def fast_hash_mapping(mm: mmap.mmap) -> str:
+    """The fast hash of a whole mapped file, computed on the mapped pages (GIL released throughout)."""
+    h = fast_hash()
+    with memoryview(mm) as view:
+        h.update(view)
+    return h.hexdigest()
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime ns, ctime ns): every write to a file changes its ctime, and
+    nothing but the kernel sets ctime, so an unchanged identity means an unwritten file."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _advise(mm: mmap.mmap, advice: int | None) -> None:
+    if advice is not None and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(advice)
+        except OSError:  # advice only: a kernel that refuses it still maps and reads the file
+            pass
+
+
+# Group files mapped and hashed at once by Store.map_groups: xxh3 runs at ~7 GB/s per core, so
+# two threads per core keep every core hashing while others wait on a cold disk.
+MAP_WORKERS = max(2, 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+
+
 def file_record(path: Path) -> dict[str, Any]:
     """{"size", "sha256", FAST_HASH} of a file, in one read."""
     sha, fast, size = hashlib.sha256(), fast_hash(), 0
@@ -658,13 +687,15 @@ def expected_files(path: Path, config: MossConfig) -> tuple[set[str], set[str]]:
 
 
 class Store:
-    """An opened, complete jmoss store. Group arrays are read-only views of np.memmap (no copy).
+    """An opened, complete jmoss store. Group arrays are read-only views of the files' mapped
+    pages (``mapping``: no copy; the page cache is the one copy).
 
     Every file is checked against the manifest's fast hash the first time it is read: config,
-    tokenizer and manifest at ``open``, a group file by ``group()`` or, for the engines that read
-    spans themselves, by ``check_group_span`` on the bytes they read. Stores written before the
-    fast hash existed have no such record: their small files are checked by sha256 at open, their
-    group files only by `jmoss verify`.
+    tokenizer and manifest at ``open``, a group file when it is mapped (``group()``,
+    ``map_groups``) or, for the engines that read spans themselves, as they read it
+    (``span_hasher``/``check_group_span``). Stores written before the fast hash existed have no
+    such record: their small files are checked by sha256 at open, their group files only by
+    `jmoss verify`. What this guarantees, and what not: docs/store-format.md.
     """
 
     def __init__(self, path: Path, config: MossConfig, manifest: dict) -> None:
@@ -675,6 +706,8 @@ class Store:
         self._data_start: dict[Group, int] = {}
         self._verified: set[str] = set()
         self._lock = threading.Lock()
+        self._maps: dict[Group, tuple[Any, mmap.mmap]] = {}  # group -> (open file, read-only mapping)
+        self._identity: dict[str, tuple[int, ...]] = {}  # mapped file -> its file_identity when checked
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
@@ -766,17 +799,91 @@ class Store:
         with self._lock:
             self._verified.add(name)
 
-    def check_group_file(self, group: Group) -> None:
-        """Hash a group file once (for readers that memory-map it rather than read spans)."""
+    def mapping(self, group: Group) -> mmap.mmap:
+        """The whole group file mapped read-only (``PROT_READ``, ``MAP_SHARED``), checked first.
+
+        The pages are the page cache's own: nothing is copied, a second process (or a second start)
+        maps the same pages, and a write through the mapping is impossible (it would fault). On the
+        first mapping the fast hash is computed over the mapped bytes themselves, header included,
+        so the bytes checked are the bytes the model reads; the file's identity (device, inode,
+        size, mtime, ctime) is taken before and after, and a write in between is a mismatch too.
+        ``MADV_WILLNEED`` first asks the kernel to read the whole file ahead of the hash (a cold
+        cache is read in large requests, not page fault by page fault). The descriptor stays open
+        so ``changed_files`` can tell later whether the mapped file was written since.
+        """
         group = _group_key(group)
-        name = layout.group_file(group)
-        record = self.manifest["files"].get(name, {})
-        if name in self._verified or not isinstance(record.get(FAST_HASH), str):
-            return
-        if fast_hash_file(self.group_path(group)) != record[FAST_HASH]:
-            raise self._mismatch(name)
         with self._lock:
-            self._verified.add(name)
+            if group in self._maps:
+                return self._maps[group][1]
+        name = layout.group_file(group)
+        record = self.manifest["files"][name]
+        file = open(self.group_path(group), "rb", buffering=0)  # closed with the Store (garbage collected)
+        try:
+            before = os.fstat(file.fileno())
+            if before.st_size != record["size"]:
+                raise self._mismatch(name)
+            mm = mmap.mmap(file.fileno(), before.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            if isinstance(record.get(FAST_HASH), str):
+                _advise(mm, getattr(mmap, "MADV_WILLNEED", None))
+                digest = fast_hash_mapping(mm)
+                if digest != record[FAST_HASH] or file_identity(os.fstat(file.fileno())) != file_identity(before):
+                    mm.close()
+                    raise self._mismatch(name)
+        except BaseException:
+            file.close()
+            raise
+        with self._lock:
+            if group in self._maps:  # another thread mapped it meanwhile: keep one
+                mm.close()
+                file.close()
+                return self._maps[group][1]
+            self._maps[group] = (file, mm)
+            self._identity[name] = file_identity(before)
+            if isinstance(record.get(FAST_HASH), str):
+                self._verified.add(name)
+        return mm
+
+    def map_groups(self, groups: Iterable[Group], workers: int | None = None) -> dict[Group, dict[str, np.ndarray]]:
+        """``group(g)`` for each of ``groups``, ``workers`` files mapped and checked at once.
+
+        xxhash releases the GIL, so the hashes run on every core, and on a cold cache several
+        files are read from the disk at once (each asked for whole). The first damaged file
+        stops the rest and is raised. Default workers: ``MAP_WORKERS``.
+        """
+        groups = [_group_key(g) for g in groups]
+        for g in groups:
+            self.tensor_offsets(g)  # headers parsed (and refused) before any data is read
+        pool = ThreadPoolExecutor(max(1, workers or MAP_WORKERS), thread_name_prefix="jmoss-map")
+        try:
+            for future in [pool.submit(self.mapping, g) for g in groups]:
+                future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return {g: self.group(g) for g in groups}
+
+    def changed_files(self) -> list[str]:
+        """Mapped group files written since their bytes were checked (their identity differs).
+
+        Strict: a file replaced by rename is among them too (unlinking the mapped inode changes
+        its ctime), although the mapping keeps the old, checked bytes; `jmoss convert` replaces
+        only files that no longer match, so that happens only to a store already damaged."""
+        with self._lock:
+            mapped = [(layout.group_file(g), file) for g, (file, _) in self._maps.items()]
+        return [name for name, file in mapped if file_identity(os.fstat(file.fileno())) != self._identity[name]]
+
+    def check_unchanged(self) -> None:
+        """Raise StoreError when a mapped group file was written since it was checked (see
+        ``changed_files``): its pages, which the model reads in place, may no longer be the checked bytes."""
+        changed = self.changed_files()
+        if changed:
+            raise StoreError(
+                f"store {self.path}: {', '.join(changed)} changed on disk after jmoss checked and mapped "
+                f"{'it' if len(changed) == 1 else 'them'}, so the weights in use may no longer be the ones the manifest "
+                f"records; nothing more is computed with them. Load the model again (the files are re-checked), "
+                f"or {repair_hint(self.path, self.manifest)}"
+            )
 
     def tensor_offsets(self, group: Group) -> dict[str, tuple[int, tuple[int, ...], str]]:
         """name -> (absolute byte offset, shape, numpy dtype str), in file order."""
@@ -814,19 +921,17 @@ class Store:
         return layout.group_nbytes(self.config, _group_key(group))
 
     def group(self, group: Group) -> dict[str, np.ndarray]:
-        """Read-only arrays of one group (fp16; packed parts uint8/int32), backed by np.memmap.
-
-        The file is hashed first (once per Store), so no byte of a tampered file is used.
-        """
+        """Read-only arrays of one group (fp16; packed parts uint8/int32): views of the file's
+        mapped pages (``mapping``), no copy. The file is hashed first (once per Store), so no byte
+        of a tampered file is used. The arrays are plain ndarrays (jittor can wrap them as Vars
+        without a copy); they keep the mapping alive."""
         group = _group_key(group)
+        mm = self.mapping(group)
         offsets = self.tensor_offsets(group)
-        start, nbytes = self.group_data_span(group)
-        self.check_group_file(group)
-        data = np.memmap(self.group_path(group), dtype=np.uint8, mode="r", offset=start, shape=(nbytes,))
         out = {}
         for name, (offset, shape, dtype) in offsets.items():
-            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            out[name] = data[offset - start : offset - start + n].view(dtype).reshape(shape)
+            count = int(np.prod(shape, dtype=np.int64))
+            out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
         return out
 
 
