@@ -1,0 +1,125 @@
+"""Resident CPU weights are the store's mapped pages, and a store changed after a load is caught.
+
+``jmoss.load`` with everything resident in fp16 maps every group file read-only and hashes the
+mapped pages (docs/store-format.md, "What is checked, and when"). Here: the Vars really are the
+file's pages (a write to the file shows through, so nothing was copied), and a store modified after
+a load (one byte in place; a file replaced by another of the same size and mtime) is caught at the
+next load, and by the loaded model before its next forward when the write reached its mapped file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jmoss
+from jmoss import layout
+from jmoss.errors import StoreError
+from jmoss.store import Store
+from test_engine import write_random_store
+
+SHAPE = dict(n_embd=64, n_head=4, rotary_dim=8, n_layer=3, vocab_size=256, n_positions=32)
+PROMPT = [[5, 6, 7, 8]]
+VICTIM = "layer_001.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return write_random_store(tmp_path_factory.mktemp("mapped") / "store", SHAPE)
+
+
+@pytest.fixture
+def store(pristine: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "store"))
+
+
+def _load(path: Path):
+    return jmoss.load(path, device="cpu", dtype="float16")
+
+
+def _flip_in_place(path: Path, keep_times: bool) -> None:
+    """Flip one byte in the middle of the victim's data, through a write(2) to the same inode."""
+    file = path / VICTIM
+    st = file.stat()
+    fd = os.open(file, os.O_RDWR)
+    try:
+        at = st.st_size - 100
+        byte = os.pread(fd, 1, at)
+        os.pwrite(fd, bytes([byte[0] ^ 0x40]), at)
+    finally:
+        os.close(fd)
+    if keep_times:  # mtime put back: only ctime (which no one can set) still tells
+        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _replace_same_size_and_mtime(path: Path) -> None:
+    """Write a changed copy of the victim beside it, give it the old mtime, rename it over the original."""
+    file = path / VICTIM
+    st = file.stat()
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tmp = file.with_name(VICTIM + ".new")
+    tmp.write_bytes(bytes(data))
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, file)
+    after = file.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_resident_fp16_weights_are_the_mapped_pages_not_a_copy(store: Path) -> None:
+    model = _load(store)
+    assert model.weights.mapped and model.plan is not None and not model.plan.streams
+    assert model.weights.memory()["resident_weights"] == model.plan.resident_bytes
+    var = model.weights.layer(1)["mlp.fc_out.bias"]
+    offset = Store.open(store).tensor_offsets(1)["mlp.fc_out.bias"][0]
+    fd = os.open(store / VICTIM, os.O_RDWR)
+    try:
+        os.pwrite(fd, np.array([1234.0], np.float16).tobytes(), offset)
+    finally:
+        os.close(fd)
+    assert float(var.numpy()[0]) == 1234.0  # the Var reads the file's page: nothing was copied
+    with pytest.raises(StoreError, match=f"{VICTIM} changed on disk after jmoss checked"):
+        model.logits(PROMPT)  # the next forward refuses the changed weights
+
+
+@pytest.mark.parametrize("keep_times", [False, True], ids=["one byte", "one byte, mtime put back"])
+def test_a_byte_written_after_a_load_is_caught_by_the_model_and_at_the_next_load(store: Path, keep_times: bool) -> None:
+    model = _load(store)
+    before = model.logits(PROMPT)
+    _flip_in_place(store, keep_times)
+    with pytest.raises(StoreError, match=VICTIM):
+        model.logits(PROMPT)
+    with pytest.raises(StoreError, match=f"{VICTIM} does not match the hash its manifest records"):
+        _load(store)
+    assert np.isfinite(before).all()
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_caught_at_the_next_load(store: Path) -> None:
+    model = _load(store)
+    before = model.logits(PROMPT)
+    _replace_same_size_and_mtime(store)
+    # The loaded model still maps the old file's checked bytes, but unlinking it changed its ctime,
+    # and a changed identity is refused whatever changed it (strict: load again).
+    with pytest.raises(StoreError, match=f"{VICTIM} changed on disk"):
+        model.logits(PROMPT)
+    assert np.isfinite(before).all()
+    with pytest.raises(StoreError, match=f"{VICTIM} does not match the hash its manifest records"):
+        _load(store)
+
+
+def test_every_load_hashes_every_file_again(store: Path, monkeypatch) -> None:
+    """No verification is remembered between loads: each load hashes what it maps (the guarantee
+    does not rest on file identities alone, which a disk's own corruption leaves unchanged)."""
+    from jmoss import store as store_mod
+
+    hashed: list[int] = []
+    real = store_mod.fast_hash_mapping
+    monkeypatch.setattr(store_mod, "fast_hash_mapping", lambda mm: (hashed.append(len(mm)), real(mm))[1])
+    groups = layout.all_groups(Store.open(store).config)
+    for _ in range(2):
+        _load(store)
+    assert len(hashed) == 2 * len(groups)
