@@ -65,8 +65,9 @@ model_options = _with_options([
 def _load(model: str, device: str, dtype: str | None, device_memory, host_memory, batch: int = 1):
     import jmoss
 
+    # generate, chat and serve read and write text: a store without tokenizer files fails before its weights load
     return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
-                      batch=batch)
+                      batch=batch, require_tokenizer=True)
 
 
 sampling_options = _with_options([

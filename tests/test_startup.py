@@ -1,10 +1,12 @@
-"""Resident CPU weights are the store's mapped pages, and a store changed after a load is caught.
+"""What a start costs and checks: resident CPU weights are the store's mapped pages, a store
+changed after a load is caught, and a store that cannot do text fails before its weights load.
 
 ``jmoss.load`` with everything resident in fp16 maps every group file read-only and hashes the
 mapped pages (docs/store-format.md, "What is checked, and when"). Here: the Vars really are the
 file's pages (a write to the file shows through, so nothing was copied), and a store modified after
 a load (one byte in place; a file replaced by another of the same size and mtime) is caught at the
-next load, and by the loaded model before its next forward when the write reached its mapped file.
+next load, and by the loaded model before its next forward. ``generate``/``chat``/``serve`` load the
+tokenizer first: a store without tokenizer files says so before any weight is read.
 """
 
 from __future__ import annotations
@@ -123,3 +125,30 @@ def test_every_load_hashes_every_file_again(store: Path, monkeypatch) -> None:
     for _ in range(2):
         _load(store)
     assert len(hashed) == 2 * len(groups)
+
+
+# ----------------------------------------------------------------------------- fail fast
+
+
+def test_a_store_without_tokenizer_files_fails_before_any_weight_is_read(store: Path, monkeypatch) -> None:
+    from jmoss.errors import TokenizerError
+
+    assert not any((store / name).exists() for name in ("vocab.json", "tokenizer.json"))
+    touched: list[object] = []
+    monkeypatch.setattr(Store, "mapping", lambda self, g: touched.append(g))
+    monkeypatch.setattr(Store, "span_hasher", lambda self, g: touched.append(g))
+    with pytest.raises(TokenizerError, match="has no tokenizer files") as err:
+        jmoss.load(store, device="cpu", require_tokenizer=True)
+    assert "weights were not loaded" in str(err.value) and not touched
+
+
+def test_jmoss_generate_says_so_in_one_line_without_loading_weights(store: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "jmoss.cli", "generate", str(store), "hi", "--max-new-tokens", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "has no tokenizer files" in errors[0], proc.stderr[-2000:]
+    assert "jittor" not in proc.stderr.lower()  # it stopped before jittor was even imported
