@@ -28,6 +28,7 @@ from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import MossModel, rotary_tables
 from jmoss.embedding import EmbeddingTable
 from jmoss.session import Session
+from jmoss.warmup import warm_up
 
 if TYPE_CHECKING:
     from jmoss.tokenizer import Tokenizer
@@ -191,6 +192,9 @@ def load(
     with ``cpu_mem_limit`` = device_memory: the baseline, valid only in a process started with
     JMOSS_JITTOR_SAVE_MEM=1 (``jmoss bench --compare jittor`` spawns one).
 
+    The first load of a model (per jittor cache) also compiles every kernel its forwards will use
+    (``jmoss.warmup``), so no later prompt or decode step stops to compile.
+
     ``require_tokenizer=True`` (what `jmoss generate`, `chat` and `serve` ask for) loads the store's
     tokenizer first, so a store without tokenizer files fails in a second, before any weight is
     read; otherwise the tokenizer is loaded when text is first given (token ids need none).
@@ -237,7 +241,9 @@ def load(
         if dtype == "float16":  # the embedding's file checked in the same parallel pass as the weights'
             store.map_groups(layout.all_groups(store.config))
         weights = ResidentWeights.from_store(get_jittor(device), store, dtype)
-    return _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, **common), tokenizer)
+    model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, **common), tokenizer)
+    warm_up(model)  # the first load of this model compiles every kernel its forwards use, now
+    return model
 
 
 def _embed(store) -> dict:

@@ -152,3 +152,33 @@ def test_jmoss_generate_says_so_in_one_line_without_loading_weights(store: Path)
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1 and "has no tokenizer files" in errors[0], proc.stderr[-2000:]
     assert "jittor" not in proc.stderr.lower()  # it stopped before jittor was even imported
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_the_first_load_compiles_every_kernel_a_later_forward_uses(store: Path) -> None:
+    """Jittor's profiler names the kernel file of every op it runs: whatever a short or long
+    prompt, a decode step, full logits or a padded batch of two run later, the warm-up ran first."""
+    from jmoss import warmup
+
+    model = _load(store)
+    jt = model.jt
+    warmup.marker_path(model).unlink(missing_ok=True)
+    with jt.profile_scope(warmup=0, rerun=0) as warm:
+        assert warmup.warm_up(model)
+    assert warmup.marker_path(model).exists() and not warmup.warm_up(model)  # later loads skip it
+    with jt.profile_scope(warmup=0, rerun=0) as used:
+        session = model.session(max_len=32)
+        session.prefill([[1, 2, 3]])
+        session.decode([4])
+        session.prefill([list(range(5, 25))])  # 20 rows: the per-op layer, on a cache already holding 4
+        model.logits([[1, 2, 3, 4, 5]])
+        pair = model.session(batch=2, max_len=8)
+        pair.prefill([[1, 2, 3], [4, 5]])
+        pair.decode([6, 7])
+
+    def kernels(report) -> set[str]:
+        return {row[1] for row in report[1:]}
+
+    assert kernels(used) and kernels(used) <= kernels(warm), sorted(kernels(used) - kernels(warm))
