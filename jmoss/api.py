@@ -12,6 +12,7 @@ methods here but live in jmoss.generation / jmoss.chat.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -237,9 +238,15 @@ def load(
     )
     if plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
-    else:  # the store's mapped pages (fp16), or read once into memory the Vars share (fp32): never twice
-        if dtype == "float16":  # the embedding's file checked in the same parallel pass as the weights'
-            store.map_groups(layout.all_groups(store.config))
+    elif dtype == "float16":  # the store's mapped pages: every file (the embedding's too) mapped and
+        # hashed by threads that need no GIL while jittor imports and the kernels load in this one
+        with ThreadPoolExecutor(1, thread_name_prefix="jmoss-load") as pool:
+            mapped = pool.submit(store.map_groups, layout.all_groups(store.config))
+            jt = get_jittor(device)
+            pick_ops(jt, device, dtype, compute_dtype)
+            mapped.result()
+        weights = ResidentWeights.from_store(jt, store, dtype)
+    else:  # float32: read once into memory the Vars share, widened (never twice the weights)
         weights = ResidentWeights.from_store(get_jittor(device), store, dtype)
     model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, **common), tokenizer)
     warm_up(model)  # the first load of this model compiles every kernel its forwards use, now
