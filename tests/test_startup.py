@@ -84,6 +84,10 @@ def test_resident_fp16_weights_are_the_mapped_pages_not_a_copy(store: Path) -> N
     finally:
         os.close(fd)
     assert float(var.numpy()[0]) == 1234.0  # the Var reads the file's page: nothing was copied
+    # Every mapping of a store file is read-only and shared: a write through it (by jittor or
+    # anyone in this process) would fault instead of reaching the file.
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines() if str(store) in line]
+    assert maps and {m[1] for m in maps} == {"r--s"}, maps
     with pytest.raises(StoreError, match=f"{VICTIM} changed on disk after jmoss checked"):
         model.logits(PROMPT)  # the next forward refuses the changed weights
 
