@@ -42,9 +42,9 @@ CHILD = textwrap.dedent(
         for name in ("check_manifest", "check_config", "check_group_header", "check_group_values"):
             setattr(store_check, name, timed(getattr(store_check, name)))
         store_check.SpanValues.feed = timed(store_check.SpanValues.feed)
-        real_mapped = store.Store._mapped  # the memmap read path maps the value tensors for the check
-        store.Store._mapped = lambda self, g, names=None: (timed(real_mapped)(self, g, names) if names is not None
-                                                            else real_mapped(self, g))
+        real_arrays = store.Store._arrays  # the mapped read path takes the value tensors' views for the check
+        store.Store._arrays = lambda self, mm, g, names=None: (timed(real_arrays)(self, mm, g, names) if names is not None
+                                                               else real_arrays(self, mm, g))
     else:
         for name in ("check_manifest", "check_config", "check_group_header", "check_group_values"):
             setattr(store_check, name, lambda *a, **k: None)

@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -311,6 +312,52 @@ def spawn_measured(cmd: list[str], *, env: dict[str, str] | None = None, log=Non
             continue
         proc.returncode = os.waitstatus_to_exitcode(status)
         return proc.returncode, peak
+
+
+def spawn_measured_memory(cmd: list[str], *, env: dict[str, str] | None = None, log=None,
+                          every: float = 0.002) -> tuple[int, dict[str, int | None]]:
+    """``spawn_measured`` that also reports anonymous memory: (exit code, {"peak_rss", "peak_anon",
+    "anon_at_end", "file_at_end"}).
+
+    ``peak_rss`` is ``VmHWM`` at the stop, as in ``spawn_measured``; it counts the page-cache pages
+    the child mapped (mapped weights) as much as memory it allocated. The kernel keeps no peak of
+    the anonymous part alone, so ``peak_anon`` is the largest ``RssAnon`` seen by sampling
+    /proc/<pid>/status every ``every`` seconds while the child runs (and at its stop): what the
+    process itself allocated, which mapped store pages are not.
+    """
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    figures: dict[str, int | None] = {"peak_rss": None, "peak_anon": 0, "anon_at_end": None, "file_at_end": None}
+    done = threading.Event()
+
+    def status() -> dict[str, int]:
+        try:
+            lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        except OSError:
+            return {}
+        return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in lines)
+                if k in ("VmHWM", "RssAnon", "RssFile")}
+
+    def sample() -> None:
+        while not done.is_set():
+            figures["peak_anon"] = max(figures["peak_anon"] or 0, status().get("RssAnon", 0))
+            time.sleep(every)
+
+    sampler = threading.Thread(target=sample, name="jmoss-memory-sampler", daemon=True)
+    sampler.start()
+    try:
+        while True:
+            _, code = os.waitpid(proc.pid, os.WUNTRACED)
+            if os.WIFSTOPPED(code):
+                now = status()
+                figures.update(peak_rss=now.get("VmHWM"), anon_at_end=now.get("RssAnon"), file_at_end=now.get("RssFile"))
+                figures["peak_anon"] = max(figures["peak_anon"] or 0, now.get("RssAnon", 0))
+                os.kill(proc.pid, signal.SIGCONT)
+                continue
+            proc.returncode = os.waitstatus_to_exitcode(code)
+            return proc.returncode, figures
+    finally:
+        done.set()
+        sampler.join()
 
 
 def run_child(options: dict[str, Any], env: dict[str, str] | None = None) -> Figures:

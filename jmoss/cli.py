@@ -163,8 +163,9 @@ def _load(model: str, device: str, dtype: str | None, device_memory, host_memory
     _set_threads(threads)
 
     def load():
+        # generate, chat and serve read and write text: a store without tokenizer files fails before its weights load
         return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
-                          batch=batch, max_seq_len=ctx_size)
+                          batch=batch, max_seq_len=ctx_size, require_tokenizer=True)
 
     try:
         return load()

@@ -22,11 +22,13 @@ this module (the reader and `jmoss verify`). The names most callers need are imp
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shlex
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -90,6 +92,33 @@ from jmoss.store_write import (  # noqa: F401  (re-exported)
 Group = layout.Group
 
 
+def fast_hash_mapping(mm: mmap.mmap) -> str:
+    """The fast hash of a whole mapped file, computed on the mapped pages (GIL released throughout)."""
+    h = fast_hash()
+    with memoryview(mm) as view:
+        h.update(view)
+    return h.hexdigest()
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime ns, ctime ns): every write to a file changes its ctime, and
+    nothing but the kernel sets ctime, so an unchanged identity means an unwritten file."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _advise(mm: mmap.mmap, advice: int | None) -> None:
+    if advice is not None and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(advice)
+        except OSError:  # advice only: a kernel that refuses it still maps and reads the file
+            pass
+
+
+# Group files mapped and hashed at once by Store.map_groups: xxh3 runs at ~7 GB/s per core, so
+# two threads per core keep every core hashing while others wait on a cold disk.
+MAP_WORKERS = max(2, 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+
+
 def _group_key(group: Group | str) -> Group:
     if isinstance(group, str) and group.isdigit():
         return int(group)
@@ -105,11 +134,14 @@ def expected_files(path: Path, config: MossConfig) -> tuple[set[str], set[str]]:
 
 
 class Store:
-    """An opened, complete jmoss store. Group arrays are read-only views of np.memmap (no copy).
+    """An opened, complete jmoss store. Group arrays are read-only views of the files' mapped
+    pages (``mapping``: no copy; the page cache is the one copy).
 
     Every file is checked against the manifest's fast hash the first time it is read: config,
-    tokenizer and manifest at ``open``, a group file by ``group()`` or, for the engines that read
-    spans themselves, by ``check_group_span`` / ``span_hasher`` on the bytes they read. Then
+    tokenizer and manifest at ``open``, a group file when it is mapped (``group()``,
+    ``map_groups``) or, for the engines that read spans themselves, by ``check_group_span`` /
+    ``span_hasher`` on the bytes they read. What this guarantees, and what not:
+    docs/store-format.md. Then
     ``jmoss.store_check`` checks what the bytes say: the manifest and config at ``open``, each
     group's header when it is first parsed, and the values the kernels depend on (perm, scales,
     zeros) in the bytes the reader hands on, on the group's first read.
@@ -123,6 +155,8 @@ class Store:
         self._data_start: dict[Group, int] = {}
         self._verified: set[str] = set()
         self._lock = threading.Lock()
+        self._maps: dict[Group, tuple[Any, mmap.mmap]] = {}  # group -> (open file, read-only mapping)
+        self._identity: dict[str, tuple[int, ...]] = {}  # mapped file -> its file_identity when checked
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
@@ -221,17 +255,98 @@ class Store:
             raise self._mismatch(name)
         self._check_values(group, hasher.values.arrays(self.group_data_span(group)[1]))
 
-    def check_group_file(self, group: Group) -> None:
-        """Hash a group file once, then check its values (for readers that memory-map it rather
-        than read spans)."""
+    def mapping(self, group: Group) -> mmap.mmap:
+        """The whole group file mapped read-only (``PROT_READ``, ``MAP_SHARED``), checked first.
+
+        The pages are the page cache's own: nothing is copied, a second process (or a second start)
+        maps the same pages, and a write through the mapping is impossible (it would fault). On the
+        first mapping the fast hash is computed over the mapped bytes themselves, header included,
+        so the bytes checked are the bytes the model reads; the file's identity (device, inode,
+        size, mtime, ctime) is taken before and after, and a write in between is a mismatch too.
+        Then ``store_check`` checks the values the kernels depend on. ``MADV_WILLNEED`` first asks
+        the kernel to read the whole file ahead of the hash (a cold cache is read in large requests,
+        not page fault by page fault). The descriptor stays open so ``changed_files`` can tell later
+        whether the mapped file was written since.
+        """
         group = _group_key(group)
+        with self._lock:
+            if group in self._maps:
+                return self._maps[group][1]
+        self.tensor_offsets(group)  # the header parsed and checked before any data is used
         name = layout.group_file(group)
-        record = self.manifest["files"].get(name, {})
-        if name in self._verified or not isinstance(record.get(FAST_HASH), str):
-            return
-        if fast_hash_file(self.group_path(group)) != record[FAST_HASH]:
-            raise self._mismatch(name)
-        self._check_values(group, self._mapped(group, store_check.value_tensors(self.config, group)))
+        record = self.manifest["files"][name]
+        file = open(self.group_path(group), "rb", buffering=0)  # closed with the Store (garbage collected)
+        mm = None
+        try:
+            before = os.fstat(file.fileno())
+            if before.st_size != record["size"]:
+                raise self._mismatch(name)
+            mm = mmap.mmap(file.fileno(), before.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            if name not in self._verified and isinstance(record.get(FAST_HASH), str):
+                _advise(mm, getattr(mmap, "MADV_WILLNEED", None))
+                digest = fast_hash_mapping(mm)
+                if digest != record[FAST_HASH] or file_identity(os.fstat(file.fileno())) != file_identity(before):
+                    raise self._mismatch(name)
+                # copies (perm, scales, zeros, vectors: a few MB): a refused file leaves no view
+                # of its mapping behind, so the mapping closes now
+                values = {k: v.copy() for k, v in
+                          self._arrays(mm, group, store_check.value_tensors(self.config, group)).items()}
+                self._check_values(group, values)
+        except BaseException:
+            if mm is not None:
+                mm.close()
+            file.close()
+            raise
+        with self._lock:
+            if group in self._maps:  # another thread mapped it meanwhile: keep one
+                mm.close()
+                file.close()
+                return self._maps[group][1]
+            self._maps[group] = (file, mm)
+            self._identity[name] = file_identity(before)
+        return mm
+
+    def map_groups(self, groups: Iterable[Group], workers: int | None = None) -> dict[Group, dict[str, np.ndarray]]:
+        """``group(g)`` for each of ``groups``, ``workers`` files mapped and checked at once.
+
+        xxhash releases the GIL, so the hashes run on every core, and on a cold cache several
+        files are read from the disk at once (each asked for whole). The first damaged file
+        stops the rest and is raised. Default workers: ``MAP_WORKERS``.
+        """
+        groups = [_group_key(g) for g in groups]
+        for g in groups:
+            self.tensor_offsets(g)  # headers parsed (and refused) before any data is read
+        pool = ThreadPoolExecutor(max(1, workers or MAP_WORKERS), thread_name_prefix="jmoss-map")
+        try:
+            for future in [pool.submit(self.mapping, g) for g in groups]:
+                future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return {g: self.group(g) for g in groups}
+
+    def changed_files(self) -> list[str]:
+        """Mapped group files written since their bytes were checked (their identity differs).
+
+        Strict: a file replaced by rename is among them too (unlinking the mapped inode changes
+        its ctime), although the mapping keeps the old, checked bytes; `jmoss convert` replaces
+        only files that no longer match, so that happens only to a store already damaged."""
+        with self._lock:
+            mapped = [(layout.group_file(g), file) for g, (file, _) in self._maps.items()]
+        return [name for name, file in mapped if file_identity(os.fstat(file.fileno())) != self._identity[name]]
+
+    def check_unchanged(self) -> None:
+        """Raise StoreError when a mapped group file was written since it was checked (see
+        ``changed_files``): its pages, which the model reads in place, may no longer be the checked bytes."""
+        changed = self.changed_files()
+        if changed:
+            raise StoreError(
+                f"store {self.path}: {', '.join(changed)} changed on disk after jmoss checked and mapped "
+                f"{'it' if len(changed) == 1 else 'them'}, so the weights in use may no longer be the ones the manifest "
+                f"records; nothing more is computed with them. Load the model again (the files are re-checked), "
+                f"or {repair_hint(self.path, self.manifest)}"
+            )
 
     def _check_values(self, group: Group, arrays: Mapping[str, np.ndarray]) -> None:
         name = layout.group_file(group)
@@ -273,17 +388,26 @@ class Store:
         return layout.group_nbytes(self.config, _group_key(group))
 
     def group(self, group: Group) -> dict[str, np.ndarray]:
-        """Read-only arrays of one group (fp16; packed parts uint8/int32), backed by np.memmap.
-
-        The file is hashed and its values checked first (once per Store), so no byte of a
-        tampered file is used.
-        """
+        """Read-only arrays of one group (fp16; packed parts uint8/int32): views of the file's
+        mapped pages (``mapping``), no copy. The file is hashed and its values checked first (once
+        per Store), so no byte of a tampered file is used. The arrays are plain ndarrays (jittor can
+        wrap them as Vars without a copy); they keep the mapping alive."""
         group = _group_key(group)
-        self.check_group_file(group)
-        return self._mapped(group)
+        return self._arrays(self.mapping(group), group)
+
+    def _arrays(self, mm: mmap.mmap, group: Group, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Arrays of a group's tensors (``names``, default all) over its mapping."""
+        offsets = self.tensor_offsets(group)
+        out = {}
+        for name in offsets if names is None else names:
+            offset, shape, dtype = offsets[name]
+            count = int(np.prod(shape, dtype=np.int64))
+            out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return out
 
     def _mapped(self, group: Group, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays of a group's tensors (``names``, default all) over one np.memmap of its span."""
+        """Arrays of a group's tensors over a private np.memmap of its span, unhashed: for `verify`,
+        which has hashed the file with sha256 itself and keeps no mapping open."""
         offsets = self.tensor_offsets(group)
         start, nbytes = self.group_data_span(group)
         data = np.memmap(self.group_path(group), dtype=np.uint8, mode="r", offset=start, shape=(nbytes,))

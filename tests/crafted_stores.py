@@ -65,12 +65,15 @@ def _groups(config: MossConfig, rng: np.random.Generator) -> dict:
     return out
 
 
-def build_bases(root: Path) -> dict[str, Path]:
+def build_bases(root: Path, tokenizer_dir: Path | None = None) -> dict[str, Path]:
+    """One store per format; with ``tokenizer_dir`` they hold its tokenizer files too (what the CLI
+    needs before it loads any weight)."""
     out = {}
     for i, fmt in enumerate(FORMATS):
         config = config_of(fmt)
         source = {"id": f"test/{fmt}", "quantization": {"method": "rtn"}} if layout.packed_bits(config) else {"id": f"test/{fmt}"}
-        out[fmt] = write_store_from_groups(root / fmt, config, _groups(config, np.random.default_rng(i)), source=source)
+        out[fmt] = write_store_from_groups(root / fmt, config, _groups(config, np.random.default_rng(i)),
+                                           tokenizer_dir=tokenizer_dir, source=source)
     return out
 
 

@@ -24,14 +24,17 @@ import numpy as np
 import pytest
 
 import crafted_stores as cs
+from moss_fixtures import moss_tokenizer_dir
 from jmoss import layout, store_check
 from jmoss.errors import StoreError
 from jmoss.store import MANIFEST, Store, verify
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> dict[str, Path]:
-    return cs.build_bases(tmp_path_factory.mktemp("crafted"))
+def bases(tmp_path_factory, shared_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("crafted")
+    # with MOSS's tokenizer files: `jmoss generate` checks them before it loads a weight
+    return cs.build_bases(root, tokenizer_dir=moss_tokenizer_dir(shared_dir, root / "tok"))
 
 
 @pytest.fixture(scope="module")
