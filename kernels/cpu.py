@@ -2,10 +2,11 @@
 
 Jittor's own CPU matmul is single-threaded without oneDNN and moves fp16 weights at 0.2-1 GB/s
 (jittor-notes §5); batch-1 decoding is a stream of GEMVs, so the speed of a CPU token is the speed
-at which the weights are read. The C++ in ``cpu_kernels.h`` reads fp16 (or fp32) weights in their
-stored ``[N, K]`` layout, widens them in registers (F16C/AVX2 or AVX-512) and accumulates in fp32
-on every core, with bias and gelu_new fused into the same pass. No fp32 copy of a weight is ever
-made and nothing is allocated per call except the output Var.
+at which the weights are read. The C++ in ``cpu_kernels/`` (one file per op family, listed in its
+README) reads fp16 (or fp32) weights in their stored ``[N, K]`` layout, widens them in registers
+(F16C/AVX2 or AVX-512) and accumulates in fp32 on every core, with bias and gelu_new fused into the
+same pass. No fp32 copy of a weight is ever made and nothing is allocated per call except the
+output Var.
 
 Public API (what ``jmoss.model`` codes against)::
 
@@ -90,7 +91,12 @@ import numpy as np
 
 from jmoss.errors import DeviceError, JmossError
 
-_HEADER_PATH = Path(__file__).with_name("cpu_kernels.h")
+_HEADER_DIR = Path(__file__).with_name("cpu_kernels")
+# The C++ of the kernels, one file per op family (cpu_kernels/README.md), in the order they are
+# concatenated into the one `cpu_header` text jt.code compiles: each file uses only those before it.
+HEADER_FILES = ("simd.h", "activations.h", "gemv.h", "gemm.h", "gemm_amx.h", "linear.h", "norm_rotary.h",
+                "attention.h", "quant_gemv.h", "quant_gemm.h", "quant_vnni.h", "quant_linear.h", "decode_block.h",
+                "entry.h")
 _ISA_NAMES = {0: "portable", 1: "avx2+f16c", 2: "avx512"}
 _ACTIVATIONS = {None: 0, "gelu_new": 1}
 ISAS = ("native", "avx2", "portable")
@@ -222,7 +228,8 @@ def _jittor() -> ModuleType:
 def _header(isa: str) -> str:
     global _header_text
     if _header_text is None:
-        _header_text = _HEADER_PATH.read_text()
+        # One text, not #includes: jittor's cache key is the header text, so it follows every file.
+        _header_text = "".join(f"// ---- cpu_kernels/{name}\n" + (_HEADER_DIR / name).read_text() for name in HEADER_FILES)
     # The define changes the header text, hence jittor's cache key: each path is its own kernel.
     prefix = {"portable": "#define JMOSS_FORCE_PORTABLE 1\n", "avx2": "#define JMOSS_FORCE_AVX2 1\n"}.get(isa, "")
     return prefix + _header_text
