@@ -139,21 +139,16 @@ static void attention(const float* q, const float* keys, const float* values, co
     const i64 Dm = H * Dh;
     const float inv_root = 1.0f / std::sqrt((float)Dh);
     const i64 jobs = B * H * T;
-#pragma omp parallel num_threads(threads) if (jobs * S * Dh >= 65536)
-    {
-        float local[4096];
-        float* sc = S <= 4096 ? local : new float[S];
-#pragma omp for schedule(dynamic, 1)
-        for (i64 job = 0; job < jobs; job++) {
-            const i64 bb = job / (H * T), h = (job / T) % H, t = job % T;
-            const float* qr = q + (bb * T + t) * Dm + h * Dh;
-            const float* kb = keys + (bb * H + h) * L * Dh;
-            const float* vb = values + (bb * H + h) * L * Dh;
-            attention_scores(qr, kb, bias + (bb * T + t) * S, sc, S, Dh, inv_root);
-            const float inv = 1.0f / softmax_numerators(sc, S);
-            attention_values(sc, inv, vb, ctx + (bb * T + t) * Dm + h * Dh, S, Dh);
-        }
-        if (sc != local) delete[] sc;
-    }
+    jmoss_pool::parallel_for(jobs * S * Dh >= 65536 ? threads : 1, jobs, [&](i64 job) {
+        static thread_local std::vector<float> scratch;
+        float* sc = aligned64(scratch, S);
+        const i64 bb = job / (H * T), h = (job / T) % H, t = job % T;
+        const float* qr = q + (bb * T + t) * Dm + h * Dh;
+        const float* kb = keys + (bb * H + h) * L * Dh;
+        const float* vb = values + (bb * H + h) * L * Dh;
+        attention_scores(qr, kb, bias + (bb * T + t) * S, sc, S, Dh, inv_root);
+        const float inv = 1.0f / softmax_numerators(sc, S);
+        attention_values(sc, inv, vb, ctx + (bb * T + t) * Dm + h * Dh, S, Dh);
+    });
 }
 }  // namespace jmoss_k

@@ -7,15 +7,14 @@ static const float jmoss_k_one[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 
 static inline const uint16_t* jmoss_raw(const jittor::float16* p) { return reinterpret_cast<const uint16_t*>(p); }
 static inline const float* jmoss_raw(const float* p) { return p; }
 
-// Memory-bandwidth probe: every thread sums its contiguous share of a buffer with the same wide
-// loads the GEMV uses. This is the roof the GEMV is judged against (same threads, same compiler,
-// same access pattern, no arithmetic to speak of).
+// Memory-bandwidth probe: the pool's threads sum 256 KiB chunks of a buffer, claimed as the GEMV
+// claims its 32-row chunks, with the same wide loads. This is the roof the GEMV is judged against
+// (same threads, same compiler, same access pattern, no arithmetic to speak of).
 static inline float jmoss_read_probe(const float* p, int64_t n, int threads) {
-    float total = 0.f;
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t b = n * t / nt, e = n * (t + 1) / nt;
+    const int64_t CHUNK = 65536, nchunks = (n + CHUNK - 1) / CHUNK;
+    std::vector<float> part(nchunks, 0.f);
+    jmoss_pool::parallel_for(threads, nchunks, [&](int64_t c) {
+        const int64_t b = c * CHUNK, e = std::min(n, b + CHUNK);
         int64_t i = b;
         float s = 0.f;
 #if JMOSS_ISA >= 1
@@ -30,8 +29,10 @@ static inline float jmoss_read_probe(const float* p, int64_t n, int threads) {
         s = vsum(a0) + vsum(a1) + vsum(a2) + vsum(a3);
 #endif
         for (; i < e; i++) s += p[i];
-        total += s;
-    }
+        part[c] = s;
+    });
+    float total = 0.f;
+    for (float s : part) total += s;
     return total;
 }
 
@@ -44,16 +45,8 @@ static inline int jmoss_amx_ready() {
 #endif
 }
 
-// How many OpenMP threads a parallel region asked for `threads` really gets (tests, info()).
-static inline int jmoss_threads_used(int threads) {
-    int used = 0;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp atomic
-        used += 1;
-    }
-    return used;
-}
+// How many pool threads a job asked for `threads` really runs on at once (tests, info()).
+static inline int jmoss_threads_used(int threads) { return jmoss_pool::threads_used(threads); }
 
 static inline const uint8_t* jmoss_u8(const uint8_t* p) { return p; }
 static inline const uint8_t* jmoss_u8(const int8_t* p) { return reinterpret_cast<const uint8_t*>(p); }

@@ -114,40 +114,34 @@ template <class MakePanel, class BT>
 static void gemm_panels(const float* x, const int32_t* perm, const BT* bias, float* y, i64 M, i64 K, i64 N,
                         int threads, int act, const MakePanel& make_panel) {
     const i64 npanels = (N + GEMM_PR - 1) / GEMM_PR;
-    if (threads < 1) threads = 1;
-    if (threads > npanels) threads = (int)std::max<i64>(1, npanels);
     const i64 slab_blocks = std::max<i64>(1, GEMM_XT_BYTES / (4 * GEMM_MB * std::max<i64>(K, 1)));
     const i64 slab = slab_blocks * GEMM_MB;
     static thread_local std::vector<float> xt_buf;
     const i64 xt_elems = std::min<i64>(slab, (M + GEMM_MB - 1) / GEMM_MB * GEMM_MB) * K;
     float* xt = aligned64(xt_buf, xt_elems);  // its 64-byte loads stay within one line each
+    const i64 KC = 256, kchunks = (K + KC - 1) / KC;
     for (i64 s0 = 0; s0 < M; s0 += slab) {
         const i64 srows = std::min(slab, M - s0), nblocks = (srows + GEMM_MB - 1) / GEMM_MB;
-#pragma omp parallel num_threads(threads)
-        {
+        // x^T first (a job of its own: every panel reads all of it), then one panel per chunk.
+        jmoss_pool::parallel_for(threads, nblocks * kchunks, [&](i64 c) {
+            const i64 b = c / kchunks, kc = c % kchunks;
+            pack_xt_block(x, perm, K, s0 + b * GEMM_MB, std::min<i64>(GEMM_MB, srows - b * GEMM_MB), kc * KC,
+                          std::min(K, kc * KC + KC), xt + b * GEMM_MB * K);
+        });
+        jmoss_pool::parallel_for(threads, npanels, [&](i64 p) {
             static thread_local std::vector<float> panel_buf;
             float* panel = aligned64(panel_buf, GEMM_PR * K);
-            const i64 KC = 256, kchunks = (K + KC - 1) / KC;
-#pragma omp for schedule(static) collapse(2)
-            for (i64 b = 0; b < nblocks; b++)
-                for (i64 kc = 0; kc < kchunks; kc++)
-                    pack_xt_block(x, perm, K, s0 + b * GEMM_MB, std::min<i64>(GEMM_MB, srows - b * GEMM_MB), kc * KC,
-                                  std::min(K, kc * KC + KC), xt + b * GEMM_MB * K);
-            // implicit barrier: x^T is packed before any panel reads it
-#pragma omp for schedule(dynamic, 1)
-            for (i64 p = 0; p < npanels; p++) {
-                const i64 n0 = p * GEMM_PR;
-                const int pr = (int)std::min<i64>(GEMM_PR, N - n0);
-                make_panel(n0, pr, panel);
-                for (i64 b = 0; b < nblocks; b++) {
-                    const i64 m0 = b * GEMM_MB, mrows = std::min<i64>(GEMM_MB, srows - m0);
-                    if (mrows > VW)
-                        gemm_tile_rows<2>(pr, panel, xt + b * GEMM_MB * K, K, bias, act, y + s0 * N, N, m0, mrows, n0);
-                    else
-                        gemm_tile_rows<1>(pr, panel, xt + b * GEMM_MB * K, K, bias, act, y + s0 * N, N, m0, mrows, n0);
-                }
+            const i64 n0 = p * GEMM_PR;
+            const int pr = (int)std::min<i64>(GEMM_PR, N - n0);
+            make_panel(n0, pr, panel);
+            for (i64 b = 0; b < nblocks; b++) {
+                const i64 m0 = b * GEMM_MB, mrows = std::min<i64>(GEMM_MB, srows - m0);
+                if (mrows > VW)
+                    gemm_tile_rows<2>(pr, panel, xt + b * GEMM_MB * K, K, bias, act, y + s0 * N, N, m0, mrows, n0);
+                else
+                    gemm_tile_rows<1>(pr, panel, xt + b * GEMM_MB * K, K, bias, act, y + s0 * N, N, m0, mrows, n0);
             }
-        }
+        });
     }
 }
 

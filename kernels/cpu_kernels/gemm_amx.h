@@ -235,7 +235,7 @@ static inline void amx_pair(const uint16_t* wh, const uint16_t* wl, const uint16
 
 // Panels of PR = 16 or 32 W rows (amx_panel / amx_pair) are handed out 8 at a time, so a thread
 // knows its next panel and can prepare it during the current one (a shared machine still
-// rebalances between chunks).
+// rebalances between chunks of 8).
 template <int PR, class WT, class BT>
 static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i64 M, i64 K, i64 N, int threads,
                        int act) {
@@ -246,15 +246,13 @@ static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i6
     static thread_local std::vector<uint16_t> xpack;
     uint16_t* xh = aligned64(xpack, 2 * MBn * 16 * Kp);
     uint16_t* xl = xh + MBn * 16 * Kp;
-    if (threads > NBn) threads = (int)std::max<i64>(1, NBn);
-#pragma omp parallel num_threads(threads)
-    {
+    // x split and packed first, one 16-row m-block per chunk (every panel reads all of it).
+    jmoss_pool::parallel_for(threads, MBn, [&](i64 mb) {
         static thread_local std::vector<uint16_t> scratch;
         uint16_t* rh = aligned64(scratch, 4 * Kp);
         uint16_t* rl = rh + 2 * Kp;
-#pragma omp for schedule(static)
-        for (i64 m = 0; m < MBn * 16; m++) {
-            const i64 mb = m / 16, mm = m % 16;
+        for (i64 m = mb * 16; m < mb * 16 + 16; m++) {
+            const i64 mm = m % 16;
             if (m < M) {
                 split_row(x + m * K, K, Kp, rh, rl);
             } else {
@@ -269,8 +267,11 @@ static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i6
                 dh[r * 16] = sh[r];
                 dl[r * 16] = sl[r];
             }
-        }  // implicit barrier: x is packed before any panel reads it
-
+        }
+    });
+    // Then AMX_PANELS panels per chunk: the tile state is configured and released per chunk, so
+    // whichever pool thread claims it may run it.
+    jmoss_pool::parallel_for(threads, (NBn + AMX_PANELS - 1) / AMX_PANELS, [&](i64 chunk) {
         amx_config cfg;
         std::memset(&cfg, 0, sizeof(cfg));
         cfg.palette = 1;
@@ -295,8 +296,7 @@ static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i6
         alignas(64) float cbuf[4 * 256];
         const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                   _mm512_set1_epi32(16));
-#pragma omp for schedule(dynamic, AMX_PANELS)
-        for (i64 nb = 0; nb < NBn; nb++) {
+        for (i64 nb = chunk * AMX_PANELS; nb < std::min<i64>(NBn, (chunk + 1) * AMX_PANELS); nb++) {
             const i64 n0 = nb * PR, nn = std::min<i64>(PR, N - n0);
             uint16_t* wh = panel[cur];
             uint16_t* wl = wh + half_elems;
@@ -363,7 +363,7 @@ static void linear_amx(const float* x, const WT* w, const BT* bias, float* y, i6
             }
         }
         _tile_release();
-    }
+    });
 }
 #endif
 }  // namespace jmoss_k

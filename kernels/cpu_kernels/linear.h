@@ -1,9 +1,9 @@
 // The fp16 / fp32 weight linear layer: picks AMX, the blocked GEMM or the GEMV tiles by M.
 namespace jmoss_k {
 
-// Output columns (rows of W) are handed out in chunks of CHUNK rows from a shared counter
-// (OpenMP dynamic schedule): each chunk is a long sequential run of weights, and on a shared
-// machine a thread that loses its core does not hold the whole op back as a static split would.
+// Output columns (rows of W) are handed out in chunks of CHUNK rows from the pool's shared counter:
+// each chunk is a long sequential run of weights, and on a shared machine a thread that loses its
+// core holds back only the chunk it is on, not the whole op as a static split would.
 // Bias and activation are applied per chunk right after it is computed, while it is in cache.
 template <class WT, class BT>
 static void linear(const float* x, const WT* w, const BT* bias, float* y, i64 M, i64 K, i64 N, int threads,
@@ -33,12 +33,10 @@ static void linear(const float* x, const WT* w, const BT* bias, float* y, i64 M,
 #endif
     const i64 CHUNK = 32;
     const i64 nchunks = (N + CHUNK - 1) / CHUNK;
-    if (threads < 1) threads = 1;
-    if (threads > nchunks) threads = (int)std::max<i64>(1, nchunks);
     // M-blocking keeps the slab of x that sweeps past each W tile inside L2 (~512 KiB of x).
     const i64 MB = std::max<i64>(4, std::min<i64>(M, (512 * 1024 / 4) / std::max<i64>(K, 1) / 4 * 4));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (i64 c = 0; c < nchunks; c++) {
+    threads = jmoss_pool::threads_for_bytes(threads, N * K * (i64)sizeof(WT) * M);
+    jmoss_pool::parallel_for(threads, nchunks, [&](i64 c) {
         const i64 n_begin = c * CHUNK, n_end = std::min(N, n_begin + CHUNK);
         for (i64 mb = 0; mb < M; mb += MB) {
             const i64 me = std::min(M, mb + MB);
@@ -61,7 +59,7 @@ static void linear(const float* x, const WT* w, const BT* bias, float* y, i64 M,
                 }
             }
         }
-    }
+    });
 }
 
 }  // namespace jmoss_k

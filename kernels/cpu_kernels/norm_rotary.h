@@ -9,8 +9,7 @@ namespace jmoss_k {
 // mean of squared deviations). Decode is one row of 1024: not worth waking a second thread.
 template <class PT>
 static void layer_norm(const float* x, const PT* w, const PT* b, float* y, i64 M, i64 D, float eps, int threads) {
-#pragma omp parallel for num_threads(threads) if (M >= 8)
-    for (i64 m = 0; m < M; m++) {
+    jmoss_pool::parallel_for(M >= 8 ? threads : 1, M, [&](i64 m) {
         const float* xr = x + m * D;
         float* yr = y + m * D;
         float sum = 0.f;
@@ -22,7 +21,7 @@ static void layer_norm(const float* x, const PT* w, const PT* b, float* y, i64 M
         for (i64 i = 0; i < D; i++) sq += (xr[i] - mean) * (xr[i] - mean);
         const float inv = 1.0f / std::sqrt(sq / (float)D + eps);
         for (i64 i = 0; i < D; i++) yr[i] = (xr[i] - mean) * inv * scalar_load(w + i) + scalar_load(b + i);
-    }
+    });
 }
 
 // Split the fused qkv rows [B*T, 3*H*Dh] ([q heads | k heads | v heads]), rotate the first R dims

@@ -56,45 +56,40 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
     const float* xs = xsum.data();
     const i64 CHUNK = 32;
     const i64 nchunks = (N + CHUNK - 1) / CHUNK;
-    if (threads < 1) threads = 1;
-    if (threads > nchunks) threads = (int)std::max<i64>(1, nchunks);
     const i64 MB = std::max<i64>(4, std::min<i64>(M, (512 * 1024 / 4) / std::max<i64>(K, 1) / 4 * 4));
-#pragma omp parallel num_threads(threads)
-    {
-        std::vector<float> wbuf(panel ? 4 * K : 0);
-#pragma omp for schedule(dynamic, 1)
-        for (i64 c = 0; c < nchunks; c++) {
-            const i64 n_begin = c * CHUNK, n_end = std::min(N, n_begin + CHUNK);
-            for (i64 n0 = n_begin; n0 < n_end; n0 += 4) {
-                const int nr = (int)std::min<i64>(4, n_end - n0);
-                if (!panel) {
-                    switch (nr) {
-                        case 4: qgemv_rows<BITS, 4>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
-                        case 3: qgemv_rows<BITS, 3>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
-                        case 2: qgemv_rows<BITS, 2>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
-                        default: qgemv_rows<BITS, 1>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
-                    }
-                    continue;
+    threads = jmoss_pool::threads_for_bytes(threads, N * ldq * M);
+    jmoss_pool::parallel_for(threads, nchunks, [&](i64 c) {
+        const i64 n_begin = c * CHUNK, n_end = std::min(N, n_begin + CHUNK);
+        for (i64 n0 = n_begin; n0 < n_end; n0 += 4) {
+            const int nr = (int)std::min<i64>(4, n_end - n0);
+            if (!panel) {
+                switch (nr) {
+                    case 4: qgemv_rows<BITS, 4>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
+                    case 3: qgemv_rows<BITS, 3>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
+                    case 2: qgemv_rows<BITS, 2>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
+                    default: qgemv_rows<BITS, 1>(xp, xs, q, ldq, s, z, y, M, n0, G, K, N, GS); break;
                 }
-                float* w = wbuf.data();
-                dequant_panel<BITS>{q, s, z, K, ldq, GS, G}(n0, nr, w);
-                // y + n0 as the output base: the tile writes column n0 + jj of row m.
-                for (i64 mb = 0; mb < M; mb += MB) {
-                    const i64 me = std::min(M, mb + MB);
-                    i64 m0 = mb;
-                    for (; m0 + 4 <= me; m0 += 4) jmoss_k::tile_nr<4>(xp, (const float*)w, y + n0, m0, 0, nr, K, N);
-                    if (m0 < me) jmoss_k::tile_any(xp, (const float*)w, y + n0, m0, (int)(me - m0), 0, nr, K, N);
-                }
+                continue;
             }
-            if (bias || act) {
-                for (i64 m = 0; m < M; m++) {
-                    float* row = y + m * N;
-                    if (bias)
-                        for (i64 n = n_begin; n < n_end; n++) row[n] += jmoss_k::scalar_load(bias + n);
-                    if (act == 1) jmoss_k::gelu_row(row + n_begin, n_end - n_begin);
-                }
+            static thread_local std::vector<float> wbuf;
+            float* w = jmoss_k::aligned64(wbuf, 4 * K);
+            dequant_panel<BITS>{q, s, z, K, ldq, GS, G}(n0, nr, w);
+            // y + n0 as the output base: the tile writes column n0 + jj of row m.
+            for (i64 mb = 0; mb < M; mb += MB) {
+                const i64 me = std::min(M, mb + MB);
+                i64 m0 = mb;
+                for (; m0 + 4 <= me; m0 += 4) jmoss_k::tile_nr<4>(xp, (const float*)w, y + n0, m0, 0, nr, K, N);
+                if (m0 < me) jmoss_k::tile_any(xp, (const float*)w, y + n0, m0, (int)(me - m0), 0, nr, K, N);
             }
         }
-    }
+        if (bias || act) {
+            for (i64 m = 0; m < M; m++) {
+                float* row = y + m * N;
+                if (bias)
+                    for (i64 n = n_begin; n < n_end; n++) row[n] += jmoss_k::scalar_load(bias + n);
+                if (act == 1) jmoss_k::gelu_row(row + n_begin, n_end - n_begin);
+            }
+        }
+    });
 }
 }  // namespace jmoss_q

@@ -260,8 +260,6 @@ static void linear_vnni(const float* x, const int32_t* perm, const Maker& make, 
                         i64 K, i64 N, i64 GS, int threads, int act) {
     const i64 G = (K + GS - 1) / GS, Kp = (K + 3) / 4 * 4;
     const i64 npanels = (N + VNNI_PR - 1) / VNNI_PR;
-    if (threads < 1) threads = 1;
-    if (threads > npanels) threads = (int)std::max<i64>(1, npanels);
     const i64 block_bytes = VNNI_MB * (Kp + 4 * G + 4);
     const i64 slab_blocks = std::max<i64>(1, (768 * 1024) / block_bytes);
     const i64 nblocks_all = (M + VNNI_MB - 1) / VNNI_MB, sb = std::min(slab_blocks, nblocks_all);
@@ -272,45 +270,43 @@ static void linear_vnni(const float* x, const int32_t* perm, const Maker& make, 
     // between 96 and 125 ms.
     uint8_t* xq = jmoss_k::aligned64(xq_buf, sb * VNNI_MB * Kp);
     float* xs = jmoss_k::aligned64(xs_buf, sb * VNNI_MB * (G + 1));
+    const i64 QROWS = 4;  // x rows quantized per chunk
     for (i64 s0 = 0; s0 < M; s0 += sb * VNNI_MB) {
         const i64 srows = std::min(sb * VNNI_MB, M - s0), nblocks = (srows + VNNI_MB - 1) / VNNI_MB;
-#pragma omp parallel num_threads(threads)
-        {
+        // The slab of x quantized first (a job of its own: every panel reads all of it).
+        jmoss_pool::parallel_for(threads, nblocks * VNNI_MB / QROWS, [&](i64 c) {
+            static thread_local std::vector<float> xp;
+            float* xpa = jmoss_k::aligned64(xp, Kp + 16);
+            for (i64 m = c * QROWS; m < (c + 1) * QROWS; m++) {
+                const i64 b = m / VNNI_MB;
+                float* xb = xs + b * VNNI_MB * (G + 1);
+                vnni_quantize_row(x + (s0 + m) * K, perm, K, Kp, GS, G, (int)(m % VNNI_MB), m < srows,
+                                  xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, xpa);
+            }
+        });
+        jmoss_pool::parallel_for(threads, npanels, [&](i64 pi) {
             static thread_local vnni_panel p;
             if ((i64)p.w.size() < VNNI_PR * Kp) p.w.resize(VNNI_PR * Kp);
             if ((i64)p.a.size() < VNNI_PR * G) {
                 p.a.resize(VNNI_PR * G);
                 p.b.resize(VNNI_PR * G);
                 p.e.resize(VNNI_PR * G);
-                p.gsum.resize(G);
             }
-            static thread_local std::vector<float> xp;
-            float* xpa = jmoss_k::aligned64(xp, Kp + 16);
-#pragma omp for schedule(dynamic, 4)
-            for (i64 m = 0; m < nblocks * VNNI_MB; m++) {
-                const i64 b = m / VNNI_MB;
-                float* xb = xs + b * VNNI_MB * (G + 1);
-                vnni_quantize_row(x + (s0 + m) * K, perm, K, Kp, GS, G, (int)(m % VNNI_MB), m < srows,
-                                  xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, xpa);
+            if ((i64)p.gsum.size() < G) p.gsum.resize(G);
+            const i64 n0 = pi * VNNI_PR;
+            const int pr = (int)std::min<i64>(VNNI_PR, N - n0);
+            make(n0, pr, K, Kp, GS, G, p);
+            for (i64 b = 0; b < nblocks; b++) {
+                const i64 m0 = b * VNNI_MB, mrows = std::min<i64>(VNNI_MB, srows - m0);
+                const float* xb = xs + b * VNNI_MB * (G + 1);
+                if (mrows > 16)
+                    vnni_tile_rows<2>(pr, p, Kp, G, GS, xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, bias, act,
+                                      y + s0 * N, N, m0, mrows, n0);
+                else
+                    vnni_tile_rows<1>(pr, p, Kp, G, GS, xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, bias, act,
+                                      y + s0 * N, N, m0, mrows, n0);
             }
-            // implicit barrier: the slab is quantized before any panel reads it
-#pragma omp for schedule(dynamic, 1)
-            for (i64 pi = 0; pi < npanels; pi++) {
-                const i64 n0 = pi * VNNI_PR;
-                const int pr = (int)std::min<i64>(VNNI_PR, N - n0);
-                make(n0, pr, K, Kp, GS, G, p);
-                for (i64 b = 0; b < nblocks; b++) {
-                    const i64 m0 = b * VNNI_MB, mrows = std::min<i64>(VNNI_MB, srows - m0);
-                    const float* xb = xs + b * VNNI_MB * (G + 1);
-                    if (mrows > 16)
-                        vnni_tile_rows<2>(pr, p, Kp, G, GS, xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, bias, act,
-                                          y + s0 * N, N, m0, mrows, n0);
-                    else
-                        vnni_tile_rows<1>(pr, p, Kp, G, GS, xq + b * VNNI_MB * Kp, xb + VNNI_MB, xb, bias, act,
-                                          y + s0 * N, N, m0, mrows, n0);
-                }
-            }
-        }
+        });
     }
 }
 template <int BITS, class BT>

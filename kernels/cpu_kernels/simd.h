@@ -8,7 +8,8 @@
 // line of the text, so the conditional include comes first and the list ends with unconditional
 // ones, and no later file may add one.
 //
-// Jittor compiles the text with `-march=native -fopenmp -Ofast`, so the ISA path is chosen at
+// Jittor compiles the text with `-march=native -fopenmp -Ofast` (the kernels use no OpenMP:
+// every parallel loop runs on pool.h's threads), so the ISA path is chosen at
 // compile time from the predefined macros:
 //
 //   avx512   __AVX512F__ (16 lanes; the K % 16 tail is scalar on every path)
@@ -31,17 +32,24 @@
 #if !defined(JMOSS_FORCE_PORTABLE) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)))
 #include <immintrin.h>
 #endif
-#if !defined(JMOSS_FORCE_PORTABLE) && defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
-#include <sys/syscall.h>
+#if defined(__linux__)
+#include <linux/futex.h>  // the thread pool's waits (pool.h)
+#include <pthread.h>      // pthread_atfork: a forked child starts its own pool threads
+#include <sys/syscall.h>  // futex, and AMX's arch_prctl
 #include <unistd.h>
 #endif
+#include <new>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 #include <cmath>
 #include <algorithm>
 #include <type_traits>
-#include <omp.h>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <mutex>
+#include <thread>
 #include "type/fp16_compute.h"  // jittor::float16, the element type jittor hands us for fp16 Vars
 
 #if defined(JMOSS_FORCE_PORTABLE)
