@@ -48,7 +48,11 @@ def _with_options(options: list):
     return decorate
 
 
-# --device/--dtype/--device-memory/--host-memory, shared by every command that runs a model.
+THREADS = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="CPU threads the kernels run on (default: $JMOSS_THREADS, else every CPU this process may run on)")
+
+# --device/--dtype/--device-memory/--host-memory/--threads, shared by every command that runs a model.
 model_options = _with_options([
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                  help="where to compute; auto = CUDA only when a usable GPU and toolkit exist"),
@@ -59,14 +63,16 @@ model_options = _with_options([
                       "layers beyond it are streamed per token (default: everything resident if it fits)"),
     click.option("--host-memory", type=SIZE, default=None,
                  help="host RAM for weights streamed to a GPU, e.g. 24GiB; the rest is read from disk"),
+    THREADS,
 ])
 
 
-def _load(model: str, device: str, dtype: str | None, device_memory, host_memory, batch: int = 1):
+def _load(model: str, device: str, dtype: str | None, device_memory, host_memory, threads: int | None = None,
+          batch: int = 1):
     import jmoss
 
     return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
-                      batch=batch)
+                      batch=batch, threads=threads)
 
 
 sampling_options = _with_options([
@@ -98,13 +104,13 @@ def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_pe
 @model_options
 @sampling_options
 @click.option("--stop", multiple=True, help="stop sequence (repeatable); the model's <eom> always stops")
-def generate(model, prompt, device, dtype, device_memory, host_memory, stop, **sampling):
+def generate(model, prompt, device, dtype, device_memory, host_memory, threads, stop, **sampling):
     """Print only the text MODEL generates after PROMPT, streamed.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`
     (e.g. fnlp/moss-moon-003-sft).
     """
-    m = _load(model, device, dtype, device_memory, host_memory)
+    m = _load(model, device, dtype, device_memory, host_memory, threads)
     for delta in m.stream(prompt, stop=list(stop), **_gen_kwargs(**sampling)):
         click.echo(delta, nl=False)
     click.echo()
@@ -119,7 +125,8 @@ def generate(model, prompt, device, dtype, device_memory, host_memory, stop, **s
               help="folder of .txt/.md documents the offline search plugin answers from")
 @click.option("--show-thoughts", is_flag=True, help="show Inner Thoughts, Commands and Results as they happen")
 @click.option("--quiet", "-q", is_flag=True, help="no loading/prompt status line and no tok/s line after replies")
-def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs, show_thoughts, quiet, **sampling):
+def chat(model, device, dtype, device_memory, host_memory, threads, plugins, search_docs, show_thoughts, quiet,
+         **sampling):
     """Talk with MODEL; `clear` starts over, `stop` quits, Ctrl-C interrupts a reply.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`
@@ -130,7 +137,7 @@ def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs,
 
     status = Status(quiet=quiet)
     with status.ticking("loading model"):
-        m = _load(model, device, dtype, device_memory, host_memory)
+        m = _load(model, device, dtype, device_memory, host_memory, threads)
     names, options = _plugin_args(plugins, search_docs)
     run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling), status=status)
 
@@ -209,6 +216,10 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
                           max_seq_len=max_seq_len, batch=max_batch)
     click.echo(plan.describe(link_gbps=link_gbps))
+    if device == "cpu":
+        from jmoss.kernels.cpu import describe_plan
+
+        click.echo(describe_plan(batch=max_batch))
 
 
 def _config_for(model: str):
@@ -233,7 +244,8 @@ def _config_for(model: str):
               help="keep the checkpoint and store here instead of a temporary folder")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device-memory", type=SIZE, default=None, help="budget (default: a little above the plan's minimum)")
-def demo(workdir, max_new_tokens, device_memory):
+@THREADS
+def demo(workdir, max_new_tokens, device_memory, threads):
     """Run the whole pipeline offline on a small random-weight MOSS-architecture model.
 
     Builds a checkpoint, converts it with the real converter, loads it under a memory budget
@@ -243,7 +255,7 @@ def demo(workdir, max_new_tokens, device_memory):
     from jmoss.demo import run_demo
 
     run_demo(workdir, max_new_tokens=max_new_tokens, budget=device_memory, echo=click.echo,
-             write=lambda s: click.echo(s, nl=False))
+             write=lambda s: click.echo(s, nl=False), threads=threads)
 
 
 @main.command()
@@ -300,8 +312,8 @@ def doctor(fix_cuda, undo_cuda_fix):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")
-def serve(model, device, dtype, device_memory, host_memory, host, port, model_name, plugins, search_docs, no_web,
-          max_batch, **limits):
+def serve(model, device, dtype, device_memory, host_memory, threads, host, port, model_name, plugins, search_docs,
+          no_web, max_batch, **limits):
     """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`.
@@ -309,7 +321,7 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
     """
     from jmoss.server import serve as run
 
-    m = _load(model, device, dtype, device_memory, host_memory, batch=max_batch)
+    m = _load(model, device, dtype, device_memory, host_memory, threads, batch=max_batch)
     names, options = _plugin_args(plugins, search_docs)
     log_level = limits.pop("log_level")
     page = "" if no_web else "chat page at /, "
@@ -332,7 +344,12 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="--compare ctranslate2 only: interleaved rounds, the median reported (default 3; more on a "
                    "noisy machine)")
-def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds):
+@click.option("--competitors", is_flag=True,
+              help="--compare ctranslate2 only: run every configuration again beside one CPU-bound process per CPU "
+                   "(a busy desktop), in the same rounds, and compare both ways")
+@THREADS
+def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds, competitors,
+          threads):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
 
@@ -354,16 +371,21 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
             raise click.UsageError("--compare ctranslate2 runs on its own (six or nine configurations); leave out the others")
         check_options(device, device_memory)
         click.echo(compare_ctranslate2(model, prompt_tokens=prompt_tokens, decode_tokens=max(decode_tokens, 2),
-                                       rounds=rounds or 3, log=lambda line: click.echo(line, err=True)))
+                                       rounds=rounds or 3, threads=threads, competitors=competitors,
+                                       log=lambda line: click.echo(line, err=True)))
         return
     if rounds is not None:
         raise click.UsageError("--rounds applies to --compare ctranslate2 (the other runs are measured once)")
+    if competitors:
+        raise click.UsageError("--competitors applies to --compare ctranslate2 (benchmarks/bench_threads.py measures "
+                               "jmoss alone quiet and loaded)")
 
     missing = [c for c in compare if c not in COMPARISONS]
     if missing:
         raise click.UsageError(f"--compare {missing[0]} is not available in this jmoss yet")
     bound, rows = run_bench(model, device=device, device_memory=device_memory, host_memory=host_memory,
-                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare))
+                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare),
+                            threads=threads)
     click.echo(format_table(bound, rows))
 
 
