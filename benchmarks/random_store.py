@@ -12,7 +12,8 @@ GPTQ MOSS int4), zeros at the middle code and scales near ``std / code std`` wit
 so the weights have roughly the fp16 mode's spread and activations stay finite. lm_head is packed at
 ``wbits`` and wte at int8, as `jmoss convert --quantize` writes them.
 
-    python benchmarks/random_store.py OUT --config CONFIG_JSON [--wbits 4|8] [--seed 0]
+    python benchmarks/random_store.py OUT --config CONFIG_JSON [--wbits 4|8] [--seed 0] [--set n_layer=4]
+        [--tokenizer DIR]
 
 writes ``OUT.partial`` and renames it to ``OUT`` only when the store is complete.
 """
@@ -81,9 +82,11 @@ def _write_packed_part(writer: GroupWriter, name: str, shape: tuple[int, ...], b
         writer.write_rows(name, start, block)
 
 
-def write_random_store(out: Path, config: MossConfig, seed: int = 0, std: float = 0.02) -> Path:
+def write_random_store(out: Path, config: MossConfig, seed: int = 0, std: float = 0.02,
+                       tokenizer_dir: Path | None = None) -> Path:
     """A complete store at ``out`` with random weights (LayerNorm weights 1, biases 0); packed
-    (format 2) when ``config.wbits`` is 4 or 8, else fp16."""
+    (format 2) when ``config.wbits`` is 4 or 8, else fp16; with the tokenizer files of
+    ``tokenizer_dir`` when given (text in, text out)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -112,7 +115,7 @@ def write_random_store(out: Path, config: MossConfig, seed: int = 0, std: float 
     source = {"id": "random", "seed": seed}
     if layout.packed_bits(config):
         source["quantization"] = {"method": "random", "bits": [config.wbits], "group_size": config.groupsize}
-    return finalize_store(out, config, records, source=source)
+    return finalize_store(out, config, records, source=source, tokenizer_dir=tokenizer_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="packed int4/int8 layers, or 32 for fp16 (default: the config's)")
     parser.add_argument("--groupsize", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a folder whose tokenizer files the store gets")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                        help="override a config field, e.g. --set n_layer=4 (repeatable)")
     args = parser.parse_args(argv)
     config = MossConfig.from_json_file(args.config)
+    overrides = {field: int(value) for field, _, value in (item.partition("=") for item in args.set)}
+    config = replace(config, **overrides)  # all at once: the fields are checked together
     if args.wbits is not None:
         config = replace(config, wbits=args.wbits, head_wbits=None, embed_wbits=None)
     if args.groupsize is not None:
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    write_random_store(partial, config, seed=args.seed)
+    write_random_store(partial, config, seed=args.seed, tokenizer_dir=args.tokenizer)
     os.replace(partial, out)
     print(f"wrote {out}: {layout.describe_store(layout.resolved(config))}")
     return 0
