@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.10",
     packages=["jmoss", "jmoss.engine", "jmoss.plugins", "jmoss.server", "jmoss.web", "jmoss.converters", "jmoss.kernels"],
     package_dir={"jmoss": "jmoss", "jmoss.converters": "converters", "jmoss.kernels": "kernels"},
-    package_data={"jmoss.kernels": ["*.h", "*.cc"], "jmoss": ["data/*"], "jmoss.web": ["*.html", "*.css", "*.js"]},
+    package_data={"jmoss.kernels": ["*.h", "*.cc", "cpu_kernels/*.h", "cpu_kernels/*.md"], "jmoss": ["data/*"], "jmoss.web": ["*.html", "*.css", "*.js"]},
     install_requires=[
         "jittor==1.3.11.0",
         "numpy>=1.24",

@@ -21,7 +21,7 @@ import numpy as np
 from jmoss import layout
 from jmoss.config import MossConfig
 from jmoss.engine.factory import build_weights
-from jmoss.engine.ops import default_weight_dtype, pick_ops
+from jmoss.engine.ops import check_threads, default_weight_dtype, pick_ops
 from jmoss.engine.resident import ResidentWeights
 from jmoss.engine.swap import JittorSwapWeights
 from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
@@ -58,6 +58,7 @@ class Model:
         weights=None,
         path: Path | None = None,
         plan=None,
+        threads: int | None = None,
     ):
         self.device = resolve_device(device)
         self.jt = get_jittor(self.device)
@@ -71,7 +72,8 @@ class Model:
         self.rotary = rotary_tables(config)
         self._wte = EmbeddingTable(groups[layout.EMBED], config)  # host-side (often a read-only memmap)
         self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
-        self.ops = pick_ops(self.jt, self.device, self.dtype, self.compute_dtype)
+        self.threads = check_threads(threads)  # None: the kernels' default (JMOSS_THREADS, else the affinity)
+        self.ops = pick_ops(self.jt, self.device, self.dtype, self.compute_dtype, threads=self.threads)
         self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
         self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self._tokenizer: Tokenizer | None = None
@@ -197,6 +199,7 @@ def load(
     batch: int = 1,
     prefill_chunk: int | None = None,
     require_tokenizer: bool = False,
+    threads: int | None = None,
 ) -> Model:
     """Load a converted model (a store directory or a name given to ``jmoss convert``).
 
@@ -207,7 +210,10 @@ def load(
     fails here, naming the minimum. ``max_seq_len`` (default n_positions) sizes the KV cache the
     budget pays for, for ``batch`` sequences at once (``jmoss serve --max-batch``), in the compute
     dtype; prompts are prefilled in chunks of ``prefill_chunk`` tokens (default
-    jmoss.placement.DEFAULT_PREFILL_CHUNK), the size the plan's working buffers are billed for. ``swap="jittor"`` runs every weight as a plain Var under Jittor's own swap
+    jmoss.placement.DEFAULT_PREFILL_CHUNK), the size the plan's working buffers are billed for.
+    ``threads``: how many threads the CPU kernels run this model's ops on (default: ``JMOSS_THREADS``
+    if set, else the CPUs this process may run on, ``os.sched_getaffinity``). ``swap="jittor"`` runs
+    every weight as a plain Var under Jittor's own swap
     with ``cpu_mem_limit`` = device_memory: the baseline, valid only in a process started with
     JMOSS_JITTOR_SAVE_MEM=1 (``jmoss bench --compare jittor`` spawns one).
 
@@ -223,6 +229,7 @@ def load(
     from jmoss.store import Store, resolve_model
 
     check_model_path(model)
+    threads = check_threads(threads)
     device_memory, host_memory = parse_size(device_memory), parse_size(host_memory)
     store = Store.open(resolve_model(str(model)))
     tokenizer = _store_tokenizer(store) if require_tokenizer else None
@@ -237,7 +244,8 @@ def load(
     _check_dtype("dtype", dtype)  # before planning: the plan sizes weights by it
     compute_dtype = compute_dtype or ("float16" if device == "cuda" else "float32")
     _check_dtype("compute_dtype", compute_dtype)  # the KV cache's dtype: the plan bills it
-    common = dict(device=device, dtype=dtype, compute_dtype=compute_dtype, tokenizer_path=store.path, path=store.path)
+    common = dict(device=device, dtype=dtype, compute_dtype=compute_dtype, tokenizer_path=store.path, path=store.path,
+                  threads=threads)
 
     if swap is not None:
         if swap != "jittor" or device != "cpu" or device_memory is None:

@@ -90,10 +90,11 @@ def _with_options(options: list):
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
-# One option, one definition: the threads option lives here only (jmoss.load takes threads= once
-# the kernels' thread count is a load argument; until then it sets JMOSS_THREADS before loading).
+# One option, one definition: the threads option lives here only (jmoss.load(threads=) and the
+# benchmarks take it; the kernels run on their own pool of that many threads).
 threads_option = click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
-                              help="CPU threads for the kernels (default: every CPU this process may use)")
+                              help="CPU threads the kernels run on (default: $JMOSS_THREADS, else every CPU this "
+                                   "process may run on)")
 ctx_option = click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
                           help="context length: positions of the KV cache, which the memory plan pays for "
                                "(default: the model's n_positions)")
@@ -125,13 +126,6 @@ model_options = _with_options([
 ])
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import os
-
-        os.environ["JMOSS_THREADS"] = str(threads)  # read by the kernels when they first run
-
-
 def _system_text(system: str | None) -> str | None:
     """--system TEXT, or @FILE's contents; a meta instruction ends with a newline as MOSS's does."""
     if system is None:
@@ -160,12 +154,10 @@ def _load(model: str, device: str, dtype: str | None, device_memory, host_memory
     import jmoss
     from jmoss.errors import NotConvertedError
 
-    _set_threads(threads)
-
     def load():
         # generate, chat and serve read and write text: a store without tokenizer files fails before its weights load
         return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
-                          batch=batch, max_seq_len=ctx_size, require_tokenizer=True)
+                          batch=batch, max_seq_len=ctx_size, require_tokenizer=True, threads=threads)
 
     try:
         return load()
@@ -412,6 +404,10 @@ def info(model, device, device_memory, host_memory, max_seq_len, revision, link_
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
                           max_seq_len=max_seq_len, batch=max_batch)
     click.echo(plan.describe(link_gbps=link_gbps))
+    if device == "cpu":
+        from jmoss.kernels.cpu import describe_plan
+
+        click.echo(describe_plan(batch=max_batch))
 
 
 def _config_for(model: str, revision: str | None = None):
@@ -462,9 +458,8 @@ def demo(workdir, max_new_tokens, threads, device_memory):
     """
     from jmoss.demo import run_demo
 
-    _set_threads(threads)
     run_demo(workdir, max_new_tokens=max_new_tokens, budget=device_memory, echo=click.echo,
-             write=lambda s: click.echo(s, nl=False))
+             write=lambda s: click.echo(s, nl=False), threads=threads)
 
 
 @main.command()
@@ -600,7 +595,11 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="--compare ctranslate2 only: interleaved rounds, the median reported (default 3; more on a "
                    "noisy machine)")
-def bench(model, device, threads, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds):
+@click.option("--competitors", is_flag=True,
+              help="--compare ctranslate2 only: run every configuration again beside one CPU-bound process per CPU "
+                   "(a busy desktop), in the same rounds, and compare both ways")
+def bench(model, device, threads, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds,
+          competitors):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
 
@@ -616,7 +615,6 @@ def bench(model, device, threads, device_memory, host_memory, prompt_tokens, dec
     from jmoss.bench import COMPARISONS, format_table, run_bench
     from jmoss.jittor_setup import resolve_device
 
-    _set_threads(threads)
     device = resolve_device(device)  # auto, as every other command: CUDA where it is usable
     if "ctranslate2" in compare:
         from jmoss.bench_quant import check_options, compare_ctranslate2
@@ -625,16 +623,21 @@ def bench(model, device, threads, device_memory, host_memory, prompt_tokens, dec
             raise click.UsageError("--compare ctranslate2 runs on its own (six or nine configurations); leave out the others")
         check_options(device, device_memory)
         click.echo(compare_ctranslate2(model, prompt_tokens=prompt_tokens, decode_tokens=max(decode_tokens, 2),
-                                       rounds=rounds or 3, log=lambda line: click.echo(line, err=True)))
+                                       rounds=rounds or 3, threads=threads, competitors=competitors,
+                                       log=lambda line: click.echo(line, err=True)))
         return
     if rounds is not None:
         raise click.UsageError("--rounds applies to --compare ctranslate2 (the other runs are measured once)")
+    if competitors:
+        raise click.UsageError("--competitors applies to --compare ctranslate2 (benchmarks/bench_threads.py measures "
+                               "jmoss alone quiet and loaded)")
 
     missing = [c for c in compare if c not in COMPARISONS]
     if missing:
         raise click.UsageError(f"--compare {missing[0]} is not available in this jmoss yet")
     bound, rows = run_bench(model, device=device, device_memory=device_memory, host_memory=host_memory,
-                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare))
+                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare),
+                            threads=threads)
     click.echo(format_table(bound, rows))
 
 
