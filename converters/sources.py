@@ -23,7 +23,7 @@ import numpy as np
 from jmoss.converters.torch_zip import TorchZipCheckpoint, map_region, numpy_dtype
 from jmoss.errors import CheckpointError, ConfigError, ModelNotFoundError
 from jmoss.config import parse_json_bytes
-from jmoss.store import TOKENIZER_FILES, inside, parse_safetensors_header, read_small_file, safe_name
+from jmoss.store_format import TOKENIZER_FILES, inside, parse_safetensors_header, read_small_file, safe_name
 
 MAX_SHARDS = 10000  # moss-moon-003 has 4 shards; an index naming more is not a real checkpoint
 

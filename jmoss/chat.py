@@ -219,7 +219,8 @@ class Chat:
         from jmoss.plugins import parse_commands, render_results, run_calls
 
         tokens: list[int] = []
-        pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False)
+        # a constraint (a JSON reply) shapes the reply, not MOSS's thoughts and commands
+        pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False, constraint=None)
         try:
             # pass 1 gets half the room at most: the Results and the reply must still fit after it
             closing = max(len(self._closing_ids(EOC)), len(self._closing_ids(EOM)))

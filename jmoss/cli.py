@@ -90,10 +90,11 @@ def _with_options(options: list):
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
-# One option, one definition: the threads option lives here only (jmoss.load takes threads= once
-# the kernels' thread count is a load argument; until then it sets JMOSS_THREADS before loading).
+# One option, one definition: the threads option lives here only (jmoss.load(threads=) and the
+# benchmarks take it; the kernels run on their own pool of that many threads).
 threads_option = click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
-                              help="CPU threads for the kernels (default: every CPU this process may use)")
+                              help="CPU threads the kernels run on (default: $JMOSS_THREADS, else every CPU this "
+                                   "process may run on)")
 ctx_option = click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
                           help="context length: positions of the KV cache, which the memory plan pays for "
                                "(default: the model's n_positions)")
@@ -125,13 +126,6 @@ model_options = _with_options([
 ])
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import os
-
-        os.environ["JMOSS_THREADS"] = str(threads)  # read by the kernels when they first run
-
-
 def _system_text(system: str | None) -> str | None:
     """--system TEXT, or @FILE's contents; a meta instruction ends with a newline as MOSS's does."""
     if system is None:
@@ -160,11 +154,10 @@ def _load(model: str, device: str, dtype: str | None, device_memory, host_memory
     import jmoss
     from jmoss.errors import NotConvertedError
 
-    _set_threads(threads)
-
     def load():
+        # generate, chat and serve read and write text: a store without tokenizer files fails before its weights load
         return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
-                          batch=batch, max_seq_len=ctx_size)
+                          batch=batch, max_seq_len=ctx_size, require_tokenizer=True, threads=threads)
 
     try:
         return load()
@@ -307,6 +300,27 @@ def rm(names):
         click.echo(f"deleted {remove(name)}")
 
 
+# A packed store's lm_head and embedding widths, for `convert` and the plan of `info`.
+head_options = _with_options([
+    click.option("--head-bits", type=click.Choice(["4", "8", "16"]), default=None,
+                 help="packed store: lm_head's width, 16 = fp16 (default 8, whatever the layers' width: "
+                      "docs/store-format.md states each width's error)"),
+    click.option("--embed-bits", type=click.Choice(["4", "8", "16"]), default=None,
+                 help="packed store: the embedding's width, 16 = fp16 (default 8)"),
+    click.option("--keep-head-fp16", is_flag=True, help="the same as --head-bits 16 --embed-bits 16"),
+])
+
+
+def _head_widths(head_bits: str | None, embed_bits: str | None, keep_head_fp16: bool) -> tuple[int | None, int | None]:
+    """(--head-bits, --embed-bits) as ints, --keep-head-fp16 folded in (a usage error if they disagree)."""
+    head, embed = (int(b) if b else None for b in (head_bits, embed_bits))
+    if keep_head_fp16:
+        if {head, embed} - {None, 16}:
+            raise click.UsageError("--keep-head-fp16 is --head-bits 16 --embed-bits 16: give either it or the widths")
+        head, embed = 16, 16
+    return head, embed
+
+
 @main.command()
 @click.argument("source")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -316,34 +330,36 @@ def rm(names):
 @click.option("--dequantize", is_flag=True, help="GPTQ int4/int8 source: write fp16 weights instead of keeping them packed")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
               help="pack an fp16/fp32 checkpoint's layers (round-to-nearest, per group of 128 inputs)")
-@click.option("--keep-head-fp16", is_flag=True,
-              help="packed store: keep lm_head and the embedding fp16 (default: lm_head at the layers' width, "
-                   "embedding int8, round-to-nearest per group)")
-def convert(source, out, revision, no_progress, dequantize, quantize, keep_head_fp16):
+@head_options
+def convert(source, out, revision, no_progress, dequantize, quantize, head_bits, embed_bits, keep_head_fp16):
     """Convert a checkpoint into a jmoss store, safely (no pickle code runs) and resumably.
 
     SOURCE is a Hugging Face repo id (e.g. fnlp/moss-moon-003-sft) or a local folder with
     pytorch_model*.bin (torch zip format), *.safetensors or a MOSS GPTQ int4/int8 checkpoint.
     A GPTQ checkpoint keeps its integers (a packed store) unless --dequantize is given. A packed
-    store packs lm_head and the embedding too, unless --keep-head-fp16. Re-running after an interruption resumes and skips verified layers.
+    store packs lm_head and the embedding too, at 8 bits unless --head-bits/--embed-bits say
+    otherwise. Re-running after an interruption resumes and skips verified layers.
     """
     from jmoss.converters.convert import convert as run
 
     if dequantize and quantize:
         raise click.UsageError("--dequantize and --quantize exclude each other")
+    head_bits, embed_bits = _head_widths(head_bits, embed_bits, keep_head_fp16)
     path = run(source, out, revision=revision, progress=not no_progress, dequantize=dequantize, quantize=quantize,
-               keep_head_fp16=keep_head_fp16)
+               head_bits=head_bits, embed_bits=embed_bits)
     click.echo(f"converted {source} -> {path}")
 
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def verify(store):
-    """Re-check every file of a converted STORE against its manifest's sha256."""
+    """Re-check a converted STORE: every file's sha256 and fast hash against its manifest, and every
+    rule of the store check (jmoss/store_check.py: headers against config.json, perms, scales, zeros),
+    as a load would. A failure names the file and the check, one line per file."""
     from jmoss.store import verify as run
 
     run(store, progress=True)
-    click.echo(f"{store}: all files verified")
+    click.echo(f"{store}: all files verified (hashes and store check)")
 
 
 @main.command()
@@ -358,9 +374,9 @@ def verify(store):
 @click.option("--link-gbps", type=float, default=None, help="host-to-device GB/s for the tok/s bound")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="sequences served at once (serve --max-batch): the KV cache is planned for all of them")
-@click.option("--keep-head-fp16", is_flag=True,
-              help="a packed checkpoint: plan the store `jmoss convert --keep-head-fp16` writes (fp16 lm_head and wte)")
-def info(model, device, device_memory, host_memory, max_seq_len, revision, link_gbps, max_batch, keep_head_fp16):
+@head_options
+def info(model, device, device_memory, host_memory, max_seq_len, revision, link_gbps, max_batch, head_bits, embed_bits,
+         keep_head_fp16):
     """Print MODEL's config and the placement plan for a budget (no weights are read).
 
     MODEL is a store directory, a converted name, a folder/file with a config.json, or a Hugging
@@ -374,8 +390,12 @@ def info(model, device, device_memory, host_memory, max_seq_len, revision, link_
     config = _config_for(model, revision)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
                f"{config.n_head} heads, vocab {config.vocab_size}, n_positions {config.n_positions}")
-    if keep_head_fp16 and config.head_wbits is None:  # a checkpoint's config: plan the store it becomes
-        config = layout.resolved(config, keep_head_fp16=True)
+    head, embed = _head_widths(head_bits, embed_bits, keep_head_fp16)
+    if config.head_wbits is None:  # a checkpoint's config: plan the store `jmoss convert` makes of it
+        config = layout.resolved(config, head_width=head, embed_width=embed)
+    elif head or embed:
+        raise click.UsageError(f"{model} is a store: its lm_head and embedding widths are fixed "
+                               "(--head-bits/--embed-bits plan a checkpoint's conversion)")
     click.echo(layout.describe_store(config))
     # resolved as `jmoss chat` resolves it (GPU + toolkit probe, no jittor import: no weights are read)
     device = resolve_device(device)
@@ -384,6 +404,10 @@ def info(model, device, device_memory, host_memory, max_seq_len, revision, link_
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
                           max_seq_len=max_seq_len, batch=max_batch)
     click.echo(plan.describe(link_gbps=link_gbps))
+    if device == "cpu":
+        from jmoss.kernels.cpu import describe_plan
+
+        click.echo(describe_plan(batch=max_batch))
 
 
 def _config_for(model: str, revision: str | None = None):
@@ -410,7 +434,7 @@ def _config_for(model: str, revision: str | None = None):
                 config = replace(config, wbits=int(exc.variant[3:]), groupsize=128)  # what `jmoss pull` makes
             elif exc.variant == "fp16":
                 config = replace(config, wbits=32)
-            return layout.resolved(config, False) if layout.packed_bits(config) else config
+            return config  # info resolves lm_head/wte widths as `jmoss convert` would (--head-bits...)
     config = MossConfig.from_json_file(path)
     if (path / MANIFEST).exists():  # a store: its manifest says how its lm_head/wte are stored
         config = store_config(path, read_manifest(path), config)
@@ -434,9 +458,8 @@ def demo(workdir, max_new_tokens, threads, device_memory):
     """
     from jmoss.demo import run_demo
 
-    _set_threads(threads)
     run_demo(workdir, max_new_tokens=max_new_tokens, budget=device_memory, echo=click.echo,
-             write=lambda s: click.echo(s, nl=False))
+             write=lambda s: click.echo(s, nl=False), threads=threads)
 
 
 @main.command()
@@ -503,6 +526,12 @@ def doctor(fix_cuda, undo_cuda_fix, cuda_details):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
+              help="require `Authorization: Bearer KEY` on every route but /health and the page (repeatable; "
+                   "also JMOSS_API_KEY, whitespace-separated)")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="file of API keys, one per line (# comments and blank lines skipped)")
+@click.option("--metrics-public", is_flag=True, help="serve GET /metrics without a key even when keys are set")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="serve on a Ray Serve cluster: --replicas copies of the model behind this front; ADDRESS "
                    "(HOST:PORT of `ray start --head`, or auto) joins a cluster, none starts a local one "
@@ -514,8 +543,8 @@ def doctor(fix_cuda, undo_cuda_fix, cuda_details):
 @click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
               help="with --ray: GPUs per replica (default 1 with --device cuda, or auto on a cluster with GPUs; else 0)")
 def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, pull, host, port, model_name,
-          max_new_tokens, system, plugins, search_docs, text2image_cmd, no_web, max_batch, ray_address, replicas,
-          replica_cpus, replica_gpus, **limits):
+          max_new_tokens, system, plugins, search_docs, text2image_cmd, no_web, max_batch, api_keys, api_key_file,
+          metrics_public, ray_address, replicas, replica_cpus, replica_gpus, **limits):
     """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.
 
     MODEL is a converted store directory, or a model name (see `jmoss list`).
@@ -524,12 +553,17 @@ def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, p
     request sends "truncation": "disabled".
     """
     from jmoss.server import serve as run
+    from jmoss.server.auth import load_keys
 
+    keys = load_keys(api_keys, api_key_file)  # checked before the model loads: a bad key fails in a second
     _check_port(host, port)  # before loading: a busy port must not cost a model load
     names, options = _plugin_args(plugins, search_docs, text2image_cmd)
     if ray_address is not None:
         from jmoss.server.ray_app import serve_ray
 
+        if pull:  # each replica loads on its own node: there is no one place to convert into
+            raise click.UsageError("--pull cannot be used with --ray: convert the model on every node first "
+                                   f"(`jmoss pull {model}` there), then serve it by the same name or path")
         click.echo(f"jmoss: deploying {replicas} replicas of {model} on "
                    f"{'a local Ray cluster' if ray_address == 'local' else 'the Ray cluster at ' + ray_address}",
                    err=True)
@@ -538,16 +572,18 @@ def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, p
                   replica_cpus=replica_cpus, replica_gpus=replica_gpus, threads=threads, device=device, dtype=dtype,
                   device_memory=device_memory, host_memory=host_memory, ctx_size=ctx_size, model_name=model_name,
                   web=not no_web, log_level=log_level, plugins=names, plugin_options=options, max_batch=max_batch,
-                  default_max_tokens=max_new_tokens, meta_instruction=_system_text(system), **limits)
+                  default_max_tokens=max_new_tokens, meta_instruction=_system_text(system), api_keys=keys,
+                  metrics_public=metrics_public, **limits)
         return
     m = _load(model, device, dtype, device_memory, host_memory, batch=max_batch, threads=threads, ctx_size=ctx_size,
               pull=pull)
     log_level = limits.pop("log_level")
     page = "" if no_web else "chat page at /, "
-    click.echo(f"jmoss serving {model} on http://{host}:{port} ({page}OpenAI API under /v1)", err=True)
+    guard = f", {len(keys)} API key(s)" if keys else ""
+    click.echo(f"jmoss serving {model} on http://{host}:{port} ({page}OpenAI API under /v1{guard})", err=True)
     run(m, host, port, log_level=log_level, web=not no_web, model_name=model_name or model, plugins=names,
         plugin_options=options, max_batch=max_batch, default_max_tokens=max_new_tokens,
-        meta_instruction=_system_text(system), **limits)
+        meta_instruction=_system_text(system), api_keys=keys, metrics_public=metrics_public, **limits)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -586,7 +622,11 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="--compare ctranslate2 only: interleaved rounds, the median reported (default 3; more on a "
                    "noisy machine)")
-def bench(model, device, threads, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds):
+@click.option("--competitors", is_flag=True,
+              help="--compare ctranslate2 only: run every configuration again beside one CPU-bound process per CPU "
+                   "(a busy desktop), in the same rounds, and compare both ways")
+def bench(model, device, threads, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds,
+          competitors):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
 
@@ -602,7 +642,6 @@ def bench(model, device, threads, device_memory, host_memory, prompt_tokens, dec
     from jmoss.bench import COMPARISONS, format_table, run_bench
     from jmoss.jittor_setup import resolve_device
 
-    _set_threads(threads)
     device = resolve_device(device)  # auto, as every other command: CUDA where it is usable
     if "ctranslate2" in compare:
         from jmoss.bench_quant import check_options, compare_ctranslate2
@@ -611,16 +650,21 @@ def bench(model, device, threads, device_memory, host_memory, prompt_tokens, dec
             raise click.UsageError("--compare ctranslate2 runs on its own (six or nine configurations); leave out the others")
         check_options(device, device_memory)
         click.echo(compare_ctranslate2(model, prompt_tokens=prompt_tokens, decode_tokens=max(decode_tokens, 2),
-                                       rounds=rounds or 3, log=lambda line: click.echo(line, err=True)))
+                                       rounds=rounds or 3, threads=threads, competitors=competitors,
+                                       log=lambda line: click.echo(line, err=True)))
         return
     if rounds is not None:
         raise click.UsageError("--rounds applies to --compare ctranslate2 (the other runs are measured once)")
+    if competitors:
+        raise click.UsageError("--competitors applies to --compare ctranslate2 (benchmarks/bench_threads.py measures "
+                               "jmoss alone quiet and loaded)")
 
     missing = [c for c in compare if c not in COMPARISONS]
     if missing:
         raise click.UsageError(f"--compare {missing[0]} is not available in this jmoss yet")
     bound, rows = run_bench(model, device=device, device_memory=device_memory, host_memory=host_memory,
-                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare))
+                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare),
+                            threads=threads)
     click.echo(format_table(bound, rows))
 
 

@@ -130,7 +130,7 @@ def _forget_previous_demo(store: Path) -> None:
 
 def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: int | None = None,
              echo: Callable[[str], None] = print, write: Callable[[str], None] | None = None,
-             shape: dict | None = None) -> dict:
+             shape: dict | None = None, threads: int | None = None) -> dict:
     """Run every stage; return the measured figures (also printed through ``echo``).
 
     Without ``workdir`` the checkpoint goes to a temporary folder deleted at the end and the store
@@ -183,7 +183,7 @@ def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: i
              f"{plan.streamed_bytes_per_token / 1e6:.0f} MB read from disk per token")
 
         t = time.perf_counter()
-        model = jmoss.load(store, device="cpu", device_memory=budget)
+        model = jmoss.load(store, device="cpu", device_memory=budget, threads=threads)
         echo(f"4. loaded under the budget in {time.perf_counter() - t:.1f} s")
 
         prompt = "<|Human|>: 你好，MOSS！Please introduce yourself.<eoh>\n<|MOSS|>:"

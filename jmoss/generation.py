@@ -2,11 +2,16 @@
 
 Sampling follows MOSS (moss-spec §5.2): repetition penalty over every id in the sequence so far
 (prompt included; each distinct id once: negative logits multiplied, positive divided) ->
-OpenAI's presence/frequency penalties (over the generated ids only) -> temperature -> top-k ->
-top-p -> softmax -> sample. Greedy decoding applies the penalties too, as Hugging Face's generate
-does. Ids at or past the tokenizer's size (the embedding has padding rows) are never produced.
-With ``logprobs`` set, each step also reports the chosen token's log-probability and the
-``logprobs`` most likely tokens, from the model's own distribution (before any penalty).
+OpenAI's presence/frequency penalties (over the generated ids only) -> [token mask] -> temperature
+-> top-k -> top-p -> softmax -> sample. Greedy decoding applies the penalties too, as Hugging Face's
+generate does. Ids at or past the tokenizer's size (the embedding has padding rows) are never
+produced. With ``logprobs`` set, each step also reports the chosen token's log-probability and the
+``logprobs`` most likely tokens, from the model's own distribution (before any penalty or mask).
+
+The token mask is the one hook for constrained output (``GenerationOptions.constraint``, e.g. a
+JSON schema, jmoss.constraints): each generated row gets its own :class:`TokenMask`, asked which
+ids may come next before every sampling step and told which one came. It sits after the
+penalties and before temperature, so greedy, top-k and top-p only ever choose among allowed ids.
 
 Text streaming never splits a UTF-8 character (the tokenizer's stream decoder holds back
 incomplete bytes) and never shows the beginning of a string stop sequence that may still match.
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -44,6 +49,7 @@ class GenerationOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely (0-20)
+    constraint: "Constraint | None" = None  # e.g. a JSON schema (jmoss.constraints); one TokenMask per row
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -65,6 +71,8 @@ class GenerationOptions:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):
             raise GenerationError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+        if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
+            raise GenerationError("constraint must have a start() that returns a TokenMask (see jmoss.constraints)")
 
     @classmethod
     def from_kwargs(cls, **options) -> "GenerationOptions":
@@ -82,6 +90,30 @@ class GenerationOptions:
         return cls(**options)
 
 
+class TokenMask(Protocol):
+    """One row's constraint on its next token: the sampler's hook (a grammar matcher, usually).
+
+    ``mask()``: which ids may come next, a bool array over at least the sampled vocabulary (None:
+    any). ``advance(token)``: the id that was chosen. ``rollback(n)``: take back the last ``n``
+    advanced ids, for a caller that verified a draft and rejected its tail. ``done``: nothing but
+    the end of the sequence may follow.
+    """
+
+    done: bool
+
+    def mask(self) -> np.ndarray | None: ...
+
+    def advance(self, token: int) -> None: ...
+
+    def rollback(self, n: int) -> None: ...
+
+
+class Constraint(Protocol):
+    """What ``GenerationOptions.constraint`` holds: a compiled rule that starts one TokenMask per row."""
+
+    def start(self) -> TokenMask: ...
+
+
 class Sampler:
     """Turns next-token logits into token ids for a batch, in MOSS's order.
 
@@ -96,17 +128,22 @@ class Sampler:
         self.last: list[tuple[float, list[tuple[int, float]]] | None] = []
 
     def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]],
-                 generated: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+                 generated: Sequence[Sequence[int]] | None = None,
+                 masks: Sequence[TokenMask | None] | None = None) -> np.ndarray:
         generated = generated if generated is not None else [()] * len(histories)
-        picked = [self.pick(row, history, new) for row, history, new in zip(logits, histories, generated)]
+        masks = masks if masks is not None else [None] * len(histories)
+        picked = [self.pick(row, history, new, mask)
+                  for row, history, new, mask in zip(logits, histories, generated, masks)]
         if self.options.logprobs is not None:
             self.last = [_logprobs(row[: self.vocab_limit], token, self.options.logprobs)
                          for row, token in zip(logits, picked)]
         return np.array(picked, dtype=np.int64)
 
-    def pick(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = ()) -> int:
-        """One position's next id from its logits, ``history`` (every id before it, prompt included)
-        and ``generated`` (the ids this generation produced so far, the tail of ``history``)."""
+    def pick(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = (),
+             mask: TokenMask | None = None) -> int:
+        """One position's next id from its logits, ``history`` (every id before it, prompt included),
+        ``generated`` (the ids this generation produced so far, the tail of ``history``) and its
+        row's TokenMask (if any)."""
         o = self.options
         scores = np.array(logits[: self.vocab_limit], dtype=np.float32)
         if o.repetition_penalty != 1.0 and len(history):
@@ -120,6 +157,8 @@ class Sampler:
             keep = ids < self.vocab_limit
             ids, counts = ids[keep], counts[keep]
             scores[ids] -= (counts * o.frequency_penalty + o.presence_penalty).astype(np.float32)
+        if mask is not None:
+            scores = _masked(scores, mask.mask())
         if not o.do_sample:
             return int(scores.argmax())
         scores = scores / o.temperature
@@ -127,13 +166,24 @@ class Sampler:
             kth = np.partition(scores, -o.top_k)[-o.top_k]
             scores = np.where(scores < kth, -np.inf, scores)
         if o.top_p < 1.0:
-            order = np.argsort(scores)  # ascending, as Hugging Face's top-p warper
-            probs = _softmax(scores[order])
-            remove = np.cumsum(probs) <= 1.0 - o.top_p
-            remove[-1] = False  # always keep the most likely token
-            scores[order[remove]] = -np.inf
+            kept, weights = _top_p_kept(scores, o.top_p)
+            return int(kept[self.rng.choice(kept.size, p=weights / weights.sum())])
         probs = _softmax(scores)
         return int(self.rng.choice(probs.size, p=probs))
+
+
+def _masked(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """``scores`` with every id the mask forbids at -inf (ids past the mask's length are forbidden)."""
+    if allowed is None:
+        return scores
+    n = min(scores.size, allowed.size)
+    if not allowed[:n].any():
+        raise GenerationError("the output constraint allows no token here (a grammar that cannot continue)")
+    if n == scores.size:
+        return np.where(allowed[:n], scores, np.float32(-np.inf))
+    out = np.full_like(scores, -np.inf)
+    out[:n] = np.where(allowed[:n], scores[:n], np.float32(-np.inf))
+    return out
 
 
 def _logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -143,6 +193,34 @@ def _logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tup
     best = np.argpartition(-logp, top)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
     best = best[np.argsort(-logp[best], kind="stable")]
     return float(logp[token]), [(int(i), float(logp[i])) for i in best]
+
+
+# Candidates examined first by _top_p_kept, then 8x more each time, until that would be over a
+# quarter of the vocabulary: then all of it (a flat distribution, whose nucleus is most of it).
+TOP_P_FIRST = 64
+
+
+def _top_p_kept(scores: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens Hugging Face's top-p warper keeps, ascending, and their unnormalised weights.
+
+    Kept: the most likely tokens while the probability of all tokens ranked above them is below
+    ``top_p`` (the top one always). That is the set a sort of the whole vocabulary gives (what the
+    warper does, and what this did: a 107,008-entry argsort and three more passes per token, as
+    long as a small model's whole forward); here one pass makes the weights and their sum, and
+    only the top candidates, found in linear time, are sorted: as few as hold ``top_p``.
+    """
+    weights = np.exp(scores.astype(np.float64) - float(scores.max()))
+    total, size = weights.sum(), weights.size
+    k = min(TOP_P_FIRST, size)
+    while True:
+        top = np.argpartition(scores, size - k)[size - k:] if k < size else np.arange(size)
+        top = top[np.argsort(weights[top])[::-1]]  # descending
+        probs = weights[top] / total
+        above = np.cumsum(probs) - probs  # the mass ranked above each candidate
+        if k == size or above[-1] + probs[-1] >= top_p:
+            kept = np.sort(top[above < top_p])  # top[0] has nothing above it: always kept
+            return kept, weights[kept]
+        k = k * 8 if k * 8 <= size // 4 else size
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -249,6 +327,8 @@ def generate_ids(
     (:func:`fit_to_context`) and a row ending there ends for "context". ``reasons`` (one entry per
     row) receives why each row ended: "stop", "length", "context", "time" or "cancelled".
     ``histories`` are the ids the repetition penalty sees before the new rows (a chat's earlier turns).
+    With ``options.constraint`` each row gets its own TokenMask, advanced by every id it takes.
+    The model's ``stats`` (jmoss.stats), when it has one, records tokens and latencies.
     ``logprobs_out`` (with ``options.logprobs`` set) is refilled at each step with each row's
     ``(logprob, top)`` (see :class:`Sampler`).
     """
@@ -256,6 +336,7 @@ def generate_ids(
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))
     seen = [list(h) + list(r) for h, r in zip(histories or [[] for _ in rows], rows)]
     generated: list[list[int]] = [[] for _ in rows]
+    masks = [options.constraint.start() for _ in rows] if options.constraint is not None else None
     why: list[str | None] = reasons if reasons is not None else []
     why[:] = [None] * len(rows)
     limit = options.max_new_tokens
@@ -271,32 +352,42 @@ def generate_ids(
     if should_stop is not None and should_stop():
         end("cancelled")
         return
-    logits = session.prefill(rows)
-    for n in range(1, limit + 1):
-        tokens = sampler(logits, seen, generated)
-        if logprobs_out is not None:
-            logprobs_out[:] = sampler.last
-        step: list[int | None] = []
-        for b, token in enumerate(tokens):
-            if why[b] is not None:
-                step.append(None)
-                continue
-            generated[b].append(int(token))
-            seen[b].append(int(token))
-            step.append(int(token))
-            if stops.token_hit(generated[b]):
-                why[b] = "stop"
-        yield step
-        if all(r is not None for r in why):
-            return  # no forward for a token nobody will read
-        reason = ("length" if n == options.max_new_tokens else "context" if n == limit or session.room == 0
-                  else "time" if deadline is not None and time.monotonic() >= deadline
-                  else "cancelled" if should_stop is not None and should_stop() else None)
-        if reason is not None:
-            end(reason)
-            return
-        feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
-        logits = session.decode(feed)
+    stats: Any = getattr(model, "stats", None)
+    run = stats.begin(len(rows), sum(map(len, rows)), session.length, masks is not None) if stats is not None else None
+    try:
+        logits = session.prefill(rows)
+        for n in range(1, limit + 1):
+            tokens = sampler(logits, seen, generated, masks)
+            if logprobs_out is not None:
+                logprobs_out[:] = sampler.last
+            step: list[int | None] = []
+            for b, token in enumerate(tokens):
+                if why[b] is not None:
+                    step.append(None)
+                    continue
+                generated[b].append(int(token))
+                seen[b].append(int(token))
+                step.append(int(token))
+                if masks is not None:
+                    masks[b].advance(int(token))
+                if stops.token_hit(generated[b]) or (masks is not None and masks[b].done):
+                    why[b] = "stop"  # a completed constraint (the JSON closed) ends the row: no eos step
+            if run is not None:
+                run.step(sum(t is not None for t in step))
+            yield step
+            if all(r is not None for r in why):
+                return  # no forward for a token nobody will read
+            reason = ("length" if n == options.max_new_tokens else "context" if n == limit or session.room == 0
+                      else "time" if deadline is not None and time.monotonic() >= deadline
+                      else "cancelled" if should_stop is not None and should_stop() else None)
+            if reason is not None:
+                end(reason)
+                return
+            feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
+            logits = session.decode(feed)
+    finally:
+        if run is not None:
+            run.end()
 
 
 def _vocab_limit(model: "TextModel") -> int:

@@ -520,6 +520,26 @@ def _fileno(stream) -> int | None:
         return None
 
 
+def stable_python_path(python: str) -> str:
+    """One name for this interpreter, however it was started: the first of ``python3.X``,
+    ``python3``, ``python`` beside it that is the same file (a venv's three links), else ``python``.
+
+    Jittor runs ``python_path utils/asm_tuner.py ...`` to compile each kernel and keeps that
+    command in the kernel's cache key; it takes ``sys.executable`` (plus ``.X`` when such a file
+    exists), so ``jmoss`` (a ``python3`` shebang: ``python3.11``) and ``.venv/bin/python x.py``
+    (``python``) keyed the same kernel differently and recompiled it in turn (measured: the
+    MOSS-16B decode layer, 17.5 s, after `jmoss bench`)."""
+    folder = os.path.dirname(python)
+    for name in (f"python3.{sys.version_info.minor}", "python3", "python"):
+        candidate = os.path.join(folder, name)
+        try:
+            if os.path.samefile(candidate, python):
+                return candidate
+        except OSError:
+            continue
+    return python
+
+
 def get_jittor(device: str | None = "cpu") -> ModuleType:
     """Import and configure jittor once for ``device`` ("cpu", "cuda" or "auto"); return it."""
     global _jittor, _device
@@ -712,7 +732,10 @@ def _import_jittor(device: str) -> ModuleType:
     warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
     # Every op compile runs `python_path utils/asm_tuner.py` through the shell; that child imports
     # jittor_utils, which would create ~/.cache/jittor under the user's real HOME. Give it ours.
-    jittor.flags.python_path = f"HOME={shlex.quote(str(home))} {jittor.flags.python_path}"
+    # The command (interpreter path included) is part of every kernel's cache key: one name per
+    # interpreter, or `jmoss` (python3) and `python script.py` (python) recompile each other's kernels.
+    python = stable_python_path(jittor.flags.python_path)
+    jittor.flags.python_path = f"HOME={shlex.quote(str(home))} {shlex.quote(python)}"
     jittor.flags.no_grad = 1
     jittor.flags.use_cuda = 1 if device == "cuda" else 0
     return jittor

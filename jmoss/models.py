@@ -16,9 +16,10 @@ from pathlib import Path
 
 from jmoss.errors import ModelNotFoundError, StoreError
 from jmoss.home import jmoss_home
-from jmoss.store import (
-    JOURNAL, MANIFEST, VARIANTS, _looks_like_store, _recorded_source, _variant_of_dir, check_files, default_store_dir,
-    read_manifest, resolve_model, split_variant, store_variant,
+from jmoss.store import JOURNAL, MANIFEST, check_files, read_manifest
+from jmoss.store_paths import (
+    VARIANTS, _looks_like_store, _recorded_source, _variant_of_dir, default_store_dir, resolve_model, split_variant,
+    store_variant,
 )
 
 

@@ -8,7 +8,8 @@ and the streaming engine allocates exactly what it says.
 
 Tiers
 -----
-- ``device``: resident where the compute runs (GPU memory on cuda; RAM on cpu).
+- ``device``: resident where the compute runs (GPU memory on cuda; RAM on cpu: when every group is
+  resident in fp16, the store's pages mapped read-only, i.e. the page cache, billed in full).
 - ``host``  : (cuda only) pinned host RAM; the group crosses PCIe once per token.
 - ``disk``  : read from the store file each token. On cuda the read lands in pinned host staging
   buffers and is then copied to the device; on cpu it lands directly in the device staging slots
@@ -558,6 +559,12 @@ def plan_placement(
             )
         for g in streamed:
             where[g] = "disk"
+        if not streamed and weight_itemsize == 2:
+            notes.append(
+                "resident weights are the store's own pages, mapped read-only (jmoss.engine.resident): billed here in "
+                "full, held in the page cache (the process's RssFile, not RssAnon) and shared with any other process "
+                "on this store, so a second start reads nothing from disk"
+            )
     else:
         host_staging = _assign_host(
             streamed, sizes, where, host_memory, available_host_bytes, depth, chosen.largest, notes

@@ -178,7 +178,8 @@ def test_turn_meter_counts_what_the_session_really_ran(shared_dir, tmp_path):
     line = meter.summary(reply.generated_tokens)
     match = SPEED.fullmatch(line)
     assert match and int(match.group(1)) == reply.prefilled_tokens and int(match.group(3)) == 5
-    assert float(match.group(4)) == pytest.approx(meter.decodes / meter.decode_seconds, rel=0.06)
+    # printed to one decimal: on a loaded machine (0.16 tok/s shown as 0.2) that rounding is the error
+    assert float(match.group(4)) == pytest.approx(meter.decodes / meter.decode_seconds, rel=0.06, abs=0.05)
 
 
 # -- the prompt of a chat program (issue #30, finding 3) --------------------------------------------

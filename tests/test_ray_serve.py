@@ -53,13 +53,13 @@ def _footprint() -> int:
 def cluster(tmp_path_factory, shared_dir) -> Iterator[dict]:
     store = build_store(tmp_path_factory.mktemp("ray"), shared_dir)
     started = time.monotonic()
+    # the nodes take this machine's address as Ray picks it: a driver given 127.0.0.1 is sent to that
+    # address anyway (ray._private.services.resolve_ip_for_localhost), where nodes bound to loopback are not
     nodes = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1",
-        "object_store_memory": 80 << 20})
-    nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=80 << 20)
+        "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 << 20})
+    nodes.add_node(num_cpus=1, object_store_memory=80 << 20)
     try:
-        ray.init(address=nodes.address, _node_ip_address="127.0.0.1", logging_level="warning",
-                 log_to_driver=False)
+        ray.init(address=nodes.address, logging_level="warning", log_to_driver=False)
         up = time.monotonic()
         handle = ray_app.deploy(str(store), replicas=2, replica_cpus=1, load={"device": "cpu", "batch": 2},
                                 app={"model_name": MODEL_ID, "max_tokens_limit": 64, "max_batch": 2,
@@ -67,14 +67,15 @@ def cluster(tmp_path_factory, shared_dir) -> Iterator[dict]:
         deployed = time.monotonic()
         front = AppServer(ray_app.create_front(handle, model_name=MODEL_ID, replicas=2,
                                                status=ray_app.replica_states))
-        yield {"front": front, "store": store, "started": up - started, "deployed": deployed - up,
+        yield {"front": front, "store": store, "handle": handle, "started": up - started, "deployed": deployed - up,
                "footprint": _footprint(), "tokenizer": load_tokenizer(store)}
         front.stop()
     finally:
         from ray import serve
 
         try:
-            serve.shutdown()
+            if ray.is_initialized():  # else serve.shutdown() would start a Ray of its own and wait on it
+                serve.shutdown()
         finally:
             ray.shutdown()
             nodes.shutdown()
@@ -119,6 +120,28 @@ def test_openai_client_and_uid_api_through_the_front(cluster):
     second = httpx.post(url + "/", json={"prompt": "再见", "uid": first["uid"], "temperature": 0,
                                           "max_new_tokens": 8}, timeout=60).json()
     assert second["uid"] == first["uid"] and [q for q, _ in second["history"]] == ["你好", "再见"]
+
+
+def test_the_front_checks_api_keys_and_serves_its_metrics(cluster):
+    """--api-key with --ray: the front refuses a request without the key before any replica sees it
+    (401 in OpenAI's shape), forwards one with it; /metrics are the front's, behind the key."""
+    key = "front-key-0123456789"
+    front = AppServer(ray_app.create_front(cluster["handle"], model_name=MODEL_ID, replicas=2,
+                                           status=ray_app.replica_states, api_keys=[key]))
+    try:
+        refused = httpx.post(front.url + "/v1/chat/completions", timeout=30,
+                             json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert front.health()["served"] == 0  # nothing reached a replica
+        assert httpx.get(front.url + "/metrics", timeout=30).status_code == 401
+        client = openai.OpenAI(base_url=front.url + "/v1", api_key=key, max_retries=0)
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.usage.completion_tokens <= 2
+        scraped = httpx.get(front.url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text
+        assert 'jmoss_ray_replicas{state="RUNNING"} 2.0' in scraped and "jmoss_ray_served_total 1.0" in scraped
+        assert 'jmoss_requests_total{route="/v1/chat/completions",status="401"} 1.0' in scraped
+    finally:
+        front.stop()
 
 
 def _turn(url: str, prompt: str, uid: str | None) -> httpx.Response:
@@ -274,13 +297,23 @@ def test_the_cli_flags_reach_serve_ray(monkeypatch, tmp_path):
                                    "--max-batch", "4", "--port", "0"])
     assert out.exit_code == 0, out.output
     out = runner.invoke(cli.main, ["serve", str(tmp_path), "--ray", "10.0.0.1:6379", "--replica-gpus", "1",
-                                   "--device", "cuda", "--port", "0", "--session-limit", "9"])
+                                   "--device", "cuda", "--port", "0", "--session-limit", "9", "-t", "3", "-c", "512",
+                                   "--api-key", "k" * 16, "--metrics-public", "--system", "Be brief.",
+                                   "--max-tokens-limit", "99", "--plugins", "text2image", "--text2image-cmd",
+                                   "draw --fast"], env={"JMOSS_API_KEY": "e" * 16})
     assert out.exit_code == 0, out.output
     (args1, local), (_, joined) = calls
     assert args1[0] == str(tmp_path) and local["address"] is None and local["replicas"] == 3
     assert local["replica_cpus"] == 2 and local["replica_gpus"] is None and local["max_batch"] == 4
+    assert local["api_keys"] == [] and not local["metrics_public"] and local["meta_instruction"] is None
     assert joined["address"] == "10.0.0.1:6379" and joined["replica_gpus"] == 1 and joined["device"] == "cuda"
-    assert joined["session_limit"] == 9 and joined["replicas"] == 2
+    assert joined["session_limit"] == 9 and joined["replicas"] == 2 and joined["threads"] == 3
+    assert joined["ctx_size"] == 512 and joined["api_keys"] == ["k" * 16, "e" * 16] and joined["metrics_public"]
+    assert joined["meta_instruction"] == "Be brief.\n" and joined["max_tokens_limit"] == 99
+    assert joined["plugins"] == ["text2image"] and joined["plugin_options"]["text2image"]["command"] == ["draw", "--fast"]
+    # --pull converts into one machine's store; the replicas load on theirs
+    refused = runner.invoke(cli.main, ["serve", "fnlp/moss-moon-003-sft", "--ray", "--pull", "--port", "0"])
+    assert refused.exit_code == 2 and "--pull cannot be used with --ray" in refused.output and len(calls) == 2
 
 
 def test_replicas_get_an_absolute_path_or_a_name(monkeypatch, tmp_path):

@@ -229,6 +229,15 @@ def parse_commands(text: str) -> list[Call]:
     return scan_commands(text).calls
 
 
+def format_call(name: str, args: Sequence[str]) -> str:
+    """A call as MOSS writes one, ``Search("q")``: double-quoted arguments, ``\\`` and ``\"`` escaped.
+
+    The inverse of the parser: ``scan_commands(format_call(n, a)).calls[0]`` has name ``n`` and args ``a``.
+    """
+    quoted = ('"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"' for a in args)
+    return f"{name}({', '.join(quoted)})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Plugins and the registry
 # ---------------------------------------------------------------------------------------------

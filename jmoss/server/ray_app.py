@@ -34,14 +34,15 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jmoss.errors import JmossError
 from jmoss.server.ray_router import Routed
-from jmoss.server.routes import ClientGone, _client_gone, _read_body, _wait_for_disconnect, base_app
+from jmoss.server.routes import ClientGone, _client_gone, _Counted, _read_body, _wait_for_disconnect, base_app
 from jmoss.server.schemas import ServerRequestError, error_response
 
 if TYPE_CHECKING:
@@ -274,16 +275,50 @@ async def _watching(request: Request, work: Any) -> Any:
         watcher.cancel()
 
 
+class _FrontCollector:
+    """The front's own figures at scrape time: replicas up, requests pending, served, retried, failed."""
+
+    def __init__(self, state: FrontState):
+        self.state = state
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        state = self.state
+        up = GaugeMetricFamily("jmoss_ray_replicas", "the deployment's replicas by Ray Serve state", labels=["state"])
+        for name, count in state._health[1].items():
+            up.add_metric([getattr(name, "value", str(name))], count)
+        yield up
+        yield GaugeMetricFamily("jmoss_ray_replicas_target", "replicas asked for", value=state.replicas)
+        yield GaugeMetricFamily("jmoss_ray_pending", "requests the front is waiting on", value=state.pending)
+        yield GaugeMetricFamily("jmoss_ray_sessions", "uid transcripts the front keeps", value=len(state.transcripts))
+        yield CounterMetricFamily("jmoss_ray_served", "requests a replica answered", value=state.served)
+        yield CounterMetricFamily("jmoss_ray_retried", "requests sent again after their replica failed",
+                                  value=state.retried)
+        yield CounterMetricFamily("jmoss_ray_failed", "requests lost with a replica (answered 503 or an error event)",
+                                  value=state.failed)
+
+
 def create_front(handle: "DeploymentHandle", *, model_name: str, replicas: int, status: Any = None,
-                 max_body_bytes: int = 1 << 20, session_limit: int = 64, session_ttl: float = 3600.0) -> FastAPI:
+                 max_body_bytes: int = 1 << 20, session_limit: int = 64, session_ttl: float = 3600.0,
+                 api_keys: Sequence[str] = (), metrics_public: bool = False, web: bool = True) -> FastAPI:
     """The cluster's HTTP front: :func:`base_app` plus a route that forwards every request through
-    ``handle`` (the ModelReplica deployment's), and its own ``/health``.
+    ``handle`` (the ModelReplica deployment's), and its own ``/health`` and ``/metrics``.
 
     ``status``: a function returning the deployment's replica states (for /health);
-    ``max_body_bytes``, ``session_limit``, ``session_ttl``: as :func:`create_app`'s.
+    ``max_body_bytes``, ``session_limit``, ``session_ttl``, ``api_keys``, ``metrics_public``, ``web``:
+    as :func:`create_app`'s (give the replicas the same). The front checks the key itself, so a
+    request without one is refused before its body is read or any replica sees it. Its
+    ``/metrics`` are the front's (replicas, requests by route and status, retries, failures); each
+    replica's model figures stay in that replica.
     """
+    from jmoss.server.auth import ApiKeyMiddleware, check_key
+    from jmoss.server.metrics import Metrics
+
     state = FrontState(handle.options(stream=True), model_name, replicas, max_body_bytes,
                        Transcripts(session_limit, session_ttl), status)
+    keys = [check_key(k) for k in api_keys]
+    metrics = Metrics(collector=_FrontCollector(state))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -320,6 +355,19 @@ def create_front(handle: "DeploymentHandle", *, model_name: str, replicas: int, 
         finally:
             state.pending -= 1
 
+    @app.get("/metrics")
+    async def front_metrics() -> Response:
+        await state.replica_states()
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    def public(method: str, path: str) -> bool:
+        return path == "/health" or (web and path == "/" and method in ("GET", "HEAD")) or \
+            (metrics_public and path == "/metrics")
+
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, public=public)
+    app.add_middleware(_Counted, metrics=metrics)  # outermost: refused keys are counted too
     app.add_api_route("/{path:path}", forward, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                       include_in_schema=False)
     return app
@@ -534,6 +582,9 @@ def serve_ray(model: str, host: str = "127.0.0.1", port: int = 19324, *, address
     )
 
     target = _replica_model(model)
+    if limits.get("plugin_options"):  # a folder a plugin reads is opened on each replica's node, from its own cwd
+        limits["plugin_options"] = {name: {k: Path(v).expanduser().resolve() if isinstance(v, Path) else v
+                                           for k, v in opts.items()} for name, opts in limits["plugin_options"].items()}
     started = time.monotonic()
     ray = connect(address)
     from ray import serve
@@ -554,10 +605,11 @@ def serve_ray(model: str, host: str = "127.0.0.1", port: int = 19324, *, address
         front = create_front(handle, model_name=model_name or model, replicas=replicas,
                              status=replica_states, max_body_bytes=limits.get("max_body_bytes", 1 << 20),
                              session_limit=limits.get("session_limit", 64),
-                             session_ttl=limits.get("session_ttl", 3600.0))
+                             session_ttl=limits.get("session_ttl", 3600.0), api_keys=limits.get("api_keys", ()),
+                             metrics_public=limits.get("metrics_public", False), web=web)
         run_app(front, host, port, log_level=log_level, header_timeout=header_timeout or DEFAULT_HEADER_TIMEOUT,
                 body_timeout=body_timeout or DEFAULT_BODY_TIMEOUT, idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT,
-                max_connections=max_connections or DEFAULT_MAX_CONNECTIONS)
+                max_connections=max_connections or DEFAULT_MAX_CONNECTIONS, api_keys=limits.get("api_keys", ()))
     finally:
         with contextlib.suppress(Exception):
             serve.delete(APP_NAME)
@@ -572,8 +624,6 @@ def _replica_model(model: str) -> str:
     working directory is its node's, not the front's); a converted name kept as a name, for each
     node to resolve under its own JMOSS_HOME (boxes need the same name, not the same path). A
     mistyped path fails here, once, not on every replica."""
-    from pathlib import Path
-
     from jmoss.api import check_model_path
 
     check_model_path(model)

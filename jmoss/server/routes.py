@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from jmoss import dialogue
+from jmoss.errors import JmossError
+from jmoss.server.response_format import constraint_for
 from jmoss.server.schemas import (
     MOSS_DEFAULTS, ChatCompletionRequest, CompletionRequest, MossRequest, Sampling, ServerRequestError,
     error_response, messages_to_moss, moss_options, openai_finish_reason, sampling_options, usage,
@@ -55,9 +57,11 @@ class Service:
     max_tokens_limit: int
     max_body_bytes: int
     created: int
+    eos_token_id: int | None = None
     context: int = 2048  # positions of the KV cache a request runs in
     default_max_tokens: int = 256  # a reply's length when the request names none (jmoss serve -n)
     page: Any = None  # the chat page (jmoss.web), when served
+    metrics: Any = None  # jmoss.server.metrics.Metrics
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> Any:
         body = await _read_body(request, self.max_body_bytes)
@@ -72,6 +76,21 @@ class Service:
 
     def options(self, req: Sampling, default_max: int, stop: Sequence[str] = ()):
         return sampling_options(req, max_tokens_limit=self.max_tokens_limit, default_max=default_max, stop=stop)
+
+    async def constraint(self, fmt: Any, *, reply: bool) -> Any:
+        """The request's response_format as a token constraint, compiled off the event loop (None: text)."""
+        if fmt is None or fmt.type == "text":
+            return None
+        return await asyncio.to_thread(constraint_for, fmt, self.tokenizer, self.eos_token_id, reply=reply)
+
+    async def grammar(self, lark: str) -> Any:
+        from jmoss.constraints import lark as compile_lark
+
+        try:
+            return await asyncio.to_thread(compile_lark, self.tokenizer, lark, eos_token_id=self.eos_token_id)
+        except JmossError as exc:
+            raise ServerRequestError(400, f"tool_choice cannot be enforced: {exc}", param="tool_choice",
+                                     code="invalid_value") from None
 
     async def count_prompt(self, ids_of: Callable[[], list[int]], param: str) -> list[int]:
         ids = await asyncio.to_thread(ids_of)  # the Rust tokenizer is thread-safe and releases the GIL
@@ -156,15 +175,26 @@ async def health(request: Request) -> dict:
             "limits": {"max_prompt_tokens": svc.max_prompt_tokens, "max_tokens": svc.max_tokens_limit}}
 
 
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus' text format (jmoss.server.metrics); needs the key when keys are set, unless --metrics-public."""
+    body, content_type = _service(request).metrics.render()
+    return Response(body, media_type=content_type)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
     svc = _service(request)
     req: ChatCompletionRequest = await svc.parse(request, ChatCompletionRequest)
     svc.check_model(req.model)
+    constraint = await svc.constraint(req.response_format, reply=True)
+    if req.tools:  # the client's functions (jmoss.server.tools); the server's --plugins sit this one out
+        return await _client_tools_response(svc, req, constraint, request)
     tools, tokenizer, worker = svc.tools, svc.tokenizer, svc.worker
     meta, turns, last = messages_to_moss(req.messages, tools, worker.meta_instruction)
     opts = svc.options(req, default_max=min(svc.default_max_tokens, svc.max_tokens_limit),
                        stop=() if tools else (_EOM,))
+    opts = replace(opts, constraint=constraint)  # with plugins it shapes the reply pass only
     n = req.n or 1
     if tools and (n > 1 or opts.logprobs is not None):
         raise ServerRequestError(400, "with plugins a chat request runs MOSS's tool loop: n and logprobs are not "
@@ -238,6 +268,73 @@ async def chat_completions(request: Request) -> Any:
                          event=lambda value: {**chunk({}, None), "jmoss_event": value})
 
 
+def _prompt_ids(tokenizer: Any, meta: str, pieces: Sequence[str]) -> list[int]:
+    # Encoded field by field, as Chat does, so a resent conversation matches the cached ids.
+    return tokenizer.encode(meta) + [t for piece in pieces for t in tokenizer.encode(piece)]
+
+
+async def _client_tools_job(svc: Service, req: ChatCompletionRequest, constraint: Any) -> Callable[[Job], dict]:
+    """The client's functions: MOSS's Commands come back as tool_calls, tool messages go in as Results."""
+    from jmoss.server import tools as tool_calls
+
+    if (req.n or 1) > 1 or req.logprobs:
+        raise ServerRequestError(400, "with tools a chat request runs MOSS's Commands pass: n and logprobs are not "
+                                      "available", param="n" if (req.n or 1) > 1 else "logprobs", code="invalid_value")
+    tokenizer, worker = svc.tokenizer, svc.worker
+    toolset = tool_calls.ToolSet.from_request(req.tools or [])
+    rendered = tool_calls.render(req.messages, toolset, worker.meta_instruction or dialogue.base_meta_instruction())
+    choice = req.tool_choice or "auto"
+    parallel = req.parallel_tool_calls is not False
+    base = svc.options(req, default_max=min(svc.default_max_tokens, svc.max_tokens_limit))
+    reply_opts = replace(base, stop=tuple(base.stop) + (_EOM,), constraint=constraint)
+    pass1_opts = replace(base, stop=tuple(base.stop) + ("<eoc>", _EOM), skip_special_tokens=False)
+    forced = tool_calls.tool_choice_name(choice, toolset)
+    if choice == "required" or forced:
+        grammar = tool_calls.call_grammar(tokenizer, toolset, forced, parallel)
+        pass1_opts = replace(pass1_opts, constraint=await svc.grammar(grammar))
+    ids = await svc.count_prompt(lambda: _prompt_ids(tokenizer, rendered.meta, rendered.pieces), "messages")
+
+    def run(job: Job) -> dict:
+        return worker.passes(ids, job, lambda gen: tool_calls.run_turn(
+            gen, tokenizer, rendered, ids, toolset, reply_opts=reply_opts, pass1_opts=pass1_opts,
+            none=choice == "none", parallel=parallel, post=lambda delta: job.post("delta", delta)))
+
+    return run
+
+
+async def _client_tools_response(svc: Service, req: ChatCompletionRequest, constraint: Any, request: Request) -> Any:
+    """A tools request answered: tool_calls (finish_reason "tool_calls"), or MOSS's reply."""
+    job = svc.worker.submit(await _client_tools_job(svc, req, constraint), stream=req.stream)
+    ident, made, name = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), svc.model_name
+    if not req.stream:
+        try:
+            out = await _result(job, request)
+        except ClientGone as exc:
+            return _client_gone(request, exc)
+        message: dict[str, Any] = {"role": "assistant", "content": out["text"]}
+        if out.get("tool_calls"):
+            message["tool_calls"] = out["tool_calls"]
+        if out.get("reasoning"):
+            message["reasoning_content"] = out["reasoning"]
+        return {"id": ident, "object": "chat.completion", "created": made, "model": name,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": out["finish_reason"]}],
+                "usage": usage(out)}
+
+    def chunk(delta: dict, finish: str | None) -> dict:
+        return {"id": ident, "object": "chat.completion.chunk", "created": made, "model": name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def delta(value: Any) -> dict:
+        if isinstance(value, tuple):  # a reply pass's (choice index, text, logprob entries)
+            value = value[1]
+        return chunk({"content": value} if isinstance(value, str) else value, None)  # text, or a tool-call delta
+
+    return _event_stream(job, first=chunk({"role": "assistant", "content": ""}, None), delta=delta,
+                         last=lambda out: chunk({}, out["finish_reason"]),
+                         usage=(lambda out: {**chunk({}, None), "choices": [], "usage": usage(out)})
+                         if req.include_usage else None)
+
+
 def fit_turns(meta: int, turns: list[int], starts: list[bool], last: int, max_prompt: int, context: int,
               reserve: int) -> tuple[int, int]:
     """How many leading messages to drop, and how many whole turns that is, so that the prompt
@@ -265,6 +362,7 @@ async def completions(request: Request) -> Any:
                                  code="invalid_value")
     text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
     opts = svc.options(req, default_max=min(16, svc.max_tokens_limit))  # OpenAI's default for completions
+    opts = replace(opts, constraint=await svc.constraint(req.response_format, reply=False))
     ids = await svc.count_prompt(lambda: svc.tokenizer.encode(text), "prompt")
     n = req.n or 1
     job = svc.worker.submit(lambda job: svc.worker.complete(ids, opts, job, reply=False, n=n), stream=req.stream)
@@ -300,6 +398,16 @@ async def completions(request: Request) -> Any:
                                                                          opts.logprobs is not None else None)]),
                          last=lambda out: [body([choice("", c["finish_reason"], c["index"])]) for c in out["choices"]],
                          usage=(lambda out: body([], usage=usage(out))) if req.include_usage else None)
+
+
+class _Counted:
+    """Starlette middleware shape around Metrics.middleware (requests by route and status)."""
+
+    def __init__(self, app: Any, metrics: Any):
+        self._app = metrics.middleware(app)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -442,6 +550,8 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     web: bool = True,
     max_batch: int = 1,
+    api_keys: Sequence[str] = (),
+    metrics_public: bool = False,
     default_max_tokens: int = 256,
     meta_instruction: str | None = None,
 ) -> FastAPI:
@@ -454,7 +564,12 @@ def create_app(
     load the model with ``batch=max_batch`` so its memory plan pays for their KV cache).
     ``default_max_tokens``: a reply's length when a request names none. ``meta_instruction``:
     what a conversation without a system message starts with (default MOSS's).
+    ``api_keys``: when given, every route but ``/health`` and the page (and ``/metrics`` with
+    ``metrics_public``) needs ``Authorization: Bearer KEY`` (jmoss.server.auth).
     """
+    from jmoss.server.auth import ApiKeyMiddleware, check_key
+    from jmoss.server.metrics import Metrics
+
     from jmoss.plugins import Plugin, load_plugins
 
     names = [p for p in plugins if isinstance(p, str)]
@@ -466,7 +581,9 @@ def create_app(
     svc = Service(worker, model_name, model.tokenizer, tools,
                   max_prompt_tokens=min(max_prompt_tokens or context - 1, context - 1),
                   max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, created=int(time.time()),
-                  context=context, default_max_tokens=default_max_tokens)
+                  context=context, default_max_tokens=default_max_tokens, eos_token_id=model.config.eos_token_id)
+    svc.metrics = Metrics(model, worker)
+    keys = [check_key(k) for k in api_keys]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -476,12 +593,20 @@ def create_app(
     app = base_app(lifespan)
     app.state.worker, app.state.service = worker, svc
     app.include_router(router)
+
+    def public(method: str, path: str) -> bool:
+        return path == "/health" or (web and path == "/" and method in ("GET", "HEAD")) or \
+            (metrics_public and path == "/metrics")
+
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, public=public)
+    app.add_middleware(_Counted, metrics=svc.metrics)  # outermost: refused keys are counted too
     if web:
         from jmoss.web import render_page
 
         svc.page = render_page({
             "model": model_name, "meta": meta_instruction or dialogue.base_meta_instruction(), "context": context,
-            "plugins": [p.capability or p.name for p in tools], "max_tokens": max_tokens_limit,
+            "plugins": [p.capability or p.name for p in tools], "max_tokens": max_tokens_limit, "auth": bool(keys),
             "defaults": {"temperature": MOSS_DEFAULTS["temperature"], "top_p": MOSS_DEFAULTS["top_p"],
                          "max_tokens": min(default_max_tokens, max_tokens_limit)}})
         app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)

@@ -79,9 +79,15 @@ class _TextPart(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
     name: str | None = None
+    # OpenAI tool calling (jmoss.server.tools): an assistant's calls, a tool's answer to one of them,
+    # and MOSS's Inner Thoughts of a turn that called no tool (as vLLM and DeepSeek name them).
+    tool_calls: list["ToolCall"] | None = Field(default=None, max_length=64)
+    tool_call_id: str | None = Field(default=None, max_length=256)
+    reasoning_content: str | None = None
+    refusal: None = None  # echoed back by clients that resend the assistant message as they got it
 
     def text(self) -> str:
         if self.content is None:
@@ -110,6 +116,7 @@ class Sampling(_Body):
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    response_format: "ResponseFormat | None" = None  # enforced token by token (jmoss.server.response_format)
 
     @property
     def include_usage(self) -> bool:
@@ -127,6 +134,9 @@ class ChatCompletionRequest(Sampling):
     # jmoss's opt-in (the chat page sends it): with plugins, a streamed reply also carries chunks
     # {"jmoss_event": {"kind", "text"}} for the turn's Inner Thoughts, Commands, Results, notices.
     jmoss_events: bool = False
+    tools: list["ToolDef"] | None = Field(default=None, max_length=64)  # jmoss.server.tools
+    tool_choice: Literal["none", "auto", "required"] | "NamedToolChoice" | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(Sampling):
@@ -144,9 +154,64 @@ class MossRequest(_Body):
     top_p: float = Field(default=MOSS_DEFAULTS["top_p"], gt=0, le=1)
     temperature: float = Field(default=MOSS_DEFAULTS["temperature"], ge=0, le=2)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
-    max_new_tokens: int | None = Field(default=None, ge=1)  # jmoss's: caps the reply (max_length caps the whole)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)  # jmoss's: caps the reply (max_length caps the whole)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     truncation: TRUNCATION = "auto"  # as in ChatCompletionRequest
+
+
+# -- structured output and tools (their behaviour: jmoss.server.response_format, jmoss.server.tools) --
+
+
+class _JsonSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON valid under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchemaFormat | None = None
+
+
+class _Function(_Body):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # what MOSS's command syntax can name
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: _Function
+
+
+class _FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: _FunctionName
+
+
+class _CalledFunction(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: _CalledFunction
+
+
+Message.model_rebuild()
+Sampling.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
 
 
 def validation_error(exc: ValidationError) -> ServerRequestError:
@@ -232,6 +297,9 @@ def messages_to_moss(messages: list[Message], plugins: Sequence["Plugin"],
     system: list[str] = []
     turns: list[str] = []
     for i, m in enumerate(messages):
+        if m.role == "tool" or m.tool_calls:
+            raise ServerRequestError(400, f"messages.{i} carries tool calls or results but the request has no tools",
+                                     param=f"messages.{i}", code="invalid_value")
         if m.role in ("system", "developer"):
             if turns:
                 raise ServerRequestError(400, "system messages must come before the conversation",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING, Any, Sequence
 
 from jmoss.server.routes import create_app
 
@@ -250,20 +251,27 @@ def serve(model: "TextModel", host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     """
     app = create_app(model, web=web, **limits)
     run_app(app, host, port, log_level=log_level, header_timeout=header_timeout, body_timeout=body_timeout,
-            idle_timeout=idle_timeout, max_connections=max_connections, max_header_bytes=max_header_bytes)
+            idle_timeout=idle_timeout, max_connections=max_connections, max_header_bytes=max_header_bytes,
+            api_keys=limits.get("api_keys", ()))
 
 
 def run_app(app: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, log_level: str = "info",
             header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
             idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-            max_header_bytes: int = 16 * 1024) -> None:
+            max_header_bytes: int = 16 * 1024, api_keys: Sequence[str] = ()) -> None:
     """Run a jmoss ASGI app (this process's, or a Ray cluster's front) on uvicorn with jmoss's
-    connection handling (:func:`timed_protocol`, the limits :func:`serve` describes) until interrupted."""
+    connection handling (:func:`timed_protocol`, the limits :func:`serve` describes) until interrupted.
+    ``api_keys``: the keys the app checks; none on a non-loopback ``host`` is warned about."""
     import copy
 
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
+    from jmoss.server.auth import exposure_warning
+
+    warning = exposure_warning(host, api_keys)
+    if warning:  # one line on stderr, before uvicorn's logging is set up
+        print(f"jmoss: {warning}", file=sys.stderr, flush=True)
     log_config = copy.deepcopy(LOGGING_CONFIG)  # jmoss.server's info lines (disconnects, timeouts) beside uvicorn's
     log_config["loggers"]["jmoss"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     # loop="asyncio": the same event loop whether or not uvloop is installed (ray[serve] pulls it in)

@@ -34,6 +34,7 @@ from jmoss.batching import BatchRunner, DetachedSession, StepCancelled
 from jmoss.errors import JmossError
 from jmoss.generation import Finish, GenerationOptions, fit_to_context, shared_prefix, stream_steps
 from jmoss.server.schemas import ServerRequestError, default_meta_instruction, openai_finish_reason, request_error
+from jmoss.stats import TTFT_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from jmoss.api import Model
@@ -57,6 +58,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     released: bool = False
+    created: float = field(default_factory=time.monotonic)
 
     def post(self, kind: str, value: Any) -> None:
         """From the worker thread: hand an event to the handler's event loop."""
@@ -127,6 +129,8 @@ class Worker:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.pending = 0
+        self.running = 0  # jobs started and not finished (pending - running wait in the queue)
+        self.queue_wait = Histogram(TTFT_BUCKETS)  # seconds from submit to start, per job started
         self.served = 0
         self.cancelled = 0  # jobs dropped or stopped because their client left
         self._state = CacheState()  # what the single cache holds (max_batch 1)
@@ -171,6 +175,8 @@ class Worker:
                     self._running.release()
                     continue  # its client left while it waited; the slot was freed then
                 job.started = True
+                self.running += 1
+                self.queue_wait.observe(time.monotonic() - job.created)
             if self.runner is None:
                 self._run_job(job)
             else:
@@ -192,8 +198,22 @@ class Worker:
                 self._forget_cache()
             job.post("error", ServerRequestError(500, "internal error during generation", type="server_error"))
         finally:
+            with self._lock:
+                self.running -= 1
             self._release(job, finished=True)
             self._running.release()
+
+    @property
+    def waiting(self) -> int:
+        """Requests admitted and not yet started."""
+        with self._lock:
+            return self.pending - self.running
+
+    def kv_positions(self) -> tuple[int, int]:
+        """(positions the KV caches hold tokens in, positions allocated for them)."""
+        if self.runner is None:
+            return self.session.length, self.session.max_len
+        return sum(s.length for s in self.runner.slots), self.runner.max_len * len(self.runner.slots)
 
     def _forget_cache(self) -> None:
         self.session.reset()
@@ -259,8 +279,19 @@ class Worker:
         first = outs[0]
         return {**first, "choices": outs, "completion_tokens": sum(o["completion_tokens"] for o in outs)}
 
+    def passes(self, ids: list[int], job: Job, body: Callable[[Callable[..., dict]], Any]) -> Any:
+        """``body(run)`` on one cache leased for the job, where ``run(ids, opts, reply=, stream=True)``
+        is one :meth:`complete` pass: several passes of one reply (OpenAI tool calls: MOSS's Commands,
+        then its answer) continue each other on the same cache. ``ids`` picks the cache."""
+        score = lambda held: -1 if held.owner is not None else shared_prefix(held.ids, ids)  # noqa: E731
+        with self._cache(job, score) as (session, state):
+            def run(ids: list[int], opts: GenerationOptions, *, reply: bool, stream: bool = True) -> dict:
+                return self._complete(session, state, ids, opts, job, reply=reply, stream=stream)
+
+            return body(run)
+
     def _complete(self, session: Any, state: Any, ids: list[int], opts: GenerationOptions, job: Job, *,
-                  reply: bool, index: int = 0) -> dict:
+                  reply: bool, index: int = 0, stream: bool = True) -> dict:
         if state.owner is not None:  # a uid conversation's tokens: nothing to share
             session.reset()
             state.ids, state.owner = [], None
@@ -284,14 +315,15 @@ class Worker:
                     delta, first = delta.lstrip(" "), not delta.strip(" ")
                 if delta or new:
                     text += delta
-                    job.post("delta", (index, delta, new))
+                    if stream:
+                        job.post("delta", (index, delta, new))
         finally:
             state.ids = (ids + tokens)[: session.length]
         if finish.reason == "cancelled":
             raise Cancelled()
         return {"index": index, "text": text, "finish_reason": openai_finish_reason(finish.reason),
                 "logprobs": entries if opts.logprobs is not None else None,
-                "prompt_tokens": len(ids), "completion_tokens": len(tokens), "cached_tokens": keep}
+                "prompt_tokens": len(ids), "completion_tokens": len(tokens), "cached_tokens": keep, "tokens": tokens}
 
     def _entries(self, step: Any) -> list[dict]:
         """OpenAI's logprobs entry of a step's token: text, logprob, UTF-8 bytes, most likely alternatives."""

@@ -7,14 +7,16 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   messages: $("messages"), composer: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
   newChat: $("new-chat"), system: $("system"), resetSystem: $("reset-system"), temperature: $("temperature"),
-  topP: $("top-p"), maxTokens: $("max-tokens"),
+  topP: $("top-p"), maxTokens: $("max-tokens"), keyForm: $("key-form"), keyInput: $("api-key"),
 };
+const KEY_SLOT = "jmoss-api-key";  // sessionStorage: this tab only, gone when it closes
 const PANEL_TITLES = { thoughts: "Inner Thoughts", commands: "Commands", results: "Results", notice: "Notice" };
 
 let history = [];        // [{role, content}] of this chat, sent with every request
 let shown = [];          // the message element of each history entry (greyed once the server drops it)
 let controller = null;   // the AbortController of the request in flight
 let chatId = 0;          // bumped by New chat, so a request still finishing cannot write into the new chat
+let memoryKey = "";      // the key when session storage is unavailable
 
 function el(tag, className) {
   const node = document.createElement(tag);
@@ -185,6 +187,33 @@ function setBusy(busy) {
   ui.stop.disabled = !busy;
 }
 
+// -- the API key (servers started with --api-key): asked once, kept in the tab's session storage --
+
+function apiKey() {
+  try { return sessionStorage.getItem(KEY_SLOT) || ""; } catch (err) { return ""; }
+}
+
+function askForKey() {
+  ui.keyForm.hidden = false;
+  ui.keyInput.focus();
+}
+
+function saveKey(event) {
+  event.preventDefault();
+  const key = ui.keyInput.value.trim();
+  if (!key) return;
+  try { sessionStorage.setItem(KEY_SLOT, key); } catch (err) { /* storage off: the key lives until reload */ }
+  memoryKey = key;
+  ui.keyInput.value = "";
+  ui.keyForm.hidden = true;
+  ui.input.focus();
+}
+
+function authHeaders() {
+  const key = apiKey() || memoryKey;
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
 // -- talking to the server --
 
 function number(input, fallback) {
@@ -255,10 +284,15 @@ async function send() {
   let finish = null;
   try {
     const response = await fetch("v1/chat/completions", {
-      method: "POST", headers: { "Content-Type": "application/json" },
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(requestBody()), signal: controller.signal,
     });
-    if (!response.ok) {
+    if (response.status === 401) {  // no key yet, or a wrong one: forget it and ask
+      try { sessionStorage.removeItem(KEY_SLOT); } catch (err) { /* nothing stored */ }
+      memoryKey = "";
+      askForKey();
+      failure = await errorText(response);
+    } else if (!response.ok) {
       failure = await errorText(response);
     } else {
       for await (const chunk of events(response)) {
@@ -332,5 +366,7 @@ ui.input.addEventListener("keydown", (event) => {
 });
 ui.stop.addEventListener("click", stop);
 ui.newChat.addEventListener("click", newChat);
+ui.keyForm.addEventListener("submit", saveKey);
 setBusy(false);
 ui.input.focus();
+if (config.auth && !apiKey()) askForKey();
