@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jmoss.errors import ContextLengthError, GenerationError
+from jmoss.errors import ContextLengthError, GenerationError, TokenizerError
+from jmoss.lookup import LookupStats, PromptLookup, draft_limit, parse_lookup
 
 if TYPE_CHECKING:
     from jmoss.session import Session, TextModel
@@ -38,6 +39,8 @@ class GenerationOptions:
     max_time: float | None = None
     seed: int | None = None
     skip_special_tokens: bool = True
+    # prompt-lookup speculative decoding (jmoss.lookup): "off"/0, "auto" (on where it pays), or at most K draft tokens per pass
+    lookup: int | str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -52,6 +55,7 @@ class GenerationOptions:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.max_time is not None and not self.max_time > 0:
             raise GenerationError(f"max_time must be a positive number of seconds, got {self.max_time!r}")
+        object.__setattr__(self, "lookup", parse_lookup(self.lookup))
 
     @classmethod
     def from_kwargs(cls, **options) -> "GenerationOptions":
@@ -70,7 +74,18 @@ class GenerationOptions:
 
 
 class Sampler:
-    """Turns next-token logits into token ids for a batch, in MOSS's order."""
+    """Turns next-token logits into token ids, one position at a time, in MOSS's order.
+
+    ``scores`` processes one position's logits given the ids before it (the prompt, earlier turns
+    and every token generated up to that position); ``pick`` draws a token from them and
+    ``verify`` decides a speculative draft token (jmoss.lookup) at one position. Lookup verifies a
+    draft position by position, each with exactly the history plain generation would have had there
+    (accepted drafts included), so any processing that depends on the ids so far (the repetition
+    penalty, and any later penalty or token mask) stays exact. A processor that keeps its own state
+    (e.g. a grammar matcher) must advance on each token ``pick``/``verify`` return and on nothing
+    else: verification never processes a position after the first rejected draft, so it never needs
+    to roll back (see generation.generate_ids).
+    """
 
     def __init__(self, options: GenerationOptions, vocab_limit: int):
         self.options = options
@@ -80,7 +95,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
         return np.array([self.pick(row, history) for row, history in zip(logits, histories)], dtype=np.int64)
 
-    def pick(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def scores(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """One position's logits processed in MOSS's order given the ids before it: repetition
+        penalty, then (sampling only) temperature, top-k and top-p; excluded ids are -inf."""
         o = self.options
         scores = np.array(logits[: self.vocab_limit], dtype=np.float32)
         if o.repetition_penalty != 1.0 and len(history):
@@ -89,7 +106,7 @@ class Sampler:
             values = scores[seen]
             scores[seen] = np.where(values < 0, values * o.repetition_penalty, values / o.repetition_penalty)
         if not o.do_sample:
-            return int(scores.argmax())
+            return scores
         scores = scores / o.temperature
         if o.top_k and o.top_k < scores.size:
             kth = np.partition(scores, -o.top_k)[-o.top_k]
@@ -100,7 +117,35 @@ class Sampler:
             remove = np.cumsum(probs) <= 1.0 - o.top_p
             remove[-1] = False  # always keep the most likely token
             scores[order[remove]] = -np.inf
+        return scores
+
+    def pick(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        """The next token: the best one (greedy) or one drawn from the processed distribution."""
+        scores = self.scores(logits, history)
+        if not self.options.do_sample:
+            return int(scores.argmax())
         probs = _softmax(scores)
+        return int(self.rng.choice(probs.size, p=probs))
+
+    def verify(self, logits: np.ndarray, history: Sequence[int], draft: int) -> int:
+        """The token this position gets when a drafter proposed ``draft``: ``draft`` itself when accepted.
+
+        Greedy: the best token (accepted iff it is the draft), so output equals plain greedy.
+        Sampling, the standard speculative acceptance for a deterministic drafter (whose proposal
+        distribution is a point mass on the draft): accept with probability p(draft), else draw
+        from p with the draft removed and renormalised. Then P(token = x) = p(x) for every x: for
+        the draft p(draft); for x != draft (1 - p(draft)) * p(x) / (1 - p(draft)).
+        """
+        scores = self.scores(logits, history)
+        if not self.options.do_sample:
+            return int(scores.argmax())
+        probs = _softmax(scores)
+        p = float(probs[draft]) if 0 <= draft < probs.size else 0.0
+        if self.rng.random() < p:
+            return int(draft)
+        if p > 0.0:
+            probs[draft] = 0.0
+            probs /= probs.sum()
         return int(self.rng.choice(probs.size, p=probs))
 
 
@@ -197,16 +242,31 @@ def generate_ids(
     should_stop: StopCheck | None = None,
     fit_context: bool = False,
     reasons: list[str | None] | None = None,
+    stats: LookupStats | None = None,
 ) -> Iterator[list[int | None]]:
-    """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None once done).
+    """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None: none this step).
 
     A row ends on a stop token sequence (the stop tokens are yielded, so callers see why), at
     max_new_tokens, at max_time, when the session is full, or when ``should_stop()`` turns true
-    (checked before the prefill and before every decode: at most one more step runs). With
+    (checked before the prefill and before every forward pass: at most one more pass runs). With
     ``fit_context`` max_new_tokens is clamped to the room the session has after the prefill
     (:func:`fit_to_context`) and a row ending there ends for "context". ``reasons`` (one entry per
     row) receives why each row ended: "stop", "length", "context", "time" or "cancelled".
     ``histories`` are the ids the repetition penalty sees before the new rows (a chat's earlier turns).
+
+    With ``options.lookup`` (jmoss.lookup) a pass may yield several steps: each live row's next
+    token is fed together with up to k draft tokens taken from its own context, one forward
+    returns the logits of every fed position, and each draft is verified in order with
+    :meth:`Sampler.verify` (each position sees the history plain decoding would have had). The
+    accepted drafts are yielded as the following steps; the first rejection (or the token after the
+    last draft) is the next token fed, and the cache is truncated past what was kept. Greedy output
+    is plain greedy's, token for token; sampled output follows the target distribution. Rows of a
+    batched Session keep the same number of tokens per pass (up to the first position any live row
+    rejects: the cache stays one column per token); a BatchRunner slot is one row and keeps all it
+    accepted. Whenever
+    the generator stops (finished, closed or failed) a one-row session holds exactly what plain
+    decoding would hold: the prompt and every generated token but the last. ``stats`` receives
+    the passes run and the drafts fed and accepted.
     """
     stops = _Stops.build(model, options.stop)
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))
@@ -227,36 +287,100 @@ def generate_ids(
     if should_stop is not None and should_stop():
         end("cancelled")
         return
+    stats = stats if stats is not None else LookupStats()
+    k = draft_limit(options.lookup, model, session)
+    drafters = [PromptLookup(s) for s in seen] if k else []
     logits = session.prefill(rows)
-    for n in range(1, limit + 1):
-        tokens = sampler(logits, seen)
-        step: list[int | None] = []
-        for b, token in enumerate(tokens):
-            if why[b] is not None:
-                step.append(None)
+    base = session.length  # plain decoding feeds generated token n into slot base + n - 1
+    last = min(limit, session.max_len - base + 1)  # the token a row ends at for length or context
+
+    def emit(step: list[int | None]) -> list[int | None]:
+        """Record one step's tokens; a row that ends here gets its reason (stop before length)."""
+        for b, token in enumerate(step):
+            if token is None or why[b] is not None:
+                step[b] = None
                 continue
-            generated[b].append(int(token))
-            seen[b].append(int(token))
-            step.append(int(token))
-            if stops.token_hit(generated[b]):
-                why[b] = "stop"
-        yield step
-        if all(r is not None for r in why):
-            return  # no forward for a token nobody will read
-        reason = ("length" if n == options.max_new_tokens else "context" if n == limit or session.room == 0
-                  else "time" if deadline is not None and time.monotonic() >= deadline
-                  else "cancelled" if should_stop is not None and should_stop() else None)
-        if reason is not None:
-            end(reason)
-            return
-        feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
-        logits = session.decode(feed)
+            generated[b].append(token)
+            seen[b].append(token)
+            if drafters:
+                drafters[b].extend((token,))
+            n = len(generated[b])
+            why[b] = ("stop" if stops.token_hit(generated[b]) else "length" if n == options.max_new_tokens
+                      else "context" if n >= last else None)
+        return step
+
+    pending: list[int | None] = [int(t) for t in sampler(logits, seen)]
+    try:
+        while True:
+            yield emit(list(pending))  # each live row's next token: what plain decoding feeds next
+            if all(r is not None for r in why):
+                return  # no forward for a token nobody will read
+            reason = ("time" if deadline is not None and time.monotonic() >= deadline
+                      else "cancelled" if should_stop is not None and should_stop() else None)
+            if reason is not None:
+                end(reason)
+                return
+            live = [b for b in range(len(rows)) if why[b] is None]
+            drafts = [drafters[b].propose(min(k, last - len(generated[b]), session.room - 1))
+                      if drafters and b in live else [] for b in range(len(rows))]
+            if not all(drafts[b] for b in live):  # a row without a draft would keep 1 token: plain decode
+                feed = [int(t) if why[b] is None else (model.config.eos_token_id or 0) for b, t in enumerate(pending)]
+                logits = session.decode(feed)
+                stats.passes += 1
+                pending = [int(t) for t in sampler(logits, seen)]
+                continue
+            start = session.length
+            out = session.verify([[pending[b]] + drafts[b] if why[b] is None else [] for b in range(len(rows))])
+            runs = _verify(sampler, out, seen, drafts, live)
+            keep = len(runs[live[0]])  # tokens each live row keeps from this pass: its fed token + accepted drafts
+            stats.passes += 1
+            stats.verify_passes += 1
+            stats.drafted += sum(len(drafts[b]) for b in live)
+            stats.accepted += (keep - 1) * len(live)
+            stats.per_pass.append((keep - 1) * len(live))
+            session.truncate(start + keep)
+            for j in range(keep - 1):  # the accepted drafts, one step each
+                yield emit([runs[b][j] if b in runs else None for b in range(len(rows))])
+                if all(r is not None for r in why):
+                    return
+            pending = [runs[b][keep - 1] if b in runs else None for b in range(len(rows))]
+    finally:
+        if session.batch == 1 and generated[0] and session.length > base + len(generated[0]) - 1:
+            session.truncate(base + len(generated[0]) - 1)  # what plain decoding holds: all but the last token
+
+
+def _verify(sampler: Sampler, logits: np.ndarray, seen: list[list[int]], drafts: list[list[int]],
+            live: list[int]) -> dict[int, list[int]]:
+    """Each live row's tokens from one verify pass, position by position: the draft where the
+    target accepts it, else the target's own token, which ends the pass for every row.
+
+    ``logits[b, i]`` follows row b's fed token and ``drafts[b][:i]``; position i is processed with
+    the history plain decoding would have had there. A row whose drafts are all accepted gets the
+    target's token after the last one. All rows stop at the first position where any row's pass
+    ends, so every row keeps the same count (a batched cache stays one column per token) and no
+    token is drawn that is not kept (a stateful processor sees only generated tokens).
+    """
+    runs: dict[int, list[int]] = {b: [] for b in live}
+    for i in range(1 + max(len(drafts[b]) for b in live)):
+        ended = False
+        for b in live:
+            history = seen[b] + runs[b]
+            if i < len(drafts[b]):
+                token = sampler.verify(logits[b, i], history, drafts[b][i])
+                ended |= token != drafts[b][i]
+            else:
+                token = sampler.pick(logits[b, i], history)
+                ended = True
+            runs[b].append(token)
+        if ended:
+            break
+    return runs
 
 
 def _vocab_limit(model: "TextModel") -> int:
     try:
         return min(model.tokenizer.vocab_size, model.config.vocab_size)
-    except GenerationError:  # no tokenizer files: any embedding row may be produced
+    except (GenerationError, TokenizerError):  # no tokenizer files: any embedding row may be produced
         return model.config.vocab_size
 
 
