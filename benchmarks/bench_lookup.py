@@ -259,7 +259,103 @@ def run_replay(args, costs: dict[int, float] | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# passes: what a verify pass of r rows costs against a one-row decode pass
+# ----------------------------------------------------------------------------------------------
+
+
+def run_passes(model, rows: list[int], reps: int, prompt_len: int) -> dict[str, dict[int, float]]:
+    """Median seconds of a one-row session's forward of r tokens (Session.verify: every position's
+    logits, as lookup runs it), fused one-op layer and per-op path, interleaved round by round."""
+    from jmoss.kernels import cpu as kernels_cpu
+
+    session = model.session(max_len=prompt_len + max(rows) + 8)
+    session.prefill([[(37 * i) % 50000 + 100 for i in range(prompt_len)]])
+    fused_rows = kernels_cpu.FUSED_MAX_ROWS
+    paths = {"fused": fused_rows, "per-op": 0}
+    times: dict[str, dict[int, list[float]]] = {p: {r: [] for r in rows} for p in paths}
+    for rep in range(reps + 1):  # the first round warms up (kernel compiles, page cache) and is dropped
+        for path, limit in paths.items():
+            kernels_cpu.FUSED_MAX_ROWS = limit
+            try:
+                for r in rows:
+                    start = session.length
+                    t0 = time.perf_counter()
+                    session.verify([[(11 * j) % 50000 + 200 for j in range(r)]])
+                    dt = time.perf_counter() - t0
+                    session.truncate(start)
+                    if rep:
+                        times[path][r].append(dt)
+            finally:
+                kernels_cpu.FUSED_MAX_ROWS = fused_rows
+    return {p: {r: statistics.median(v) for r, v in by.items()} for p, by in times.items()}
+
+
+def print_passes(med: dict[str, dict[int, float]]) -> dict[int, float]:
+    """Print the pass-cost table; return the best path's cost relative to its own one-row pass."""
+    base = min(m[1] for m in med.values())
+    print("\npass cost: median seconds of one forward of r rows on a one-row session (every position's logits), "
+          "and relative to the fastest 1-row pass")
+    print(f"{'rows':>5}" + "".join(f"{p + ' s':>12}{p + ' x':>10}" for p in med))
+    for r in sorted(next(iter(med.values()))):
+        print(f"{r:>5}" + "".join(f"{m[r]:>12.4f}{m[r] / base:>10.3f}" for m in med.values()))
+    best = {r: min(m[r] for m in med.values()) / base for r in next(iter(med.values()))}
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# forced: decode tok/s with and without lookup when 3 of every 4 drafts are accepted
+# ----------------------------------------------------------------------------------------------
+
+
+def three_of_four(entries: int, base: int = 1000) -> tuple[list[int], list[int]]:
+    """A prompt of entries [k_i, v_i1, v_i2, v_i3, u_i] (all ids distinct) and a target that writes
+    k_1 v_11 v_12 v_13 k_2 v_21 ...: each pass's pending k_i is found once in the prompt (its only
+    earlier occurrence), the drafter proposes v_i1 v_i2 v_i3 u_i, the target accepts 3 and writes
+    k_{i+1} instead of u_i, which is the next pass's fed token. So every pass feeds 5 rows and
+    yields 4 tokens."""
+    entry = [[base + 5 * i + j for j in range(5)] for i in range(entries)]
+    prompt = [t for e in entry for t in e]
+    target = [t for e in entry for t in e[:4]]
+    return prompt, target
+
+
+def run_forced(model, decode_tokens: int, rounds: int) -> list[tuple[str, float, int, int]]:
+    """Decode tok/s of the forced target with lookup off and with lookup=4, interleaved; each
+    generation's first token (from the prompt's pass) is left out of the rate."""
+    from jmoss.generation import GenerationOptions, generate_ids
+    from jmoss.lookup import LookupStats
+
+    prompt, target = three_of_four(decode_tokens // 4 + 2)
+
+    def rule(history: tuple[int, ...]) -> int:
+        i = len(history) - len(prompt)
+        return target[i] if 0 <= i < len(target) and list(history[len(prompt):]) == target[:i] else target[0]
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from forced_model import forced
+
+    model = forced(model, rule)
+    results = []
+    for rep in range(rounds + 1):
+        for lookup in ("off", 4):
+            session = model.session(max_len=len(prompt) + decode_tokens + 8)
+            stats = LookupStats()
+            opts = GenerationOptions(do_sample=False, lookup=lookup, max_new_tokens=decode_tokens,
+                                     repetition_penalty=1.0)
+            out, stamps = [], []
+            for step in generate_ids(model, session, [prompt], opts, stats=stats):
+                out.append(step[0])
+                stamps.append(time.perf_counter())
+            assert out == target[:decode_tokens], "the forced target was not followed"
+            if rep:
+                rate = (len(out) - 1) / (stamps[-1] - stamps[0])
+                results.append((str(lookup), rate, stats.passes, stats.accepted))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # main
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -268,7 +364,18 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     replay = sub.add_parser("replay", help="replay MOSS's recorded replies through the drafter")
     replay.add_argument("--costs", default="", help="pass costs relative to 1 row, e.g. 1:1,2:1.05,4:1.1,8:1.3")
-    for p in (replay,):
+    passes = sub.add_parser("passes", help="cost of an r-row verify pass relative to 1 row")
+    forced_cmd = sub.add_parser("forced", help="tok/s with lookup vs without at 3 of 4 drafts accepted")
+    everything = sub.add_parser("all", help="passes, forced and replay with the measured costs")
+    for p in (passes, forced_cmd, everything):
+        p.add_argument("store", help="a converted store (the 16B int4 CPU store for the record)")
+        p.add_argument("--device-memory", default=None, help="budget (default: everything resident)")
+        p.add_argument("--rows", default="1,2,3,4,5,8,9")
+        p.add_argument("--reps", type=int, default=5)
+        p.add_argument("--prompt-tokens", type=int, default=128)
+        p.add_argument("--decode-tokens", type=int, default=32)
+        p.add_argument("--rounds", type=int, default=2)
+    for p in (replay, everything):
         p.add_argument("--shared", type=Path, default=SHARED)
         p.add_argument("--ks", default="1,2,3,4,6,8")
         p.add_argument("--max-ngram", type=int, default=MAX_NGRAM)
@@ -278,6 +385,32 @@ def main() -> None:
           f"commit {_commit()}, {_load()}")
     if args.cmd == "replay":
         costs = {int(a): float(b) for a, b in (x.split(":") for x in args.costs.split(",") if x)} or None
+        run_replay(args, costs)
+        return
+    import jmoss
+    from jmoss.kernels import info
+
+    t0 = time.perf_counter()
+    model = jmoss.load(args.store, device="cpu", device_memory=args.device_memory)
+    plan = model.plan
+    print(f"model {args.store}: {model.config.n_layer} layers, n_embd {model.config.n_embd}, "
+          f"wbits {model.config.wbits}, loaded in {time.perf_counter() - t0:.1f} s; kernels {info()['isa']}, "
+          f"{info()['threads']} threads; {'streaming ' + str(plan.disk_bytes_per_token) + ' B/token' if plan and plan.streams else 'resident'}")
+    costs = None
+    if args.cmd in ("passes", "all"):
+        med = run_passes(model, [int(r) for r in args.rows.split(",")], args.reps, args.prompt_tokens)
+        costs = print_passes(med)
+        print(_load())
+    if args.cmd in ("forced", "all"):
+        results = run_forced(model, args.decode_tokens, args.rounds)
+        print(f"\nforced target, 3 of every 4 drafts accepted ({args.decode_tokens} tokens per generation, "
+              f"{args.rounds} interleaved rounds):")
+        for lookup, rate, passes, accepted in results:
+            print(f"  lookup {lookup:>3}: {rate:7.3f} tok/s decode, {passes} passes, {accepted} drafts accepted")
+        off = statistics.median(r for l, r, _, _ in results if l == "off")
+        on = statistics.median(r for l, r, _, _ in results if l != "off")
+        print(f"  speed-up (median of rounds): {on / off:.2f}x  ({_load()})")
+    if args.cmd == "all":
         run_replay(args, costs)
 
 

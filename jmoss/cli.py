@@ -15,6 +15,24 @@ from jmoss import __version__
 from jmoss.errors import JmossError
 from jmoss.sizes import SIZE
 
+
+class _Lookup(click.ParamType):
+    """--lookup off|auto|K, validated by jmoss.lookup.parse_lookup."""
+
+    name = "off|auto|K"
+
+    def convert(self, value, param, ctx):
+        from jmoss.lookup import parse_lookup
+
+        try:
+            return parse_lookup(value)
+        except JmossError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+LOOKUP_HELP = ("prompt-lookup speculative decoding: drafts up to K tokens from the context per pass and keeps what "
+               "the model itself would produce (greedy output unchanged); auto = on where it measures faster")
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -78,6 +96,7 @@ sampling_options = _with_options([
     click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.02, show_default=True),
     click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
     click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=None, help="seconds per reply"),
+    click.option("--lookup", type=_Lookup(), default="auto", show_default=True, help=LOOKUP_HELP),
 ])
 
 
@@ -87,9 +106,9 @@ def _plugin_args(plugins: str, search_docs: Path | None) -> tuple[list[str], dic
     return names, ({"search": {"folder": search_docs}} if search_docs else {})
 
 
-def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, max_time) -> dict:
+def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, max_time, lookup) -> dict:
     return dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p,
-                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, max_time=max_time)
+                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, max_time=max_time, lookup=lookup)
 
 
 @main.command()
@@ -300,6 +319,7 @@ def doctor(fix_cuda, undo_cuda_fix):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")
+@click.option("--lookup", type=_Lookup(), default="auto", show_default=True, help=LOOKUP_HELP + " (every request)")
 def serve(model, device, dtype, device_memory, host_memory, host, port, model_name, plugins, search_docs, no_web,
           max_batch, **limits):
     """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.

@@ -345,7 +345,7 @@ def generate_ids(
                     return
             pending = [runs[b][keep - 1] if b in runs else None for b in range(len(rows))]
     finally:
-        if session.batch == 1 and generated[0] and session.length > base + len(generated[0]) - 1:
+        if k and len(rows) == 1 and generated[0] and session.length > base + len(generated[0]) - 1:
             session.truncate(base + len(generated[0]) - 1)  # what plain decoding holds: all but the last token
 
 

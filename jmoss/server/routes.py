@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from jmoss import dialogue
+from jmoss.lookup import parse_lookup
 from jmoss.server.schemas import (
     MOSS_DEFAULTS, ChatCompletionRequest, CompletionRequest, MossRequest, Sampling, ServerRequestError,
     error_response, messages_to_moss, moss_options, openai_finish_reason, sampling_options, usage,
@@ -56,6 +58,7 @@ class Service:
     max_body_bytes: int
     created: int
     page: Any = None  # the chat page (jmoss.web), when served
+    lookup: int | str = "auto"  # prompt-lookup decoding for every request (jmoss.lookup; serve --lookup)
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> Any:
         body = await _read_body(request, self.max_body_bytes)
@@ -70,7 +73,8 @@ class Service:
                                      param="model", code="model_not_found")
 
     def options(self, req: Sampling, default_max: int, stop: Sequence[str] = ()):
-        return sampling_options(req, max_tokens_limit=self.max_tokens_limit, default_max=default_max, stop=stop)
+        opts = sampling_options(req, max_tokens_limit=self.max_tokens_limit, default_max=default_max, stop=stop)
+        return dataclasses.replace(opts, lookup=self.lookup)
 
     async def count_prompt(self, ids_of: Callable[[], list[int]], param: str) -> list[int]:
         ids = await asyncio.to_thread(ids_of)  # the Rust tokenizer is thread-safe and releases the GIL
@@ -112,7 +116,8 @@ async def moss_api(request: Request) -> Any:
                 code="context_length_exceeded")
         uid, chat = worker.conversation(req.uid)
         try:
-            reply = worker.chat_turn(chat, req.prompt, moss_options(req, min(room, svc.max_tokens_limit)), job)
+            options = {**moss_options(req, min(room, svc.max_tokens_limit)), "lookup": svc.lookup}
+            reply = worker.chat_turn(chat, req.prompt, options, job)
         except BaseException:
             if known is None:  # its client never learns the uid: the new session is useless
                 worker.forget(uid)
@@ -360,6 +365,7 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     web: bool = True,
     max_batch: int = 1,
+    lookup: int | str = "auto",
 ) -> FastAPI:
     """The ASGI app serving ``model``; its worker thread starts here and stops at shutdown.
 
@@ -367,7 +373,8 @@ def create_app(
     meta instruction included; ``max_tokens_limit`` bounds max_tokens (and MOSS's max_length
     replies); ``session_limit``/``session_ttl`` bound the uid conversations. ``web`` serves the
     chat page at ``GET /``. ``max_batch`` sequences are generated together (continuous batching;
-    load the model with ``batch=max_batch`` so its memory plan pays for their KV cache).
+    load the model with ``batch=max_batch`` so its memory plan pays for their KV cache). ``lookup``
+    is every request's prompt-lookup setting (jmoss.lookup: "off", "auto" or a draft length).
     """
     from jmoss.plugins import Plugin, load_plugins
 
@@ -379,7 +386,8 @@ def create_app(
     worker = Worker(model, tools, queue_size, session_limit, session_ttl, max_batch)
     svc = Service(worker, model_name, model.tokenizer, tools,
                   max_prompt_tokens=min(max_prompt_tokens or n_positions - 1, n_positions - 1),
-                  max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, created=int(time.time()))
+                  max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, created=int(time.time()),
+                  lookup=parse_lookup(lookup))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
