@@ -263,10 +263,9 @@ def generate_ids(
     is plain greedy's, token for token; sampled output follows the target distribution. Rows of a
     batched Session keep the same number of tokens per pass (up to the first position any live row
     rejects: the cache stays one column per token); a BatchRunner slot is one row and keeps all it
-    accepted. Whenever
-    the generator stops (finished, closed or failed) a one-row session holds exactly what plain
-    decoding would hold: the prompt and every generated token but the last. ``stats`` receives
-    the passes run and the drafts fed and accepted.
+    accepted. Whenever the generator stops (finished, closed or failed) a one-row session holds
+    exactly what plain decoding would hold: the prompt and every generated token but the last.
+    ``stats`` receives the passes run and the drafts fed and accepted.
     """
     stops = _Stops.build(model, options.stop)
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))

@@ -29,8 +29,12 @@ MIN_NGRAM = 1
 # Most draft tokens one pass verifies: a pass of k+1 rows must stay one fused decode op
 # (kernels.FUSED_MAX_ROWS = 16) and close to a 1-row pass in cost.
 MAX_DRAFT = 15
-# Drafts per pass under "auto" (see draft_limit).
+# "auto": drafts per pass, and the weight bytes a decode token must read on a CPU for lookup to be on.
+# A pass of a few rows costs about one row's only while reading the weights dominates it (a large
+# model); a small model's pass is bound by compute and grows with every row
+# (benchmarks/bench_lookup.py passes). On CUDA a few more rows are always nearly free.
 AUTO_DRAFT = 4
+AUTO_MIN_WEIGHT_BYTES = 2 << 30
 
 
 @dataclass
@@ -108,6 +112,23 @@ class PromptLookup:
         return []
 
 
+def auto_drafts(model: "ForwardModel") -> int:
+    """Drafts per pass under "auto": AUTO_DRAFT where a pass is bound by reading weights (CUDA, or
+    a CPU model whose layers and head read AUTO_MIN_WEIGHT_BYTES or more per token), else 0.
+
+    It depends on the model and its plan only, never on timings, so a seeded sampled generation
+    gives the same text on every run."""
+    plan = getattr(model, "plan", None)
+    if plan is None:
+        return 0
+    if plan.device == "cuda":
+        return AUTO_DRAFT
+    from jmoss.layout import EMBED
+
+    weights = sum(p.nbytes for p in plan.placements if p.group != EMBED)
+    return AUTO_DRAFT if weights >= AUTO_MIN_WEIGHT_BYTES else 0
+
+
 def draft_limit(lookup: int | str, model: "ForwardModel", session: object) -> int:
     """Draft tokens a pass may verify for this model and session: 0 when lookup is off or cannot run.
 
@@ -115,9 +136,10 @@ def draft_limit(lookup: int | str, model: "ForwardModel", session: object) -> in
     memory, logits for every fed position included, must fit what the memory plan billed for a
     prefill chunk (jmoss.placement.work_buffer_bytes), so the plan stays the budget.
     """
+    lookup = parse_lookup(lookup)
     if not lookup or not hasattr(session, "verify"):
         return 0
-    k = AUTO_DRAFT if lookup == "auto" else int(lookup)
+    k = auto_drafts(model) if lookup == "auto" else int(lookup)
     chunk = getattr(session, "prefill_chunk", None)
     if chunk:
         k = min(k, int(chunk) - 1)

@@ -96,6 +96,33 @@ def test_the_lookup_option_is_off_auto_or_a_draft_length():
         GenerationOptions(lookup="sometimes")
 
 
+def test_auto_is_on_where_reading_weights_bounds_a_pass(shared_dir):
+    from types import SimpleNamespace
+
+    from jmoss.config import MossConfig
+    from jmoss.layout import resolved
+    from jmoss.lookup import AUTO_DRAFT, auto_drafts, draft_limit
+    from jmoss.placement import plan_placement
+
+    moss = MossConfig.from_json_file(shared_dir / "assets" / "moss-moon-003-sft" / "config.json")
+    moss_int4 = resolved(MossConfig(**{**moss.__dict__, "wbits": 4, "groupsize": 128}))
+    small = MossConfig.from_json_file(shared_dir / "assets" / "codegen-350M-mono" / "config.json")
+
+    def model(config, device="cpu", **budget):
+        plan = plan_placement(config, device=device, device_memory=budget.get("memory"), host_memory=None)
+        return SimpleNamespace(config=config, plan=plan)
+
+    assert auto_drafts(model(moss_int4)) == AUTO_DRAFT  # 8.5 GB per token on a CPU: a few rows cost one
+    assert auto_drafts(model(moss)) == AUTO_DRAFT
+    assert auto_drafts(model(small)) == 0  # 0.7 GB: compute grows with every row
+    assert auto_drafts(model(small, "cuda")) == AUTO_DRAFT
+    assert auto_drafts(SimpleNamespace(plan=None)) == 0  # built without a plan (tests, from_state_dict)
+    session = SimpleNamespace(verify=None, prefill_chunk=3)
+    assert draft_limit("auto", model(moss_int4), session) == 2  # a pass stays one prefill chunk
+    assert draft_limit(8, model(moss_int4), SimpleNamespace(prefill_chunk=512)) == 0  # no verify: a stand-in
+    assert draft_limit("off", model(moss_int4), session) == 0
+
+
 # -- greedy output unchanged -------------------------------------------------------------------
 
 
@@ -361,3 +388,71 @@ def test_sampled_generation_with_lookup_follows_the_target(report):
            f"chi-square p = {pval:.3f}")
     assert stats.verify_passes > draws // 2 and stats.accepted > 0
     assert pval > 1e-3
+
+
+# -- the server and the command line --------------------------------------------------------------
+
+
+def test_the_server_answers_the_same_with_lookup_alone_and_batched(tokenizer, tok_dir, report):
+    import httpx
+
+    from jmoss.server import create_app
+    from test_web import AppServer
+
+    model = _model(tokenizer, tok_dir, [("<|MOSS|>:", REPLY)])
+    ask = "Say it again:" + REPEATED + ", and again:" + REPEATED + "."
+
+    def answers(url: str) -> list:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            done = http.post("/v1/completions", json={"model": "m", "prompt": PROMPT, "max_tokens": 60,
+                                                        "temperature": 0}).json()
+            chat = http.post("/v1/chat/completions", json={"model": "m", "max_tokens": 60, "temperature": 0,
+                                                           "messages": [{"role": "user", "content": ask}]}).json()
+            first = http.post("/", json={"prompt": ask, "temperature": 0, "max_length": 600}).json()
+            second = http.post("/", json={"prompt": ask, "uid": first["uid"], "temperature": 0,
+                                          "max_length": 900}).json()
+        return [done["choices"][0]["text"], done["usage"], chat["choices"][0]["message"]["content"],
+                chat["choices"][0]["finish_reason"], first["response"], second["response"]]
+
+    got, forwards = {}, {}
+    for lookup in ("off", K):
+        for batch in (1, 2):
+            model.passes.clear()
+            server = AppServer(create_app(model, model_name="m", web=False, max_tokens_limit=200, max_batch=batch,
+                                          lookup=lookup))
+            try:
+                got[(lookup, batch)] = answers(server.url)
+            finally:
+                server.stop()
+            forwards[(lookup, batch)] = len(model.passes)
+    assert all(v == got[("off", 1)] for v in got.values()), got
+    assert got[("off", 1)][0] == REPLY[:len(got[("off", 1)][0])] and got[("off", 1)][4].startswith(REPLY[1:20])
+    assert forwards[(K, 1)] < forwards[("off", 1)] and forwards[(K, 2)] < forwards[("off", 2)]
+    report(f"server (completion, chat, 2 uid turns): {forwards[('off', 1)]} forwards without lookup, "
+           f"{forwards[(K, 1)]} with; --max-batch 2: {forwards[('off', 2)]} / {forwards[(K, 2)]}")
+
+
+# -- a real (random-weight) model ------------------------------------------------------------------
+
+
+def test_a_real_random_model_gives_plain_greedy_with_lookup(tok_dir, report):
+    from jmoss.api import Model
+    from moss_fixtures import tiny_moss
+    from torch_reference import state_dict_numpy
+
+    torch_model, config = tiny_moss(seed=1)
+    model = Model.from_state_dict(state_dict_numpy(torch_model), config, device="cpu", tokenizer_path=tok_dir)
+    prompts = ["the cat the cat the cat the cat", "1 2 3 4 1 2 3 4 1 2 3 4 1 2"]
+    accepted = 0
+    for text in prompts:
+        ids = model.tokenizer.encode(text)
+        for penalty in (1.0, 1.02):
+            stats = LookupStats()
+            plain = _run(model, ids, "off", max_new_tokens=48, repetition_penalty=penalty)
+            ours = _run(model, ids, K, max_new_tokens=48, repetition_penalty=penalty, stats=stats)
+            assert ours[:2] == plain[:2]
+            accepted += stats.accepted
+    assert accepted > 0  # the model repeats itself, so drafts were really kept
+    batch = model.generate(prompts, do_sample=False, max_new_tokens=24, lookup=K, repetition_penalty=1.0)
+    assert batch == model.generate(prompts, do_sample=False, max_new_tokens=24, lookup="off", repetition_penalty=1.0)
+    report(f"tiny random MOSS: greedy with lookup = without on 2 prompts x 2 penalties ({accepted} drafts kept)")
