@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.10",
     packages=["jmoss", "jmoss.engine", "jmoss.plugins", "jmoss.server", "jmoss.web", "jmoss.converters", "jmoss.kernels"],
     package_dir={"jmoss": "jmoss", "jmoss.converters": "converters", "jmoss.kernels": "kernels"},
-    package_data={"jmoss.kernels": ["*.h", "*.cc"], "jmoss": ["data/*"], "jmoss.web": ["*.html", "*.css", "*.js"]},
+    package_data={"jmoss.kernels": ["*.h", "*.cc", "cpu_kernels/*.h", "cpu_kernels/*.md"], "jmoss": ["data/*"], "jmoss.web": ["*.html", "*.css", "*.js"]},
     install_requires=[
         "jittor==1.3.11.0",
         "numpy>=1.24",
@@ -46,6 +46,9 @@ setup(
         "bm25s>=0.2",
         "fastapi>=0.110",  # jmoss serve is a core command, so its stack is in the default install
         "uvicorn>=0.29",
+        "prometheus-client>=0.20",  # GET /metrics
+        "llguidance>=1.9",  # JSON-schema output and tool_choice: token masks (no Python dependencies, no torch)
+        "prompt_toolkit>=3.0.36",  # jmoss chat's prompt: line editing and history
     ],
     extras_require={
         "test": TEST_REQUIREMENTS,

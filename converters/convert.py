@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from jmoss.store import (
     TOKENIZER_FILES,
     MANIFEST,
     GroupWriter,
-    _is_checkpoint_dir,
+    is_checkpoint_dir,
     atomic_write_bytes,
     check_files,
     default_store_dir,
@@ -124,6 +125,7 @@ class _Converter:
         self.gptq_bits: set[int] = set()
         self.qkv_order = layout.qkv_row_order(config)
         self.seen: set[str] = set()
+        self.claimed: dict[tuple[layout.Group, str], tuple[str, str]] = {}  # target -> (kind, first source name)
 
     def target(self, name: str) -> tuple[layout.Group, str] | None:
         """(group, store name) of a source tensor name; None for buffers the store drops."""
@@ -156,6 +158,8 @@ class _Converter:
             raise CheckpointError(f"tensor {tensor.name[:100]} appears twice in the checkpoint (again in {tensor.file.name})")
         self.seen.add(tensor.name)
         target = self.target(tensor.name)
+        if target is not None:
+            self._claim(tensor, target)
         if target is None or target[0] not in self.pending:
             return  # ignored buffer (causal_mask) or an already-verified group: bytes never read
         group, store_name = target
@@ -184,6 +188,25 @@ class _Converter:
         with tensor.open() as array:
             self._write(group, store_name, expected, lambda rows: _to_fp16(array[rows], tensor.dtype, tensor.name), order)
             del array  # drop the view before the mapping closes: an exported buffer cannot be unmapped
+
+    def _claim(self, tensor: SourceTensor, target: tuple[layout.Group, str]) -> None:
+        """Refuse a second source for one store tensor (a Linear's fp16 weight beside its GPTQ
+        parts, GPTQ parts for a tensor that is not a Linear), by name, before any byte is read:
+        otherwise whichever came second would be dropped unread once its group was written."""
+        group, store_name = target
+        gptq_part = tensor.name.endswith(GPTQ_SUFFIXES)
+        prefix = store_name[: -len(".weight")]
+        if gptq_part and not (store_name.endswith(".weight") and prefix in (*layout.QUANT_LINEARS, "lm_head")):
+            raise CheckpointError(f"GPTQ tensor {tensor.name[:100]} stands for {store_name}, which is not a quantizable "
+                                  "Linear of MOSS/CodeGen; the checkpoint is corrupt or of another architecture")
+        kind = "GPTQ parts" if gptq_part else "weight"
+        first = self.claimed.setdefault(target, (kind, tensor.name))
+        if first[0] != kind:
+            label = f"layer {group}" if isinstance(group, int) else group
+            raise CheckpointError(
+                f"{tensor.name[:100]} and {first[1][:100]} both give {store_name} of {label} (an fp16 weight and "
+                "GPTQ parts of one Linear); the checkpoint is inconsistent: keep one of them"
+            )
 
     def _check_gptq_part(self, tensor: SourceTensor, suffix: str, out_features: int, in_features: int) -> None:
         """Shape and dtype of one packed part against the Linear the config implies, before its
@@ -381,6 +404,21 @@ def _check_finished_store(
 
 
 QUANTIZE_CHOICES = {"int8": 8, "int4": 4}
+
+
+def _variant_options(src: Source, config: MossConfig, variant: str) -> tuple[str | None, bool]:
+    """(quantize, dequantize) that turn this checkpoint into ``variant``."""
+    if variant not in ("fp16", *QUANTIZE_CHOICES):
+        raise CheckpointError(f"variant {variant!r}: choose fp16, int8 or int4")
+    if not src.is_gptq():
+        return (None if variant == "fp16" else variant), False
+    if variant == "fp16":
+        return None, True
+    bits, _ = _gptq_format(src, config)
+    if QUANTIZE_CHOICES[variant] != bits:
+        raise CheckpointError(f"{src.id} is a {bits}-bit GPTQ checkpoint: it converts to int{bits} (kept as it is) "
+                              f"or fp16, not {variant}")
+    return None, False
 QUANTIZE_GROUP = 128
 
 
@@ -415,19 +453,26 @@ def _gptq_format(src: Source, config: MossConfig) -> tuple[int, int]:
 
 
 def convert(source: str, out: str | Path | None = None, *, revision: str | None = None, progress: bool = True,
-            dequantize: bool = False, quantize: str | None = None, keep_head_fp16: bool = False) -> Path:
+            dequantize: bool = False, quantize: str | None = None, head_bits: int | None = None,
+            embed_bits: int | None = None, keep_head_fp16: bool = False, variant: str | None = None) -> Path:
     """Convert ``source`` (HF repo id or local folder) into a jmoss store; return the store path.
 
     A GPTQ int4/int8 checkpoint keeps its integers (a packed store, format 2) unless
     ``dequantize`` asks for fp16; ``quantize="int8"|"int4"`` packs an fp16/fp32/bf16 checkpoint
     by round-to-nearest per group of 128 inputs (``gptq.quantize_rows``). A packed store also packs
-    lm_head (at the layers' width) and wte (int8) the same way unless ``keep_head_fp16``
-    (``jmoss.layout``); GPTQ layer integers are always kept exactly.
+    lm_head and wte the same way, at ``head_bits`` and ``embed_bits`` (4, 8, or 16 = kept fp16;
+    default 8 for both, whatever the layers' width); ``keep_head_fp16`` is both 16 (``jmoss.layout``).
+    GPTQ layer integers are always kept exactly.
     Resumable: re-running the same command after an interruption keeps verified groups. On a
     finished store it re-checks every file (sizes, then sha256) and rewrites only damaged ones.
+    ``variant`` ("fp16", "int8", "int4": ``jmoss pull NAME:VARIANT``) picks quantize/dequantize for
+    whatever the checkpoint is. A conversion into another format than the checkpoint's own goes to
+    its own default folder (``…--int4``), beside the plain one.
     """
     src: Source = resolve(source, revision)
     config = MossConfig.from_json_file(src.config_path)
+    if variant is not None:
+        quantize, dequantize = _variant_options(src, config, variant)
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise CheckpointError(f"--quantize {quantize!r}: choose int8 or int4")
     gptq_source = src.is_gptq()
@@ -441,18 +486,30 @@ def convert(source: str, out: str | Path | None = None, *, revision: str | None 
         config = replace(config, wbits=bits, groupsize=group_size)
     else:
         config = replace(config, wbits=32)
-    if keep_head_fp16 and not layout.packed_bits(config):
-        raise CheckpointError("--keep-head-fp16 is for packed stores (a GPTQ checkpoint kept packed, or --quantize); "
+    chosen = [flag for flag, given in (("--keep-head-fp16", keep_head_fp16), ("--head-bits", head_bits),
+                                      ("--embed-bits", embed_bits)) if given]
+    if chosen and not layout.packed_bits(config):
+        raise CheckpointError(f"{chosen[0]} is for packed stores (a GPTQ checkpoint kept packed, or --quantize); "
                               "this store is fp16 throughout: leave the flag out")
-    config = layout.resolved(config, keep_head_fp16)
+    if keep_head_fp16 and {head_bits, embed_bits} - {None, 16}:
+        raise CheckpointError("--keep-head-fp16 keeps lm_head and the embedding fp16 (it is --head-bits 16 "
+                              "--embed-bits 16): give either it or the widths")
+    config = layout.resolved(config, keep_head_fp16, head_width=head_bits, embed_width=embed_bits)
     if out is None:
-        out = default_store_dir(src.id) if src.hub else default_store_dir_for_local(src.root)
+        suffix = quantize or ("fp16" if dequantize and gptq_source else None)
+        out = default_store_dir(src.id, suffix) if src.hub else default_store_dir_for_local(src.root, suffix)
     out = Path(out).expanduser()
     if out.resolve().is_relative_to(src.root.resolve()):
         where = "is a checkpoint folder (the source itself)" if out.resolve() == src.root.resolve() else f"is inside the checkpoint folder {src.root}"
         raise StoreError(f"--out {out} {where}; the store needs a folder of its own (or omit --out)")
-    if out.exists() and _is_checkpoint_dir(out):
+    if out.exists() and is_checkpoint_dir(out):
         raise StoreError(f"--out {out} is a checkpoint folder; the store needs a folder of its own (or omit --out)")
+    if not any(p.name in ("tokenizer.json", "vocab.json") for p in src.tokenizer_files):
+        # weights alone convert fine, but chat/generate on text would fail at first use: say so now
+        fix = (f"copy them into {src.root} and run this command again (only they are added)" if not src.hub
+               else "the repo has none: token ids still work (model.logits, generate_tokens)")
+        print(f"jmoss: warning: {src.id} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): the "
+              f"store will take token ids but no text; {fix}", file=sys.stderr, flush=True)
     described = src.describe()
     journal = _Journal(out, {"source": described, "config": config.to_dict()})
     hashed: frozenset[str] = frozenset()

@@ -23,7 +23,7 @@ import numpy as np
 from jmoss.converters.torch_zip import TorchZipCheckpoint, map_region, numpy_dtype
 from jmoss.errors import CheckpointError, ConfigError, ModelNotFoundError
 from jmoss.config import parse_json_bytes
-from jmoss.store import TOKENIZER_FILES, inside, parse_safetensors_header, read_small_file, safe_name
+from jmoss.store_format import TOKENIZER_FILES, inside, parse_safetensors_header, read_small_file, safe_name
 
 MAX_SHARDS = 10000  # moss-moon-003 has 4 shards; an index naming more is not a real checkpoint
 
@@ -279,9 +279,11 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
             return False
         return cached is huggingface_hub._CACHED_NO_EXIST
 
+    down = None if offline else hub_unreachable()  # None: reachable (or offline: the cache is all there is)
+
     def fetch(filename: str, required: bool = False) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
+            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=down is not None))
         except GatedRepoError:
             raise ModelNotFoundError(f"{repo_id} is gated on Hugging Face: accept its terms and log in with `hf auth login`") from None
         except RevisionNotFoundError:
@@ -292,6 +294,10 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
                 "to convert a local folder give its path"
             ) from None
         except LocalEntryNotFoundError as exc:  # the Hub was not asked, or did not answer, and the cache lacks it
+            if down is not None:  # the cache is all there is, as offline
+                if required:
+                    raise unreachable(filename, OSError(down)) from None
+                return None
             offline_cause = offline or isinstance(exc.__cause__, OfflineModeIsEnabled)
             if offline_cause:
                 if required:
@@ -330,6 +336,8 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
         if single_path is not None:
             fmt, files = kind, [single_path]
             break
+    if fmt is None and down is not None:
+        raise unreachable("the weights", OSError(down))
     if fmt is None:
         where = " in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else ""
         raise CheckpointError(f"{repo_id} has no weights{where}: looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {PYTORCH_INDEX}, {PYTORCH_SINGLE}")
@@ -353,6 +361,9 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
 
 def resolve(source: str, revision: str | None = None) -> Source:
     """A local checkpoint directory, or a Hugging Face repo id fetched into the HF cache."""
+    for prefix in ("hf.co/", "huggingface.co/", "https://huggingface.co/"):
+        if source.startswith(prefix) and source.count("/") == prefix.count("/") + 1:
+            return _hub_source(source[len(prefix):], revision)  # explicitly the Hub
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -363,4 +374,41 @@ def resolve(source: str, revision: str | None = None) -> Source:
     parts = source.split("/")
     if len(parts) != 2 or not all(parts) or source.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"{source!r} is neither an existing folder nor a Hugging Face repo id ('org/name')")
+    typo = local_typo(source)
+    if typo is not None:
+        raise ModelNotFoundError(typo)
     return _hub_source(source, revision)
+
+
+def local_typo(source: str) -> str | None:
+    """Why ``org/name`` is most likely a mistyped local folder (its "org" is a folder here that does
+    not hold "name"), naming the nearest folder in it; None when it reads as a Hub id."""
+    import difflib
+
+    parent, name = Path(source).parent, Path(source).name
+    if not parent.is_dir():
+        return None
+    folders = sorted(p.name for p in parent.iterdir() if p.is_dir())
+    near = difflib.get_close_matches(name, folders, n=1, cutoff=0.6)
+    hint = f"did you mean {parent / near[0]}?" if near else f"it holds {', '.join(folders[:8]) or 'no folders'}"
+    return (f"there is no folder {source} ({hint}); {parent}/ is a folder here, so {source!r} was not tried as a "
+            f"Hugging Face repo id: for the Hub, run it from another folder or write it as hf.co/{source}")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub's endpoint cannot be reached (one quick TCP connect), or None when it answers.
+
+    huggingface_hub retries a refused or unresolvable connection five times over ~25 s, printing a
+    line each time; one probe lets jmoss say so at once and fall back to the cache."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return str(exc) or type(exc).__name__

@@ -238,6 +238,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, where: str) -> None:
         super().__init__(io.BytesIO(data))
         self._where = where
+        self._storages: dict[str, StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -250,7 +251,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid: Any) -> StorageRef:
-        if (
+        if not (
             isinstance(pid, tuple)
             and len(pid) == 5
             and pid[0] == "storage"
@@ -261,10 +262,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
             and not isinstance(pid[4], bool)
             and 0 <= pid[4] < 1 << 62
         ):
-            return StorageRef(pid[2], pid[1].dtype, pid[4])
-        raise UnsafeCheckpointError(
-            f"{self._where}: the pickle has a persistent id {_short(pid)} that is not a torch storage; refused"
-        )
+            raise UnsafeCheckpointError(
+                f"{self._where}: the pickle has a persistent id {_short(pid)} that is not a torch storage; refused"
+            )
+        key, dtype, numel = pid[2], pid[1].dtype, pid[4]
+        seen = self._storages.get(key)
+        if seen is None:
+            seen = self._storages[key] = StorageRef(key, dtype, numel)
+        elif (seen.dtype, seen.numel) != (dtype, numel):
+            # torch.load keeps the first description of a storage for every later tensor on it:
+            # converting each tensor with its own dtype would give weights torch never loads
+            raise CheckpointError(
+                f"{self._where}: storage {key[:40]!r} is described as {seen.dtype}[{seen.numel}] and again as "
+                f"{dtype}[{numel}]; torch reads one storage with one dtype: the file is corrupt or crafted"
+            )
+        return seen
 
 
 def _prescan(data: bytes, where: str) -> None:
@@ -344,7 +356,16 @@ class TorchZipCheckpoint:
         except _ZIP_ERRORS as exc:
             raise CheckpointError(f"{self.path.name} is a corrupt zip file ({type(exc).__name__}: {str(exc)[:200]}); {self._hint}") from None
         with zf:
-            self._members = {info.filename: info for info in zf.infolist()}
+            infos = zf.infolist()
+            self._members = {info.filename: info for info in infos}
+            if len(self._members) != len(infos):
+                seen: set[str] = set()
+                twice = next(i.filename for i in infos if i.filename in seen or seen.add(i.filename))
+                # which copy a reader takes is the reader's choice (torch's and zipfile's differ)
+                raise CheckpointError(
+                    f"{self.path.name}: the zip holds two members named {twice[:100]!r}; a torch checkpoint "
+                    f"names each once, so which one is meant is ambiguous: refused; {self._hint}"
+                )
             pkl = [n for n in self._members if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pkl) != 1:
                 raise CheckpointError(
@@ -420,16 +441,18 @@ class TorchZipCheckpoint:
                 "file was re-zipped. Re-save it with torch.save or re-download it"
             )
         need = storage.numel * numpy_dtype(storage.dtype).itemsize
-        if info.file_size < need:
-            raise CheckpointError(f"{self.path.name}: storage {name} has {info.file_size} bytes, the pickle needs {need}; corrupt file")
+        if info.file_size != need:  # torch.load refuses any other size ("record size ... does not match")
+            raise CheckpointError(f"{self.path.name}: storage {name} has {info.file_size} bytes, its "
+                                  f"{storage.numel} {storage.dtype} elements are {need}; corrupt file; {self._hint}")
         offset = self._data_offsets.get(name)
         if offset is None:
             with open(self.path, "rb") as f:
                 f.seek(info.header_offset)
                 header = f.read(_LOCAL_HEADER.size)
-            if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                fields = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else None
+                local_name = f.read(fields[9]) if fields else b""
+            if fields is None or header[:4] != b"PK\x03\x04" or local_name != info.orig_filename.encode("utf-8", "replace"):
                 raise CheckpointError(f"{self.path.name}: bad zip local header for {name}; the file is corrupt; {self._hint}")
-            fields = _LOCAL_HEADER.unpack(header)
             offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
             self._data_offsets[name] = offset
         if offset + info.file_size > self._size:
@@ -467,7 +490,8 @@ class TorchZipCheckpoint:
                 del array, flat
 
     def _check_crc(self, buf: memoryview, info: zipfile.ZipInfo) -> None:
-        if info.file_size == len(buf) and zlib.crc32(buf) != info.CRC:
+        """The member's CRC-32 over all its bytes (``_storage_member`` made them the storage's)."""
+        if len(buf) != info.file_size or zlib.crc32(buf) != info.CRC:
             raise CheckpointError(
                 f"{self.path.name}: storage {info.filename} fails its CRC check; the file is corrupt; {self._hint}"
             )

@@ -13,6 +13,7 @@ Convert the model once first: jmoss convert fnlp/moss-moon-003-sft
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jmoss
@@ -29,7 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=0.8)
     parser.add_argument("--top_k", type=int, default=40)
     parser.add_argument("--repetition_penalty", type=float, default=1.02)
-    parser.add_argument("--max_len", type=int, default=512, help="maximum new tokens per reply")
+    parser.add_argument("-n", "--max-new-tokens", "--max_len", dest="max_len", type=int, default=256,
+                        help="maximum new tokens per reply (--max_len: MOSS's name; default 256, as jmoss chat)")
+    parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: every CPU)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--system", default=None, help="the meta instruction (default: MOSS's)")
     parser.add_argument("--gpu", action="store_true", help="run on CUDA (default: CPU)")
     parser.add_argument("--device-memory", default=None, help="device memory budget, e.g. 12GiB")
     parser.add_argument("--host-memory", default=None, help="host memory budget for streamed layers, e.g. 24GiB")
@@ -40,12 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        os.environ["JMOSS_THREADS"] = str(args.threads)
     try:
         model = jmoss.load(args.model_name, device="cuda" if args.gpu else "cpu",
-                           device_memory=args.device_memory, host_memory=args.host_memory)
+                           device_memory=args.device_memory, host_memory=args.host_memory, max_seq_len=args.ctx_size)
+        meta = None if args.system is None else args.system if args.system.endswith("\n") else args.system + "\n"
         run_chat(model, [p for p in args.plugins.split(",") if p], {}, args.show_thoughts,
                  dict(do_sample=args.generate == "sample", temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_len))
+                      top_k=args.top_k, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_len),
+                 meta_instruction=meta)
     except JmossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

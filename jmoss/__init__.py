@@ -25,7 +25,8 @@ if not _os.path.isdir(_os.path.join(__path__[0], "converters")) and _os.path.isf
 from jmoss.config import MossConfig
 from jmoss.errors import JmossError
 
-__all__ = ["__version__", "JmossError", "MossConfig", "load", "load_tokenizer", "Model"]
+__all__ = ["__version__", "JmossError", "MossConfig", "load", "load_tokenizer", "Model", "pull", "list_models",
+           "remove"]
 
 
 def __getattr__(name: str):
@@ -34,6 +35,10 @@ def __getattr__(name: str):
         from jmoss import api
 
         return getattr(api, name)
+    if name in ("pull", "list_models", "remove"):  # model management (jmoss pull / list / rm)
+        from jmoss import models
+
+        return getattr(models, name)
     if name == "load_tokenizer":
         from jmoss.tokenizer import load_tokenizer
 

@@ -12,6 +12,7 @@ methods here but live in jmoss.generation / jmoss.chat.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -20,7 +21,7 @@ import numpy as np
 from jmoss import layout
 from jmoss.config import MossConfig
 from jmoss.engine.factory import build_weights
-from jmoss.engine.ops import default_weight_dtype, pick_ops
+from jmoss.engine.ops import check_threads, default_weight_dtype, pick_ops
 from jmoss.engine.resident import ResidentWeights
 from jmoss.engine.swap import JittorSwapWeights
 from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
@@ -28,6 +29,8 @@ from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import MossModel, rotary_tables
 from jmoss.embedding import EmbeddingTable
 from jmoss.session import Session
+from jmoss.stats import Stats
+from jmoss.warmup import warm_up
 
 if TYPE_CHECKING:
     from jmoss.tokenizer import Tokenizer
@@ -55,6 +58,7 @@ class Model:
         weights=None,
         path: Path | None = None,
         plan=None,
+        threads: int | None = None,
     ):
         self.device = resolve_device(device)
         self.jt = get_jittor(self.device)
@@ -68,10 +72,12 @@ class Model:
         self.rotary = rotary_tables(config)
         self._wte = EmbeddingTable(groups[layout.EMBED], config)  # host-side (often a read-only memmap)
         self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
-        self.ops = pick_ops(self.jt, self.device, self.dtype, self.compute_dtype)
+        self.threads = check_threads(threads)  # None: the kernels' default (JMOSS_THREADS, else the affinity)
+        self.ops = pick_ops(self.jt, self.device, self.dtype, self.compute_dtype, threads=self.threads)
         self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
         self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self._tokenizer: Tokenizer | None = None
+        self.stats = Stats()  # every generation on this model records here (jmoss.stats; GET /metrics)
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], config: MossConfig, **kwargs) -> "Model":
@@ -85,9 +91,18 @@ class Model:
         if self._tokenizer is None:
             if self._tokenizer_path is None:
                 raise GenerationError("this model was built without tokenizer files; pass token ids")
+            from jmoss.errors import TokenizerError
             from jmoss.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self._tokenizer_path)
+            try:
+                self._tokenizer = load_tokenizer(self._tokenizer_path)
+            except TokenizerError as exc:
+                if self.path is None or any((self.path / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+                    raise
+                raise TokenizerError(
+                    f"{self.path} has no tokenizer files: the checkpoint it was converted from had none. Copy "
+                    "tokenizer.json (or vocab.json + merges.txt) into that checkpoint folder and run the same "
+                    "`jmoss convert` again (only they are added), or pass token ids instead of text") from exc
         return self._tokenizer
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -129,6 +144,13 @@ class Model:
 
         return stream_batch(self, prompts, max_batch=max_batch, **options)
 
+    def json_constraint(self, schema: dict | None = None, *, leading_space: bool = False):
+        """A ``constraint=`` for generate/stream/chat: output that is one JSON document valid under
+        ``schema`` (None: any JSON object), enforced at every token (jmoss.constraints)."""
+        from jmoss.constraints import json_schema
+
+        return json_schema(self.tokenizer, schema, eos_token_id=self.config.eos_token_id, leading_space=leading_space)
+
     def chat(self, meta_instruction: str | None = None, **kwargs):
         """A multi-turn MOSS conversation whose KV cache is kept across turns."""
         from jmoss.chat import Chat
@@ -144,7 +166,7 @@ def _available_memory(device: str) -> tuple[int | None, int]:
     return (host if device == "cpu" else None), host
 
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(:(fp16|int8|int4))?")
 
 
 def check_model_path(model: str | Path) -> None:
@@ -176,6 +198,8 @@ def load(
     swap: str | None = None,
     batch: int = 1,
     prefill_chunk: int | None = None,
+    require_tokenizer: bool = False,
+    threads: int | None = None,
 ) -> Model:
     """Load a converted model (a store directory or a name given to ``jmoss convert``).
 
@@ -186,17 +210,29 @@ def load(
     fails here, naming the minimum. ``max_seq_len`` (default n_positions) sizes the KV cache the
     budget pays for, for ``batch`` sequences at once (``jmoss serve --max-batch``), in the compute
     dtype; prompts are prefilled in chunks of ``prefill_chunk`` tokens (default
-    jmoss.placement.DEFAULT_PREFILL_CHUNK), the size the plan's working buffers are billed for. ``swap="jittor"`` runs every weight as a plain Var under Jittor's own swap
+    jmoss.placement.DEFAULT_PREFILL_CHUNK), the size the plan's working buffers are billed for.
+    ``threads``: how many threads the CPU kernels run this model's ops on (default: ``JMOSS_THREADS``
+    if set, else the CPUs this process may run on, ``os.sched_getaffinity``). ``swap="jittor"`` runs
+    every weight as a plain Var under Jittor's own swap
     with ``cpu_mem_limit`` = device_memory: the baseline, valid only in a process started with
     JMOSS_JITTOR_SAVE_MEM=1 (``jmoss bench --compare jittor`` spawns one).
+
+    The first load of a model (per jittor cache) also compiles every kernel its forwards will use
+    (``jmoss.warmup``), so no later prompt or decode step stops to compile.
+
+    ``require_tokenizer=True`` (what `jmoss generate`, `chat` and `serve` ask for) loads the store's
+    tokenizer first, so a store without tokenizer files fails in a second, before any weight is
+    read; otherwise the tokenizer is loaded when text is first given (token ids need none).
     """
     from jmoss.placement import DEFAULT_PREFILL_CHUNK, plan_placement
     from jmoss.sizes import parse_size
     from jmoss.store import Store, resolve_model
 
     check_model_path(model)
+    threads = check_threads(threads)
     device_memory, host_memory = parse_size(device_memory), parse_size(host_memory)
     store = Store.open(resolve_model(str(model)))
+    tokenizer = _store_tokenizer(store) if require_tokenizer else None
     device = resolve_device(device)
     if layout.packed_bits(store.config):
         # packed layers are used as stored (integers + fp16 scales), never widened: the fp16 path
@@ -208,15 +244,15 @@ def load(
     _check_dtype("dtype", dtype)  # before planning: the plan sizes weights by it
     compute_dtype = compute_dtype or ("float16" if device == "cuda" else "float32")
     _check_dtype("compute_dtype", compute_dtype)  # the KV cache's dtype: the plan bills it
-    embed = {layout.EMBED: store.group(layout.EMBED)}  # a host memmap: decode touches one row per token
-    common = dict(device=device, dtype=dtype, compute_dtype=compute_dtype, tokenizer_path=store.path, path=store.path)
+    common = dict(device=device, dtype=dtype, compute_dtype=compute_dtype, tokenizer_path=store.path, path=store.path,
+                  threads=threads)
 
     if swap is not None:
         if swap != "jittor" or device != "cpu" or device_memory is None:
             raise DeviceError("swap='jittor' is the CPU baseline and needs device_memory (its cpu_mem_limit)")
         jt = get_jittor(device)
         weights = JittorSwapWeights(store, jt, dtype, device_memory)
-        return Model(store.config, embed, weights=weights, **common)
+        return _with_tokenizer(Model(store.config, _embed(store), weights=weights, **common), tokenizer)
 
     available_device, available_host = _available_memory(device)
     plan = plan_placement(
@@ -228,6 +264,43 @@ def load(
     )
     if plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
-    else:  # read once into memory the Vars share: peak RSS is the weights, not twice them
+    elif dtype == "float16":  # the store's mapped pages: every file (the embedding's too) mapped and
+        # hashed by threads that need no GIL while jittor imports and the kernels load in this one
+        with ThreadPoolExecutor(1, thread_name_prefix="jmoss-load") as pool:
+            mapped = pool.submit(store.map_groups, layout.all_groups(store.config))
+            jt = get_jittor(device)
+            pick_ops(jt, device, dtype, compute_dtype)
+            mapped.result()
+        weights = ResidentWeights.from_store(jt, store, dtype)
+    else:  # float32: read once into memory the Vars share, widened (never twice the weights)
         weights = ResidentWeights.from_store(get_jittor(device), store, dtype)
-    return Model(store.config, embed, weights=weights, plan=plan, **common)
+    model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, **common), tokenizer)
+    warm_up(model)  # the first load of this model compiles every kernel its forwards use, now
+    return model
+
+
+def _embed(store) -> dict:
+    """The embedding group: mapped store pages on the host, where decode touches one row per token."""
+    return {layout.EMBED: store.group(layout.EMBED)}
+
+
+def _store_tokenizer(store) -> "Tokenizer":
+    """The store's tokenizer, or a TokenizerError saying the store has none (before any weight is read)."""
+    from jmoss.errors import TokenizerError
+    from jmoss.store import TOKENIZER_FILES, repair_hint
+    from jmoss.tokenizer import load_tokenizer
+
+    if not any(name in store.manifest["files"] for name in TOKENIZER_FILES):
+        raise TokenizerError(
+            f"the store {store.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}), so it cannot read or "
+            "write text; its weights were not loaded. Convert the model from a folder or Hugging Face repo that has "
+            f"them ({repair_hint(store.path, store.manifest, 'to rewrite it')}), or give token ids through the "
+            "Python API (jmoss.load(...).logits / .session)"
+        )
+    return load_tokenizer(store.path)
+
+
+def _with_tokenizer(model: Model, tokenizer: "Tokenizer | None") -> Model:
+    if tokenizer is not None:
+        model._tokenizer = tokenizer
+    return model

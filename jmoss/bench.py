@@ -28,15 +28,17 @@ A comparison is a function ``(options) -> figures dict`` registered in ``COMPARI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -44,6 +46,26 @@ from jmoss.errors import JmossError
 from jmoss.sizes import format_size
 
 Figures = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------ a busy machine
+
+
+@contextlib.contextmanager
+def busy_competitors(count: int | None = None) -> Iterator[int]:
+    """One CPU-bound process (``while True: pass``, pinned nowhere) per CPU this process may run
+    on, or ``count``, for the duration of the block: a desktop that is doing something else, as
+    the "loaded" rows of ``--competitors`` and benchmarks/bench_threads.py measure."""
+    count = count or len(os.sched_getaffinity(0))
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(1.0)  # let the scheduler spread them before anything is timed
+        yield count
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 # ------------------------------------------------------------------------------ the bound
@@ -98,10 +120,12 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
     import jmoss
     from jmoss import kernels
 
+    from jmoss.engine.ops import uses_kernels
+
     t0 = time.perf_counter()
     model = jmoss.load(options["model"], device=options["device"], device_memory=options["device_memory"],
                        host_memory=options.get("host_memory"), max_seq_len=options.get("max_seq_len"),
-                       swap=options.get("swap"))
+                       swap=options.get("swap"), threads=options.get("threads"))
     load_s = time.perf_counter() - t0
     prompt_n, decode_n = options["prompt_tokens"], options["decode_tokens"]
     vocab = model.config.vocab_size
@@ -128,6 +152,7 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
 
     if stats is not None:
         stats.reset()
+    kernels.cpu.reset_decode_path()
     io0 = _proc_io()
     tokens = []
     t0 = time.perf_counter()
@@ -146,10 +171,11 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
     resident = resident_weight_bytes(model)
     if resident is not None:  # nothing streamed: what a token costs is reading the weights from RAM
         streamed, read_bytes = resident, resident * decode_n
-    threads = os.environ.get("JMOSS_THREADS") or str(_default_threads())
+    threads = str(model.threads or _default_threads())
     config = f"{model.dtype} weights, {model.compute_dtype} activations, {threads} threads"
-    if getattr(model, "ops", None) is kernels:
+    if uses_kernels(getattr(model, "ops", None)):
         config += ", AMX-BF16 prefill" if kernels.amx_prefill() else ", fp32 prefill GEMM"
+        config += f", {kernels.isa_path()} kernels; decode: {kernels.cpu.describe_decode_path()}"
     return {
         "name": options.get("name", "jmoss"),
         "config": config,
@@ -313,6 +339,52 @@ def spawn_measured(cmd: list[str], *, env: dict[str, str] | None = None, log=Non
         return proc.returncode, peak
 
 
+def spawn_measured_memory(cmd: list[str], *, env: dict[str, str] | None = None, log=None,
+                          every: float = 0.002) -> tuple[int, dict[str, int | None]]:
+    """``spawn_measured`` that also reports anonymous memory: (exit code, {"peak_rss", "peak_anon",
+    "anon_at_end", "file_at_end"}).
+
+    ``peak_rss`` is ``VmHWM`` at the stop, as in ``spawn_measured``; it counts the page-cache pages
+    the child mapped (mapped weights) as much as memory it allocated. The kernel keeps no peak of
+    the anonymous part alone, so ``peak_anon`` is the largest ``RssAnon`` seen by sampling
+    /proc/<pid>/status every ``every`` seconds while the child runs (and at its stop): what the
+    process itself allocated, which mapped store pages are not.
+    """
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    figures: dict[str, int | None] = {"peak_rss": None, "peak_anon": 0, "anon_at_end": None, "file_at_end": None}
+    done = threading.Event()
+
+    def status() -> dict[str, int]:
+        try:
+            lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        except OSError:
+            return {}
+        return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in lines)
+                if k in ("VmHWM", "RssAnon", "RssFile")}
+
+    def sample() -> None:
+        while not done.is_set():
+            figures["peak_anon"] = max(figures["peak_anon"] or 0, status().get("RssAnon", 0))
+            time.sleep(every)
+
+    sampler = threading.Thread(target=sample, name="jmoss-memory-sampler", daemon=True)
+    sampler.start()
+    try:
+        while True:
+            _, code = os.waitpid(proc.pid, os.WUNTRACED)
+            if os.WIFSTOPPED(code):
+                now = status()
+                figures.update(peak_rss=now.get("VmHWM"), anon_at_end=now.get("RssAnon"), file_at_end=now.get("RssFile"))
+                figures["peak_anon"] = max(figures["peak_anon"] or 0, now.get("RssAnon", 0))
+                os.kill(proc.pid, signal.SIGCONT)
+                continue
+            proc.returncode = os.waitstatus_to_exitcode(code)
+            return proc.returncode, figures
+    finally:
+        done.set()
+        sampler.join()
+
+
 def run_child(options: dict[str, Any], env: dict[str, str] | None = None) -> Figures:
     """Run ``measure_in_this_process`` in a fresh interpreter; add its peak RSS measured from here."""
     from jmoss.errors import JmossError
@@ -388,36 +460,38 @@ def best_of(runs: list[Figures], what: str) -> Figures:
 COMPARISONS: dict[str, Callable[[dict[str, Any]], Figures]] = {"jittor": compare_jittor, "torch": compare_torch}
 
 
-def memory_bound() -> Figures:
+def memory_bound(threads: int | None = None) -> Figures:
     """The bound for resident CPU runs: the kernels' memory read probe (same threads, 1 GiB buffer)."""
     from jmoss import kernels
 
     nbytes = 1 << 30
-    threads = kernels.info()["threads"]
-    return {"what": f"memory read probe (jmoss.kernels, {threads} threads)", "gbps": kernels.memory_read_probe(nbytes),
-            "bytes": nbytes}
+    threads = threads or kernels.info()["threads"]
+    return {"what": f"memory read probe (jmoss.kernels, {threads} threads)",
+            "gbps": kernels.memory_read_probe(nbytes, threads=threads), "bytes": nbytes}
 
 
 def run_bench(model: str, *, device: str = "cpu", device_memory: int | None = None, host_memory: int | None = None,
-              prompt_tokens: int = 64, decode_tokens: int = 16, compare: tuple[str, ...] = ()) -> tuple[Figures, list[Figures]]:
-    """(bound, rows): the measured bound, then jmoss's run and one row per comparison."""
+              prompt_tokens: int = 64, decode_tokens: int = 16, compare: tuple[str, ...] = (),
+              threads: int | None = None) -> tuple[Figures, list[Figures]]:
+    """(bound, rows): the measured bound, then jmoss's run and one row per comparison; on
+    ``threads`` CPU threads (default: JMOSS_THREADS, else the CPUs this process may run on)."""
     options = {"model": str(model), "device": device, "device_memory": device_memory, "host_memory": host_memory,
                "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
-               "max_seq_len": prompt_tokens + decode_tokens}
+               "max_seq_len": prompt_tokens + decode_tokens, "threads": threads}
     if "torch" in compare:
-        # Both sides in their best CPU configuration: on a shared 2-core machine one thread can
-        # beat two by 5x (a parallel region waits at its end for a thread that lost its core),
-        # so each side is measured at 1 thread and at the default count, and its best is shown.
-        options["thread_counts"] = sorted({1, _default_threads()})
+        # Both sides in their best CPU configuration: each is measured at 1 thread and at the
+        # default count, and its best is shown (transformers' OpenMP team loses most of its speed
+        # on a busy machine; jmoss's pool does not, but the comparison is made the same way).
+        options["thread_counts"] = sorted({1, threads or _default_threads()})
     if device == "cuda":
         from jmoss.engine.cuda import pinned_h2d_bound
 
         bound = pinned_h2d_bound()
     elif device_memory is None:
-        bound = memory_bound()
+        bound = memory_bound(threads)
     else:
         bound = store_read_bound(model)
-    jmoss_runs = [run_child({**options, "name": "jmoss engine"}, env={"JMOSS_THREADS": str(t)} if t else None)
+    jmoss_runs = [run_child({**options, "name": "jmoss engine", "threads": t or threads})
                   for t in options.get("thread_counts") or (None,)]
     rows = [best_of(jmoss_runs, "jmoss")]
     for name in compare:
@@ -449,6 +523,7 @@ def format_table(bound: Figures, rows: list[Figures]) -> str:
            fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*row) for row in lines]
     extra = [r for r in rows if r.get("sync_s_per_token") is not None]
+    out += [f"{r['name']}: {r['config']}" for r in rows if r.get("config") and not r.get("note")]
     out += [f"{r['name']}: {r['note']}" for r in rows if r.get("note")]
     for r in extra:
         out.append(f"{r['name']}: layer-boundary sync {r['sync_s_per_token'] * 1e3:.1f} ms/token (includes the "

@@ -23,6 +23,7 @@ torch for ``--compare torch``; jmoss never imports them otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -216,22 +217,37 @@ def default_runner(label: str, kind: str, what: str, path: Path, options: dict[s
     return run_ct2(path, what, options)
 
 
+# Appended to a configuration's label for its runs beside busy_competitors (--competitors).
+LOADED = " [loaded]"
+
+
 def run_rounds(paths: dict[str, Path], options: dict[str, Any], runner=default_runner, rounds: int = 3,
                log: Callable[[str], None] = print,
-               order: tuple[tuple[str, str, str], ...] = CONFIGS) -> dict[str, list[Figures]]:
-    """Every configuration of ``order`` once per round, interleaved; runs that failed ({}) are left out."""
-    runs: dict[str, list[Figures]] = {label: [] for label, _, _ in order}
+               order: tuple[tuple[str, str, str], ...] = CONFIGS, competitors: bool = False) -> dict[str, list[Figures]]:
+    """Every configuration of ``order`` once per round, interleaved; runs that failed ({}) are left out.
+
+    With ``competitors`` each round runs them all twice: on the machine as it is, then again beside
+    one CPU-bound process per CPU (``jmoss.bench.busy_competitors``), labelled with LOADED."""
+    from jmoss.bench import busy_competitors
+
+    conditions = (False, True) if competitors else (False,)
+    runs: dict[str, list[Figures]] = {label + (LOADED if loaded else ""): [] for loaded in conditions
+                                      for label, _, _ in order}
     for round_ in range(rounds):
-        for label, kind, what in order:
-            if kind == "jmoss":
-                model = paths[f"jmoss {what.split(':')[0]}"]
-            else:
-                model = paths["ct2 float32" if what == "float32" else "ct2 int8"]
-            r = runner(label, kind, what, model, options)
-            if not r:
-                continue
-            runs[label].append(r)
-            log(f"round {round_ + 1} {label}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.2f} tok/s")
+        for loaded in conditions:
+            with busy_competitors() if loaded else contextlib.nullcontext():
+                for label, kind, what in order:
+                    if kind == "jmoss":
+                        model = paths[f"jmoss {what.split(':')[0]}"]
+                    else:
+                        model = paths["ct2 float32" if what == "float32" else "ct2 int8"]
+                    r = runner(label, kind, what, model, options)
+                    if not r:
+                        continue
+                    name = label + (LOADED if loaded else "")
+                    runs[name].append(r)
+                    log(f"round {round_ + 1} {name}: prefill {r['prefill_tok_s']:.1f} tok/s, "
+                        f"decode {r['decode_tok_s']:.2f} tok/s")
     return runs
 
 
@@ -256,34 +272,42 @@ def format_table(bound: Figures, rows: list[Figures], header: str = "") -> str:
     out = [header] if header else []
     out.append(f"bound: {bound['what']}: {bound['gbps']:.2f} GB/s")
     out.append("")
-    out.append(f"{'run':<20}{'rounds':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'MB read/token':>15}"
+    out.append(f"{'run':<26}{'rounds':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'MB read/token':>15}"
                f"{'GB/s':>8}{'of bound':>10}{'peak RSS':>12}")
     for r in rows:
         gbps = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
         share = f"{gbps / bound['gbps'] * 100:.0f}%" if bound["gbps"] else "-"
         rss = format_size(r["peak_rss"]) if r.get("peak_rss") else "-"
-        out.append(f"{r['name']:<20}{r['rounds']:>7}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}"
+        out.append(f"{r['name']:<26}{r['rounds']:>7}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}"
                    f"{r['bytes_per_token'] / 1e6:>15.1f}{gbps:>8.2f}{share:>10}{rss:>12}")
-    ct2 = [r for r in rows if r["name"].startswith("ct2")]
-    if not ct2:
-        out.append("\nno CTranslate2 run finished: nothing to compare against")
-        return "\n".join(out)
-    best_dec = max(ct2, key=lambda r: r["decode_tok_s"])
-    best_pre = max(ct2, key=lambda r: r["prefill_tok_s"])
-    out.append("")
-    out.append(f"best CTranslate2 decode: {best_dec['name']} {best_dec['decode_tok_s']:.2f} tok/s; "
-               f"best prefill: {best_pre['name']} {best_pre['prefill_tok_s']:.1f} tok/s")
-    for r in rows:
-        if r["name"].startswith("jmoss"):
-            out.append(f"{r['name']}: decode {r['decode_tok_s'] / best_dec['decode_tok_s']:.2f}x, "
-                       f"prefill {r['prefill_tok_s'] / best_pre['prefill_tok_s']:.2f}x CTranslate2's best")
+    for loaded in (False, True):
+        group = [r for r in rows if r["name"].endswith(LOADED) == loaded]
+        if not group and loaded:
+            break  # no --competitors
+        when = "beside one busy process per CPU" if loaded else ("on the machine as it was" if len(group) < len(rows)
+                                                                  else "")
+        ct2 = [r for r in group if r["name"].startswith("ct2")]
+        if not ct2:
+            out.append(f"\nno CTranslate2 run finished{' ' + when if when else ''}: nothing to compare against")
+            continue
+        best_dec = max(ct2, key=lambda r: r["decode_tok_s"])
+        best_pre = max(ct2, key=lambda r: r["prefill_tok_s"])
+        out.append("")
+        out.append(f"{when + ': ' if when else ''}best CTranslate2 decode: {best_dec['name']} "
+                   f"{best_dec['decode_tok_s']:.2f} tok/s; best prefill: {best_pre['name']} {best_pre['prefill_tok_s']:.1f} tok/s")
+        for r in group:
+            if r["name"].startswith("jmoss"):
+                out.append(f"{r['name']}: decode {r['decode_tok_s'] / best_dec['decode_tok_s']:.2f}x, "
+                           f"prefill {r['prefill_tok_s'] / best_pre['prefill_tok_s']:.2f}x CTranslate2's best")
     return "\n".join(out)
 
 
 def compare_ctranslate2(model: str | Path, *, prompt_tokens: int = 64, decode_tokens: int = 32, rounds: int = 3,
                         work: Path | None = None, threads: int | None = None, runner=None,
-                        log: Callable[[str], None] = print) -> str:
-    """Build (once), run the interleaved rounds and return the printed report."""
+                        log: Callable[[str], None] = print, competitors: bool = False) -> str:
+    """Build (once), run the interleaved rounds and return the printed report; with
+    ``competitors`` every round runs each configuration quiet and then beside one CPU-bound
+    process per CPU, and the report compares both ways."""
     from jmoss.bench import _default_threads, memory_bound
     from jmoss.store import Store, resolve_model
 
@@ -298,7 +322,7 @@ def compare_ctranslate2(model: str | Path, *, prompt_tokens: int = 64, decode_to
     from jmoss import kernels
 
     order = configs(int8_activations=kernels.vnni_ready())
-    runs = run_rounds(paths, options, runner or default_runner, rounds, log, order)
+    runs = run_rounds(paths, options, runner or default_runner, rounds, log, order, competitors=competitors)
 
     with kernels.configured(threads=threads):
         bound = memory_bound()
@@ -307,4 +331,7 @@ def compare_ctranslate2(model: str | Path, *, prompt_tokens: int = 64, decode_to
     header = (f"jmoss vs CTranslate2 {importlib.metadata.version('ctranslate2')}: {threads} threads, kernels ISA "
               f"{kernels.info()['isa']}, AMX prefill {kernels.amx_prefill()}; prompt {prompt_tokens}, decode "
               f"{decode_tokens} greedy, batch 1, median of {rounds} interleaved rounds; models in {work}")
+    if competitors:
+        header += (f"\n'{LOADED.strip()}' rows: each round again beside {len(os.sched_getaffinity(0))} CPU-bound "
+                   "processes ('while True: pass', one per CPU), started for those runs only")
     return format_table(bound, summarize(runs), header)

@@ -43,6 +43,7 @@ class Reply:
     prefilled_tokens: int = 0
     generated_tokens: int = 0
     notices: list[str] = field(default_factory=list)
+    dropped_turns: int = 0  # oldest turns dropped so that this one fits the context
 
 
 Event = Callable[[str, str], None]  # (kind, text): kind in "thoughts", "commands", "results", "notice"
@@ -107,29 +108,30 @@ class Chat:
         return len(self._ids)
 
     def send(self, text: str | bytes, *, session: "Session | None" = None, should_stop: StopCheck | None = None,
-             **options) -> Reply:
-        for _ in self.stream(text, session=session, should_stop=should_stop, **options):
+             max_len: int | None = None, **options) -> Reply:
+        for _ in self.stream(text, session=session, should_stop=should_stop, max_len=max_len, **options):
             pass
         assert self.last_reply is not None
         return self.last_reply
 
     def stream(self, text: str | bytes, *, session: "Session | None" = None, should_stop: StopCheck | None = None,
-               **options) -> Iterator[str]:
+               max_len: int | None = None, **options) -> Iterator[str]:
         """Yield the reply's text deltas; ``last_reply`` holds the whole Reply afterwards.
 
         ``text`` may be any str or bytes: invalid UTF-8 and lone surrogates become U+FFFD (with a
         notice). A message refused for length (ContextLengthError) leaves the conversation as it was.
         ``session``: run this turn on it instead of the chat's own. ``should_stop``: a cancel
         callback; once true the reply ends ("cancelled") and the turn is closed as shown so far.
+        ``max_len``: this turn's context, below the session's (MOSS's API ``max_length``): the
+        conversation is fitted into it as into the session, oldest turns dropped first.
         """
-        if session is None:
-            yield from self._turn(text, should_stop, options)
-            return
-        own, self.session = self.session, session
+        own, limit = self.session, self.max_len
+        self.session = session if session is not None else own
+        self.max_len = min(max_len, self.session.max_len) if max_len else self.session.max_len
         try:
             yield from self._turn(text, should_stop, options)
         finally:
-            self.session = own
+            self.session, self.max_len = own, limit
 
     def _turn(self, text: str | bytes, should_stop: StopCheck | None, options: dict) -> Iterator[str]:
         opts = GenerationOptions.from_kwargs(**{**self.defaults, **options})
@@ -170,7 +172,7 @@ class Chat:
         tokens: list[int] = []
         first = True
         try:
-            for delta in self._generate(reply, opts, (EOM,), tokens, should_stop):
+            for delta in self._generate(reply, opts, (EOM,), tokens, should_stop, len(self._closing_ids(EOM))):
                 if first:  # the model writes "<|MOSS|>: text"; the reply is the text
                     delta, first = delta.lstrip(" "), not delta.strip(" ")
                 if delta:
@@ -186,9 +188,12 @@ class Chat:
         from jmoss.plugins import parse_commands, render_results, run_calls
 
         tokens: list[int] = []
-        pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False)
+        # a constraint (a JSON reply) shapes the reply, not MOSS's thoughts and commands
+        pass1 = replace(opts, stop=(EOC, EOM), skip_special_tokens=False, constraint=None)
         try:
-            for _ in self._generate(reply, pass1, (), tokens, should_stop):
+            # pass 1 gets half the room at most: the Results and the reply must still fit after it
+            closing = max(len(self._closing_ids(EOC)), len(self._closing_ids(EOM)))
+            for _ in self._generate(reply, pass1, (), tokens, should_stop, closing, share=0.5):
                 pass
         except BaseException:
             reply.finish_reason = "interrupted"
@@ -218,15 +223,18 @@ class Chat:
         yield from self._reply_pass(reply, opts, should_stop)
 
     def _generate(self, reply: Reply, opts: GenerationOptions, stop: tuple, tokens: list[int],
-                  should_stop: StopCheck | None) -> Iterator[str]:
+                  should_stop: StopCheck | None, closing: int, share: float = 1.0) -> Iterator[str]:
+        """Generate into ``tokens``, leaving ``closing`` positions for what :meth:`_close` appends and
+        taking at most ``share`` of the room left."""
         room_needed = min(opts.max_new_tokens, max(1, self.max_len // 4))
-        self._fit(room_needed, reply)
+        self._fit(room_needed + closing, reply)
         row = self._ids[self.session.length:]
         reply.prefilled_tokens += len(row)
-        budget = fit_to_context(opts.max_new_tokens, len(self._ids), self.max_len)
+        budget = fit_to_context(opts.max_new_tokens, len(self._ids) + closing, self.max_len)
+        budget = min(budget, max(1, int((self.max_len - len(self._ids) - closing) * share)))
         if budget < opts.max_new_tokens:
             reply.notices.append(f"reply limited to {budget} tokens by the {self.max_len}-position context")
-        run = replace(opts, stop=tuple(opts.stop) + stop)
+        run = replace(opts, stop=tuple(opts.stop) + stop, max_new_tokens=budget)  # budget: max_len may be below the session's
         history = self._ids[: self.session.length]
         finish = Finish()
         for step in stream_steps(self.model, self.session, row, run, history=history, should_stop=should_stop,
@@ -239,7 +247,13 @@ class Chat:
         if finish.stop_string is not None:
             self._keep_shown(tokens, finish.text)
         reply.generated_tokens += len(tokens)
-        reply.finish_reason = finish.reason or "stop"
+        reason = finish.reason or "stop"
+        reply.finish_reason = "context" if reason == "length" and budget < opts.max_new_tokens else reason
+
+    def _closing_ids(self, marker: str) -> list[int]:
+        """What :meth:`_close` appends after a field: its end marker (unless generated) and a newline."""
+        marker_id = self.tokenizer.token_to_id(marker)
+        return ([marker_id] if marker_id is not None else self.tokenizer.encode(marker)) + self.tokenizer.encode("\n")
 
     def _keep_shown(self, tokens: list[int], text: str) -> None:
         """After a stop string cut the text, keep the ids of what was shown, not of the stop string.
@@ -256,12 +270,20 @@ class Chat:
 
         A tokenizer without the marker as one token (a CodeGen model in a MOSS chat) gets its text.
         """
-        self._ids += tokens
-        marker_id = self.tokenizer.token_to_id(marker)
-        marker_ids = [marker_id] if marker_id is not None else self.tokenizer.encode(marker)
-        if tokens[-len(marker_ids):] != marker_ids:
-            self._ids += marker_ids
-        self._ids += self.tokenizer.encode("\n")
+        closing = self._closing_ids(marker)
+        newline = len(self.tokenizer.encode("\n"))
+        marker_ids = closing[:-newline]
+        if tokens[-len(marker_ids):] == marker_ids:
+            closing = closing[len(marker_ids):]
+        # _generate left room for the closing ids; a stop string's re-encoded text may still be a
+        # token longer than what was generated, and the conversation must fit the positions.
+        over = len(self._ids) + len(tokens) + len(closing) - self.max_len
+        if over > 0:
+            del tokens[max(0, len(tokens) - over):]
+            kept = len(self._ids) + len(tokens)
+            if self.session.length > kept:
+                self.session.truncate(kept)
+        self._ids += tokens + closing
         del tokens[:]
 
     def _fit(self, room_needed: int, reply: Reply) -> None:
@@ -285,9 +307,12 @@ class Chat:
             dropped += 1
             if kept + room_needed <= self.max_len:
                 break
+        if not dropped:  # only this turn is left: the reply gets the room there is (fit_to_context)
+            return
         self._turn_starts = starts
         self.history = self.history[dropped:]
         self.session.reset()  # positions shift: the cache is rebuilt from the kept turns
+        reply.dropped_turns += dropped
         notice = f"dropped the {dropped} oldest turn(s) to stay within {self.max_len} positions (meta instruction kept)"
         reply.notices.append(notice)
         self._emit("notice", notice)

@@ -63,7 +63,7 @@ class MossConfig:
     wbits: int = 32
     groupsize: int = 128
     # Packed stores only (wbits 4/8): lm_head's and wte's width, 32 = kept fp16; None = the
-    # converter's default (lm_head at wbits, wte at 8; jmoss.layout). Not in HF configs.
+    # converter's default (8 bits for both: jmoss.layout.HEAD_BITS, EMBED_BITS). Not in HF configs.
     head_wbits: int | None = None
     embed_wbits: int | None = None
 

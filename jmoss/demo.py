@@ -1,6 +1,7 @@
 """``jmoss demo``: the whole pipeline on any machine, offline.
 
-About 3 minutes the first time on 2 cores (Jittor compiles its core once), 20 s after.
+Minutes the first time on 2 cores (Jittor compiles its core once: 2 min 40 s idle, far longer on a
+busy machine; see the README), a minute or less after. The store is kept as the model "demo".
 
 1. build a small MOSS-architecture checkpoint with RANDOM weights, in the Hugging Face layout
    (safetensors, the fused mp_num=4 qkv_proj), plus a byte-level BPE tokenizer trained on the spot
@@ -104,13 +105,38 @@ def build_checkpoint(folder: Path, seed: int = 0, shape: dict | None = None) -> 
     return config
 
 
+DEMO_NAME = "demo"
+
+
+def demo_store_dir() -> Path:
+    """Where ``jmoss demo`` keeps its store: the model name "demo" resolves there."""
+    from jmoss.store import default_store_dir
+
+    return default_store_dir(DEMO_NAME)
+
+
+def _forget_previous_demo(store: Path) -> None:
+    """Delete an earlier demo's store (converted from another temporary checkpoint, so a convert
+    into it would refuse): only when its manifest says it was a demo's."""
+    from jmoss.store import MANIFEST
+
+    try:
+        source = json.loads((store / MANIFEST).read_text(encoding="utf-8")).get("source", {}).get("id", "")
+    except (OSError, ValueError, AttributeError):
+        source = "" if (store / MANIFEST).exists() else "jmoss-demo-"  # unfinished: redo
+    if store.is_dir() and "jmoss-demo-" in str(source):
+        shutil.rmtree(store)
+
+
 def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: int | None = None,
              echo: Callable[[str], None] = print, write: Callable[[str], None] | None = None,
-             shape: dict | None = None) -> dict:
+             shape: dict | None = None, threads: int | None = None) -> dict:
     """Run every stage; return the measured figures (also printed through ``echo``).
 
-    Without ``workdir`` everything goes to a temporary folder deleted at the end; the output says
-    where the store is either way, so a user knows what is kept and how to keep it.
+    Without ``workdir`` the checkpoint goes to a temporary folder deleted at the end and the store
+    becomes the model "demo" (``$JMOSS_HOME/models/demo``, replacing an earlier demo's), so the
+    next command can use it: ``jmoss chat demo``, ``jmoss.load("demo")``. With ``workdir`` both
+    are kept there. The output says where the store is either way.
     """
     import jmoss
     from jmoss.converters.convert import convert
@@ -120,12 +146,14 @@ def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: i
     write = write or (lambda s: print(s, end="", flush=True))
     owned = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="jmoss-demo-")) if owned else Path(workdir)
+    store_dir = demo_store_dir() if owned else workdir / "store"
     figures: dict = {}
     try:
         echo("jmoss demo — the real pipeline on RANDOM weights (the generated text is meaningless by design)")
         if owned:
-            echo(f"   working in the temporary folder {workdir}: deleted when the demo ends; "
-                 "pass --workdir DIR to keep the checkpoint and store")
+            echo(f"   the checkpoint goes to the temporary folder {workdir} (deleted at the end), the store to "
+                 f"{store_dir}: the model \"{DEMO_NAME}\" afterwards")
+            _forget_previous_demo(store_dir)
         else:
             echo(f"   working in {workdir}: the checkpoint and store are kept there")
         t = time.perf_counter()
@@ -138,7 +166,7 @@ def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: i
              f"as Hugging Face safetensors ({time.perf_counter() - t:.1f} s)")
 
         t = time.perf_counter()
-        store = convert(str(checkpoint), workdir / "store", progress=False)
+        store = convert(str(checkpoint), store_dir, progress=False)
         seconds = time.perf_counter() - t
         figures["convert_mb_s"] = weights / seconds / 1e6
         echo(f"2. converted with the jmoss converter into {store}: {weights / 1e6:.0f} MB in {seconds:.1f} s "
@@ -155,7 +183,7 @@ def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: i
              f"{plan.streamed_bytes_per_token / 1e6:.0f} MB read from disk per token")
 
         t = time.perf_counter()
-        model = jmoss.load(store, device="cpu", device_memory=budget)
+        model = jmoss.load(store, device="cpu", device_memory=budget, threads=threads)
         echo(f"4. loaded under the budget in {time.perf_counter() - t:.1f} s")
 
         prompt = "<|Human|>: 你好，MOSS！Please introduce yourself.<eoh>\n<|MOSS|>:"
@@ -182,7 +210,8 @@ def run_demo(workdir: Path | None = None, *, max_new_tokens: int = 32, budget: i
         echo("done: conversion, budgeted loading and streaming generation all work on this machine.")
         figures["store"] = store
         if owned:
-            echo(f"the store {store} is deleted now; run `jmoss demo --workdir DIR` to keep it")
+            echo(f"the model \"{DEMO_NAME}\" is kept at {store}: `jmoss chat {DEMO_NAME}` talks to it (random weights: "
+                 f"noise), `jmoss rm {DEMO_NAME}` deletes it")
         else:
             echo(f"the store is kept at {store}: `jmoss chat {store}` talks to it (random weights: noise)")
         return figures

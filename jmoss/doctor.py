@@ -47,8 +47,13 @@ def _version(cmd: list[str]) -> str:
     return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "unknown"
 
 
-def report() -> list[tuple[str, str]]:
-    """(label, value) lines describing this machine for jmoss."""
+def report(cuda: bool | None = None) -> list[tuple[str, str]]:
+    """(label, value) lines describing this machine for jmoss.
+
+    ``cuda``: include the CUDA details (toolkit, CUDA 13 problems and fix). None: only where a
+    GPU is visible (or the CUDA 13 fix was built): on a CPU-only machine they are noise that
+    reads like failures.
+    """
     try:
         jittor_version = importlib.metadata.version("jittor")
     except importlib.metadata.PackageNotFoundError:
@@ -56,6 +61,10 @@ def report() -> list[tuple[str, str]]:
     nvcc = find_nvcc()
     version = nvcc_version(nvcc) if nvcc else None
     gpus = cuda_device_count()
+    fix_state = cuda_fix.state()
+    if cuda is None:
+        cuda = bool(gpus) or bool(fix_state["built"])
+    device = "cuda" if gpus and cuda_toolkit_usable(version) else "cpu"
     lines = [
         ("python", f"{sys.version.split()[0]} ({sys.executable})"),
         ("platform", platform.platform()),
@@ -63,13 +72,22 @@ def report() -> list[tuple[str, str]]:
         ("C++ compiler", _version(["g++", "--version"])),
         ("jmoss home", str(jmoss_home())),
         ("jittor cache", str(jittor_home())),
+        ("downloads", "none: jmoss turns off what a plain `import jittor` fetches (oneDNN, cutt, cutlass, nccl, "
+                      "a CUDA toolkit)"),
+    ]
+    if not cuda:
+        toolkit = f"; CUDA toolkit {version[0]}.{version[1]} found, unused" if version else ""
+        lines.append(("GPU", f"none visible: jmoss runs on the CPU (ok){toolkit}; `jmoss doctor --cuda` shows the "
+                             "CUDA details"))
+        lines.append(("device auto", device))
+        return lines
+    lines += [
         ("CUDA driver", f"{gpus} GPU(s) visible" if gpus else "no CUDA GPU visible (libcuda absent or no device)"),
         ("nvidia-smi", _version(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])),
         ("nvcc", f"{nvcc} (CUDA {version[0]}.{version[1]})" if nvcc and version else "not found"),
     ]
     for name, when, switch in JITTOR_DOWNLOADS:
         lines.append((f"download: {name}", f"plain jittor: {when}; jmoss sets {switch}, so never"))
-    fix_state = cuda_fix.state()
     if version and version[0] >= 13:
         for problem in CUDA13_PROBLEMS:
             lines.append(("CUDA 13", problem))
@@ -83,7 +101,7 @@ def report() -> list[tuple[str, str]]:
         lines.append(("NPP headers", "found" if has_npp else "missing: install the toolkit's NPP (pip install nvidia-npp)"))
     elif version:
         lines.append(("CUDA", f"CUDA {version[0]}.{version[1]} is supported by jittor 1.3.11"))
-    lines.append(("device auto", "cuda" if gpus and cuda_toolkit_usable(version) else "cpu"))
+    lines.append(("device auto", device))
     return lines
 
 

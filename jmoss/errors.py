@@ -66,3 +66,15 @@ class CalculationError(PluginError):
 
 class SolverError(PluginError):
     """A Solve request cannot be parsed or solved within its bounds; MOSS is shown 'No result.'."""
+
+
+class ConstraintError(JmossError):
+    """An output constraint (a JSON schema, a grammar) is malformed or uses a feature jmoss cannot enforce."""
+
+
+class NotConvertedError(ModelNotFoundError):
+    """A Hugging Face model name that has no converted store here yet: ``jmoss pull`` makes one."""
+
+    def __init__(self, message: str, name: str, variant: str | None = None):
+        super().__init__(message)
+        self.name, self.variant = name, variant

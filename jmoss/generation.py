@@ -2,9 +2,20 @@
 
 Sampling follows MOSS (moss-spec §5.2): repetition penalty over every id in the sequence so far
 (prompt included; each distinct id once: negative logits multiplied, positive divided) ->
-temperature -> top-k -> top-p -> softmax -> sample. Greedy decoding applies the repetition
-penalty too, as Hugging Face's generate does. Ids at or past the tokenizer's size (the embedding
-has padding rows) are never produced.
+OpenAI's presence/frequency penalties (over the generated ids only) -> [token mask] -> temperature
+-> top-k -> top-p -> softmax -> sample. Greedy decoding applies the penalties too, as Hugging Face's
+generate does. Ids at or past the tokenizer's size (the embedding has padding rows) are never
+produced. With ``logprobs`` set, each step also reports the chosen token's log-probability and the
+``logprobs`` most likely tokens, from the model's own distribution (before any penalty or mask).
+
+The token mask is the one hook for constrained output (``GenerationOptions.constraint``, e.g. a
+JSON schema, jmoss.constraints): each generated row gets its own :class:`TokenMask`, asked which
+ids may come next before every sampling step and told which one came. It sits after the
+penalties and before temperature, so greedy, top-k and top-p only ever choose among allowed ids.
+
+Prompt-lookup decoding (``GenerationOptions.lookup``, jmoss.lookup) verifies draft tokens with the
+same processing, position by position, so it changes how many forward passes a reply takes, not
+what greedy decoding writes, nor the distribution sampling draws from; a mask only sees kept tokens.
 
 Text streaming never splits a UTF-8 character (the tokenizer's stream decoder holds back
 incomplete bytes) and never shows the beginning of a string stop sequence that may still match.
@@ -14,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -39,6 +50,11 @@ class GenerationOptions:
     max_time: float | None = None
     seed: int | None = None
     skip_special_tokens: bool = True
+    # OpenAI's: subtracted from a token's logit once it was generated (presence), and per time (frequency)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely (0-20)
+    constraint: "Constraint | None" = None  # e.g. a JSON schema (jmoss.constraints); one TokenMask per row
     # prompt-lookup speculative decoding (jmoss.lookup): "off"/0, "auto" (on where it pays), or at most K draft tokens per pass
     lookup: int | str = "auto"
 
@@ -55,6 +71,15 @@ class GenerationOptions:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.max_time is not None and not self.max_time > 0:
             raise GenerationError(f"max_time must be a positive number of seconds, got {self.max_time!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise GenerationError(f"{name} must be a number in [-2, 2] (OpenAI's range), got {value!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise GenerationError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+        if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
+            raise GenerationError("constraint must have a start() that returns a TokenMask (see jmoss.constraints)")
         object.__setattr__(self, "lookup", parse_lookup(self.lookup))
 
     @classmethod
@@ -73,31 +98,76 @@ class GenerationOptions:
         return cls(**options)
 
 
+class TokenMask(Protocol):
+    """One row's constraint on its next token: the sampler's hook (a grammar matcher, usually).
+
+    ``mask()``: which ids may come next, a bool array over at least the sampled vocabulary (None:
+    any). ``advance(token)``: the id that was chosen. ``rollback(n)``: take back the last ``n``
+    advanced ids, for a caller that verified a draft and rejected its tail. ``done``: nothing but
+    the end of the sequence may follow.
+    """
+
+    done: bool
+
+    def mask(self) -> np.ndarray | None: ...
+
+    def advance(self, token: int) -> None: ...
+
+    def rollback(self, n: int) -> None: ...
+
+
+class Constraint(Protocol):
+    """What ``GenerationOptions.constraint`` holds: a compiled rule that starts one TokenMask per row."""
+
+    def start(self) -> TokenMask: ...
+
+
 class Sampler:
     """Turns next-token logits into token ids, one position at a time, in MOSS's order.
 
-    ``scores`` processes one position's logits given the ids before it (the prompt, earlier turns
-    and every token generated up to that position); ``pick`` draws a token from them and
+    ``scores`` processes one position's logits given the ids before it (``history``: the prompt,
+    earlier turns and every token generated up to that position; ``generated``: the tail of it
+    this generation produced) and its row's TokenMask; ``pick`` draws a token from them and
     ``verify`` decides a speculative draft token (jmoss.lookup) at one position. Lookup verifies a
-    draft position by position, each with exactly the history plain generation would have had there
-    (accepted drafts included), so any processing that depends on the ids so far (the repetition
-    penalty, and any later penalty or token mask) stays exact. A processor that keeps its own state
-    (e.g. a grammar matcher) must advance on each token ``pick``/``verify`` return and on nothing
-    else: verification never processes a position after the first rejected draft, so it never needs
-    to roll back (see generation.generate_ids).
+    draft position by position, each with exactly the history, generated ids and mask state plain
+    generation would have had there (accepted drafts included), so the repetition penalty, the
+    presence/frequency penalties and the mask stay exact. A TokenMask advances on each token
+    ``pick``/``verify`` return that generation keeps and on nothing else: verification never
+    processes a position after the first rejected draft (see generation.generate_ids), so a
+    rejected draft never reaches a mask and nothing needs rolling back.
+
+    ``last`` holds, after each call with ``options.logprobs`` set, one ``(logprob, top)`` per row:
+    the chosen id's log-probability and ``[(id, logprob), ...]`` of the most likely ids
+    (:meth:`logprob` gives the same for one position, e.g. an accepted draft).
     """
 
     def __init__(self, options: GenerationOptions, vocab_limit: int):
         self.options = options
         self.vocab_limit = vocab_limit
         self.rng = np.random.default_rng(options.seed)
+        self.last: list[tuple[float, list[tuple[int, float]]] | None] = []
 
-    def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.array([self.pick(row, history) for row, history in zip(logits, histories)], dtype=np.int64)
+    def __call__(self, logits: np.ndarray, histories: Sequence[Sequence[int]],
+                 generated: Sequence[Sequence[int]] | None = None,
+                 masks: Sequence[TokenMask | None] | None = None) -> np.ndarray:
+        generated = generated if generated is not None else [()] * len(histories)
+        masks = masks if masks is not None else [None] * len(histories)
+        picked = [self.pick(row, history, new, mask)
+                  for row, history, new, mask in zip(logits, histories, generated, masks)]
+        if self.options.logprobs is not None:
+            self.last = [self.logprob(row, token) for row, token in zip(logits, picked)]
+        return np.array(picked, dtype=np.int64)
 
-    def scores(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """One position's logits processed in MOSS's order given the ids before it: repetition
-        penalty, then (sampling only) temperature, top-k and top-p; excluded ids are -inf."""
+    def logprob(self, logits: np.ndarray, token: int) -> tuple[float, list[tuple[int, float]]] | None:
+        """``token``'s log-probability under the model's own logits and the ``options.logprobs``
+        most likely ids (None when logprobs are off)."""
+        if self.options.logprobs is None:
+            return None
+        return _logprobs(logits[: self.vocab_limit], token, self.options.logprobs)
+
+    def _processed(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int],
+                   mask: TokenMask | None) -> np.ndarray:
+        """Penalties, then the mask; sampling: then temperature and top-k (top-p is left to the caller)."""
         o = self.options
         scores = np.array(logits[: self.vocab_limit], dtype=np.float32)
         if o.repetition_penalty != 1.0 and len(history):
@@ -105,48 +175,135 @@ class Sampler:
             seen = seen[seen < self.vocab_limit]
             values = scores[seen]
             scores[seen] = np.where(values < 0, values * o.repetition_penalty, values / o.repetition_penalty)
+        if (o.presence_penalty or o.frequency_penalty) and len(generated):
+            # OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c over the output
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            keep = ids < self.vocab_limit
+            ids, counts = ids[keep], counts[keep]
+            scores[ids] -= (counts * o.frequency_penalty + o.presence_penalty).astype(np.float32)
+        if mask is not None:
+            scores = _masked(scores, mask.mask())
         if not o.do_sample:
             return scores
         scores = scores / o.temperature
         if o.top_k and o.top_k < scores.size:
             kth = np.partition(scores, -o.top_k)[-o.top_k]
             scores = np.where(scores < kth, -np.inf, scores)
-        if o.top_p < 1.0:
-            order = np.argsort(scores)  # ascending, as Hugging Face's top-p warper
-            probs = _softmax(scores[order])
-            remove = np.cumsum(probs) <= 1.0 - o.top_p
-            remove[-1] = False  # always keep the most likely token
-            scores[order[remove]] = -np.inf
         return scores
 
-    def pick(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        """The next token: the best one (greedy) or one drawn from the processed distribution."""
-        scores = self.scores(logits, history)
-        if not self.options.do_sample:
-            return int(scores.argmax())
-        probs = _softmax(scores)
-        return int(self.rng.choice(probs.size, p=probs))
+    def _distribution(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int],
+                      mask: TokenMask | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """Sampling's candidates and their probabilities: (kept ids ascending, probs) under top-p,
+        else (None, probs over every id)."""
+        scores = self._processed(logits, history, generated, mask)
+        if self.options.top_p < 1.0:
+            kept, weights = _top_p_kept(scores, self.options.top_p)
+            return kept, weights / weights.sum()
+        return None, _softmax(scores)
 
-    def verify(self, logits: np.ndarray, history: Sequence[int], draft: int) -> int:
+    def scores(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = (),
+               mask: TokenMask | None = None) -> np.ndarray:
+        """One position's logits processed in order: repetition penalty, presence/frequency
+        penalties over ``generated``, the mask, then (sampling only) temperature, top-k and top-p;
+        excluded ids are -inf."""
+        scores = self._processed(logits, history, generated, mask)
+        if self.options.do_sample and self.options.top_p < 1.0:
+            kept, _ = _top_p_kept(scores, self.options.top_p)
+            out = np.full_like(scores, -np.inf)
+            out[kept] = scores[kept]
+            return out
+        return scores
+
+    def pick(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = (),
+             mask: TokenMask | None = None) -> int:
+        """One position's next id from its logits, ``history`` (every id before it, prompt included),
+        ``generated`` (the ids this generation produced so far, the tail of ``history``) and its
+        row's TokenMask (if any): the best one (greedy) or one drawn from the processed distribution."""
+        if not self.options.do_sample:
+            return int(self._processed(logits, history, generated, mask).argmax())
+        ids, probs = self._distribution(logits, history, generated, mask)
+        choice = int(self.rng.choice(probs.size, p=probs))
+        return int(ids[choice]) if ids is not None else choice
+
+    def verify(self, logits: np.ndarray, history: Sequence[int], draft: int, generated: Sequence[int] = (),
+               mask: TokenMask | None = None) -> int:
         """The token this position gets when a drafter proposed ``draft``: ``draft`` itself when accepted.
 
         Greedy: the best token (accepted iff it is the draft), so output equals plain greedy.
         Sampling, the standard speculative acceptance for a deterministic drafter (whose proposal
         distribution is a point mass on the draft): accept with probability p(draft), else draw
         from p with the draft removed and renormalised. Then P(token = x) = p(x) for every x: for
-        the draft p(draft); for x != draft (1 - p(draft)) * p(x) / (1 - p(draft)).
+        the draft p(draft); for x != draft (1 - p(draft)) * p(x) / (1 - p(draft)). A draft the
+        mask forbids, or outside top-k/top-p, has p = 0: always rejected.
         """
-        scores = self.scores(logits, history)
         if not self.options.do_sample:
-            return int(scores.argmax())
-        probs = _softmax(scores)
-        p = float(probs[draft]) if 0 <= draft < probs.size else 0.0
+            return int(self._processed(logits, history, generated, mask).argmax())
+        ids, probs = self._distribution(logits, history, generated, mask)
+        if ids is None:
+            at = int(draft) if 0 <= draft < probs.size else -1
+        else:
+            at = int(np.searchsorted(ids, draft))
+            at = at if at < ids.size and ids[at] == draft else -1
+        p = float(probs[at]) if at >= 0 else 0.0
         if self.rng.random() < p:
             return int(draft)
         if p > 0.0:
-            probs[draft] = 0.0
+            probs = probs.copy()
+            probs[at] = 0.0
             probs /= probs.sum()
-        return int(self.rng.choice(probs.size, p=probs))
+        choice = int(self.rng.choice(probs.size, p=probs))
+        return int(ids[choice]) if ids is not None else choice
+
+
+def _masked(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """``scores`` with every id the mask forbids at -inf (ids past the mask's length are forbidden)."""
+    if allowed is None:
+        return scores
+    n = min(scores.size, allowed.size)
+    if not allowed[:n].any():
+        raise GenerationError("the output constraint allows no token here (a grammar that cannot continue)")
+    if n == scores.size:
+        return np.where(allowed[:n], scores, np.float32(-np.inf))
+    out = np.full_like(scores, -np.inf)
+    out[:n] = np.where(allowed[:n], scores[:n], np.float32(-np.inf))
+    return out
+
+
+def _logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log_softmax of the model's logits at ``token``, and the ``top`` most likely ids (best first)."""
+    x = np.asarray(logits, dtype=np.float64)
+    logp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    best = np.argpartition(-logp, top)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in best]
+
+
+# Candidates examined first by _top_p_kept, then 8x more each time, until that would be over a
+# quarter of the vocabulary: then all of it (a flat distribution, whose nucleus is most of it).
+TOP_P_FIRST = 64
+
+
+def _top_p_kept(scores: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens Hugging Face's top-p warper keeps, ascending, and their unnormalised weights.
+
+    Kept: the most likely tokens while the probability of all tokens ranked above them is below
+    ``top_p`` (the top one always). That is the set a sort of the whole vocabulary gives (what the
+    warper does, and what this did: a 107,008-entry argsort and three more passes per token, as
+    long as a small model's whole forward); here one pass makes the weights and their sum, and
+    only the top candidates, found in linear time, are sorted: as few as hold ``top_p``.
+    """
+    weights = np.exp(scores.astype(np.float64) - float(scores.max()))
+    total, size = weights.sum(), weights.size
+    k = min(TOP_P_FIRST, size)
+    while True:
+        top = np.argpartition(scores, size - k)[size - k:] if k < size else np.arange(size)
+        top = top[np.argsort(weights[top])[::-1]]  # descending
+        probs = weights[top] / total
+        above = np.cumsum(probs) - probs  # the mass ranked above each candidate
+        if k == size or above[-1] + probs[-1] >= top_p:
+            kept = np.sort(top[above < top_p])  # top[0] has nothing above it: always kept
+            return kept, weights[kept]
+        k = k * 8 if k * 8 <= size // 4 else size
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -243,6 +400,7 @@ def generate_ids(
     fit_context: bool = False,
     reasons: list[str | None] | None = None,
     stats: LookupStats | None = None,
+    logprobs_out: list | None = None,
 ) -> Iterator[list[int | None]]:
     """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None: none this step).
 
@@ -253,15 +411,22 @@ def generate_ids(
     (:func:`fit_to_context`) and a row ending there ends for "context". ``reasons`` (one entry per
     row) receives why each row ended: "stop", "length", "context", "time" or "cancelled".
     ``histories`` are the ids the repetition penalty sees before the new rows (a chat's earlier turns).
+    With ``options.constraint`` each row gets its own TokenMask, advanced by every id it takes
+    (and by no other: see below). The model's ``stats`` (jmoss.stats), when it has one, records
+    tokens and latencies. ``logprobs_out`` (with ``options.logprobs`` set) is refilled at each step
+    with each row's ``(logprob, top)`` (see :class:`Sampler`).
 
     With ``options.lookup`` (jmoss.lookup) a pass may yield several steps: each live row's next
     token is fed together with up to k draft tokens taken from its own context, one forward
     returns the logits of every fed position, and each draft is verified in order with
-    :meth:`Sampler.verify` (each position sees the history plain decoding would have had). The
-    accepted drafts are yielded as the following steps; the first rejection (or the token after the
-    last draft) is the next token fed, and the cache is truncated past what was kept. Greedy output
-    is plain greedy's, token for token; sampled output follows the target distribution. Rows of a
-    batched Session keep the same number of tokens per pass (up to the first position any live row
+    :meth:`Sampler.verify` (each position sees the history, generated ids and mask state plain
+    decoding would have had). The accepted drafts are yielded as the following steps; the first
+    rejection (or the token after the last draft) is the next token fed, and the cache is truncated
+    past what was kept. Verification stops at the first rejected draft (and where a row's mask is
+    done), so a TokenMask only ever advances on kept tokens, and every emitted token, an accepted
+    draft included, has its logprobs from its own position's logits. Greedy output is plain
+    greedy's, token for token; sampled output follows the target distribution. Rows of a batched
+    Session keep the same number of tokens per pass (up to the first position any live row
     rejects: the cache stays one column per token); a BatchRunner slot is one row and keeps all it
     accepted. Whenever the generator stops (finished, closed or failed) a one-row session holds
     exactly what plain decoding would hold: the prompt and every generated token but the last.
@@ -271,6 +436,7 @@ def generate_ids(
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))
     seen = [list(h) + list(r) for h, r in zip(histories or [[] for _ in rows], rows)]
     generated: list[list[int]] = [[] for _ in rows]
+    masks = [options.constraint.start() for _ in rows] if options.constraint is not None else None
     why: list[str | None] = reasons if reasons is not None else []
     why[:] = [None] * len(rows)
     limit = options.max_new_tokens
@@ -289,12 +455,26 @@ def generate_ids(
     stats = stats if stats is not None else LookupStats()
     k = draft_limit(options.lookup, model, session)
     drafters = [PromptLookup(s) for s in seen] if k else []
-    logits = session.prefill(rows)
-    base = session.length  # plain decoding feeds generated token n into slot base + n - 1
-    last = min(limit, session.max_len - base + 1)  # the token a row ends at for length or context
+    meter: Any = getattr(model, "stats", None)
+    run = meter.begin(len(rows), sum(map(len, rows)), session.length, masks is not None) if meter is not None else None
+    base: int | None = None  # plain decoding feeds generated token n into slot base + n - 1
+    last = limit
+    ahead = [0] * len(rows)  # tokens a row's mask advanced on that are not emitted yet (a verify pass's)
 
-    def emit(step: list[int | None]) -> list[int | None]:
+    def choose(logits: np.ndarray) -> "_Chosen":
+        """Each row's next token from one position's logits (plain decoding); live rows' masks take it."""
+        tokens = [int(t) for t in sampler(logits, seen, generated, masks)]
+        if masks is not None:
+            for b, token in enumerate(tokens):
+                if why[b] is None:
+                    masks[b].advance(token)
+                    ahead[b] += 1
+        return _Chosen(tokens, list(sampler.last) if options.logprobs is not None else None,
+                       [m.done for m in masks] if masks is not None else None)
+
+    def emit(chosen: "_Chosen") -> list[int | None]:
         """Record one step's tokens; a row that ends here gets its reason (stop before length)."""
+        step: list[int | None] = list(chosen.tokens)
         for b, token in enumerate(step):
             if token is None or why[b] is not None:
                 step[b] = None
@@ -304,14 +484,27 @@ def generate_ids(
             if drafters:
                 drafters[b].extend((token,))
             n = len(generated[b])
-            why[b] = ("stop" if stops.token_hit(generated[b]) else "length" if n == options.max_new_tokens
-                      else "context" if n >= last else None)
+            # a completed constraint (the JSON closed) ends the row: no eos step
+            why[b] = ("stop" if stops.token_hit(generated[b]) or (chosen.done is not None and chosen.done[b])
+                      else "length" if n == options.max_new_tokens else "context" if n >= last else None)
+            if masks is not None:
+                ahead[b] -= 1
+                if why[b] is not None and ahead[b] > 0:  # it ended inside a verify pass's tokens: the
+                    masks[b].rollback(ahead[b])  # mask takes back those it will never emit
+                    ahead[b] = 0
+        if logprobs_out is not None and chosen.logprobs is not None:
+            logprobs_out[:] = chosen.logprobs
+        if run is not None:
+            run.step(sum(t is not None for t in step))
         return step
 
-    pending: list[int | None] = [int(t) for t in sampler(logits, seen)]
     try:
+        logits = session.prefill(rows)
+        base = session.length
+        last = min(limit, session.max_len - base + 1)  # the token a row ends at for length or context
+        pending = choose(logits)
         while True:
-            yield emit(list(pending))  # each live row's next token: what plain decoding feeds next
+            yield emit(pending)  # each live row's next token: what plain decoding feeds next
             if all(r is not None for r in why):
                 return  # no forward for a token nobody will read
             reason = ("time" if deadline is not None and time.monotonic() >= deadline
@@ -323,54 +516,87 @@ def generate_ids(
             drafts = [drafters[b].propose(min(k, last - len(generated[b]), session.room - 1))
                       if drafters and b in live else [] for b in range(len(rows))]
             if not all(drafts[b] for b in live):  # a row without a draft would keep 1 token: plain decode
-                feed = [int(t) if why[b] is None else (model.config.eos_token_id or 0) for b, t in enumerate(pending)]
+                feed = [t if why[b] is None and t is not None else (model.config.eos_token_id or 0)
+                        for b, t in enumerate(pending.tokens)]
                 logits = session.decode(feed)
                 stats.passes += 1
-                pending = [int(t) for t in sampler(logits, seen)]
+                pending = choose(logits)
                 continue
             start = session.length
-            out = session.verify([[pending[b]] + drafts[b] if why[b] is None else [] for b in range(len(rows))])
-            runs = _verify(sampler, out, seen, drafts, live)
+            out = session.verify([[pending.tokens[b]] + drafts[b] if why[b] is None else [] for b in range(len(rows))])
+            runs = _verify(sampler, out, seen, generated, masks, drafts, live)
             keep = len(runs[live[0]])  # tokens each live row keeps from this pass: its fed token + accepted drafts
+            if masks is not None:
+                for b in live:
+                    ahead[b] += keep
             stats.passes += 1
             stats.verify_passes += 1
             stats.drafted += sum(len(drafts[b]) for b in live)
             stats.accepted += (keep - 1) * len(live)
             stats.per_pass.append((keep - 1) * len(live))
             session.truncate(start + keep)
-            for j in range(keep - 1):  # the accepted drafts, one step each
-                yield emit([runs[b][j] if b in runs else None for b in range(len(rows))])
+            steps = [_Chosen([runs[b][j][0] if b in runs else None for b in range(len(rows))],
+                             [runs[b][j][1] if b in runs else None for b in range(len(rows))]
+                             if options.logprobs is not None else None,
+                             [b in runs and runs[b][j][2] for b in range(len(rows))] if masks is not None else None)
+                     for j in range(keep)]
+            for chosen in steps[:-1]:  # the accepted drafts, one step each
+                yield emit(chosen)
                 if all(r is not None for r in why):
                     return
-            pending = [runs[b][keep - 1] if b in runs else None for b in range(len(rows))]
+            pending = steps[-1]
     finally:
-        if k and len(rows) == 1 and generated[0] and session.length > base + len(generated[0]) - 1:
+        if k and len(rows) == 1 and base is not None and generated[0] \
+                and session.length > base + len(generated[0]) - 1:
             session.truncate(base + len(generated[0]) - 1)  # what plain decoding holds: all but the last token
+        if run is not None:
+            run.end()
 
 
-def _verify(sampler: Sampler, logits: np.ndarray, seen: list[list[int]], drafts: list[list[int]],
-            live: list[int]) -> dict[int, list[int]]:
+@dataclass
+class _Chosen:
+    """One step's token per row (None: none), with each one's logprobs and whether its row's mask
+    was done after it (None when logprobs or masks are off)."""
+
+    tokens: list[int | None]
+    logprobs: list | None = None
+    done: list[bool] | None = None
+
+
+def _verify(sampler: Sampler, logits: np.ndarray, seen: list[list[int]], generated: list[list[int]],
+            masks: list[TokenMask] | None, drafts: list[list[int]],
+            live: list[int]) -> dict[int, list[tuple[int, Any, bool]]]:
     """Each live row's tokens from one verify pass, position by position: the draft where the
-    target accepts it, else the target's own token, which ends the pass for every row.
+    target accepts it, else the target's own token, which ends the pass for every row. Each token
+    comes with its logprobs (:meth:`Sampler.logprob`) and whether its row's mask is done after it.
 
     ``logits[b, i]`` follows row b's fed token and ``drafts[b][:i]``; position i is processed with
-    the history plain decoding would have had there. A row whose drafts are all accepted gets the
-    target's token after the last one. All rows stop at the first position where any row's pass
-    ends, so every row keeps the same count (a batched cache stays one column per token) and no
-    token is drawn that is not kept (a stateful processor sees only generated tokens).
+    the history, generated ids and mask state plain decoding would have had there (each row's
+    mask advances on its token at once, for the next position). A row whose drafts are all
+    accepted gets the target's token after the last one. All rows stop at the first position
+    where any row's pass ends (or any row's mask is done: nothing but the end may follow), so every
+    row keeps the same count (a batched cache stays one column per token) and no token is drawn
+    that is not kept: a mask never sees a rejected draft.
     """
-    runs: dict[int, list[int]] = {b: [] for b in live}
+    runs: dict[int, list[tuple[int, Any, bool]]] = {b: [] for b in live}
     for i in range(1 + max(len(drafts[b]) for b in live)):
         ended = False
         for b in live:
-            history = seen[b] + runs[b]
+            so_far = [t for t, _, _ in runs[b]]
+            history, new = seen[b] + so_far, generated[b] + so_far
+            mask = masks[b] if masks is not None else None
             if i < len(drafts[b]):
-                token = sampler.verify(logits[b, i], history, drafts[b][i])
+                token = sampler.verify(logits[b, i], history, drafts[b][i], new, mask)
                 ended |= token != drafts[b][i]
             else:
-                token = sampler.pick(logits[b, i], history)
+                token = sampler.pick(logits[b, i], history, new, mask)
                 ended = True
-            runs[b].append(token)
+            done = False
+            if mask is not None:
+                mask.advance(token)
+                done = mask.done
+                ended |= done
+            runs[b].append((token, sampler.logprob(logits[b, i], token), done))
         if ended:
             break
     return runs
@@ -426,6 +652,9 @@ class Step:
     token: int | None
     text: str = ""
     finish: Finish | None = None
+    logprob: float | None = None  # with options.logprobs: the token's log-probability under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # ... and the most likely (id, logprob), best first
+    stop: bool = False  # the token is a stop token (eos, <eom>…): not part of the text
 
 
 def stream_steps(model: "TextModel", session: "Session", row: list[int], opts: GenerationOptions, *,
@@ -440,23 +669,26 @@ def stream_steps(model: "TextModel", session: "Session", row: list[int], opts: G
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=opts.skip_special_tokens)
     finish = Finish()
     reasons: list[str | None] = []
+    scores: list = []
     text, emitted = "", 0
     for step in generate_ids(model, session, [row], opts, histories=[history or []], should_stop=should_stop,
-                             fit_context=fit_context, reasons=reasons):
+                             fit_context=fit_context, reasons=reasons,
+                             logprobs_out=scores if opts.logprobs is not None else None):
         token = step[0]
         if token is None:
             break
+        logprob, top = scores[0] if scores and scores[0] is not None else (None, None)
         if stops.token_hit([token]):
-            yield Step(token)
+            yield Step(token, logprob=logprob, top_logprobs=top, stop=True)
             break  # a single-token stop (eos, <eoc>…) is not part of the text
         text += decoder.push(token)
         cut = stops.text_cut(text)
         if cut is not None:
             finish.reason, finish.stop_string, finish.text = "stop", _stop_at(stops, text, cut), text[:cut]
-            yield Step(token, text[emitted:cut], finish)
+            yield Step(token, text[emitted:cut], finish, logprob, top)
             return
         safe = len(text) - stops.held_back(text)
-        yield Step(token, text[emitted:safe])
+        yield Step(token, text[emitted:safe], logprob=logprob, top_logprobs=top)
         emitted = max(emitted, safe)
     finish.reason = reasons[0]  # generate_ids says why it ended (a single-token stop: "stop")
     text += decoder.flush()
@@ -494,11 +726,18 @@ def _stop_at(stops: _Stops, text: str, cut: int) -> str:
 
 def _max_len(model: "TextModel", rows: list[list[int]], opts: GenerationOptions) -> int:
     longest = max(len(r) for r in rows)
-    if longest >= model.config.n_positions:
+    context = model.config.n_positions
+    plan = getattr(model, "plan", None)
+    if plan is not None and plan.max_seq_len < context:  # loaded with a shorter context (-c, max_seq_len=)
+        context = plan.max_seq_len
+        if longest >= context:
+            raise ContextLengthError(f"the prompt has {longest} tokens but the context is {context} positions "
+                                     "(-c/--ctx-size, max_seq_len=): raise it or shorten the prompt")
+    if longest >= context:
         raise ContextLengthError(
             f"the prompt has {longest} tokens but the model has n_positions={model.config.n_positions}; shorten it"
         )
-    return min(model.config.n_positions, longest + opts.max_new_tokens)
+    return min(context, longest + opts.max_new_tokens)
 
 
 def generate(model: "TextModel", prompt, **options) -> str | list[str]:

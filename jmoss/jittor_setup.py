@@ -46,9 +46,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def jittor_home() -> Path:
-    """Where jittor compiles and caches its kernels for jmoss."""
+    """Where jittor compiles and caches its kernels for jmoss.
+
+    Resolved through links: Jittor keys its compiled core on the path it was built under, so two
+    homes that link to one cache must name it alike, or each rebuilds the core's jit_utils for the
+    other ("jit_utils updated, please rerun your command") and exits."""
     env = os.environ.get("JITTOR_HOME")
-    return Path(env).expanduser().resolve() if env else jmoss_home() / "jittor"
+    return Path(env).expanduser().resolve() if env else (jmoss_home() / "jittor").resolve()
 
 
 def find_nvcc() -> str | None:
@@ -135,6 +139,8 @@ def _captured_fds() -> Iterator[Path]:
         sys.stdout.flush()
         sys.stderr.flush()
         saved = [os.dup(fd) for fd in fds]
+        global _saved_stderr
+        _saved_stderr = saved[1]
         with open(log, "wb") as sink:
             try:
                 for fd in fds:
@@ -143,6 +149,7 @@ def _captured_fds() -> Iterator[Path]:
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
+                _saved_stderr = None
                 for fd, old in zip(fds, saved):
                     os.dup2(old, fd)
                     os.close(old)
@@ -245,32 +252,72 @@ def _quiet_python_logs(jittor_utils: ModuleType) -> None:
 
 
 class CompileProgressFilter:
-    """Rewrites what native code writes to fd 2: Jittor's kernel-compile progress becomes one line.
+    """Rewrites what native code writes to fd 2: Jittor's kernel-compile progress becomes jmoss's.
 
     Jittor's C++ (``parallel_compiler.cc``) writes ``"\\n"``, then ``"Compiling Operators(i/n)
     used: Xs eta: Ys \\r"`` over and over, then ``"\\n"``, straight to ``std::cerr`` whenever
     compiling new kernels takes over 2 s. ``log_silent`` does not gate it (it only gates the
     Python-side ``DelayProgress``), so it interleaves with chat replies and fills server logs. The
-    first such burst becomes ``jmoss: compiling kernels …`` (with Jittor's own time estimate);
-    later bursts vanish; every other byte passes through unchanged.
+    first such burst becomes ``jmoss: compiling kernels …`` (with the burst's kernel count); on a
+    terminal every burst then shows one line redrawn in place, ``i/n kernels, N s``, ticking each
+    second (``tick``) and erased when the burst ends, so a long first run is never silent. Off a
+    terminal later bursts vanish. Every other byte passes through unchanged.
+
+    Control bytes from jmoss (``control``): ``q``/``Q`` turn every notice off/on (``chat -q``),
+    ``h``/``H`` hold notices while a reply is on screen (a compile then never lands inside it).
 
     Self-contained on purpose: its source is also the program of the filter process (see
     ``_filter_native_stderr``), which runs without jmoss on its path.
     """
 
     PREFIX = b"Compiling Operators("
+    LOG_EVERY = 30.0  # off a terminal: seconds between "still compiling" lines of one long burst
 
-    def __init__(self, tty: bool = False):
+    def __init__(self, tty: bool = False, quiet: bool = False):
         self.tty = tty
+        self.quiet = quiet
+        self.hold = False
         self.buf = b""
         self.announced = False
         self.at_line_start = True
         self.held_newline = False  # an empty line: perhaps Jittor's newline before its progress
         self.after_progress = False  # the next empty line is Jittor's newline after its progress
+        self.live = False  # a redrawn progress line is on the terminal now
+        self.burst = None  # (done, total, started) of the burst being compiled
+        self.logged = 0.0  # when the last "still compiling" line was written (off a terminal)
 
     def pending(self) -> bool:
         """True when bytes are held back waiting to see whether Jittor's progress follows."""
         return self.held_newline or bool(self.buf)
+
+    def busy(self) -> bool:
+        """True while a burst is being compiled and shown: ``tick`` wants calling about once a second."""
+        return self.burst is not None and not (self.quiet or self.hold)
+
+    def control(self, data: bytes) -> bytes:
+        """Apply jmoss's control bytes; return what to write (the live line erased when held)."""
+        for c in data.decode("ascii", "replace"):
+            if c in "qQ":
+                self.quiet = c == "q"
+            elif c in "hH":
+                self.hold = c == "h"
+        return self._erase() if self.quiet or self.hold else b""
+
+    def tick(self) -> bytes:
+        """The live line with the time so far (called about once a second while ``busy``); off a
+        terminal, a plain line when a burst has gone on for another ``LOG_EVERY`` seconds."""
+        if not self.busy():
+            return b""
+        if self.tty:
+            return self._live()
+        import time
+
+        done, total, started = self.burst
+        now = time.monotonic()
+        if now - max(started, self.logged) < self.LOG_EVERY:
+            return b""
+        self.logged = now
+        return f"jmoss: still compiling kernels, {done}/{total} after {now - started:.0f} s\n".encode()
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes read from the pipe; return the bytes to write now."""
@@ -285,7 +332,7 @@ class CompileProgressFilter:
             out += self._segment(segment, terminator)
         tail = self.buf
         if tail and not (self.PREFIX.startswith(tail) or tail.startswith(self.PREFIX)):
-            out += self._release() + tail  # an unfinished line (a prompt): show it now
+            out += self._erase() + self._release() + tail  # an unfinished line (a prompt): show it now
             self.buf, self.at_line_start, self.after_progress = b"", False, False
         return bytes(out)
 
@@ -293,7 +340,7 @@ class CompileProgressFilter:
         """What is held, once nothing more came for a moment (an unfinished progress line stays)."""
         out = self._release()
         if self.buf and not self.buf.startswith(self.PREFIX):
-            out += self.buf
+            out = self._erase() + out + self.buf
             self.buf, self.at_line_start = b"", False
         return out
 
@@ -303,32 +350,54 @@ class CompileProgressFilter:
             return b"\n"
         return b""
 
+    def _erase(self) -> bytes:
+        if self.live:
+            self.live = False
+            return b"\r\033[K"
+        return b""
+
+    def _live(self) -> bytes:
+        import time
+
+        done, total, started = self.burst
+        self.live = True
+        text = f"jmoss: compiling kernels {done}/{total}, {time.monotonic() - started:.0f} s (first run only)"
+        return f"\r\033[K\033[2m{text}\033[0m".encode()
+
     def _segment(self, segment: bytes, terminator: bytes) -> bytes:
         if segment.startswith(self.PREFIX):
+            import re
+            import time
+
             self.held_newline = False  # Jittor's own newline before the progress
             self.after_progress = self.at_line_start = True
-            if self.announced:
+            count = re.match(rb"Compiling Operators\((\d+)/(\d+)\)", segment)
+            done, total = (int(count.group(1)), int(count.group(2))) if count else (0, 0)
+            started = self.burst[2] if self.burst else time.monotonic()
+            self.burst = (done, total, started)
+            if self.quiet or self.hold:
                 return b""
-            self.announced = True
-            return self._notice(segment)
+            out = b""
+            if not self.announced:
+                self.announced = True
+                out = self._notice(total)
+            return out + (self._live() if self.tty else b"")
         if not segment and terminator == b"\n" and self.at_line_start:
             if self.after_progress:
                 self.after_progress = False
-                return b""
+                self.burst = None
+                return self._erase()
             out = self._release()
             self.held_newline = True
             return out
         self.after_progress = False
         self.at_line_start = True
-        return self._release() + segment + terminator
+        return self._erase() + self._release() + segment + terminator
 
-    def _notice(self, segment: bytes) -> bytes:
-        import re
-
+    def _notice(self, total: int) -> bytes:
         # "(i/n)": n kernels in this burst. Jittor's eta at its first line is far off (measured
         # 44 s for an 8 s compile), so no time is promised.
-        count = re.match(rb"Compiling Operators\(\d+/(\d+)\)", segment)
-        what = f"{int(count.group(1))} kernels" if count else "kernels"
+        what = f"{total} kernels" if total else "kernels"
         text = f"jmoss: compiling {what} for this model (first run only, cached for later runs)…"
         if self.tty:  # a new line of its own, as Jittor's progress had; dim like jmoss's status
             return f"\n\033[2m{text}\033[0m\n".encode()
@@ -338,7 +407,9 @@ class CompileProgressFilter:
 _FILTER_MAIN = """
 import os, select, signal
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-flt = CompileProgressFilter(tty=os.isatty(1))
+flt = CompileProgressFilter(tty=os.isatty(1), quiet=os.environ.get("JMOSS_COMPILE_NOTICES") == "0")
+CONTROL = int(os.environ.get("JMOSS_CONTROL_FD", "-1"))  # jmoss's pipe: notices off/on, hold/release
+inputs = [0, CONTROL] if CONTROL >= 0 else [0]
 
 def write(data):
     while data:
@@ -348,10 +419,18 @@ def write(data):
             return
 
 while True:
-    ready, _, _ = select.select([0], [], [], 0.2 if flt.pending() else None)
+    wait = 0.2 if flt.pending() else 1.0 if flt.busy() else None
+    ready, _, _ = select.select(inputs, [], [], wait)
     if not ready:
-        write(flt.flush())
+        write(flt.flush() + flt.tick())
         continue
+    if CONTROL in ready:
+        data = os.read(CONTROL, 64)
+        if not data:
+            inputs.remove(CONTROL)
+        write(flt.control(data))
+        if 0 not in ready:
+            continue
     data = os.read(0, 65536)
     if not data:
         write(flt.flush() + flt.buf)
@@ -360,6 +439,28 @@ while True:
 """
 
 _filter_process: subprocess.Popen | None = None
+_control_fd: int | None = None
+_notices = True
+
+
+def set_compile_notices(on: bool) -> None:
+    """Turn jmoss's "compiling kernels" notices on or off (``-q``), now or for the filter to come."""
+    global _notices
+    _notices = on
+    _send_control(b"Q" if on else b"q")
+
+
+def hold_compile_notices(hold: bool) -> None:
+    """While a reply is on screen (``hold``), a kernel compile shows nothing (it would land in the reply)."""
+    _send_control(b"h" if hold else b"H")
+
+
+def _send_control(data: bytes) -> None:
+    if _control_fd is not None:
+        try:
+            os.write(_control_fd, data)
+        except OSError:
+            pass
 
 
 def _filter_native_stderr() -> None:
@@ -371,8 +472,9 @@ def _filter_native_stderr() -> None:
     closed fd 2, i.e. after this process exits, so nothing written at exit is lost. Python's own
     ``sys.stderr`` is pointed at the real stderr: it stays synchronous with stdout and a terminal
     is still seen as one. Set ``JMOSS_JITTOR_PROGRESS=1`` to see Jittor's raw progress instead.
+    A second pipe (``JMOSS_CONTROL_FD`` in the child) carries ``set_compile_notices``/``hold_compile_notices``.
     """
-    global _filter_process
+    global _filter_process, _control_fd
     if _filter_process is not None or os.environ.get("JMOSS_JITTOR_PROGRESS") == "1":
         return
     import inspect
@@ -385,14 +487,21 @@ def _filter_native_stderr() -> None:
     except (OSError, TypeError):  # no source shipped, or no fd 2: leave stderr alone
         return
     read_end, write_end = os.pipe()
+    control_read, control_write = os.pipe()
+    env = {**os.environ, "JMOSS_COMPILE_NOTICES": "1" if _notices else "0", "JMOSS_CONTROL_FD": str(control_read)}
     try:
         _filter_process = subprocess.Popen([sys.executable, "-I", "-S", "-c", program], stdin=read_end,
-                                           stdout=original, stderr=original, start_new_session=True)
+                                           stdout=original, stderr=original, start_new_session=True, env=env,
+                                           pass_fds=(control_read,))
     except OSError:
         os.close(original)
+        os.close(control_write)
         return
     finally:
         os.close(read_end)
+        os.close(control_read)
+    _control_fd = control_write
+    os.set_inheritable(control_write, False)
     python_stderr = sys.stderr
     real = python_stderr is sys.__stderr__ and _fileno(python_stderr) == 2
     if real:
@@ -409,6 +518,26 @@ def _fileno(stream) -> int | None:
         return stream.fileno()
     except (AttributeError, OSError, ValueError):
         return None
+
+
+def stable_python_path(python: str) -> str:
+    """One name for this interpreter, however it was started: the first of ``python3.X``,
+    ``python3``, ``python`` beside it that is the same file (a venv's three links), else ``python``.
+
+    Jittor runs ``python_path utils/asm_tuner.py ...`` to compile each kernel and keeps that
+    command in the kernel's cache key; it takes ``sys.executable`` (plus ``.X`` when such a file
+    exists), so ``jmoss`` (a ``python3`` shebang: ``python3.11``) and ``.venv/bin/python x.py``
+    (``python``) keyed the same kernel differently and recompiled it in turn (measured: the
+    MOSS-16B decode layer, 17.5 s, after `jmoss bench`)."""
+    folder = os.path.dirname(python)
+    for name in (f"python3.{sys.version_info.minor}", "python3", "python"):
+        candidate = os.path.join(folder, name)
+        try:
+            if os.path.samefile(candidate, python):
+                return candidate
+        except OSError:
+            continue
+    return python
 
 
 def get_jittor(device: str | None = "cpu") -> ModuleType:
@@ -463,6 +592,72 @@ def _without_cupy():
             del sys.modules["cupy"]
 
 
+@contextlib.contextmanager
+def _core_progress(log: Path, active: bool, interval: float = 1.0, log_every: float = 30.0) -> Iterator[None]:
+    """While Jittor compiles its core (minutes, its output captured in ``log``), show that it does.
+
+    A thread (Jittor's core compile waits on a process pool, so the GIL is free) redraws one line
+    on a terminal each ``interval`` s, with the step Jittor's own progress reached ("(i/n)" in the
+    log) and the time so far; off a terminal it prints a line every ``log_every`` s. Off with
+    ``set_compile_notices(False)``."""
+    if not active or not _notices:
+        yield
+        return
+    import re
+    import time
+
+    try:
+        out = os.dup(_real_stderr_fd())
+    except OSError:
+        yield
+        return
+    tty = os.isatty(out)
+    start = time.monotonic()
+    done = threading.Event()
+
+    def step() -> str:
+        try:
+            found = re.findall(rb"\((\d+)/(\d+)\)", log.read_bytes()[-4096:])
+        except OSError:
+            found = []
+        return f", step {int(found[-1][0])}/{int(found[-1][1])}" if found else ""
+
+    def write(text: str) -> None:
+        try:
+            os.write(out, text.encode())
+        except OSError:
+            pass
+
+    def run() -> None:
+        last = start
+        while not done.wait(interval):
+            now = time.monotonic()
+            line = f"jmoss: compiling Jittor's core… {now - start:.0f} s{step()}"
+            if tty:
+                write(f"\r\033[K\033[2m{line}\033[0m")
+            elif now - last >= log_every:
+                last = now
+                write(line + "\n")
+
+    thread = threading.Thread(target=run, name="jmoss-core-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        write(("\r\033[K" if tty else "") + f"jmoss: Jittor's core compiled in {time.monotonic() - start:.0f} s\n")
+        os.close(out)
+
+
+def _real_stderr_fd() -> int:
+    """The fd that is stderr for the user while fds 1/2 are captured (saved by ``_captured_fds``)."""
+    return _saved_stderr if _saved_stderr is not None else 2
+
+
+_saved_stderr: int | None = None
+
+
 def _import_jittor(device: str) -> ModuleType:
     env = {
         "use_mkl": "0",
@@ -503,13 +698,15 @@ def _import_jittor(device: str) -> ModuleType:
     home.mkdir(parents=True, exist_ok=True)
     marker = home / f".jmoss-ready-{device}"
     os.environ["JITTOR_HOME"] = str(home)
-    if not marker.exists():
+    first = not marker.exists()
+    if first:
         print(
             f"jmoss: compiling Jittor's core for {device} into {home} (once; about 2 minutes on 2 cores)...",
             file=sys.stderr,
             flush=True,
         )
-    with _captured_fds() as log, _home_pointing_at(home), _no_jittor_sigint(), _without_cupy():
+    with _captured_fds() as log, _core_progress(log, first), _home_pointing_at(home), _no_jittor_sigint(), \
+            _without_cupy():
         try:
             with warnings.catch_warnings():  # jittor's sources carry invalid escape sequences
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -535,7 +732,10 @@ def _import_jittor(device: str) -> ModuleType:
     warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
     # Every op compile runs `python_path utils/asm_tuner.py` through the shell; that child imports
     # jittor_utils, which would create ~/.cache/jittor under the user's real HOME. Give it ours.
-    jittor.flags.python_path = f"HOME={shlex.quote(str(home))} {jittor.flags.python_path}"
+    # The command (interpreter path included) is part of every kernel's cache key: one name per
+    # interpreter, or `jmoss` (python3) and `python script.py` (python) recompile each other's kernels.
+    python = stable_python_path(jittor.flags.python_path)
+    jittor.flags.python_path = f"HOME={shlex.quote(str(home))} {shlex.quote(python)}"
     jittor.flags.no_grad = 1
     jittor.flags.use_cuda = 1 if device == "cuda" else 0
     return jittor

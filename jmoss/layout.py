@@ -24,6 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from jmoss.config import QKV_SHARDS, MossConfig
+from jmoss.errors import ConfigError
 
 EMBED = "embed"
 HEAD = "head"
@@ -44,7 +45,8 @@ HEAD_NAMES = ("ln_f.weight", "ln_f.bias", "lm_head.weight", "lm_head.bias")
 
 _LAYER_RE = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 # Buffers some checkpoints carry that the runtime rebuilds or never needs.
-_IGNORED_SUFFIXES = ("attn.causal_mask", "attn.masked_bias", "attn.bias", "attn.embed_positions")
+# Matched whole (a name like "mlp.attn.bias" is not one of them: it is refused, never dropped).
+_IGNORED_BUFFERS = frozenset(("attn.causal_mask", "attn.masked_bias", "attn.bias", "attn.embed_positions"))
 _HF_LAYER_TO_STORE = {
     "ln_1.weight": "ln_1.weight",
     "ln_1.bias": "ln_1.bias",
@@ -173,7 +175,7 @@ def map_hf_name(name: str, config: MossConfig) -> tuple[Group, str] | None:
     m = _LAYER_RE.match(name)
     if m:
         i, rest = int(m.group(1)), m.group(2)
-        if rest.endswith(_IGNORED_SUFFIXES):
+        if rest in _IGNORED_BUFFERS:
             return None
         if rest in _HF_LAYER_TO_STORE and i < config.n_layer:
             return i, _HF_LAYER_TO_STORE[rest]
@@ -285,7 +287,12 @@ def unpack_codes(packed: np.ndarray, bits: int, k_in: int) -> np.ndarray:
 # --- packed lm_head / wte (format 2 stores written with them packed) ---
 
 EMBED_BITS = 8  # wte's default width in a packed store
+# lm_head's default width in a packed store, whatever the layers' width: at 4 bits its rounding
+# moved a tiny GPTQ model's logits by 5.1e-2 of max|logit| against fp16, at 8 bits by 3.8e-3
+# (docs/store-format.md); llama.cpp keeps its output matrix at 6-8 bits in its 4-bit formats too.
+HEAD_BITS = 8
 FP16 = 32  # head_wbits / embed_wbits value meaning "kept fp16" (as wbits 32 means unquantized)
+WIDTHS = (4, 8, 16)  # what `jmoss convert --head-bits/--embed-bits` take: 16 = fp16
 # group -> the store name prefix of its one packable matrix
 PACKABLE = {HEAD: "lm_head", EMBED: "wte"}
 
@@ -294,7 +301,7 @@ def head_bits(config: MossConfig) -> int | None:
     """4 or 8 when the store's lm_head is packed, else None (fp16)."""
     if not packed_bits(config):
         return None
-    bits = config.head_wbits if config.head_wbits is not None else config.wbits
+    bits = config.head_wbits if config.head_wbits is not None else HEAD_BITS
     return bits if bits in PACKED_BITS else None
 
 
@@ -315,12 +322,22 @@ def group_bits(config: MossConfig, group: Group) -> int | None:
     return packed_bits(config)
 
 
-def resolved(config: MossConfig, keep_head_fp16: bool = False) -> MossConfig:
-    """``config`` with head_wbits/embed_wbits explicit (what a packed store's config.json says)."""
+def resolved(config: MossConfig, keep_head_fp16: bool = False, *, head_width: int | None = None,
+             embed_width: int | None = None) -> MossConfig:
+    """``config`` with head_wbits/embed_wbits explicit (what a packed store's config.json says).
+
+    ``head_width`` / ``embed_width`` (4, 8 or 16 = fp16; None: the config's, else the defaults
+    HEAD_BITS / EMBED_BITS) choose lm_head's and wte's widths; ``keep_head_fp16`` makes both 16."""
     if not packed_bits(config):
         return replace(config, head_wbits=None, embed_wbits=None)
     if keep_head_fp16:
-        return replace(config, head_wbits=FP16, embed_wbits=FP16)
+        head_width, embed_width = head_width or 16, embed_width or 16
+    for name, width in (("head width", head_width), ("embedding width", embed_width)):
+        if width is not None and width not in WIDTHS:
+            raise ConfigError(f"{name} {width}: choose 4, 8 or 16 (fp16)")
+    spelled = {4: 4, 8: 8, 16: FP16, None: None}  # config.json spells fp16 as 32, like wbits
+    config = replace(config, head_wbits=spelled[head_width] or config.head_wbits,
+                     embed_wbits=spelled[embed_width] or config.embed_wbits)
     return replace(config, head_wbits=head_bits(config) or FP16, embed_wbits=embed_bits(config) or FP16)
 
 

@@ -8,7 +8,8 @@ and the streaming engine allocates exactly what it says.
 
 Tiers
 -----
-- ``device``: resident where the compute runs (GPU memory on cuda; RAM on cpu).
+- ``device``: resident where the compute runs (GPU memory on cuda; RAM on cpu: when every group is
+  resident in fp16, the store's pages mapped read-only, i.e. the page cache, billed in full).
 - ``host``  : (cuda only) pinned host RAM; the group crosses PCIe once per token.
 - ``disk``  : read from the store file each token. On cuda the read lands in pinned host staging
   buffers and is then copied to the device; on cpu it lands directly in the device staging slots
@@ -513,8 +514,8 @@ def plan_placement(
                 f"keeping the whole model resident on {device} needs {format_size(need)} (weights "
                 f"{format_size(all_resident.resident_bytes)} + {fixed_desc}) but only "
                 f"{format_size(available_device_bytes)} is available; pass a device memory budget "
-                f"(e.g. device_memory=\"{_fmt_arg(suggestion)}\") to stream the rest, the minimum is "
-                f"{format_size(minimum)}"
+                f"(e.g. --device-memory {_fmt_arg(suggestion)}, device_memory=\"{_fmt_arg(suggestion)}\" in Python) "
+                f"to stream the rest, the minimum is {format_size(minimum)}"
             )
         if available_device_bytes is None:
             notes.append("device_memory=None and no measured free memory: everything resident, not checked")
@@ -533,8 +534,9 @@ def plan_placement(
                 f"({minimum / GiB:.2f} GiB) for this model on {device}: {fixed_desc}"
                 + (f" + resident weights {format_size(cheapest.resident_bytes)}" if cheapest.resident_bytes else "")
                 + f" + one staging slot of {format_size(cheapest.slot_bytes)} (the buffers of the largest "
-                f"streamed group(s)). With prefetch_depth={prefetch_depth} it needs {format_size(minimum_full_depth)}. "
-                f"Raise device_memory, or lower max_seq_len/batch to shrink the KV cache"
+                f"streamed group(s)); {format_size(minimum_full_depth)} lets copies overlap compute. Raise "
+                f"--device-memory (device_memory=), or shrink the KV cache: a shorter context with -c/--ctx-size "
+                f"(max_seq_len=) or fewer sequences with --max-batch (batch=)"
             )
         chosen, depth = _choose(candidates, fixed, device_memory, prefetch_depth)
         if chosen.slot_bytes == 0:
@@ -557,6 +559,12 @@ def plan_placement(
             )
         for g in streamed:
             where[g] = "disk"
+        if not streamed and weight_itemsize == 2:
+            notes.append(
+                "resident weights are the store's own pages, mapped read-only (jmoss.engine.resident): billed here in "
+                "full, held in the page cache (the process's RssFile, not RssAnon) and shared with any other process "
+                "on this store, so a second start reads nothing from disk"
+            )
     else:
         host_staging = _assign_host(
             streamed, sizes, where, host_memory, available_host_bytes, depth, chosen.largest, notes

@@ -40,7 +40,7 @@ def planned_length(model: ForwardModel, batch: int, max_len: int | None) -> int:
         raise BudgetError(
             f"{batch} sequence(s) x {max_len} positions need more KV cache than this model's memory plan "
             f"({plan.batch} x {plan.max_seq_len}); load it with batch={batch} (serve --max-batch) or "
-            f"max_seq_len={batch * max_len}, or shorten the input"
+            f"max_seq_len={batch * max_len} (-c/--ctx-size {batch * max_len}), or shorten the input"
         )
     if not 0 < max_len <= n_positions:
         raise ContextLengthError(

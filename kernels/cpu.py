@@ -2,10 +2,11 @@
 
 Jittor's own CPU matmul is single-threaded without oneDNN and moves fp16 weights at 0.2-1 GB/s
 (jittor-notes §5); batch-1 decoding is a stream of GEMVs, so the speed of a CPU token is the speed
-at which the weights are read. The C++ in ``cpu_kernels.h`` reads fp16 (or fp32) weights in their
-stored ``[N, K]`` layout, widens them in registers (F16C/AVX2 or AVX-512) and accumulates in fp32
-on every core, with bias and gelu_new fused into the same pass. No fp32 copy of a weight is ever
-made and nothing is allocated per call except the output Var.
+at which the weights are read. The C++ in ``cpu_kernels/`` (one file per op family, listed in its
+README) reads fp16 (or fp32) weights in their stored ``[N, K]`` layout, widens them in registers
+(F16C/AVX2 or AVX-512) and accumulates in fp32 on every core, with bias and gelu_new fused into the
+same pass. No fp32 copy of a weight is ever made and nothing is allocated per call except the
+output Var.
 
 Public API (what ``jmoss.model`` codes against)::
 
@@ -65,8 +66,15 @@ past it: per k, 2 vector loads and 12 broadcasts feed 24 FMAs held in registers 
 per Zen 4 core, ~75% of its FMA peak, against ~40-60 for the old 4x4 dot-product tile on packed
 weights); bias and gelu_new are applied to the accumulators.
 
-Threads come from ``JMOSS_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs this process may run
-on (``os.sched_getaffinity``). The instruction set is chosen at compile time from what
+Threads: a model's own count (``jmoss.load(threads=)``, ``--threads``), else ``JMOSS_THREADS``, else
+``OMP_NUM_THREADS``, else the CPUs this process may run on (``os.sched_getaffinity``). Every
+parallel loop runs on one process-wide pool (``cpu_kernels/pool.h``): work is split into chunks
+(32 weight rows of a GEMV, a GEMM panel, an attention head) claimed one by one from a shared
+counter, the calling thread included, and a job ends when its chunks are done, so a thread the OS
+has descheduled (a busy desktop) holds back only the chunk it is on; idle and waiting threads spin
+briefly, then sleep on a futex and give the core up. No OpenMP team: one of those waits at every
+region's end for all its members. Which thread runs a chunk never changes its result: outputs are
+bit-identical for any thread count. The instruction set is chosen at compile time from what
 ``-march=native`` (jittor's flag for every kernel) enables; ``JMOSS_KERNELS_ISA=portable`` forces
 the plain C++ path, which must give the same results and is what any other CPU falls back to;
 ``avx2`` forces the AVX2+F16C path on an AVX-512 CPU (so its code is tested there too; it falls
@@ -90,7 +98,12 @@ import numpy as np
 
 from jmoss.errors import DeviceError, JmossError
 
-_HEADER_PATH = Path(__file__).with_name("cpu_kernels.h")
+_HEADER_DIR = Path(__file__).with_name("cpu_kernels")
+# The C++ of the kernels, one file per op family (cpu_kernels/README.md), in the order they are
+# concatenated into the one `cpu_header` text jt.code compiles: each file uses only those before it.
+HEADER_FILES = ("simd.h", "pool.h", "activations.h", "gemv.h", "gemm.h", "gemm_amx.h", "linear.h", "norm_rotary.h",
+                "attention.h", "quant_gemv.h", "quant_gemm.h", "quant_vnni.h", "quant_linear.h", "decode_block.h",
+                "entry.h")
 _ISA_NAMES = {0: "portable", 1: "avx2+f16c", 2: "avx512"}
 _ACTIVATIONS = {None: 0, "gelu_new": 1}
 ISAS = ("native", "avx2", "portable")
@@ -126,8 +139,19 @@ def _default_isa() -> str:
     return value
 
 
-_settings: dict[str, Any] = {"threads": None, "isa": None, "amx": None, "quant_compute": None}
+# How the pool hands out chunks (kernels/cpu_kernels/pool.h): "dynamic", claimed from a shared counter
+# (always, outside tests); "static", contiguous shares as OpenMP's schedule(static); "slow-worker",
+# dynamic with every worker starting each job 300 us late. Results are bit-identical under all three.
+SCHEDULES = {"dynamic": 0, "static": 1, "slow-worker": 2}
+# Every cpu_src that may run in parallel starts with this: the schedule of the jobs it starts.
+_SCOPE = 'jmoss_pool::scope jmoss_sched((int)data["sched"]);\n'
 QUANT_COMPUTES = ("fp32", "int8")
+
+# Smallest M (rows of x) sent to the AMX-BF16 "bf16x3" GEMM where the CPU and kernel offer it; below
+# it (decode, tiny batches) the fp32 AVX-512 kernels run. Measured on the 2-core SPR VM, 1024 -> 4096
+# fp16 weights streamed from memory, fp32 path / AMX time: M = 4: 0.92x (1T), 0.97x (2T); M = 8:
+# 1.14x, 0.98x; M = 16: 1.66x, 1.52x; M = 32: 2.4x. Below ~8 rows both are bound by reading W.
+AMX_MIN_M = 8
 
 
 def _default_quant_compute() -> str:
@@ -137,18 +161,6 @@ def _default_quant_compute() -> str:
     return value
 
 
-def _quant_compute() -> str:
-    if _settings["quant_compute"] is None:
-        _settings["quant_compute"] = _default_quant_compute()
-    return _settings["quant_compute"]
-
-# Smallest M (rows of x) sent to the AMX-BF16 "bf16x3" GEMM where the CPU and kernel offer it; below
-# it (decode, tiny batches) the fp32 AVX-512 kernels run. Measured on the 2-core SPR VM, 1024 -> 4096
-# fp16 weights streamed from memory, fp32 path / AMX time: M = 4: 0.92x (1T), 0.97x (2T); M = 8:
-# 1.14x, 0.98x; M = 16: 1.66x, 1.52x; M = 32: 2.4x. Below ~8 rows both are bound by reading W.
-AMX_MIN_M = 8
-
-
 def _default_amx() -> bool:
     value = os.environ.get("JMOSS_KERNELS_AMX", "1").strip().lower() or "1"
     if value not in ("0", "1", "off", "on", "false", "true"):
@@ -156,10 +168,42 @@ def _default_amx() -> bool:
     return value in ("1", "on", "true")
 
 
+# The process's settings, read from the environment on first use; ``configured`` overrides them per
+# thread (a model on its own thread count, ``jmoss.engine.ops.ThreadedKernels``, in a server's
+# worker thread leaves the rest of the process alone).
+_DEFAULTS: dict[str, Any] = {"threads": _default_threads, "isa": _default_isa, "amx": _default_amx,
+                             "quant_compute": _default_quant_compute, "schedule": lambda: "dynamic"}
+_settings: dict[str, Any] = {}
+_local = threading.local()
+
+
+def _setting(name: str) -> Any:
+    overrides = getattr(_local, "overrides", None)
+    if overrides and name in overrides:
+        return overrides[name]
+    if name not in _settings:
+        _settings[name] = _DEFAULTS[name]()
+    return _settings[name]
+
+
+def _threads() -> int:
+    return _setting("threads")
+
+
+def _isa() -> str:
+    return _setting("isa")
+
+
 def _amx() -> bool:
-    if _settings["amx"] is None:
-        _settings["amx"] = _default_amx()
-    return _settings["amx"]
+    return _setting("amx")
+
+
+def _quant_compute() -> str:
+    return _setting("quant_compute")
+
+
+def _sched() -> int:
+    return SCHEDULES[_setting("schedule")]
 
 
 def _amx_min_m() -> int:
@@ -167,47 +211,34 @@ def _amx_min_m() -> int:
     return AMX_MIN_M if _amx() and _isa() == "native" else 0
 
 
-def _threads() -> int:
-    if _settings["threads"] is None:
-        _settings["threads"] = _default_threads()
-    return _settings["threads"]
-
-
-def _isa() -> str:
-    if _settings["isa"] is None:
-        _settings["isa"] = _default_isa()
-    return _settings["isa"]
-
-
 @contextlib.contextmanager
 def configured(threads: int | None = None, isa: str | None = None, amx: bool | None = None,
-               quant_compute: str | None = None) -> Iterator[None]:
-    """Run the block with a given thread count, ISA path ("native", "avx2", "portable"), AMX switch
-    and/or packed-weight prefill compute mode ("fp32" or the opt-in, approximate "int8").
+               quant_compute: str | None = None, schedule: str | None = None) -> Iterator[None]:
+    """Run the block with a given thread count, ISA path ("native", "avx2", "portable"), AMX switch,
+    packed-weight prefill compute mode ("fp32" or the opt-in, approximate "int8") and/or pool
+    schedule (``SCHEDULES``: tests compare them; only "dynamic" is for use), in this thread.
 
-    All are runtime choices: the thread count, the AMX switch and the compute mode are kernel
-    arguments, and each ISA path is its own cached kernel, so switching costs nothing after the
-    first compile.
+    All are runtime choices: the thread count, the AMX switch, the compute mode and the schedule
+    are kernel arguments, and each ISA path is its own cached kernel, so switching costs nothing
+    after the first compile. They apply to the ops built inside the block (jittor runs an op
+    later, with the arguments it was built with).
     """
-    if threads is not None and threads < 1:
-        raise JmossError(f"threads={threads}: the thread count must be at least 1")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise JmossError(f"threads={threads!r}: the thread count must be a whole number, at least 1")
     if isa is not None and isa not in ISAS:
         raise JmossError(f"isa={isa!r}: choose one of {', '.join(ISAS)}")
     if quant_compute is not None and quant_compute not in QUANT_COMPUTES:
         raise JmossError(f"quant_compute={quant_compute!r}: choose fp32 or int8")
-    saved = (_threads(), _isa(), _amx(), _quant_compute())
+    if schedule is not None and schedule not in SCHEDULES:
+        raise JmossError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    given = {"threads": threads, "isa": isa, "amx": None if amx is None else bool(amx),
+             "quant_compute": quant_compute, "schedule": schedule}
+    saved = getattr(_local, "overrides", None)
+    _local.overrides = {**(saved or {}), **{k: v for k, v in given.items() if v is not None}}
     try:
-        if threads is not None:
-            _settings["threads"] = threads
-        if isa is not None:
-            _settings["isa"] = isa
-        if amx is not None:
-            _settings["amx"] = bool(amx)
-        if quant_compute is not None:
-            _settings["quant_compute"] = quant_compute
         yield
     finally:
-        _settings["threads"], _settings["isa"], _settings["amx"], _settings["quant_compute"] = saved
+        _local.overrides = saved
 
 
 def _jittor() -> ModuleType:
@@ -222,7 +253,8 @@ def _jittor() -> ModuleType:
 def _header(isa: str) -> str:
     global _header_text
     if _header_text is None:
-        _header_text = _HEADER_PATH.read_text()
+        # One text, not #includes: jittor's cache key is the header text, so it follows every file.
+        _header_text = "".join(f"// ---- cpu_kernels/{name}\n" + (_HEADER_DIR / name).read_text() for name in HEADER_FILES)
     # The define changes the header text, hence jittor's cache key: each path is its own kernel.
     prefix = {"portable": "#define JMOSS_FORCE_PORTABLE 1\n", "avx2": "#define JMOSS_FORCE_AVX2 1\n"}.get(isa, "")
     return prefix + _header_text
@@ -232,8 +264,8 @@ _LINEAR_SRC = """
 jmoss_q::flinear(in0_p, jmoss_raw(in1_p), {bias}, out0_p, in0_shape0, in0_shape1, in1_shape0,
                  (int)data["threads"], (int)data["act"], (int)data["amx"], (int)data["i8"]);
 """
-_SRC_BIAS = _LINEAR_SRC.format(bias="jmoss_raw(in2_p)")
-_SRC_NO_BIAS = _LINEAR_SRC.format(bias="(const float*)nullptr")
+_SRC_BIAS = _SCOPE + _LINEAR_SRC.format(bias="jmoss_raw(in2_p)")
+_SRC_NO_BIAS = _SCOPE + _LINEAR_SRC.format(bias="(const float*)nullptr")
 
 
 def linear(x: "jt.Var", weight: "jt.Var", bias: "jt.Var | None" = None, *, activation: str | None = None) -> "jt.Var":
@@ -272,7 +304,7 @@ def linear(x: "jt.Var", weight: "jt.Var", bias: "jt.Var | None" = None, *, activ
         cpu_header=_header(_isa()),
         cpu_src=_SRC_BIAS if bias is not None else _SRC_NO_BIAS,
         data={"threads": _threads(), "act": _ACTIVATIONS[activation], "amx": _amx_min_m(),
-              "i8": int(_quant_compute() == "int8")},
+              "i8": int(_quant_compute() == "int8"), "sched": _sched()},
     )
     return y if x.ndim == 2 else y.reshape(lead + [n_out])
 
@@ -303,6 +335,8 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
         raise JmossError(f"bits={bits}: packed weights are 4- or 8-bit")
     if activation not in _ACTIVATIONS:
         raise JmossError(f"activation={activation!r}: choose None or 'gelu_new'")
+    if group_size < 1:
+        raise JmossError(f"group_size={group_size}: a packed weight's group size is a positive integer")
     k_in = int(perm.shape[0])
     n_out, row_bytes = (int(s) for s in qweight.shape)
     groups = -(-k_in // group_size)
@@ -325,10 +359,10 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
         if bias.ndim != 1 or int(bias.shape[0]) != n_out or str(bias.dtype) not in ("float16", "float32"):
             raise JmossError(f"bias {list(bias.shape)} {bias.dtype} does not fit the packed weight [N={n_out}]")
         inputs.append(bias)
-    src = _QLINEAR_SRC.format(bits=bits, bias="jmoss_raw(in5_p)" if bias is not None else "(const float*)nullptr")
+    src = _SCOPE + _QLINEAR_SRC.format(bits=bits, bias="jmoss_raw(in5_p)" if bias is not None else "(const float*)nullptr")
     y = jt.code([int(x2.shape[0]), n_out], "float32", inputs, cpu_header=_header(_isa()), cpu_src=src,
                 data={"threads": _threads(), "act": _ACTIVATIONS[activation], "group": int(group_size),
-                      "i8": int(_quant_compute() == "int8")})
+                      "i8": int(_quant_compute() == "int8"), "sched": _sched()})
     return y if x.ndim == 2 else y.reshape(lead + [n_out])
 
 
@@ -350,6 +384,33 @@ jmoss_f::decode_block<{bits}, PT>(in0_p, out0_p, jmoss_raw(in1_p), jmoss_raw(in2
 """
 
 
+# How the layers of this process's recent steps ran (``reset_decode_path``, then read it): fused into
+# one op each, or op by op and why (the last reason seen). ``jmoss bench`` prints it; a prefill of
+# more than FUSED_MAX_ROWS tokens is op by op on purpose.
+decode_path: dict[str, Any] = {"fused": 0, "per_op": 0, "why": None}
+
+
+def reset_decode_path() -> None:
+    decode_path.update(fused=0, per_op=0, why=None)
+
+
+def _per_op(why: str) -> None:
+    decode_path["per_op"] += 1
+    decode_path["why"] = why
+    return None
+
+
+def describe_decode_path() -> str:
+    """What the layers run since ``reset_decode_path`` took, in words."""
+    fused, per_op = decode_path["fused"], decode_path["per_op"]
+    if not fused and not per_op:
+        return "no layer ran through jmoss.kernels.decode_block"
+    if not per_op:
+        return "every layer one fused op (decode_block)"
+    what = "every layer op by op" if not fused else f"{per_op} of {fused + per_op} layers op by op"
+    return f"{what}: {decode_path['why']}"
+
+
 def decode_block(h: "jt.Var", w: "dict", keys: "jt.Var", values: "jt.Var", sin: "jt.Var", cos: "jt.Var",
                  attn_bias: "jt.Var", start: int, *, eps: float, rotary_dim: int, bits: int = 0,
                  group_size: int = 0) -> "jt.Var | None":
@@ -364,17 +425,19 @@ def decode_block(h: "jt.Var", w: "dict", keys: "jt.Var", values: "jt.Var", sin: 
     """
     jt = _jittor()
     batch, length, dim = (int(s) for s in h.shape)
-    if batch * length > FUSED_MAX_ROWS or str(h.dtype) != "float32":
-        return None
+    if batch * length > FUSED_MAX_ROWS:
+        return _per_op(f"{batch * length} rows (batch x tokens) > FUSED_MAX_ROWS {FUSED_MAX_ROWS}")
+    if str(h.dtype) != "float32":
+        return _per_op(f"{h.dtype} activations (the fused layer computes in float32)")
     if any(f"{n}.bias" in w for n in _BLOCK_LINEARS[:2]) or any(f"{n}.bias" not in w for n in _BLOCK_LINEARS[2:]):
-        return None
+        return _per_op("a bias on qkv/out_proj or none on fc_in/fc_out (not MOSS/CodeGen's layout)")
     if str(keys.dtype) != "float32" or str(values.dtype) != "float32":
-        return None
+        return _per_op(f"a {keys.dtype} KV cache (the fused layer keeps it in float32)")
     if str(w["ln_1.weight"].dtype) not in ("float16", "float32"):
-        return None
+        return _per_op(f"{w['ln_1.weight'].dtype} LayerNorm weights")
     params = (w["ln_1.weight"], w["ln_1.bias"], w["mlp.fc_in.bias"], w["mlp.fc_out.bias"])
     if len({str(p.dtype) for p in params}) != 1:
-        return None
+        return _per_op("LayerNorm weights and biases of different dtypes")
     inputs = [h.reshape((batch * length, dim)), w["ln_1.weight"], w["ln_1.bias"]]
     lins = []
 
@@ -382,12 +445,15 @@ def decode_block(h: "jt.Var", w: "dict", keys: "jt.Var", values: "jt.Var", sin: 
         inputs.append(var)
         return f"in{len(inputs) - 1}_p"
 
+    _check_block_shapes(w, dim, int(keys.shape[1]) * int(keys.shape[3]), bits, group_size)
     for i, name in enumerate(_BLOCK_LINEARS):
         bias = f"jmoss_raw({add(w[name + '.bias'])})" if name.startswith("mlp.") else "(const PT*)nullptr"
         if bits:
             parts = [w.get(f"{name}.{p}") for p in ("perm", "qweight", "scales", "zeros")]
             if any(p is None for p in parts) or str(parts[2].dtype) != "float16" or str(parts[0].dtype) != "int32":
-                return None
+                return _per_op(f"{name} is not a store format 2 packed Linear")
+            if str(parts[1].dtype) not in ("uint8", "int8") or str(parts[3].dtype) != "float16":
+                return _per_op(f"{name} has {parts[1].dtype} codes or {parts[3].dtype} zeros, not a store format 2 packed Linear")
             perm, qw, sc, zr = (add(p) for p in parts)
             k_in, (n_out, ldq) = int(parts[0].shape[0]), (int(d) for d in parts[1].shape)
             lins.append(f"auto l{i} = mk(jmoss_u8({qw}), {perm}, jmoss_raw({sc}), jmoss_raw({zr}), {bias}, "
@@ -395,17 +461,52 @@ def decode_block(h: "jt.Var", w: "dict", keys: "jt.Var", values: "jt.Var", sin: 
         else:
             weight = w.get(f"{name}.weight")
             if weight is None or str(weight.dtype) != "float16":
-                return None
+                return _per_op(f"{name} weights are {getattr(weight, 'dtype', 'missing')}, not float16")
             n_out, k_in = (int(d) for d in weight.shape)
             wp = add(weight)
             lins.append(f"auto l{i} = mk(jmoss_raw({wp}), nullptr, nullptr, nullptr, {bias}, {k_in}, {n_out}, 0);")
     tail = [add(v) for v in (sin, cos, attn_bias, keys, values)]
     tail_in = ", ".join(tail[:3]) + f", const_cast<float*>({tail[3]}), const_cast<float*>({tail[4]})"
-    src = _BLOCK_SRC.format(bits=bits, lins="\n".join(lins), tail_in=tail_in, keys=tail[3][:-2])
+    decode_path["fused"] += 1
+    src = _SCOPE + _BLOCK_SRC.format(bits=bits, lins="\n".join(lins), tail_in=tail_in, keys=tail[3][:-2])
     return jt.code([batch, length, dim], "float32", inputs, cpu_header=_header(_isa()), cpu_src=src,
                    data={"eps": float(eps), "length": length, "start": int(start), "rotary": int(rotary_dim),
                          "threads": _threads(), "amx": _amx_min_m(), "i8": int(_quant_compute() == "int8"),
-                         "group": int(group_size)})
+                         "group": int(group_size), "sched": _sched()})
+
+
+def _check_block_shapes(w: "dict", dim: int, heads_dim: int, bits: int, group_size: int) -> None:
+    """Every size decode_block's C++ takes from the weights' shapes agrees with x and the cache
+    (the store check guarantees it for a store; a mismatch here would index outside a buffer)."""
+    fc_in = w.get("mlp.fc_in.qweight" if bits else "mlp.fc_in.weight")
+    if fc_in is None:
+        return  # decode_block declines the layer; the per-op path checks it
+    inner = int(fc_in.shape[0])
+    want = {"attn.qkv": (dim, 3 * dim), "attn.out_proj": (dim, dim), "mlp.fc_in": (dim, inner), "mlp.fc_out": (inner, dim)}
+    bad = [] if heads_dim == dim else [f"cache heads x head_dim {heads_dim} != {dim}"]
+    for name in ("ln_1.weight", "ln_1.bias"):
+        if tuple(w[name].shape) != (dim,):
+            bad.append(f"{name} {list(w[name].shape)}")
+    for name, size in (("mlp.fc_in.bias", inner), ("mlp.fc_out.bias", dim)):
+        if tuple(w[name].shape) != (size,):
+            bad.append(f"{name} {list(w[name].shape)}")
+    for name, (k_in, n_out) in want.items():
+        if not bits:
+            weight = w.get(f"{name}.weight")
+            if weight is not None and tuple(weight.shape) != (n_out, k_in):
+                bad.append(f"{name}.weight {list(weight.shape)}")
+            continue
+        parts = {p: w.get(f"{name}.{p}") for p in ("perm", "qweight", "scales", "zeros")}
+        if any(v is None for v in parts.values()):
+            continue  # decode_block declines the layer; the per-op path checks it
+        groups = -(-k_in // group_size) if group_size >= 1 else -1
+        if (tuple(parts["perm"].shape) != (k_in,) or int(parts["qweight"].shape[0]) != n_out
+                or int(parts["qweight"].shape[1]) * 8 < k_in * bits or groups < 1
+                or tuple(parts["scales"].shape) != (n_out, groups) or tuple(parts["zeros"].shape) != (n_out, groups)):
+            bad.append(f"{name} perm {list(parts['perm'].shape)} qweight {list(parts['qweight'].shape)} scales "
+                       f"{list(parts['scales'].shape)} zeros {list(parts['zeros'].shape)} (group {group_size})")
+    if bad:
+        raise JmossError(f"decode_block: the layer's weights do not fit x [.., {dim}]: {'; '.join(bad)}")
 
 
 _LAYER_NORM_SRC = """
@@ -424,8 +525,8 @@ def layer_norm(x: "jt.Var", weight: "jt.Var", bias: "jt.Var", eps: float) -> "jt
         x = x.float32()
     rows = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
     return jt.code(x.shape, "float32", [x, weight, bias], cpu_header=_header(_isa()),
-                   cpu_src=_LAYER_NORM_SRC.format(last=x.ndim - 1),
-                   data={"rows": rows, "eps": float(eps), "threads": _threads()})
+                   cpu_src=_SCOPE + _LAYER_NORM_SRC.format(last=x.ndim - 1),
+                   data={"rows": rows, "eps": float(eps), "threads": _threads(), "sched": _sched()})
 
 
 _ROTARY_SRC = """
@@ -463,7 +564,8 @@ def attention(qkv: "jt.Var", keys: "jt.Var", values: "jt.Var", sin: "jt.Var", co
     keys[:, :, start:total, :] = k
     values[:, :, start:total, :] = v
     context = jt.code([batch * length, heads * dim], "float32", [q, keys, values, attn_bias], cpu_header=header,
-                      cpu_src=_ATTENTION_SRC, data={"length": length, "total": total, "threads": _threads()})
+                      cpu_src=_SCOPE + _ATTENTION_SRC,
+                      data={"length": length, "total": total, "threads": _threads(), "sched": _sched()})
     return context.reshape(batch, length, heads * dim)
 
 
@@ -503,7 +605,8 @@ def vnni_ready() -> bool:
 
 
 def threads_used(threads: int | None = None) -> int:
-    """How many OpenMP threads a kernel asking for ``threads`` (default: the configured count) gets."""
+    """How many pool threads a kernel asking for ``threads`` (default: the configured count) really
+    runs on at once (each chunk of a probe job waits for all the others to be claimed)."""
     return _ask(_isa(), 'jmoss_threads_used((int)data["threads"])', {"threads": threads or _threads()})
 
 
@@ -522,11 +625,12 @@ def memory_read_probe(nbytes: int = 1 << 30, repeats: int = 7, threads: int | No
     threads = threads or _threads()
     buf = jt.array(np.ones(max(16, nbytes // 4), np.float32))
     buf.sync()
-    src = "out0_p[0] = jmoss_read_probe(in0_p, in0_shape0, (int)data[\"threads\"]);"
+    src = _SCOPE + "out0_p[0] = jmoss_read_probe(in0_p, in0_shape0, (int)data[\"threads\"]);"
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        jt.code([1], "float32", [buf], cpu_header=_header(_isa()), cpu_src=src, data={"threads": threads}).sync()
+        jt.code([1], "float32", [buf], cpu_header=_header(_isa()), cpu_src=src,
+                data={"threads": threads, "sched": _sched()}).sync()
         if i:  # the first call compiles and faults pages in
             times.append(time.perf_counter() - start)
     del buf
@@ -564,16 +668,45 @@ def _self_check() -> bool:
     return bool(np.allclose(got, want, rtol=1e-4, atol=1e-4))
 
 
-def info() -> dict[str, Any]:
-    """Which path the kernels take here: ISA, threads, and the CPU features that decided it."""
-    flags: set[str] = set()
+def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def threads_source() -> str:
+    """Where the process's default thread count comes from, in words (jmoss info, bench)."""
+    for name in ("JMOSS_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").strip():
+            return f"${name}"
+    return "the CPUs this process may run on"
+
+
+def describe_plan(batch: int = 1, threads: int | None = None) -> str:
+    """The CPU path a model would take here, from the CPU's flags and the settings, without
+    compiling anything (``jmoss info``; ``info()`` asks the compiled kernels themselves)."""
+    flags = _cpu_flags()
+    isa = _isa()
+    native = ("avx512" if "avx512f" in flags else "avx2+f16c" if {"avx2", "fma", "f16c"} <= flags else "portable")
+    path = {"native": native, "avx2": "avx2+f16c" if native != "portable" else "portable", "portable": "portable"}[isa]
+    count = threads or _default_threads()  # what a model loaded now gets (the environment, read again)
+    source = "--threads" if threads else threads_source()
+    decode = ("one fused op per layer (decode_block)" if batch <= FUSED_MAX_ROWS else
+              f"op by op ({batch} rows > FUSED_MAX_ROWS {FUSED_MAX_ROWS})")
+    forced = " (forced by JMOSS_KERNELS_ISA)" if isa != "native" else ""
+    plural = "s" if count != 1 else ""
+    return (f"CPU kernels: {path} path{forced}, {count} thread{plural} ({source}; --threads or JMOSS_THREADS to "
+            f"change), decode {decode}; every layer shape of a MOSS/CodeGen store takes these kernels (jmoss bench "
+            f"prints what a run took)")
+
+
+def info() -> dict[str, Any]:
+    """Which path the kernels take here: ISA, threads, and the CPU features that decided it."""
+    flags = _cpu_flags()
     _threads(), _isa(), _amx(), _quant_compute()  # bad environment values raise here, not in the self-check
     result: dict[str, Any] = {
         "available": available(),

@@ -111,3 +111,40 @@ def test_int8_activation_rows_run_the_same_stores_with_the_mode_switched_on(monk
     assert seen == [("jmoss-fp16", "fp32"), ("jmoss-int8", "fp32"), ("jmoss-int4", "fp32"),
                     ("jmoss-fp16", "int8"), ("jmoss-int8", "int8"), ("jmoss-int4", "int8")]
     assert len(runs["jmoss int4 i8-act"]) == 1 and runs["ct2 int8"] == []
+
+
+def test_competitors_run_every_configuration_again_beside_busy_processes(monkeypatch) -> None:
+    """--competitors: each round runs the configurations quiet, then again while the benchmark's own
+    CPU-bound processes run; the report compares jmoss with CTranslate2's best both ways."""
+    import contextlib
+
+    from jmoss import bench
+
+    busy = []
+
+    @contextlib.contextmanager
+    def fake_competitors(count=None):
+        busy.append(True)
+        yield 2
+        busy.pop()
+
+    monkeypatch.setattr(bench, "busy_competitors", fake_competitors)
+    seen = []
+
+    def fake(label, kind, what, path, options):
+        seen.append((label, bool(busy)))
+        slow = 0.5 if busy else 1.0
+        dec = {"jmoss int4": 40, "ct2 int8": 20}.get(label, 10) * slow * (0.5 if "ct2" in label and busy else 1)
+        return {"prefill_tok_s": 100.0, "decode_tok_s": dec, "bytes_per_token": 1e6}
+
+    paths = {name: Path(name) for name in ("jmoss fp16", "jmoss int8", "jmoss int4", "ct2 float32", "ct2 int8")}
+    runs = bench_quant.run_rounds(paths, {}, fake, rounds=2, log=lambda line: None, competitors=True)
+    labels = [label for label, _, _ in bench_quant.CONFIGS]
+    assert seen == ([(label, False) for label in labels] + [(label, True) for label in labels]) * 2
+    assert len(runs["jmoss int4 [loaded]"]) == 2 and len(runs["jmoss int4"]) == 2
+    table = bench_quant.format_table({"what": "probe", "gbps": 10.0}, bench_quant.summarize(runs))
+    assert "jmoss int4: decode 2.00x" in table and "jmoss int4 [loaded]: decode 4.00x" in table
+    assert "beside one busy process per CPU: best CTranslate2 decode: ct2 int8 [loaded] 5.00 tok/s" in table
+    assert busy == []
+    result = CliRunner().invoke(main, ["bench", "nowhere", "--competitors"])
+    assert result.exit_code == 2 and "--competitors applies to --compare ctranslate2" in result.output

@@ -66,6 +66,41 @@ def test_a_long_conversation_never_errors_on_the_context_limit(model, report):
     report(f"12 turns in a 512-position window: {len(notices)} notices, e.g. {notices[0]!r}")
 
 
+def _message_leaving(chat, room: int) -> str:
+    """A user message after which ``room`` of the chat's positions are left for the reply."""
+    tokenizer, used = chat.tokenizer, len(chat._meta_ids)
+    words = 1
+    while used + len(tokenizer.encode(dialogue.human("go " * words) + "<|MOSS|>:")) < chat.max_len - room:
+        words += 1
+    return "go " * words
+
+
+def test_a_reply_that_ends_by_context_leaves_the_conversation_within_the_positions(model):
+    """The reply fills the positions it has; its closing "<eom>\n" must fit too (main: 514 of 512)."""
+    chat = model.chat(do_sample=True, seed=1, max_new_tokens=4096, max_len=512, repetition_penalty=1.0)
+    message = _message_leaving(chat, 24)
+    for turn in range(3):  # later turns drop the earlier ones, then fill the context again
+        reply = chat.send(message)
+        assert reply.finish_reason == "context", (turn, reply.finish_reason)
+        assert chat.token_count <= 512, (turn, chat.token_count)
+        assert chat.session.length <= chat.token_count
+        assert model.tokenizer.decode(chat._ids, skip_special_tokens=False).endswith("<eom>\n")
+
+
+def test_a_plugin_turn_whose_first_pass_fills_the_context_stays_within_the_positions(model):
+    from jmoss.errors import ContextLengthError
+
+    chat = model.chat(plugins=["calculator"], do_sample=True, seed=2, max_new_tokens=4096, max_len=512,
+                      repetition_penalty=1.0)
+    message = _message_leaving(chat, 24)
+    for _ in range(2):
+        try:
+            chat.send(message)
+        except ContextLengthError:
+            pass  # the Results and a reply cannot fit after pass 1: the turn is taken back
+        assert chat.token_count <= 512
+
+
 def test_clear_starts_over_with_the_meta_instruction(model):
     chat = model.chat(do_sample=False, max_new_tokens=4)
     chat.send("one")

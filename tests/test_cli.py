@@ -67,6 +67,49 @@ def test_unconverted_hub_name_offers_the_convert_command():
 def test_bad_flags_are_usage_errors(args):
     out = run(*args)
     assert out.returncode == 2 and "Usage:" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ")  # worded as jmoss's own errors
+    assert "Error:" not in out.stderr
+
+
+# -- one flag vocabulary (issue #30, finding 7) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "serve"])
+def test_every_command_that_runs_a_model_takes_the_same_flags(command):
+    shown = run(command, "--help").stdout
+    shown = " ".join(shown.split())
+    for flag in ("-n, --max-new-tokens", "-t, --threads", "-c, --ctx-size", "--device [auto|cpu|cuda]", "--pull"):
+        assert flag in shown, (command, flag)
+    assert "[default: 256" in shown.split("--max-new-tokens", 1)[1][:200]
+    if command != "generate":
+        assert "--system TEXT" in shown
+
+
+def test_demo_and_bench_share_the_vocabulary_and_the_device_default():
+    demo, bench = (" ".join(run(c, "--help").stdout.split()) for c in ("demo", "bench"))
+    assert "-n, --max-new-tokens" in demo and "-t, --threads" in demo
+    assert "--device [auto|cpu|cuda]" in bench and "[default: auto]" in bench.split("--device", 1)[1][:200]
+    assert "-t, --threads" in bench
+    assert "--max_len" in open(os.path.join(os.path.dirname(__file__), "..", "demos", "cli_demo_jittor.py")).read()
+    assert "--max-new-tokens" in subprocess.run([sys.executable, "demos/cli_demo_jittor.py", "--help"],
+                                                capture_output=True, text=True, timeout=120,
+                                                cwd=os.path.join(os.path.dirname(__file__), "..")).stdout
+
+
+def test_short_flags_generate_as_the_long_ones(store):
+    prompt = "<|Human|>: Hi<eoh>\n<|MOSS|>:"
+    short = run("generate", str(store), prompt, "--greedy", "-n", "5", "-t", "1", "-c", "64", "-q")
+    assert short.returncode == 0, short.stderr
+    long = run("generate", str(store), prompt, "--greedy", "--max-new-tokens", "5", "--threads", "1",
+               "--ctx-size", "64")
+    assert short.stdout == long.stdout and len(short.stdout) > 1
+    expected = jmoss.load(store, device="cpu").generate(prompt, do_sample=False, max_new_tokens=5)
+    assert short.stdout == expected + "\n"
+
+
+def test_ctx_size_bounds_the_context_it_plans_for(store):
+    out = run("generate", str(store), "hello " * 40, "-c", "16", "-n", "4")
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
 
 
 def test_info_prints_the_plan_for_the_real_moss_config(shared_dir):
@@ -123,7 +166,7 @@ def test_load_of_a_missing_path_says_so_and_names_still_resolve(tmp_path):
         jmoss.load("fnlp/moss-moon-003-sft")  # a repo id: the name lookup, not "does not exist"
 
 
-def test_demo_says_where_its_store_is_and_how_to_keep_it(tmp_path):
+def test_demo_says_where_its_store_is_and_how_to_keep_it(tmp_path, monkeypatch):
     from jmoss.demo import run_demo
 
     small = dict(n_embd=128, n_head=4, rotary_dim=8, n_layer=2, n_positions=256)
@@ -133,11 +176,14 @@ def test_demo_says_where_its_store_is_and_how_to_keep_it(tmp_path):
     assert f"   working in {tmp_path / 'work'}: the checkpoint and store are kept there" in kept
     assert kept[-1].startswith(f"the store is kept at {figures['store']}")
 
-    temporary: list[str] = []
-    figures = run_demo(None, max_new_tokens=2, echo=temporary.append, write=lambda s: None, shape=small)
-    assert any("temporary folder" in line and "--workdir DIR" in line for line in temporary)
-    assert not figures["store"].exists() and str(figures["store"]) in temporary[-1]
-    assert "jmoss demo --workdir DIR" in temporary[-1]
+    # without --workdir the store becomes the model "demo", for the next command (issue #30, finding 5)
+    monkeypatch.setenv("JMOSS_HOME", str(tmp_path / "home"))
+    for _ in range(2):  # a second demo replaces the first one's store
+        temporary: list[str] = []
+        figures = run_demo(None, max_new_tokens=2, echo=temporary.append, write=lambda s: None, shape=small)
+        assert figures["store"] == tmp_path / "home" / "models" / "demo" and (figures["store"] / "jmoss.json").is_file()
+        assert "`jmoss chat demo`" in temporary[-1] and "`jmoss rm demo`" in temporary[-1]
+    assert jmoss.load("demo", device="cpu").path == figures["store"]
 
 
 def test_chat_in_a_terminal_answers_clears_interrupts_and_stops(store):

@@ -108,13 +108,13 @@ def test_rerun_on_an_intact_store_hashes_it_and_writes_nothing(converted, tmp_pa
     out = convert(str(src), tmp_path / "store", progress=False)
     before = {p.name: os.stat(p).st_mtime_ns for p in out.iterdir()}
     hashed: list[str] = []
-    real = store_mod.sha256_file
+    real = store_mod.file_hashes
 
     def counting(path, progress=None):
         hashed.append(Path(path).name)
         return real(path, progress)
 
-    monkeypatch.setattr(store_mod, "sha256_file", counting)
+    monkeypatch.setattr(store_mod, "file_hashes", counting)
     assert convert(str(src), out, progress=False) == out
     monkeypatch.undo()
     assert {p.name: os.stat(p).st_mtime_ns for p in out.iterdir()} == before
@@ -126,6 +126,6 @@ def test_rerun_on_an_intact_store_hashes_it_and_writes_nothing(converted, tmp_pa
     start = time.perf_counter()
     real(big)
     rate = 64 / (time.perf_counter() - start)
-    report(f"re-check of a finished store hashes every file once: sha256 at {rate:.0f} MiB/s "
+    report(f"re-check of a finished store hashes every file once: sha256 + xxh3 at {rate:.0f} MiB/s "
            f"(a 32 GB moss-moon-003 store: ~{32e9 / 2**20 / rate:.0f} s plus its disk read)")
     verify(out)

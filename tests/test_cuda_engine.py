@@ -178,6 +178,16 @@ def device(monkeypatch):
     monkeypatch.setattr(cuda_engine, "BOUNCE_BYTES", BOUNCE)
     monkeypatch.setattr(api, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(api, "get_jittor", lambda device: jt)
+
+    def warm_up(model):  # jmoss.load's kernel warm-up is a forward (activations), not weight loading
+        loading, jt.loading = jt.loading, False
+        try:
+            return real_warm_up(model)
+        finally:
+            jt.loading = loading
+
+    real_warm_up = api.warm_up
+    monkeypatch.setattr(api, "warm_up", warm_up)
     return jt, runtime
 
 

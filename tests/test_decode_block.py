@@ -20,6 +20,7 @@ import jmoss
 from fixtures_checkpoints import save_gptq_checkpoint, tiny_model
 from jmoss import kernels
 from jmoss.converters.convert import convert
+from jmoss.errors import JmossError
 from jmoss.kernels import cpu as kernels_cpu
 from test_engine import write_random_store
 
@@ -98,3 +99,33 @@ def test_other_layouts_fall_back_to_the_per_op_path(stores):
     assert kernels.decode_block(h, with_bias, *args, **kw) is None
     fp32_weights = {**w, "attn.qkv.weight": w["attn.qkv.weight"].float32()}
     assert kernels.decode_block(h, fp32_weights, *args, **kw) is None
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int4"])
+def test_weights_whose_shapes_disagree_with_x_or_the_cache_are_refused_not_run(stores, kind):
+    """Every size the fused layer's C++ takes from a weight's shape (K, N, ldq, groups) is checked
+    against x and the KV cache first: a mismatch would otherwise index outside a buffer."""
+    model = jmoss.load(stores[kind], device="cpu")
+    jt = model.jt
+    w = dict(model.weights.layer(0))
+    d = model.config.n_embd
+    cache = model.session(batch=1, max_len=32).cache
+    sin = cos = jt.zeros((1, 1, 1, model.config.rotary_dim // 2), "float32")
+    args = (cache.keys[0], cache.values[0], sin, cos, jt.zeros((1, 1, 1, 1), "float32"), 0)
+    bits = model.config.wbits if kind != "fp16" else 0
+    kw = dict(eps=1e-5, rotary_dim=model.config.rotary_dim, bits=bits, group_size=model.config.groupsize)
+    h = jt.zeros((1, 1, d), "float32")
+    assert kernels.decode_block(h, w, *args, **kw) is not None
+    if bits:
+        edits = {"attn.qkv.qweight": w["attn.qkv.qweight"][:-1], "attn.out_proj.perm": w["attn.out_proj.perm"][:-1],
+                 "mlp.fc_out.scales": w["mlp.fc_out.scales"][:, :-1], "mlp.fc_in.qweight": w["mlp.fc_in.qweight"][:, :-4]}
+    else:
+        edits = {"attn.qkv.weight": w["attn.qkv.weight"][:-1], "mlp.fc_out.weight": w["mlp.fc_out.weight"][:, :-1]}
+    edits["mlp.fc_in.bias"] = w["mlp.fc_in.bias"][:-1]
+    edits["ln_1.weight"] = w["ln_1.weight"][:-1]
+    for name, bad in edits.items():
+        with pytest.raises(JmossError, match="decode_block: the layer's weights do not fit"):
+            kernels.decode_block(h, {**w, name: bad}, *args, **kw)
+    if bits:
+        with pytest.raises(JmossError, match="group 0"):
+            kernels.decode_block(h, w, *args, **{**kw, "group_size": 0})

@@ -195,3 +195,33 @@ def test_stream_steps_report_each_token_and_finish_at_the_end(pair):
                                                                             max_new_tokens=10, stop=[])
     assert all(s.finish is None for s in steps[:-1]) and steps[-1].finish.reason == "length"
     assert "".join(s.text for s in steps) == steps[-1].finish.text
+
+
+def _top_p_by_full_sort(scores: np.ndarray, top_p: float) -> np.ndarray:
+    """Hugging Face's top-p warper as it is written: sort everything ascending, drop the prefix
+    whose cumulative probability is <= 1 - top_p, always keep the most likely token."""
+    from jmoss.generation import _softmax
+
+    order = np.argsort(scores)
+    remove = np.cumsum(_softmax(scores[order])) <= 1.0 - top_p
+    remove[-1] = False
+    return np.sort(order[~remove])
+
+
+def test_top_p_keeps_what_sorting_the_whole_vocabulary_keeps():
+    """The sampler finds the nucleus among the top candidates only (a full 107,008-entry sort per
+    token cost more than a small model's forward); the kept set must be the full sort's, from a
+    nucleus of one token to most of the vocabulary."""
+    from jmoss.generation import _top_p_kept
+
+    rng = np.random.default_rng(0)
+    for size in (5, 300, 107008):
+        for sharpness in (0.05, 0.5, 2.0, 8.0):
+            scores = (rng.standard_normal(size) * sharpness).astype(np.float32)
+            for top_p in (1e-6, 0.3, 0.8, 0.95, 0.999):
+                kept, weights = _top_p_kept(scores, top_p)
+                assert np.array_equal(kept, _top_p_by_full_sort(scores, top_p)), (size, sharpness, top_p)
+                assert np.allclose(weights, np.exp(scores[kept].astype(np.float64) - scores.max()))
+    masked = np.full(1000, -np.inf, np.float32)
+    masked[[3, 500, 999]] = [1.0, 3.0, 2.0]  # top_k left three finite scores
+    assert list(_top_p_kept(masked, 0.8)[0]) == [500, 999]

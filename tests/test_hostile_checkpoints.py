@@ -726,3 +726,96 @@ def test_case_counts(report) -> None:
               "config": len(CONFIG_CASES), "symlink": len(SYMLINK_CASES)}
     report(f"hostile checkpoint cases: {counts}, total {sum(counts.values())} (+3 --out cases)")
     assert sum(counts.values()) >= 100
+
+
+# ----------------------------------------------------------------------------- issue #26: nothing dropped, memory bounded
+
+QUANT_LINEARS = ("attn.qkv_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
+
+
+def _edit_bin(src: Path, edit) -> None:
+    path = src / "pytorch_model.bin"
+    sd = torch.load(path, weights_only=True)
+    edit(sd)
+    torch.save(sd, path)
+
+
+def _stray_weight(layer: int, linear: str):
+    def edit(sd: dict) -> None:  # appended last: its layer is complete (and written) before it is seen
+        out_features = sd[f"transformer.h.{layer}.{linear}.scales"].shape[1]
+        in_features = sd[f"transformer.h.{layer}.{linear}.g_idx"].shape[0]
+        sd[f"transformer.h.{layer}.{linear}.weight"] = torch.zeros(out_features, in_features, dtype=torch.float16)
+
+    return edit
+
+
+def _uneven_g_idx(sd: dict) -> None:
+    """One Linear's act-order groups of unequal size: it has no packed form, the converter says --dequantize."""
+    g_idx = sd["transformer.h.1.mlp.fc_in.g_idx"].clone()
+    g_idx[int((g_idx == 0).nonzero()[0])] = int(g_idx.max())  # group 0 one feature short, the last one over
+    sd["transformer.h.1.mlp.fc_in.g_idx"] = g_idx
+
+
+STRAYS = {
+    **{f"fp16 weight beside the GPTQ parts of layer {i} {lin}": _stray_weight(i, lin) for i in (0, 1) for lin in QUANT_LINEARS},
+    "GPTQ parts of ln_1 (not a Linear)": lambda sd: sd.__setitem__("transformer.h.0.ln_1.qweight", torch.zeros(8, 64, dtype=torch.int32)),
+    "GPTQ parts of wte (not a Linear)": lambda sd: sd.__setitem__("transformer.wte.g_idx", torch.zeros(64, dtype=torch.int32)),
+    "a buffer-like name mlp.attn.bias": lambda sd: sd.__setitem__("transformer.h.0.mlp.attn.bias", torch.zeros(4)),
+    "a buffer-like name xattn.causal_mask": lambda sd: sd.__setitem__("transformer.h.1.xattn.causal_mask", torch.zeros(4)),
+}
+
+
+@pytest.mark.parametrize("malformed", [False, True], ids=["well-formed", "hint to --dequantize"])
+@pytest.mark.parametrize("stray", list(STRAYS))
+def test_following_the_dequantize_hint_never_drops_a_stray_tensor(bases, stray: str, malformed: bool, tmp_path: Path) -> None:
+    src = _copy(bases, "gptq", tmp_path)
+    if malformed:
+        _edit_bin(src, _uneven_g_idx)
+        with pytest.raises(JmossError, match="--dequantize"):
+            convert(str(src), tmp_path / "packed", progress=False)
+        convert(str(src), tmp_path / "clean", progress=False, dequantize=True)  # the hint works
+    _edit_bin(src, STRAYS[stray])
+    for kwargs in ({}, {"dequantize": True}):
+        out = tmp_path / f"out{len(kwargs)}"
+        with pytest.raises(JmossError) as err:
+            convert(str(src), out, progress=False, **kwargs)
+        assert "--dequantize" not in str(err.value) or "both give" in str(err.value) or not kwargs, str(err.value)
+        assert not (out / MANIFEST).exists()
+
+
+def _huge_header(path: Path, entries: int) -> int:
+    """A safetensors file whose header lists ``entries`` empty fp16 tensors (~58 bytes each; valid:
+    zero-size tensors tile nothing), so only its size and count can refuse it."""
+    chunks = [b'{"__metadata__":{"format":"pt"}']
+    for i in range(entries):
+        chunks.append(b',"t%x":{"dtype":"F16","shape":[0],"data_offsets":[0,0]}' % i)
+    chunks.append(b"}")
+    header = b"".join(chunks)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+    return len(header)
+
+
+def _huge_string_header(path: Path, nbytes: int) -> int:
+    """A valid header of no tensors whose metadata is one string of ``nbytes``: few values, many bytes."""
+    header = b'{"__metadata__":{"x":"' + b"a" * nbytes + b'"}}'
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return len(header)
+
+
+@pytest.mark.parametrize("shape", ["1.7M entries", "one 95 MiB string"])
+def test_a_95_mib_safetensors_header_costs_at_most_500_mib_measured_from_outside(bases, shape: str, tmp_path: Path, report) -> None:
+    src = _copy(bases, "st", tmp_path)
+    file = src / "model.safetensors"
+    size = _huge_header(file, 1_700_000) if shape == "1.7M entries" else _huge_string_header(file, 95 << 20)
+    assert 90 << 20 < size < 100 << 20  # under the 100 MiB header cap: what it holds is what costs
+    proc, rss = run_cli(["convert", str(src), "--out", str(tmp_path / "out")], tmp_path)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in output, output[-2000:]
+    if shape == "1.7M entries":
+        assert "JSON values" in errors[0], errors
+    report(f"{size / 2**20:.0f} MiB safetensors header, {shape}: refused, peak RSS {rss / 2**20:.0f} MiB "
+           "(jmoss convert in a child, measured by its launcher)")
+    assert rss <= 500 << 20

@@ -11,14 +11,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
+import re
 import socket
+import threading
 import time
+import typing
 from typing import Awaitable, Iterator
+
+import annotated_types
 
 import httpx
 import psutil
 import pytest
 
+from jmoss.server.schemas import ChatCompletionRequest, CompletionRequest, MossRequest
 from test_server import MODEL_ID, ServerProcess, build_store
 
 HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT = 2.0, 3.0, 3.0
@@ -55,9 +62,9 @@ MALFORMED_JSON = [
 WRONG_TYPES = [
     _msg(messages="hi"), _msg(messages=[{"role": "user", "content": 7}]), _msg(messages=[{"role": ["user"], "content": "x"}]),
     _msg(messages=[["user", "hi"]]), _msg(max_tokens=8.0), _msg(max_tokens=True), _msg(temperature="0.5"),
-    _msg(top_p=2), _msg(stop=5), _msg(stream="yes"), _msg(stream_options=[]), _msg(model=5), _msg(n=3),
+    _msg(top_p=2), _msg(stop=5), _msg(stream="yes"), _msg(stream_options=[]), _msg(model=5), _msg(n="3"),
     _msg(messages=[{"role": "user", "content": [{"type": "image", "url": "x"}]}]), _msg(user={"id": 1}),
-    _msg(logprobs=True), _msg(presence_penalty=1.5),
+    _msg(logprobs="yes"), _msg(presence_penalty=2.5), _msg(n=0), _msg(top_logprobs=21),
 ]
 HUGE_NUMBERS = [
     _msg(max_tokens=10**400), _msg(max_tokens=2**63), _msg(seed=10**30), _msg(seed=-1), _msg(top_k=-(10**20)),
@@ -99,6 +106,104 @@ def _is_json_error(r: httpx.Response, status: range = range(400, 500)) -> bool:
 def test_hostile_bodies_get_a_json_4xx(server, path, body):
     r = httpx.post(server.url + path, content=body, timeout=30)
     assert _is_json_error(r), (r.status_code, r.text[:300])
+
+
+# -- every number a request names is bounded ------------------------------------------------------
+
+ROUTES = [(CHAT, ChatCompletionRequest, {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+          (COMP, CompletionRequest, {"model": MODEL_ID, "prompt": "x", "max_tokens": 2}),
+          (MOSS, MossRequest, {"prompt": "hi", "max_length": 600})]
+
+
+def _numeric_fields(schema) -> dict[str, tuple[type, list]]:
+    """Each field that takes a number: (int or float, its pydantic constraints or allowed literals)."""
+    fields = {}
+    for name, info in schema.model_fields.items():
+        args = typing.get_args(info.annotation) or (info.annotation,)
+        literals = [a for arg in args for a in typing.get_args(arg) if typing.get_origin(arg) is typing.Literal]
+        if float in args:
+            fields[name] = (float, info.metadata)
+        elif int in args:
+            fields[name] = (int, info.metadata)
+        elif any(type(v) is int for v in literals):
+            fields[name] = (int, literals)
+    return fields
+
+
+def _bounds(kind: type, constraints: list) -> tuple[float | None, float | None, bool, bool]:
+    """(lowest, highest, lowest allowed itself, highest allowed itself) from ge/gt/le/lt or literals."""
+    if all(type(c) is int for c in constraints):  # Literal[...] values
+        return min(constraints), max(constraints), True, True
+    lo = hi = None
+    lo_in = hi_in = True
+    for c in constraints:
+        if isinstance(c, annotated_types.Ge):
+            lo = c.ge
+        elif isinstance(c, annotated_types.Gt):
+            lo, lo_in = c.gt, False
+        elif isinstance(c, annotated_types.Le):
+            hi = c.le
+        elif isinstance(c, annotated_types.Lt):
+            hi, hi_in = c.lt, False
+    return lo, hi, lo_in, hi_in
+
+
+def _json_number(v: float) -> bytes:
+    return str(v).encode() if isinstance(v, int) else repr(float(v)).encode()
+
+
+def _outside(kind: type, constraints: list) -> list[bytes]:
+    """JSON literals the field must refuse: just past each bound, far past, not a number of its kind."""
+    lo, hi, lo_in, hi_in = _bounds(kind, constraints)
+    step = 1 if kind is int else 1e-9  # a float just past: relative, so JSON parsing keeps the difference
+    below = [] if lo is None else [lo - step * max(1, abs(lo)) if lo_in else lo]
+    above = [] if hi is None else [hi + step * max(1, abs(hi)) if hi_in else hi]
+    values = [_json_number(v) for v in below + above + [10**30, -(10**30)]]
+    if kind is int:
+        literal = all(type(c) is int for c in constraints)  # Literal[1]: compared by value, 1.0 == 1
+        values += [b"1.5", b"1e12", b"-0.5"] + ([] if literal else [b"1.0"])
+    else:
+        values += [b"1e308", b"-1e308"]
+    return values + [b"NaN", b"Infinity", b"-Infinity", b"1e999", b'"1"', b"true", b"[1]", b"{}"]
+
+
+NUMERIC = [(path, base, name, kind, constraints) for path, schema, base in ROUTES
+           for name, (kind, constraints) in _numeric_fields(schema).items()]
+
+
+def test_every_numeric_field_has_a_lower_and_an_upper_bound():
+    assert len(NUMERIC) >= 15, [n for _, _, n, _, _ in NUMERIC]
+    unbounded = [(path, name) for path, _, name, kind, constraints in NUMERIC
+                 if None in _bounds(kind, constraints)[:2]]
+    assert not unbounded, f"fields without both bounds: {unbounded}"
+
+
+@pytest.mark.parametrize("path, base, name, kind, constraints", NUMERIC,
+                         ids=[f"{p}-{n}" for p, _, n, _, _ in NUMERIC])
+def test_numbers_past_a_fields_bounds_get_a_json_400(server, path, base, name, kind, constraints):
+    """A family per field: just past each bound, far past, a float for an int, NaN/Infinity, other types."""
+    head = json.dumps({k: v for k, v in base.items() if k != name}).encode()[:-1]
+    accepted = []
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for value in _outside(kind, constraints):
+            r = client.post(path, content=head + b', "%s": %s}' % (name.encode(), value))
+            if not (_is_json_error(r, range(400, 401)) and r.json()["error"]["param"] in (name, None)):
+                accepted.append((value.decode(), r.status_code, r.text[:120]))
+    assert not accepted, accepted
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(server):
+    """Below 0.01 (1e-320 would turn every logit into inf) a temperature means what 0 means: greedy."""
+    messages = [{"role": "user", "content": "Name three colours."}]
+    texts = {}
+    for temperature in (0, 1e-320, 0.0099):
+        r = httpx.post(server.url + CHAT, json={"model": MODEL_ID, "messages": messages, "max_tokens": 8,
+                                                "temperature": temperature, "repetition_penalty": 1.0}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        texts[temperature] = r.json()["choices"][0]["message"]["content"]
+    assert len(set(texts.values())) == 1, texts
+    moss = [_moss(server, prompt="Name three colours.", max_length=600, temperature=t) for t in (0, 1e-300)]
+    assert [r.status_code for r in moss] == [200, 200] and moss[0].json()["response"] == moss[1].json()["response"]
 
 
 def test_oversized_bodies_are_refused_before_they_are_read(server):
@@ -153,6 +258,110 @@ def test_broken_http_is_refused_and_closed_at_once(server, data):
     assert out.split(b" ")[1] in (b"400", b"431", b"505"), out[:200]
     assert time.monotonic() - start < 1.5  # closed by the server, not left to a timeout
     assert server.health()["status"] == "ok"
+
+
+# -- framing: answered, then closed, through raw sockets ----------------------------------------------
+
+ANSWER_WITHIN = 1.0  # seconds from the last byte sent to the status line, and to the server's close
+
+
+def _exchange(port: int, data: bytes, upload: bool = False, wait: float = 10.0) -> tuple[bytes, float | None, float | None, str]:
+    """Send ``data`` on a fresh socket, then read until the server closes; with ``upload`` a thread keeps
+    sending body bytes meanwhile, as a client uploading a large body does. Returns what arrived, the
+    seconds until its status line and until the server's close (None if they never came within
+    ``wait``: a generous socket timeout, the behaviour is asserted on the measured time), and how
+    the reading ended ("closed", "reset" or "timeout")."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    stop = threading.Event()
+
+    def push() -> None:
+        try:
+            while not stop.is_set():
+                s.sendall(b"x" * 65536)
+        except OSError:
+            pass
+
+    try:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass
+        start = time.monotonic()
+        pusher = threading.Thread(target=push, daemon=True) if upload else None
+        if pusher is not None:
+            pusher.start()
+        out, status_at, ended = b"", None, "timeout"
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if status_at is None and b"\r\n" in out:
+                    status_at = time.monotonic() - start
+            ended = "closed"
+        except ConnectionResetError:
+            ended = "reset"
+        except socket.timeout:
+            pass
+        closed_at = time.monotonic() - start if ended == "closed" else None
+        return out, status_at, closed_at, ended
+    finally:
+        stop.set()
+        s.close()
+
+
+def _statuses(out: bytes) -> list[int]:
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", out)]
+
+
+def _post(path: str, headers: bytes, body: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s\r\n%s" % (path.encode(), headers, body)
+
+
+HUGE = b"Content-Length: 1000000000000\r\n"
+FRAMING = {  # name: (request bytes, keep uploading?, the statuses that must arrive before the close)
+    "huge-length": (_post(COMP, HUGE), False, [413]),
+    "huge-length-with-body": (_post(COMP, HUGE, b'{"model": "tiny-moss", ' + b" " * 5000), False, [413]),
+    "huge-length-uploading": (_post(CHAT, HUGE, b"{"), True, [413]),
+    "huge-length-expect-100": (_post(MOSS, HUGE + b"Expect: 100-continue\r\n"), False, [413]),
+    "huge-length-chunked": (_post(COMP, b"Transfer-Encoding: chunked\r\n", b"200000\r\n" + b" " * 1200000), False, [413]),
+    "unread-body-404": (_post("/nowhere", b"Content-Length: 1000\r\n", b"{}"), False, [404]),
+    "unread-body-405": (_post("/v1/models", b"Content-Length: 1000\r\n", b"{}"), False, [405]),
+    "unread-body-health": (_post("/health", b"Content-Length: 50\r\n", b"{"), False, [405]),
+    "longer-than-length": (_post(COMP, b"Content-Length: 10\r\n", b'{"model": ' + b"x" * 300000), False, [400, 400]),
+    "longer-than-length-json": (_post(MOSS, b"Content-Length: 2\r\n", b"{}" + b"GARBAGE " * 40000), False, [400, 400]),
+    "length-and-chunked": (_post(COMP, b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"), False, [400]),
+    "chunked-and-length": (_post(MOSS, b"Transfer-Encoding: chunked\r\nContent-Length: 14\r\n",
+                                 b"e\r\n{\"prompt\": \"x\"}\r\n0\r\n\r\n"), False, [400]),
+    "length-and-chunked-get": (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"0\r\n\r\n", False, [400]),
+}
+
+
+@pytest.mark.parametrize("name", list(FRAMING))
+def test_a_request_whose_body_is_not_read_is_answered_and_closed_at_once(server, name, report):
+    data, upload, statuses = FRAMING[name]
+    out, status_at, closed_at, ended = _exchange(server.port, data, upload=upload)
+    assert _statuses(out) == statuses, (ended, out[:300])
+    assert status_at is not None and status_at < ANSWER_WITHIN, (status_at, ended)
+    assert ended == "closed" and closed_at < ANSWER_WITHIN, (ended, closed_at)
+    assert b"connection: close" in out.lower()
+    assert server.health()["status"] == "ok"
+    report(f"{name}: status line after {1000 * status_at:.0f} ms, closed after {1000 * closed_at:.0f} ms")
+
+
+def test_a_fully_read_request_keeps_its_connection(server):
+    """The closing rules leave ordinary keep-alive alone: three requests, one socket, no close."""
+    body = json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        reader = s.makefile("rb")
+        for request in (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                        _post(CHAT, b"Content-Length: %d\r\n" % len(body), body),  # a 400 for max_tokens, body read
+                        b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"):
+            s.sendall(request)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += reader.readline()
+            assert b"connection: close" not in head.lower(), head
+            reader.read(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
 
 
 def _moss(server, **body) -> httpx.Response:

@@ -1,4 +1,5 @@
-"""Tampered stores (issue #17): every changed byte is caught before it is used.
+"""Tampered stores (issue #17): every changed byte is caught before it is used (stores edited and
+re-sealed so that their hashes match, issue #26: tests/test_store_check.py).
 
 A small but complete store (MOSS tokenizer, 2 layers) is copied and damaged one way per case: a
 byte flip in every kind of file, manifest edits (also re-sealed, as a knowing editor would),
@@ -24,7 +25,7 @@ import pytest
 from jmoss import layout
 from jmoss.config import MossConfig
 from jmoss.errors import JmossError, StoreError
-from jmoss.store import FAST_HASH, MANIFEST, Store, _sealed_manifest_bytes, verify, write_store_from_groups
+from jmoss.store import FAST_HASH, MANIFEST, Store, sealed_manifest_bytes, verify, write_store_from_groups
 from moss_fixtures import moss_tokenizer_dir
 
 CONFIG = MossConfig(vocab_size=107008, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, model_type="moss",
@@ -72,7 +73,7 @@ def _manifest(path: Path) -> dict:
 
 
 def _write_manifest(path: Path, manifest: dict, seal: bool) -> None:
-    data = _sealed_manifest_bytes(manifest) if seal else (json.dumps(manifest, indent=2) + "\n").encode()
+    data = sealed_manifest_bytes(manifest) if seal else (json.dumps(manifest, indent=2) + "\n").encode()
     (path / MANIFEST).write_bytes(data)
 
 
@@ -255,9 +256,10 @@ CASES.update({
     "old store: entry removed": _old(_drop("layer_001.safetensors", seal=False)),
     "old store: entry ../../../etc/passwd": _old(_add_entry("../../../etc/passwd", seal=False)),
 })
-# Damage an old store (no fast hash) holds only to `jmoss verify`: documented in docs/store-format.md.
-VERIFY_ONLY = {"old store: layer_000 data flipped": _old(_flip("layer_000.safetensors", "middle")),
-               "old store: embed data flipped": _old(_flip("embed.safetensors", "last byte"))}
+# Data damage in a store without fast hashes (written before them, or downgraded to look so): it
+# would load unhashed, so such a store is refused whole (docs/store-format.md).
+OLD_STORE_DAMAGE = {"old store: layer_000 data flipped": _old(_flip("layer_000.safetensors", "middle")),
+                    "old store: embed data flipped": _old(_flip("embed.safetensors", "last byte"))}
 
 
 def _flip_hex(text: str, prefix: str) -> str:
@@ -296,16 +298,17 @@ def test_tampering_is_caught_before_use(pristine: Path, case: str, tmp_path: Pat
     assert "jmoss convert" in message, message
 
 
-@pytest.mark.parametrize("case", list(VERIFY_ONLY))
-def test_an_old_store_without_fast_hashes_still_loads_and_verify_catches_data_damage(pristine: Path, case: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", list(OLD_STORE_DAMAGE))
+def test_a_store_without_fast_hashes_is_refused_at_load_and_by_verify(pristine: Path, case: str, tmp_path: Path) -> None:
     path = _store(pristine, tmp_path)
     _strip_fast_hashes(path)
-    _load_everything(path)  # an old store loads: sizes and its small files' sha256 are checked
-    verify(path)
-    apply, target = VERIFY_ONLY[case]
-    apply(path, tmp_path)
-    with pytest.raises(StoreError, match=rf"{target}: sha256 mismatch"):
-        verify(path)
+    apply, target = OLD_STORE_DAMAGE[case]
+    for damaged in (False, True):
+        if damaged:
+            apply(path, tmp_path)
+        for run in (lambda: verify(path), lambda: _load_everything(path)):
+            with pytest.raises(StoreError, match=r'store check "manifest".*older jmoss.*jmoss convert test/hostile'):
+                run()
 
 
 def test_a_pristine_store_loads_and_verifies_and_each_file_is_hashed_once(pristine: Path, tmp_path: Path, monkeypatch) -> None:
@@ -313,15 +316,16 @@ def test_a_pristine_store_loads_and_verifies_and_each_file_is_hashed_once(pristi
 
     path = _store(pristine, tmp_path)
     verify(path)
-    hashed: list[str] = []
-    real = store_mod.fast_hash_file
-    monkeypatch.setattr(store_mod, "fast_hash_file", lambda p: (hashed.append(Path(p).name), real(p))[1])
+    hashed: list[int] = []
+    real = store_mod.fast_hash_mapping
+    monkeypatch.setattr(store_mod, "fast_hash_mapping", lambda mm: (hashed.append(len(mm)), real(mm))[1])
     store = Store.open(path)
     assert store.fast_hashed
     for _ in range(3):
         for g in store.groups():
             store.group(g)
-    assert sorted(hashed) == sorted(GROUP_FILES)
+        store.map_groups(store.groups())
+    assert sorted(hashed) == sorted((path / name).stat().st_size for name in GROUP_FILES)
 
 
 # ----------------------------------------------------------------------------- the engine and the CLI
@@ -378,7 +382,7 @@ def test_the_cli_says_one_error_line_and_no_traceback(pristine: Path, case: str,
 
 
 def test_case_counts(report) -> None:
-    total = len(CASES) + len(VERIFY_ONLY)
-    report(f"tampered-store cases: {len(CASES)} caught at load and by verify, {len(VERIFY_ONLY)} old-store data "
-           f"flips caught by verify; total {total}")
+    total = len(CASES) + len(OLD_STORE_DAMAGE)
+    report(f"tampered-store cases: {len(CASES)} caught at load and by verify, {len(OLD_STORE_DAMAGE)} old-store data "
+           f"flips refused with their store; total {total} (crafted, re-sealed stores: tests/test_store_check.py)")
     assert total >= 60

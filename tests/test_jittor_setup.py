@@ -160,7 +160,8 @@ def test_progress_filter_keeps_every_other_byte():
     assert not flt.pending()
     tty = CompileProgressFilter(tty=True)
     shown = tty.feed(b"\nCompiling Operators(1/5) used: 2s eta: 3s \r")
-    assert shown.startswith(b"\n\x1b[2mjmoss: compiling 5 kernels") and shown.endswith(b"\x1b[0m\n")
+    assert shown.startswith(b"\n\x1b[2mjmoss: compiling 5 kernels") and b"cached for later runs)\xe2\x80\xa6\x1b[0m\n" in shown
+    assert shown.endswith(b"\r\x1b[K\x1b[2mjmoss: compiling kernels 1/5, 0 s (first run only)\x1b[0m")  # redrawn live
 
 
 def test_a_broken_cupy_beside_jittor_does_not_break_jmoss(tmp_path):

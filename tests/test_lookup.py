@@ -12,6 +12,7 @@ chi-square test. Last, a real random-weight model: greedy with lookup equals gre
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -222,6 +223,106 @@ def test_the_context_limit_inside_an_accepted_run(tokenizer, tok_dir, cut_points
         assert results[0][1] == ["context"] and len(results[0][0]) == cut_points[which]
 
 
+# -- an output constraint (a TokenMask) and logprobs -----------------------------------------------
+
+JSON_A = '{"name": "fox", "n": 42, "list": [1, 2, 3], "ok": true}'  # what the prompt holds, twice
+JSON_B = JSON_A.replace("42", "7")  # the schema's "n" is at most 9
+JSON_PROMPT = "<|Human|>: Repeat: " + JSON_A + " and again: " + JSON_A + "<eoh>\n<|MOSS|>:"
+JSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                                "n": {"type": "integer", "maximum": 9},
+                                                "list": {"type": "array", "items": {"type": "integer"}},
+                                                "ok": {"type": "boolean"}},
+               "required": ["name", "n", "list", "ok"], "additionalProperties": False}
+
+
+class _Recorded:
+    """A Constraint whose masks write down every advance and rollback (into ``log``)."""
+
+    def __init__(self, inner):
+        self.inner, self.log = inner, []
+
+    def start(self):
+        return _RecordedMask(self.inner.start(), self.log)
+
+
+class _RecordedMask:
+    def __init__(self, inner, log: list):
+        self.inner, self.log = inner, log
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    def mask(self):
+        return self.inner.mask()
+
+    def advance(self, token: int) -> None:
+        self.log.append(int(token))
+        self.inner.advance(token)
+
+    def rollback(self, n: int) -> None:
+        del self.log[len(self.log) - n:]
+        self.inner.rollback(n)
+
+
+def _prefers_a_then_b(tokenizer, vocab: int):
+    """A rule: after <|MOSS|>: the model most wants JSON_A (logit 30), then JSON_B (20), then <eom>.
+    Unmasked it writes JSON_A; a mask that forbids A's 42 makes it write JSON_B, and drafts taken
+    from the prompt (JSON_A) are then cut by the mask, not by the model."""
+    trigger, a, b = (tokenizer.encode(t) for t in ("<|MOSS|>:", JSON_A, JSON_B))
+    def rule(history: tuple[int, ...]) -> np.ndarray:
+        at = max(i for i in range(len(history) - len(trigger) + 1) if list(history[i:i + len(trigger)]) == trigger)
+        done = list(history[at + len(trigger):])
+        logits = np.zeros(vocab, dtype=np.float32)
+        logits[MOSS_EOM] = 10.0
+        for text, weight in ((b, 20.0), (a, 30.0)):
+            if done == text[: len(done)]:
+                logits[text[len(done)] if len(done) < len(text) else MOSS_EOM] = weight
+        return logits
+
+    return rule
+
+
+def test_a_json_schema_mask_and_logprobs_with_lookup(tokenizer, tok_dir, report):
+    """Under a real JSON-schema mask (jmoss.constraints) and with logprobs: the same tokens, finish
+    reason, cache and logprobs (every token, accepted drafts included) as without lookup; the mask
+    advanced on exactly the emitted tokens (a pass's tokens past a row's end rolled back); drafts
+    the model wants but the mask forbids are rejected."""
+    from jmoss.constraints import json_schema
+
+    model = ForcedModel(lambda history: 0, tokenizer_path=tok_dir)
+    model.rule = _prefers_a_then_b(tokenizer, model.config.vocab_size)
+    ids = tokenizer.encode(JSON_PROMPT)
+    schema = json_schema(tokenizer, JSON_SCHEMA, eos_token_id=MOSS_EOM)
+    stats = LookupStats()
+    ends = {}
+    for max_new in (60, 9):  # the JSON closes (the mask is done); a cut inside a pass's accepted drafts
+        results = {}
+        for lookup in ("off", K):
+            constraint = _Recorded(schema)
+            options = GenerationOptions(do_sample=False, lookup=lookup, max_new_tokens=max_new,
+                                        constraint=constraint, logprobs=2)
+            session = model.session(max_len=256)
+            reasons: list = []
+            scores: list = []
+            out, probs = [], []
+            for step in generate_ids(model, session, [ids], options, reasons=reasons, logprobs_out=scores,
+                                     stats=stats if lookup else None):
+                if step[0] is not None:
+                    out.append(step[0])
+                    probs.append(scores[0])
+            assert constraint.log == out  # every emitted token advanced the mask once, nothing else did
+            assert len(probs) == len(out) and all(p is not None and len(p[1]) == 2 for p in probs)
+            results[lookup] = (out, reasons, probs, visible_ids(session))
+        assert results[K] == results["off"]
+        ends[max_new] = results[K]
+    assert tokenizer.decode(ends[60][0]) == JSON_B and ends[60][1] == ["stop"]  # the mask's closed JSON ends it
+    assert ends[9][1] == ["length"] and len(ends[9][0]) == 9
+    assert stats.accepted > 0 and any(n < K for n in stats.per_pass)  # drafts kept, and some the mask cut
+    report(f"JSON schema + logprobs with lookup: the same tokens and logprobs as plain, {stats.accepted}/"
+           f"{stats.drafted} drafts accepted in {stats.verify_passes} verify passes")
+
+
 def test_chat_turns_with_the_plugin_loop_are_unchanged(tokenizer, tok_dir, report):
     from jmoss import dialogue
 
@@ -361,14 +462,16 @@ def test_verify_draws_from_the_target_distribution(report):
     for draft in range(5):
         counts = np.bincount([sampler.verify(logits, [], draft) for _ in range(draws)], minlength=5)
         worst = min(worst, _chi_square_p(counts, probs * draws))
-    # with top-p 0.8, temperature 0.7 and a repetition penalty: the processed distribution
-    opts = GenerationOptions(do_sample=True, seed=12)
+    # with top-p 0.8, temperature 0.7, a repetition penalty and presence/frequency penalties: the processed
+    # distribution
+    opts = GenerationOptions(do_sample=True, seed=12, presence_penalty=0.1, frequency_penalty=0.05)
     sampler = Sampler(opts, 5)
-    scores = sampler.scores(logits, [1])
+    history, generated = [3, 1, 1], [1, 1]
+    scores = sampler.scores(logits, history, generated)
     target = np.exp(scores - scores.max())
     target /= target.sum()
     for draft in (0, 2, 4):  # 4 is outside top-p: always rejected, never returned
-        counts = np.bincount([sampler.verify(logits, [1], draft) for _ in range(draws)], minlength=5)
+        counts = np.bincount([sampler.verify(logits, history, draft, generated) for _ in range(draws)], minlength=5)
         assert counts[target == 0].sum() == 0
         worst = min(worst, _chi_square_p(counts, target * draws))
     report(f"verify vs target, 8 chi-square tests of {draws} draws: smallest p = {worst:.3f}")
@@ -461,13 +564,14 @@ def test_a_real_random_model_gives_plain_greedy_with_lookup(tok_dir, report):
     accepted = 0
     for text in prompts:
         ids = model.tokenizer.encode(text)
-        for penalty in (1.0, 1.02):
+        for penalties in ({"repetition_penalty": 1.0}, {"repetition_penalty": 1.02},
+                          {"repetition_penalty": 1.0, "presence_penalty": 0.4, "frequency_penalty": 0.6}):
             stats = LookupStats()
-            plain = _run(model, ids, "off", max_new_tokens=48, repetition_penalty=penalty)
-            ours = _run(model, ids, K, max_new_tokens=48, repetition_penalty=penalty, stats=stats)
+            plain = _run(model, ids, "off", max_new_tokens=48, **penalties)
+            ours = _run(model, ids, K, max_new_tokens=48, stats=stats, **penalties)
             assert ours[:2] == plain[:2]
             accepted += stats.accepted
     assert accepted > 0  # the model repeats itself, so drafts were really kept
     batch = model.generate(prompts, do_sample=False, max_new_tokens=24, lookup=K, repetition_penalty=1.0)
     assert batch == model.generate(prompts, do_sample=False, max_new_tokens=24, lookup="off", repetition_penalty=1.0)
-    report(f"tiny random MOSS: greedy with lookup = without on 2 prompts x 2 penalties ({accepted} drafts kept)")
+    report(f"tiny random MOSS: greedy with lookup = without on 2 prompts x 3 penalty sets ({accepted} drafts kept)")

@@ -119,9 +119,9 @@ def test_gptq_kept_packed_matches_transformers_on_exact_dequantized_weights(mode
     fp16 = layout.group_nbytes(jmoss.config.MossConfig.from_dict({**config.to_dict(), "wbits": 32}), 0)
     assert store.group_nbytes(0) < fp16 * (0.4 if bits == 4 else 0.65)
 
-    # lm_head and wte are packed too by default (the layers' width and int8), recorded in the manifest
-    assert config.head_wbits == bits and config.embed_wbits == 8
-    assert manifest["packed"]["lm_head"] == {"bits": bits, "group_size": 32, "scheme": "rtn"}
+    # lm_head and wte are packed too by default (int8 both, whatever the layers' width), recorded in the manifest
+    assert config.head_wbits == 8 and config.embed_wbits == 8
+    assert manifest["packed"]["lm_head"] == {"bits": 8, "group_size": 32, "scheme": "rtn"}
     assert manifest["packed"]["wte"] == {"bits": 8, "group_size": 32, "scheme": "rtn"}
     assert "lm_head.weight" not in store.group(layout.HEAD) and store.group(layout.EMBED)["wte.qweight"].dtype == np.uint8
     ref = reference_model(model, src, store)
@@ -175,7 +175,7 @@ def test_quantize_an_fp16_checkpoint_reports_error_and_size(model, tmp_path: Pat
     packed = convert(str(src), tmp_path / "q", progress=False, quantize=f"int{bits}")
     manifest = json.loads((packed / MANIFEST).read_text())
     assert manifest["packed"] == {"bits": bits, "group_size": 128, "layout": manifest["packed"]["layout"], "scheme": "rtn",
-                                  "lm_head": {"bits": bits, "group_size": 128, "scheme": "rtn"},
+                                  "lm_head": {"bits": 8, "group_size": 128, "scheme": "rtn"},
                                   "wte": {"bits": 8, "group_size": 128, "scheme": "rtn"}}
     kept = convert(str(src), tmp_path / "kept", progress=False, quantize=f"int{bits}", keep_head_fp16=True)
     kept_manifest = json.loads((kept / MANIFEST).read_text())["packed"]
@@ -202,12 +202,38 @@ def test_keep_head_fp16_is_for_packed_stores_only(model, tmp_path: Path) -> None
     src = save_torch_shards(model, tmp_path / "src")
     with pytest.raises(CheckpointError, match="--keep-head-fp16 is for packed stores"):
         convert(str(src), tmp_path / "out", progress=False, keep_head_fp16=True)
+    with pytest.raises(CheckpointError, match="--head-bits is for packed stores"):
+        convert(str(src), tmp_path / "out", progress=False, head_bits=8)
+    with pytest.raises(CheckpointError, match="give either it or the widths"):
+        convert(str(src), tmp_path / "out", progress=False, quantize="int4", keep_head_fp16=True, head_bits=8)
+
+
+def test_the_default_packed_head_stays_within_1e_2_of_an_fp16_head(model, tmp_path: Path, report) -> None:
+    """A GPTQ int4 checkpoint converted with the defaults (lm_head int8, wte int8) against transformers
+    running the exact dequantized GPTQ layers with the checkpoint's own fp16 lm_head and wte: the
+    default's logits are within 1e-2 of max|logit|; --head-bits 4 (the old default) is not."""
+    src, _ = save_gptq_checkpoint(model, tmp_path / "src", 4, groupsize=32, seed=7)
+    ref = reference_model(model, src)  # exact GPTQ layers, fp16 lm_head and wte
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, size=(2, 24))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids)).logits.numpy()
+    errors = {}
+    for label, kwargs in (("default (lm_head int8, wte int8)", {}), ("--head-bits 4", {"head_bits": 4}),
+                          ("--head-bits 16", {"head_bits": 16}), ("--keep-head-fp16", {"keep_head_fp16": True})):
+        out = convert(str(src), tmp_path / label.replace(" ", "_"), progress=False, **kwargs)
+        got = jmoss.load(str(out), device="cpu").logits(ids)
+        errors[label] = float(np.abs(got - want).max() / np.abs(want).max())
+    report("GPTQ int4 store logits vs exact layers + fp16 lm_head/wte, max error / max|logit|: "
+           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert errors["default (lm_head int8, wte int8)"] <= 1e-2
+    assert errors["--head-bits 4"] > 2 * errors["default (lm_head int8, wte int8)"]
+    assert errors["--keep-head-fp16"] <= 1e-4
 
 
 def test_a_format_2_store_from_before_packed_heads_still_loads(model, tmp_path: Path) -> None:
     """A store whose config.json and manifest say nothing of lm_head/wte (written before they could be
     packed) has them fp16, and loads as such."""
-    from jmoss.store import _bytes_record, _sealed_manifest_bytes
+    from jmoss.store import bytes_record, sealed_manifest_bytes
 
     src = save_torch_shards(model, tmp_path / "src")
     out = convert(str(src), tmp_path / "out", progress=False, quantize="int8", keep_head_fp16=True)
@@ -219,8 +245,8 @@ def test_a_format_2_store_from_before_packed_heads_still_loads(model, tmp_path: 
     (out / "config.json").write_bytes(data)
     manifest = json.loads((out / MANIFEST).read_text())
     del manifest["checksum"], manifest["packed"]["lm_head"], manifest["packed"]["wte"]
-    manifest["files"]["config.json"] = _bytes_record(data)
-    (out / MANIFEST).write_bytes(_sealed_manifest_bytes(manifest))
+    manifest["files"]["config.json"] = bytes_record(data)
+    (out / MANIFEST).write_bytes(sealed_manifest_bytes(manifest))
     store = Store.open(out)
     assert (store.config.head_wbits, store.config.embed_wbits) == (32, 32)
     verify(out)
@@ -269,9 +295,10 @@ def moss_int4_config(shared_dir: Path):
     return MossConfig.from_dict(data)
 
 
-def test_info_plans_moss_int4_store_under_9_5_gb_resident_under_12gib(shared_dir: Path, tmp_path: Path) -> None:
-    """The plan figure for moss-moon-003-sft-int4, computed without writing a store: layers packed
-    (GPTQ kept), lm_head int4 and wte int8 by default; 10.82 GB with --keep-head-fp16."""
+def test_info_plans_moss_int4_store_under_9_6_gb_resident_under_12gib(shared_dir: Path, tmp_path: Path) -> None:
+    """The plan figure for moss-moon-003-sft-plugin-int4, computed without writing a store: layers
+    packed (GPTQ kept), lm_head int8 and wte int8 by default; 9.22 GB with --head-bits 4, 10.82 GB
+    with --keep-head-fp16."""
     from click.testing import CliRunner
 
     from jmoss.cli import main
@@ -283,18 +310,20 @@ def test_info_plans_moss_int4_store_under_9_5_gb_resident_under_12gib(shared_dir
     groups = 3 * d * (d // 128) + d * (d // 128) + inner * (d // 128) + d * (inner // 128)
     layer = codes + 4 * groups + 4 * (3 * d + inner) + 2 * (2 * d + inner + d)
     assert layout.group_nbytes(config, 0) == layout.group_nbytes(config, 0) == layer  # 241 MB (906 MB fp16)
-    head = vocab * d // 2 + 4 * vocab * (d // 128) + 4 * d + 2 * (2 * d + vocab)  # int4 lm_head + fp16 ln_f, bias
+    head = vocab * d + 4 * vocab * (d // 128) + 4 * d + 2 * (2 * d + vocab)  # int8 lm_head + fp16 ln_f, bias
     embed = vocab * d + 4 * vocab * (d // 128) + 4 * d  # int8 rows + scales/zeros + perm
     assert layout.group_nbytes(config, layout.HEAD) == head
     assert layout.group_nbytes(config, layout.EMBED) == embed
     total = layout.store_nbytes(config)
-    assert total == 34 * layer + head + embed and total <= 9.5e9  # 9.22 GB
+    assert total == 34 * layer + head + embed and total <= 9.6e9  # 9.55 GB
+    head4 = layout.resolved(config, head_width=4)
+    assert layout.store_nbytes(head4) == total - head + vocab * d // 2 + 4 * vocab * (d // 128) + 4 * d + 2 * (2 * d + vocab)
     fp16_head = layout.resolved(config, keep_head_fp16=True)
     assert layout.store_nbytes(fp16_head) == 34 * layer + 2 * (2 * vocab * d + 2 * d + vocab)  # 10.82 GB
 
     plan = plan_placement(config, device="cuda", device_memory=12 << 30, host_memory=None)
     assert plan.groups_on("device") == layout.all_groups(config)[1:]  # every layer and the head resident
-    assert plan.resident_bytes == 34 * layer + head  # 8.57e9 bytes
+    assert plan.resident_bytes == 34 * layer + head  # 8.87e9 bytes
     assert plan.embed_row_bytes == d + 4 * (d // 128)  # an int8 row and its scales/zeros
     small = plan_placement(config, device="cuda", device_memory=8 << 30, host_memory=None)
     streamed = [g for g in small.groups_on("host") + small.groups_on("disk") if g != layout.EMBED]
@@ -306,8 +335,14 @@ def test_info_plans_moss_int4_store_under_9_5_gb_resident_under_12gib(shared_dir
     result = CliRunner().invoke(main, ["info", str(tmp_path), "--device", "cuda", "--device-memory", "12GiB"])
     assert result.exit_code == 0, result.output
     assert f"store: {total / 1e9:.2f} GB = layers {34 * layer / 1e9:.2f} GB (int4)" in result.output
-    assert "(lm_head int4)" in result.output and "(wte int8)" in result.output
+    assert "store: 9.55 GB" in result.output
+    assert "(lm_head int8)" in result.output and "(wte int8)" in result.output
     assert "34 layers + head" in result.output and "unallocated" in result.output
-    kept = CliRunner().invoke(main, ["info", str(tmp_path), "--device", "cuda", "--device-memory", "12GiB",
-                                     "--keep-head-fp16"])
-    assert "store: 10.82 GB" in kept.output and "(lm_head fp16)" in kept.output
+    for flags, size, widths in ((["--keep-head-fp16"], "10.82", ("fp16", "fp16")), (["--head-bits", "4"], "9.22", ("int4", "int8")),
+                                (["--head-bits", "16"], "10.18", ("fp16", "int8")),
+                                (["--head-bits", "16", "--embed-bits", "16"], "10.82", ("fp16", "fp16"))):
+        out = CliRunner().invoke(main, ["info", str(tmp_path), "--device", "cuda", "--device-memory", "12GiB", *flags])
+        assert f"store: {size} GB" in out.output and f"(lm_head {widths[0]})" in out.output, out.output
+        assert f"(wte {widths[1]})" in out.output, out.output
+    clash = CliRunner().invoke(main, ["info", str(tmp_path), "--keep-head-fp16", "--head-bits", "8"])
+    assert clash.exit_code == 2 and "--keep-head-fp16 is --head-bits 16 --embed-bits 16" in clash.output

@@ -161,7 +161,7 @@ def test_budget_below_minimum_fails_early_with_the_minimum(moss):
     message = str(info.value)
     assert f"{minimum / GiB:.2f} GiB" in message  # 4.22 GiB
     assert "KV cache" in message and "staging slot" in message
-    assert "lower max_seq_len" in message
+    assert "a shorter context with -c/--ctx-size (max_seq_len=)" in message and "prefetch_depth" not in message
     plan = plan_placement(moss, device="cuda", device_memory=minimum, host_memory=64 * GiB)
     assert plan.minimum_device_bytes == minimum
     with pytest.raises(BudgetError):

@@ -1,5 +1,9 @@
 """What the engines and the session allocate is exactly what the plan bills, tier by tier.
 
+A fully resident fp16 CPU load holds its weights as the store's mapped pages: measured from outside
+in a child process, the anonymous memory it allocates beyond a 1-layer baseline stays under 10% of
+the weights (the pages are the page cache's, counted as the plan's resident weights all the same).
+
 CPU: every tier jmoss.load can choose (all resident, some layers streamed from disk, everything
 streamed at the minimum budget), in fp16 and fp32, against the bytes the plan names (resident
 weights, staging slots, KV cache in the plan's dtype and length). CUDA cannot run here, so its
@@ -23,7 +27,7 @@ from jmoss.engine.resident import ResidentWeights
 from jmoss.errors import BudgetError
 from jmoss.placement import Placement, plan_placement, slot_allocation
 from jmoss.store import Store
-from test_engine import write_random_store
+from test_engine import BIG, cached_store, write_random_store
 
 SHAPE = dict(n_embd=64, n_head=4, rotary_dim=8, n_layer=4, vocab_size=512, n_positions=64)
 PROMPT = [[7, 8, 9, 10, 11, 12]]
@@ -159,3 +163,48 @@ def test_cuda_slots_refuse_a_plan_made_for_other_sizes(store_path):
     with pytest.raises(BudgetError, match="do not match"):
         allocate_slots(jt, wrong, offsets, id)
     assert jt.allocated == []  # refused before any device memory is taken
+
+
+RESIDENT_CHILD = """
+import json, sys
+import numpy as np
+import jmoss
+model = jmoss.load(sys.argv[1], device="cpu", dtype="float16", max_seq_len=32)
+session = model.session(max_len=32)
+logits = session.prefill([[int(t) for t in np.arange(16) % model.config.vocab_size]])
+session.decode([int(np.argmax(logits[0]))])
+print("RESULT " + json.dumps({"mapped": bool(model.weights.mapped), "resident": model.plan.resident_bytes}))
+from jmoss.bench import stop_for_measurement
+stop_for_measurement()
+"""
+
+
+def _resident_child(store: Path) -> dict:
+    import json
+    import sys
+    import tempfile
+
+    from jmoss.bench import spawn_measured_memory
+
+    with tempfile.TemporaryFile("w+") as log:
+        code, memory = spawn_measured_memory([sys.executable, "-c", RESIDENT_CHILD, str(store)], log=log)
+        log.seek(0)
+        out = log.read()
+    assert code == 0 and memory["peak_rss"] is not None, out[-3000:]
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return {**result, **memory}
+
+
+def test_a_resident_load_allocates_under_a_tenth_of_its_weights_beyond_the_baseline(report):
+    big = cached_store(BIG)  # 1.0 GB of fp16 weights (shared with test_engine)
+    baseline = _resident_child(cached_store({**BIG, "n_layer": 1}))
+    run = _resident_child(big)
+    weights = run["resident"]
+    assert run["mapped"] and baseline["mapped"]
+    extra_anon = run["peak_anon"] - baseline["peak_anon"]
+    report(f"resident load of {weights / 2**20:.0f} MiB of fp16 weights: peak anonymous memory "
+           f"{run['peak_anon'] / 2**20:.0f} MiB vs {baseline['peak_anon'] / 2**20:.0f} MiB for the 1-layer baseline "
+           f"(+{extra_anon / weights:.1%} of the weights); peak RSS {run['peak_rss'] / 2**20:.0f} MiB, of which "
+           f"{run['file_at_end'] / 2**20:.0f} MiB mapped store pages at the end")
+    assert extra_anon <= 0.10 * weights, (extra_anon, weights)
+    assert run["file_at_end"] >= 0.9 * weights  # the weights are in the process as mapped file pages

@@ -306,9 +306,10 @@ def test_load_plugins_by_command_or_capability_name(tmp_path):
 def test_unknown_and_unconfigured_plugins_are_refused():
     with pytest.raises(PluginError, match="unknown plugin"):
         load_plugins(["Teleport"])
-    with pytest.raises(PluginError, match="not configured"):
+    # The refusal names the flag (CLI) and the keyword (Python) that configure the plugin.
+    with pytest.raises(PluginError, match=r"needs configuring: pass --text2image-cmd .* text2image="):
         load_plugins(["Text2Image"])
-    with pytest.raises(PluginError, match="not configured"):
+    with pytest.raises(PluginError, match=r"needs configuring: pass --search-"):
         load_plugins(["Search"])
     # And an unconfigured Text2Image is not offered to the model.
     assert "Text-to-image: disabled." in capability_lines([Text2ImagePlugin()])

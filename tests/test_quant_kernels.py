@@ -217,3 +217,28 @@ def test_int8_compute_mode_on_float_weights_stays_within_both_rounding_bounds(is
                           f"{err.max() / np.abs(want).max():.2e}")
             elif not (vnni and m >= 16):
                 assert np.array_equal(got, exact)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_an_out_of_range_perm_gives_nan_never_a_read_outside_x(isa, bits):
+    """A store's perms are checked before any kernel runs (jmoss.store_check); a perm that changed on
+    disk after that check still never indexes outside x: the kernel's O(K) bound makes the output NaN.
+    Every path: the GEMV (M < 16), the 12-row panels (M >= 16), the int8-compute mode."""
+    rng = np.random.default_rng(bits)
+    n, k, gs = 40, 96, 32
+    q, s, z, perm = _packed(rng, n, k, bits, gs)
+    for value in (k, k + 1, 2**31 - 1, -1, -(2**31), 40000):
+        for at in (0, k // 2, k - 1):
+            bad = perm.copy()
+            bad[at] = value
+            for m in (1, 5, 20):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                for compute in ("fp32", "int8"):
+                    with kernels.configured(isa=isa, quant_compute=compute):
+                        got = kernels.quant_linear(jt.array(x), jt.array(bad), jt.array(q), jt.array(s), jt.array(z),
+                                                   bits=bits, group_size=gs).numpy()
+                    assert np.isnan(got).all(), (value, at, m, compute)
+    with pytest.raises(JmossError, match="group_size=0"):
+        kernels.quant_linear(jt.array(np.ones((1, k), np.float32)), jt.array(perm), jt.array(q), jt.array(s),
+                             jt.array(z), bits=bits, group_size=0)

@@ -214,3 +214,179 @@ def test_a_pickle_holding_something_other_than_tensors_is_refused(tmp_path: Path
     torch.save({"w": torch.zeros(2), "step": 3}, path)
     with pytest.raises(CheckpointError, match="'step' is a int, not a tensor"):
         TorchZipCheckpoint(path)
+
+
+# ----------------------------------------------------------------------------- crafted zips (issue #26)
+# Generated from one real torch.save file: every storage member duplicated, resized (with and without
+# a flipped byte past the tensor), corrupted at several places; every storage re-described with
+# another dtype or length; local headers renamed. What torch.load refuses (a record whose size is not
+# its storage's), jmoss refuses; what torch resolves silently one way (a duplicate member name, one
+# storage read with two dtypes), jmoss refuses rather than pick another way.
+
+_SD = collections.OrderedDict(
+    half=torch.arange(40, dtype=torch.float16).reshape(5, 8),
+    float=torch.linspace(-1, 1, 12),
+    int32=torch.arange(-6, 6, dtype=torch.int32),
+    bf16=torch.linspace(0, 3, 8).bfloat16(),
+    view=None,  # a second tensor on half's storage (filled below)
+)
+
+
+def _source(tmp_path: Path) -> tuple[Path, list[tuple[zipfile.ZipInfo, bytes]], str]:
+    sd = collections.OrderedDict((k, v) for k, v in _SD.items() if v is not None)
+    sd["view"] = sd["half"][1]
+    path = tmp_path / "src.bin"
+    torch.save(sd, path)
+    with zipfile.ZipFile(path) as zf:
+        members = [(info, zf.read(info)) for info in zf.infolist()]
+    prefix = members[0][0].filename.split("/")[0]
+    return path, members, prefix
+
+
+def _rezip(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about duplicate names: that is the point
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in members:
+                zf.writestr(zipfile.ZipInfo(name), data)
+
+
+def _zip_cases() -> list[tuple[str, object]]:
+    """(name, edit(members, prefix) -> members or raw bytes) for every storage of _SD."""
+    cases = []
+    for key in ("0", "1", "2", "3"):  # torch numbers storages in order: half, float, int32, bf16
+        member = lambda prefix, k=key: f"{prefix}/data/{k}"  # noqa: E731
+
+        def dup(members, prefix, k=key, first=True):
+            name = member(prefix, k)
+            data = dict(members)[name]
+            other = bytes(b ^ 0x5A for b in data)
+            extra = [(name, other)]
+            return (extra + members) if first else (members + extra)
+
+        cases += [(f"storage {key} duplicated (other copy first)", lambda m, p, f=dup: f(m, p, first=True)),
+                  (f"storage {key} duplicated (other copy last)", lambda m, p, f=dup: f(m, p, first=False))]
+        for extra in (1, 2, 16, 4096):
+            for flip in (False, True):
+                def longer(members, prefix, k=key, n=extra, flip=flip):
+                    out = []
+                    for name, data in members:
+                        if name == member(prefix, k):
+                            tail = bytearray(n)
+                            if flip:
+                                tail[n // 2] ^= 0x01
+                            data = data + bytes(tail)
+                        out.append((name, data))
+                    return out
+
+                cases.append((f"storage {key} {extra} bytes longer" + (", a byte past the tensor flipped" if flip else ""), longer))
+        for short in (1, 2, 4):
+            cases.append((f"storage {key} {short} bytes shorter",
+                          lambda m, p, k=key, s=short: [(n, d[:-s] if n == member(p, k) else d) for n, d in m]))
+    cases.append(("data.pkl duplicated", lambda m, p: m + [(f"{p}/data.pkl", dict(m)[f"{p}/data.pkl"])]))
+    return cases
+
+
+ZIP_CASES = dict(_zip_cases())
+
+
+@pytest.mark.parametrize("case", list(ZIP_CASES))
+def test_a_crafted_zip_is_refused_where_torch_refuses_or_would_choose(tmp_path: Path, case: str) -> None:
+    path, members, prefix = _source(tmp_path)
+    edited = ZIP_CASES[case]([(info.filename, data) for info, data in members], prefix)
+    _rezip(path, edited)
+    with pytest.raises(CheckpointError, match=r"src\.bin"):
+        ckpt = TorchZipCheckpoint(path)
+        for name in ckpt.tensors:
+            with ckpt.open_tensor(name):
+                pass
+
+
+@pytest.mark.parametrize("at", ["first", "middle", "last"])
+@pytest.mark.parametrize("key", ["0", "1", "2", "3"])
+def test_a_flipped_storage_byte_fails_the_crc_wherever_it_is(tmp_path: Path, key: str, at: str) -> None:
+    path, members, prefix = _source(tmp_path)
+    out = []
+    for info, data in members:
+        if info.filename == f"{prefix}/data/{key}":
+            data = bytearray(data)
+            data[{"first": 0, "middle": len(data) // 2, "last": len(data) - 1}[at]] ^= 0x80
+            data = bytes(data)
+        out.append((info, data))
+    # keep the original CRC in the directory (zipfile would recompute it): patch the bytes in place
+    raw = bytearray(path.read_bytes())
+    for (info, data), (_, orig) in zip(out, members):
+        if data != orig:
+            pos = raw.index(orig)
+            raw[pos : pos + len(data)] = data
+    path.write_bytes(bytes(raw))
+    ckpt = TorchZipCheckpoint(path)
+    with pytest.raises(CheckpointError, match="CRC"):
+        for name in ckpt.tensors:
+            with ckpt.open_tensor(name):
+                pass
+
+
+@pytest.mark.parametrize("key", ["0", "3"])
+def test_a_member_whose_local_header_names_another_is_refused(tmp_path: Path, key: str) -> None:
+    path, members, prefix = _source(tmp_path)
+    raw = bytearray(path.read_bytes())
+    name = f"{prefix}/data/{key}"
+    pos = raw.index(name.encode())
+    assert raw[pos - 30 : pos - 26] == b"PK\x03\x04"  # the local header comes first
+    raw[pos + len(name) - 1] = ord("9")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="bad zip local header"):
+        TorchZipCheckpoint(path)
+
+
+_KINDS = {"float16": "HalfStorage", "float32": "FloatStorage", "int32": "IntStorage", "bfloat16": "BFloat16Storage",
+          "uint8": "ByteStorage", "int64": "LongStorage"}
+
+
+class _St:
+    def __init__(self, key: str, kind: str, numel: int) -> None:
+        self.key, self.kind, self.numel = key, kind, numel
+
+
+class _T:
+    def __init__(self, storage: _St, shape: tuple[int, ...]) -> None:
+        self.args = (storage, 0, shape, (1,) if len(shape) == 1 else tuple(shape[1:]) + (1,))
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, (*self.args, False, collections.OrderedDict()))
+
+
+class _P(pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", getattr(torch, obj.kind), obj.key, "cpu", obj.numel) if isinstance(obj, _St) else None
+
+
+def _two_descriptions(path: Path, first: tuple[str, int], second: tuple[str, int]) -> None:
+    buf = io.BytesIO()
+    a = _St("0", _KINDS[first[0]], first[1])
+    b = _St("0", _KINDS[second[0]], second[1])
+    _P(buf, protocol=2).dump(collections.OrderedDict(a=_T(a, (first[1],)), b=_T(b, (second[1],))))
+    nbytes = first[1] * np.dtype("uint16" if first[0] == "bfloat16" else first[0]).itemsize
+    _rezip(path, [("archive/data.pkl", buf.getvalue()), ("archive/data/0", b"\0" * nbytes), ("archive/version", b"3\n")])
+
+
+_DESCRIPTIONS = [(a, (b, 16)) for a in ("float16", "float32", "uint8") for b in _KINDS if b != a]
+_DESCRIPTIONS += [(a, (a, n)) for a in ("float16", "int32") for n in (8, 17, 32)]
+
+
+@pytest.mark.parametrize("first,second", _DESCRIPTIONS, ids=[f"{a}[16]-then-{b}[{n}]" for a, (b, n) in _DESCRIPTIONS])
+def test_one_storage_read_with_two_dtypes_or_lengths_is_refused(tmp_path: Path, first: str, second: tuple[str, int]) -> None:
+    path = tmp_path / "two.bin"
+    _two_descriptions(path, (first, 16), second)
+    with pytest.raises(CheckpointError, match=r"storage '0' is described as .* and again as"):
+        TorchZipCheckpoint(path)
+
+
+def test_one_storage_described_twice_the_same_way_is_one_storage(tmp_path: Path) -> None:
+    path = tmp_path / "same.bin"
+    _two_descriptions(path, ("float32", 16), ("float32", 16))
+    ckpt = TorchZipCheckpoint(path)
+    assert ckpt.tensors["a"].storage is ckpt.tensors["b"].storage

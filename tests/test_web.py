@@ -479,3 +479,41 @@ def test_jmoss_serve_shows_the_page_and_no_web_turns_it_off(browser, tmp_path, s
         assert reply["status"] == 200  # MOSS's uid API is unchanged
     finally:
         off.stop()
+
+
+# -- API keys: the page asks once and keeps the key in the tab ----------------------------------------
+
+
+def test_with_api_keys_the_page_asks_for_the_key_once_per_tab(browser, tokenizer):
+    key = "page-key-0123456789"
+    srv = AppServer(create_app(ScriptedModel(tokenizer, REPLIES), model_name=MODEL_ID, api_keys=[key]))
+    try:
+        chat = ChatPage(browser, srv)
+        page, sent = chat.page, []
+        page.on("request", lambda r: sent.append(r.headers.get("authorization"))
+                if r.url.endswith("/v1/chat/completions") else None)
+        assert page.is_visible("#key-form")  # asked at once: the config says keys are needed
+        page.fill("#api-key", key)
+        page.press("#api-key", "Enter")
+        assert page.is_hidden("#key-form")
+        assert page.evaluate("sessionStorage.getItem('jmoss-api-key')") == key
+        chat.send("ping")
+        assert chat.messages()[-1] == ("assistant", "pong") and sent == [f"Bearer {key}"]
+        page.reload()  # the same tab keeps it: not asked again
+        page.wait_for_selector("body[data-state=idle]")
+        assert page.is_hidden("#key-form")
+        chat.send("ping")
+        assert chat.messages()[-1] == ("assistant", "pong")
+        # a wrong key: the 401 shows, the key is forgotten and asked for again
+        page.evaluate("sessionStorage.setItem('jmoss-api-key', 'wrong-key-000000')")
+        chat.send("ping")
+        kind, text = chat.messages()[-1]
+        assert kind == "error" and "401" in text and "API key" in text
+        assert page.is_visible("#key-form") and page.evaluate("sessionStorage.getItem('jmoss-api-key')") is None
+        assert not chat.console_errors, chat.console_errors
+        chat.close()
+        other = ChatPage(browser, srv)  # another tab (context) starts without the key
+        assert other.page.is_visible("#key-form")
+        other.close()
+    finally:
+        srv.stop()

@@ -7,8 +7,11 @@ Same pipeline as the CPU engine (jmoss.engine.pipeline.StreamPipeline: a reader 
   copied straight into device Vars at load: each tensor's Var is allocated on the device first
   (``jt.empty`` + sync, then ``_device_ptr``), and the group's bytes are read from the store
   file through two small reusable pinned bounce buffers (``BOUNCE_BYTES`` each) with
-  ``cudaMemcpyAsync``; the page cache is dropped behind the read, so at most one host copy of a
-  bounce buffer's worth exists, and the device memory is in use from load on;
+  ``cudaMemcpyAsync``; the process holds no host copy beyond the bounce buffers, and the device
+  memory is in use from load on. The read goes through the page cache and leaves the pages there
+  (clean, reclaimable, shared with any other process on the store), so a second start reads them
+  at memory speed instead of from disk; the next group's file is asked for ahead
+  (``POSIX_FADV_WILLNEED``) while one uploads, so a cold disk is read in large requests;
 - ``host``-tier groups held in pinned host memory (``cudaHostAlloc``), read from the store once;
 - ``disk``-tier groups read each token with ``preadv`` into ``prefetch_depth`` pinned staging
   buffers (one slot each), then copied like host-tier groups;
@@ -79,9 +82,9 @@ def device_memory_now() -> dict[str, int]:
 class _Uploader:
     """Store spans -> device addresses through two reusable pinned bounce buffers.
 
-    Chunk ``k`` is read (preadv, page cache dropped behind it) into buffer ``k % 2`` while the
-    copies of chunk ``k - 1`` run on the stream; a buffer is refilled only after the event
-    recorded behind its copies has completed.
+    Chunk ``k`` is read (preadv, through the page cache, which keeps the pages) into buffer
+    ``k % 2`` while the copies of chunk ``k - 1`` run on the stream; a buffer is refilled only
+    after the event recorded behind its copies has completed.
     """
 
     def __init__(self, chunk: int | None = None) -> None:
@@ -108,7 +111,7 @@ class _Uploader:
                 if self._pending[k]:
                     self.events[k].synchronize()  # the copies out of this buffer have finished
                 buf = self.buffers[k]
-                read_span(fd, memoryview(buf.array)[:size], offset + pos, hasher=hasher)
+                read_span(fd, memoryview(buf.array)[:size], offset + pos, drop_cache=False, hasher=hasher)
                 lo, hi = offset + pos, offset + pos + size
                 for t_offset, t_bytes, device_ptr in targets:
                     a, b = max(lo, t_offset), min(hi, t_offset + t_bytes)
@@ -134,6 +137,22 @@ class _Uploader:
                 obj.close()
 
 
+def _read_ahead(path) -> None:
+    """Ask the kernel to read a whole file into the page cache now, asynchronously (advice only)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # the upload itself will say what is wrong with the file
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def upload_resident(store, groups: list[Group], jt: ModuleType, dtype: str) -> tuple[dict[Group, dict], int]:
     """(group -> {name: device Var}, bytes copied): every tensor of ``groups`` allocated on the
     device and filled from the store file, never as a host array (see the module docstring).
@@ -143,7 +162,9 @@ def upload_resident(store, groups: list[Group], jt: ModuleType, dtype: str) -> t
         return out, 0
     uploader = _Uploader()
     try:
-        for g in groups:
+        for k, g in enumerate(groups):
+            if k + 1 < len(groups):
+                _read_ahead(store.group_path(groups[k + 1]))  # the disk works on it while g uploads
             offsets = store.tensor_offsets(g)
             vars_ = {name: jt.empty(shape, dt) for name, (_, shape, dt) in offsets.items()}  # as stored
             for var in vars_.values():

@@ -229,6 +229,15 @@ def parse_commands(text: str) -> list[Call]:
     return scan_commands(text).calls
 
 
+def format_call(name: str, args: Sequence[str]) -> str:
+    """A call as MOSS writes one, ``Search("q")``: double-quoted arguments, ``\\`` and ``\"`` escaped.
+
+    The inverse of the parser: ``scan_commands(format_call(n, a)).calls[0]`` has name ``n`` and args ``a``.
+    """
+    quoted = ('"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"' for a in args)
+    return f"{name}({', '.join(quoted)})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Plugins and the registry
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +281,15 @@ def _lookup(name: str, registry: Mapping[str, Callable[..., Plugin]]) -> str | N
     return None
 
 
+# How a built-in plugin that needs a backend gets one, on the command line and in Python.
+_CONFIGURE = {
+    "search": "pass --search-docs DIR (a folder of .txt/.md files it answers from), or in Python "
+              "search={'folder': DIR} or search={'url': URL} (an HTTP endpoint)",
+    "text2image": "pass --text2image-cmd COMMAND (run with the description as its last argument, it prints the path "
+                  "of the image it made), or in Python text2image={'command': [...]}",
+}
+
+
 def load_plugins(names: Iterable[str], **options: Mapping[str, Any]) -> list[Plugin]:
     """Instantiate plugins by command or capability name, built-ins first, then entry points.
 
@@ -288,7 +306,15 @@ def load_plugins(names: Iterable[str], **options: Mapping[str, Any]) -> list[Plu
     for n in names:
         key = _lookup(n, registry)
         if key is None:
-            raise PluginError(f"unknown plugin {n!r}; known: {', '.join(sorted(registry))}")
+            import difflib
+
+            # named as --plugins and --help write them: calculator, solver, search, text2image, then user plugins
+            by_key = {v: k for k, v in _ALIASES.items()}
+            known = [by_key.get(k, k) for k in ("Calculate", "Solve", "Search", "Text2Image") if k in registry]
+            known += [k for k in registry if k not in by_key]
+            near = difflib.get_close_matches(n.strip().lower(), known, n=1, cutoff=0.6)
+            raise PluginError(f"unknown plugin {n!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                              + f"; known: {', '.join(known)}")
         opts = dict(options.get(key.lower(), {}))
         try:
             plugin = registry[key](**opts)
@@ -297,7 +323,10 @@ def load_plugins(names: Iterable[str], **options: Mapping[str, Any]) -> list[Plu
         except Exception as exc:  # a bad option must read as a plugin problem, not a traceback
             raise PluginError(f"plugin {key!r} could not be created with options {opts}: {exc}") from exc
         if not plugin.available():
-            raise PluginError(f"plugin {key!r} is not configured; see its documentation for the options it needs")
+            how = _CONFIGURE.get(key.lower(), "pass its options in Python: load_plugins([...], "
+                                              f"{key.lower()}={{...}})")
+            shown = {v: k for k, v in _ALIASES.items()}.get(key, key)
+            raise PluginError(f"plugin {shown!r} needs configuring: {how}")
         plugins.append(plugin)
     return plugins
 

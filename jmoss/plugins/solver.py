@@ -15,7 +15,8 @@ What the SFT data tells about MOSS's backend (moss-spec §4.6, and the 54 record
 The text is never passed to ``sympify``/``parse_expr`` (they call ``eval``): it is parsed with
 ``ast`` and rebuilt from a whitelist, as in the calculator. sympy can take unbounded time and memory, so all
 work happens in a worker process that runs under an address-space limit (RLIMIT_AS) and is killed
-when a request runs past its time limit.
+when a request runs past its time limit. Importing sympy takes seconds, so a spare process is kept
+started and the plugin starts the first one when it is created: no call pays for the import.
 """
 
 from __future__ import annotations
@@ -243,62 +244,153 @@ def _serve(stdin: Any, stdout: Any) -> None:
         stdout.flush()
 
 
+def _read_line(proc: subprocess.Popen, timeout: float) -> str | None:
+    """One line from the worker, or None if it says nothing within ``timeout`` (or has closed)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        return None
+    line = proc.stdout.readline()
+    return line.rstrip("\n") if line else None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(5)
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
+class _Launch:
+    """One worker process being started in a background thread, until it says "ready"."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._error = ""
+        self._cancelled = False
+        threading.Thread(target=self._run, args=(argv, env), daemon=True, name="jmoss-solver-start").start()
+
+    def _run(self, argv: list[str], env: dict[str, str]) -> None:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    text=True, env=env)
+        except OSError as exc:
+            self._error = f"the sympy worker could not be started: {exc}"
+            self._done.set()
+            return
+        ready = _read_line(proc, STARTUP_TIMEOUT) == "ready"
+        with self._lock:
+            if ready and not self._cancelled:
+                self._proc = proc
+            else:
+                exited = proc.poll()
+                _kill(proc)
+                self._error = (f"the sympy worker exited with code {exited} while starting (is sympy installed?)"
+                               if exited is not None else f"the sympy worker did not start within {STARTUP_TIMEOUT:g} s")
+            self._done.set()
+
+    def result(self, timeout: float) -> subprocess.Popen:
+        """The ready process; raises ``SolverError`` if it failed or is not ready within ``timeout``."""
+        if not self._done.wait(timeout):
+            self.cancel()
+            raise SolverError(f"the sympy worker did not start within {timeout:g} s")
+        if self._proc is None:
+            raise SolverError(self._error)
+        return self._proc
+
+    @property
+    def ready(self) -> bool:
+        return self._done.is_set() and self._proc is not None
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._proc is not None:
+                _kill(self._proc)
+                self._proc = None
+
+
 class SolverWorker:
-    """A sympy process reused across requests and killed (then replaced) when one runs too long.
+    """A sympy process reused across requests, killed when one runs too long, with a spare ready.
 
     It is a plain ``python -m jmoss.plugins.solver`` child speaking JSON lines, not a
-    multiprocessing child, so the user's main script is never re-imported in it.
+    multiprocessing child, so the user's main script is never re-imported in it. Importing sympy
+    takes seconds (6-11 s on a loaded machine), so no request waits for it if it can be helped:
+    :meth:`prestart` starts a process in the background (a plugin calls it when it is created),
+    and once a process serves requests a spare is started beside it. A request that runs past its
+    time limit (or out of memory) kills its process; the next request is answered by the spare,
+    and a new spare starts in the background. The spare costs one idle process (~80 MB).
     """
 
     def __init__(self, memory_limit: int | None = DEFAULT_MEMORY_LIMIT) -> None:
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()  # one request at a time
+        self._slot = threading.Lock()  # guards _spare, which prestart touches from any thread
+        self._proc: subprocess.Popen | None = None  # the process that answers requests
+        self._spare: _Launch | None = None
         self.memory_limit = memory_limit  # None: no limit beyond the time limit
 
-    def _start(self) -> None:
+    def _launch(self) -> _Launch:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # so a source checkout works uninstalled
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jmoss.plugins.solver", *([str(self.memory_limit)] if self.memory_limit else [])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        self._proc = proc
-        if self._readline(STARTUP_TIMEOUT) != "ready":
-            self.stop()
-            raise SolverError(f"the sympy worker did not start within {STARTUP_TIMEOUT:g} s")
+        argv = [sys.executable, "-m", "jmoss.plugins.solver", *([str(self.memory_limit)] if self.memory_limit else [])]
+        return _Launch(argv, env)
 
-    def _readline(self, timeout: float) -> str | None:
-        assert self._proc is not None and self._proc.stdout is not None
-        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self._proc.stdout.readline()
-        return line.rstrip("\n") if line else None
+    def prestart(self) -> None:
+        """Start a process in the background (returns at once) unless one is running or starting."""
+        with self._slot:
+            if self._spare is None and (self._proc is None or self._proc.poll() is not None):
+                self._spare = self._launch()
+
+    @property
+    def ready(self) -> bool:
+        """Whether a request now would be answered without waiting for a process to start."""
+        with self._slot:
+            spare = self._spare
+        return (self._proc is not None and self._proc.poll() is None) or (spare is not None and spare.ready)
+
+    def _take_spare(self) -> subprocess.Popen:
+        """Make the spare (started now if there is none) the serving process; start a new spare."""
+        with self._slot:
+            launch = self._spare or self._launch()
+            self._spare = None
+        try:
+            proc = launch.result(STARTUP_TIMEOUT)
+        finally:
+            with self._slot:
+                if self._spare is None:
+                    self._spare = self._launch()
+        return proc
 
     def stop(self) -> None:
-        """Kill the worker process, if any."""
+        """Kill the worker process and its spare, if any."""
+        with self._slot:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.cancel()
+        self._stop_serving()
+
+    def _stop_serving(self) -> None:
         if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(5)
-            for stream in (self._proc.stdin, self._proc.stdout):
-                if stream is not None:
-                    stream.close()
+            _kill(self._proc)
         self._proc = None
 
     def _ensure_started(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
-            self.stop()
-            self._start()
+            self._stop_serving()
+            self._proc = self._take_spare()
 
-    def ensure_started(self) -> None:
-        """Start the worker now so the first request does not pay sympy's import."""
+    def ensure_started(self, spare: bool = True) -> None:
+        """Start the worker now and wait until it (and, with ``spare``, its spare) is ready."""
         with self._lock:
             self._ensure_started()
+        with self._slot:
+            launch = self._spare
+        if spare and launch is not None:
+            launch.result(STARTUP_TIMEOUT)
 
     def solve(self, equations: str, targets: Sequence[str], timeout: float) -> str:
         """The answer text; raises ``SolverError`` (with the reason) for failures and time-outs."""
@@ -308,17 +400,17 @@ class SolverWorker:
             try:
                 self._proc.stdin.write(json.dumps([equations, list(targets), timeout]) + "\n")
                 self._proc.stdin.flush()
-                line = self._readline(timeout)
+                line = _read_line(self._proc, timeout)
             except (OSError, ValueError) as exc:
-                self.stop()
+                self._stop_serving()
                 raise SolverError(f"the sympy worker failed: {exc}") from None
             if line is None:
                 died = self._proc.poll() is not None  # e.g. killed for memory outside Python's reach
-                self.stop()  # still computing (or dead): kill it, the next request starts a new one
+                self._stop_serving()  # still computing (or dead): kill it, the spare takes the next request
                 raise SolverError("the sympy worker died (out of memory?)" if died else f"no answer within {timeout:g} s")
             answer = json.loads(line)
             if answer.get("error", "").startswith(("MemoryError", "SystemError")):  # sympy's C parts wrap it
-                self.stop()  # a fresh process rather than one whose heap ran out mid-computation
+                self._stop_serving()  # a fresh process rather than one whose heap ran out mid-computation
         if "error" in answer:
             raise SolverError(answer["error"])
         return answer["ok"]
@@ -331,8 +423,8 @@ atexit.register(_default_worker.stop)
 def solve(equations: str, targets: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT) -> str:
     """MOSS's result text for ``Solve(equations)``: "x = 19\\ny = 11", "x_0 = -6\\nx_1 = 4" or "No result.".
 
-    Never raises. ``timeout`` bounds the solving itself; the first call also starts the worker
-    process (up to ``STARTUP_TIMEOUT``).
+    Never raises. ``timeout`` bounds the solving itself; a call that finds no worker process ready
+    (the first one, unless ``SolverPlugin`` pre-started it) waits for one (up to ``STARTUP_TIMEOUT``).
     """
     if not isinstance(equations, str) or len(equations) > MAX_REQUEST_CHARS:
         return NO_RESULT
@@ -355,6 +447,7 @@ class SolverPlugin(Plugin):
     def __init__(self, timeout: float = DEFAULT_TIMEOUT):
         self._solve_timeout = timeout
         self.timeout = timeout + STARTUP_TIMEOUT
+        _default_worker.prestart()  # sympy's import is paid now, in the background, not by MOSS's first call
 
     def run(self, args: Sequence[str]) -> list[str]:
         """Result lines; extra arguments name the unknowns (``Solve("…", "x")``)."""

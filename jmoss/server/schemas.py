@@ -3,7 +3,9 @@
 Unknown fields are refused (extra="forbid") as OpenAI itself does ("Unrecognized request
 argument"): a silently ignored field would hide a client bug. Fields OpenAI defines that only
 have a meaning we cannot honour are accepted at their neutral value and refused otherwise.
-strict: "0.5" is not a number, 1 is not a bool. NaN/Infinity are not numbers either.
+strict: "0.5" is not a number, 1 is not a bool, 8.0 is not an int. NaN/Infinity are not numbers
+either. Every number has a lower and an upper bound: a count at most ``MAX_COUNT``, a float
+within the range where sampling's arithmetic stays finite.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from jmoss.generation import GenerationOptions
 if TYPE_CHECKING:
     from jmoss.plugins import Plugin
 
+MAX_CHOICES = 16  # OpenAI's ``n``: choices per request (each one a reply's worth of generation)
+TRUNCATION = Literal["auto", "disabled"]  # OpenAI's name (Responses API) for dropping the oldest turns or not
 MOSS_DEFAULTS = dict(max_length=2048, top_p=0.8, temperature=0.7, top_k=40, repetition_penalty=1.02)  # §5.1
+# No count a request names (tokens, positions, top_k) is meaningful past a C int; the server's own
+# limits (max_tokens, the context) are checked after parsing, with messages that name them.
+MAX_COUNT = 2**31 - 1
+# Below this a temperature divides logits past float32's range; the limit T -> 0 is greedy, which
+# is what a client sending 1e-8 "for determinism" means (vLLM treats such values alike).
+GREEDY_BELOW = 1e-2
 
 
 class ServerRequestError(JmossError):
@@ -69,9 +79,15 @@ class _TextPart(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
     name: str | None = None
+    # OpenAI tool calling (jmoss.server.tools): an assistant's calls, a tool's answer to one of them,
+    # and MOSS's Inner Thoughts of a turn that called no tool (as vLLM and DeepSeek name them).
+    tool_calls: list["ToolCall"] | None = Field(default=None, max_length=64)
+    tool_call_id: str | None = Field(default=None, max_length=256)
+    reasoning_content: str | None = None
+    refusal: None = None  # echoed back by clients that resend the assistant message as they got it
 
     def text(self) -> str:
         if self.content is None:
@@ -87,19 +103,20 @@ class Sampling(_Body):
     """Fields shared by both OpenAI endpoints; top_k and repetition_penalty are common extensions."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10)  # a logit x100 at most
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    n: Literal[1] | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)  # not Literal: that takes true (true == 1)
     user: str | None = None
-    presence_penalty: Literal[0] | None = None
-    frequency_penalty: Literal[0] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    response_format: "ResponseFormat | None" = None  # enforced token by token (jmoss.server.response_format)
 
     @property
     def include_usage(self) -> bool:
@@ -108,17 +125,24 @@ class Sampling(_Body):
 
 class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # newer clients' name for max_tokens
-    logprobs: Literal[False] | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)  # newer clients' name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # "auto" (jmoss's default): a conversation past the context loses its oldest whole turns, and the
+    # reply says how many (jmoss_truncation); "disabled": OpenAI's 400 context_length_exceeded instead
+    truncation: TRUNCATION = "auto"
     # jmoss's opt-in (the chat page sends it): with plugins, a streamed reply also carries chunks
     # {"jmoss_event": {"kind", "text"}} for the turn's Inner Thoughts, Commands, Results, notices.
     jmoss_events: bool = False
+    tools: list["ToolDef"] | None = Field(default=None, max_length=64)  # jmoss.server.tools
+    tool_choice: Literal["none", "auto", "required"] | "NamedToolChoice" | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] = Field(min_length=1)
     echo: Literal[False] | None = None
-    logprobs: None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy endpoint's: how many alternatives
 
 
 class MossRequest(_Body):
@@ -126,10 +150,68 @@ class MossRequest(_Body):
 
     prompt: str = Field(min_length=1)
     uid: str | None = None
-    max_length: int = Field(default=MOSS_DEFAULTS["max_length"], ge=1)
+    max_length: int = Field(default=MOSS_DEFAULTS["max_length"], ge=1, le=MAX_COUNT)
     top_p: float = Field(default=MOSS_DEFAULTS["top_p"], gt=0, le=1)
     temperature: float = Field(default=MOSS_DEFAULTS["temperature"], ge=0, le=2)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)  # jmoss's: caps the reply (max_length caps the whole)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    truncation: TRUNCATION = "auto"  # as in ChatCompletionRequest
+
+
+# -- structured output and tools (their behaviour: jmoss.server.response_format, jmoss.server.tools) --
+
+
+class _JsonSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON valid under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchemaFormat | None = None
+
+
+class _Function(_Body):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # what MOSS's command syntax can name
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: _Function
+
+
+class _FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: _FunctionName
+
+
+class _CalledFunction(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: _CalledFunction
+
+
+Message.model_rebuild()
+Sampling.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
 
 
 def validation_error(exc: ValidationError) -> ServerRequestError:
@@ -159,33 +241,42 @@ def sampling_options(req: Sampling, *, max_tokens_limit: int, default_max: int,
     if len(user_stop) > 4 or any(len(s) > 256 for s in user_stop):
         raise ServerRequestError(400, "stop takes at most 4 sequences of at most 256 characters each",
                                  param="stop", code="invalid_value")
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ServerRequestError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = getattr(req, "logprobs", None)
     temperature = MOSS_DEFAULTS["temperature"] if req.temperature is None else req.temperature
     top_p = MOSS_DEFAULTS["top_p"] if req.top_p is None else req.top_p
-    greedy = temperature == 0 or top_p == 0  # OpenAI's "deterministic" settings
+    greedy = temperature < GREEDY_BELOW or top_p == 0  # OpenAI's "deterministic" settings
     try:
         return GenerationOptions.from_kwargs(
             max_new_tokens=max_tokens, do_sample=not greedy, temperature=temperature if not greedy else 1.0,
             top_p=top_p if not greedy else 1.0, top_k=req.top_k or 0,
             repetition_penalty=req.repetition_penalty or MOSS_DEFAULTS["repetition_penalty"],
-            seed=req.seed, stop=tuple(stop) + tuple(s for s in user_stop if s))
+            seed=req.seed, stop=tuple(stop) + tuple(s for s in user_stop if s),
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            logprobs=logprobs)
     except JmossError as exc:
         raise request_error(exc) from None
 
 
 def moss_options(req: MossRequest, max_new_tokens: int) -> dict:
-    """moss_api_demo.py's sampling (temperature 0: greedy) as Chat options."""
-    greedy = req.temperature == 0
+    """moss_api_demo.py's sampling (temperature 0, or below ``GREEDY_BELOW``: greedy) as Chat options."""
+    greedy = req.temperature < GREEDY_BELOW
     return dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=req.temperature if not greedy else 1.0,
                 top_p=req.top_p, top_k=MOSS_DEFAULTS["top_k"], repetition_penalty=MOSS_DEFAULTS["repetition_penalty"],
-                stop=tuple(req.stop))
+                stop=tuple(req.stop), seed=req.seed)
 
 
 # -- conversations in MOSS's format --------------------------------------------------------------
 
 
-def default_meta_instruction(plugins: Sequence["Plugin"]) -> str:
-    """MOSS's base meta instruction, plus the capability switch lines when tools are enabled."""
-    return _with_capabilities(dialogue.base_meta_instruction(), plugins)
+def default_meta_instruction(plugins: Sequence["Plugin"], meta: str | None = None) -> str:
+    """MOSS's base meta instruction (or ``meta``, a server's --system), plus the capability switch
+    lines when tools are enabled."""
+    return _with_capabilities(meta or dialogue.base_meta_instruction(), plugins)
 
 
 def _with_capabilities(meta: str, plugins: Sequence["Plugin"]) -> str:
@@ -196,7 +287,8 @@ def _with_capabilities(meta: str, plugins: Sequence["Plugin"]) -> str:
     return meta + capability_lines(plugins)
 
 
-def messages_to_moss(messages: list[Message], plugins: Sequence["Plugin"]) -> tuple[str, list[str], str]:
+def messages_to_moss(messages: list[Message], plugins: Sequence["Plugin"],
+                     default_meta: str | None = None) -> tuple[str, list[str], str]:
     """(meta instruction, rendered earlier turns, last user text) in MOSS's SFT format (moss-spec §4.3).
 
     System/developer messages (only before the first turn) replace the meta instruction; the
@@ -205,6 +297,9 @@ def messages_to_moss(messages: list[Message], plugins: Sequence["Plugin"]) -> tu
     system: list[str] = []
     turns: list[str] = []
     for i, m in enumerate(messages):
+        if m.role == "tool" or m.tool_calls:
+            raise ServerRequestError(400, f"messages.{i} carries tool calls or results but the request has no tools",
+                                     param=f"messages.{i}", code="invalid_value")
         if m.role in ("system", "developer"):
             if turns:
                 raise ServerRequestError(400, "system messages must come before the conversation",
@@ -221,7 +316,7 @@ def messages_to_moss(messages: list[Message], plugins: Sequence["Plugin"]) -> tu
         meta = meta if meta.endswith("\n") else meta + "\n"
         meta = _with_capabilities(meta, plugins)
     else:
-        meta = default_meta_instruction(plugins)
+        meta = default_meta_instruction(plugins, default_meta)
     turns.pop()  # the last user message is the turn to answer
     return meta, turns, messages[-1].text()
 

@@ -27,13 +27,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from jmoss.batching import BatchRunner, DetachedSession, StepCancelled
 from jmoss.errors import JmossError
 from jmoss.generation import Finish, GenerationOptions, fit_to_context, shared_prefix, stream_steps
 from jmoss.server.schemas import ServerRequestError, default_meta_instruction, openai_finish_reason, request_error
+from jmoss.stats import TTFT_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from jmoss.api import Model
@@ -57,6 +58,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     released: bool = False
+    created: float = field(default_factory=time.monotonic)
 
     def post(self, kind: str, value: Any) -> None:
         """From the worker thread: hand an event to the handler's event loop."""
@@ -109,8 +111,9 @@ class Worker:
     """
 
     def __init__(self, model: "TextModel", plugins: list["Plugin"], queue_size: int, session_limit: int,
-                 session_ttl: float, max_batch: int = 1):
+                 session_ttl: float, max_batch: int = 1, meta_instruction: str | None = None):
         self.model, self.plugins = model, plugins
+        self.meta_instruction = meta_instruction  # a server's --system (None: MOSS's)
         self.capacity = queue_size + max_batch  # waiting + the ones running
         self.session_limit, self.session_ttl = session_limit, session_ttl
         self.runner = BatchRunner(model, max_batch) if max_batch > 1 else None
@@ -124,6 +127,8 @@ class Worker:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.pending = 0
+        self.running = 0  # jobs started and not finished (pending - running wait in the queue)
+        self.queue_wait = Histogram(TTFT_BUCKETS)  # seconds from submit to start, per job started
         self.served = 0
         self.cancelled = 0  # jobs dropped or stopped because their client left
         self._state = CacheState()  # what the single cache holds (max_batch 1)
@@ -168,6 +173,8 @@ class Worker:
                     self._running.release()
                     continue  # its client left while it waited; the slot was freed then
                 job.started = True
+                self.running += 1
+                self.queue_wait.observe(time.monotonic() - job.created)
             if self.runner is None:
                 self._run_job(job)
             else:
@@ -189,8 +196,22 @@ class Worker:
                 self._forget_cache()
             job.post("error", ServerRequestError(500, "internal error during generation", type="server_error"))
         finally:
+            with self._lock:
+                self.running -= 1
             self._release(job, finished=True)
             self._running.release()
+
+    @property
+    def waiting(self) -> int:
+        """Requests admitted and not yet started."""
+        with self._lock:
+            return self.pending - self.running
+
+    def kv_positions(self) -> tuple[int, int]:
+        """(positions the KV caches hold tokens in, positions allocated for them)."""
+        if self.runner is None:
+            return self.session.length, self.session.max_len
+        return sum(s.length for s in self.runner.slots), self.runner.max_len * len(self.runner.slots)
 
     def _forget_cache(self) -> None:
         self.session.reset()
@@ -217,18 +238,58 @@ class Worker:
             self.runner.release(slot)
 
     # -- jobs (run on the worker thread) -----------------------------------------------------
-    def complete(self, ids: list[int], opts: GenerationOptions, job: Job, *, reply: bool) -> dict:
-        """Continue ``ids``; with ``reply`` the text is MOSS's reply (leading space of "<|MOSS|>: " dropped).
+    def complete(self, ids: list[int], opts: GenerationOptions, job: Job, *, reply: bool, n: int = 1) -> dict:
+        """Continue ``ids`` ``n`` times (OpenAI's ``n``); with ``reply`` the text is MOSS's reply (leading
+        space of "<|MOSS|>: " dropped). Deltas are posted as ``(choice index, text, token entries)``.
 
         The cache is truncated to the longest prefix shared with what it holds, so a request that
-        repeats the meta instruction or the previous conversation prefills only its new tokens.
+        repeats the meta instruction or the previous conversation prefills only its new tokens
+        (so do the 2nd..nth choices). With a batch runner the choices run at once, each on a slot.
         """
+        fit_to_context(opts.max_new_tokens, len(ids), self.runner.max_len if self.runner else self.session.max_len)
+        seeds = [opts.seed + i if opts.seed is not None else None for i in range(n)]  # reproducible, not equal
+        score = lambda held: -1 if held.owner is not None else shared_prefix(held.ids, ids)  # noqa: E731
+
+        def one(i: int) -> dict:
+            with self._cache(job, score) as (session, state):
+                return self._complete(session, state, ids, replace(opts, seed=seeds[i]), job, reply=reply, index=i)
+
+        if n == 1 or self.runner is None:
+            outs = [one(i) for i in range(n)]
+        else:
+            outs = [None] * n
+            errors: list[BaseException] = []
+
+            def work(i: int) -> None:
+                try:
+                    outs[i] = one(i)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, on the job's thread
+                    errors.append(exc)
+                    job.cancelled.set()  # the others stop at their next step: the request has failed
+
+            threads = [threading.Thread(target=work, args=(i,), name="jmoss-choice", daemon=True) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise next((e for e in errors if not isinstance(e, (Cancelled, StepCancelled))), errors[0])
+        first = outs[0]
+        return {**first, "choices": outs, "completion_tokens": sum(o["completion_tokens"] for o in outs)}
+
+    def passes(self, ids: list[int], job: Job, body: Callable[[Callable[..., dict]], Any]) -> Any:
+        """``body(run)`` on one cache leased for the job, where ``run(ids, opts, reply=, stream=True)``
+        is one :meth:`complete` pass: several passes of one reply (OpenAI tool calls: MOSS's Commands,
+        then its answer) continue each other on the same cache. ``ids`` picks the cache."""
         score = lambda held: -1 if held.owner is not None else shared_prefix(held.ids, ids)  # noqa: E731
         with self._cache(job, score) as (session, state):
-            return self._complete(session, state, ids, opts, job, reply=reply)
+            def run(ids: list[int], opts: GenerationOptions, *, reply: bool, stream: bool = True) -> dict:
+                return self._complete(session, state, ids, opts, job, reply=reply, stream=stream)
+
+            return body(run)
 
     def _complete(self, session: Any, state: Any, ids: list[int], opts: GenerationOptions, job: Job, *,
-                  reply: bool) -> dict:
+                  reply: bool, index: int = 0, stream: bool = True) -> dict:
         if state.owner is not None:  # a uid conversation's tokens: nothing to share
             session.reset()
             state.ids, state.owner = [], None
@@ -236,6 +297,7 @@ class Worker:
         keep = min(shared_prefix(state.ids, ids), len(ids) - 1, session.length)
         session.truncate(keep)
         tokens: list[int] = []
+        entries: list[dict] = []
         text, first = "", reply
         finish = Finish()
         try:
@@ -244,21 +306,41 @@ class Worker:
                 if step.token is not None:
                     tokens.append(step.token)
                 finish = step.finish or finish
+                new = self._entries(step) if opts.logprobs is not None and not step.stop else []
+                entries += new
                 delta = step.text
                 if first and delta:  # the model writes "<|MOSS|>: text"; the reply is the text
                     delta, first = delta.lstrip(" "), not delta.strip(" ")
-                if delta:
+                if delta or new:
                     text += delta
-                    job.post("delta", delta)
+                    if stream:
+                        job.post("delta", (index, delta, new))
         finally:
             state.ids = (ids + tokens)[: session.length]
         if finish.reason == "cancelled":
             raise Cancelled()
-        return {"text": text, "finish_reason": openai_finish_reason(finish.reason),
-                "prompt_tokens": len(ids), "completion_tokens": len(tokens), "cached_tokens": keep}
+        return {"index": index, "text": text, "finish_reason": openai_finish_reason(finish.reason),
+                "logprobs": entries if opts.logprobs is not None else None,
+                "prompt_tokens": len(ids), "completion_tokens": len(tokens), "cached_tokens": keep, "tokens": tokens}
 
-    def chat_turn(self, chat: "Chat", text: str, options: dict, job: Job) -> "Reply":
-        """One turn of a Chat on the shared cache (MOSS's plugin loop runs here when enabled)."""
+    def _entries(self, step: Any) -> list[dict]:
+        """OpenAI's logprobs entry of a step's token: text, logprob, UTF-8 bytes, most likely alternatives."""
+        if step.token is None or step.logprob is None:
+            return []
+        tok = self.model.tokenizer
+
+        def entry(token: int, logprob: float) -> dict:
+            raw = tok.decode_bytes([token])
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+        return [{**entry(step.token, step.logprob),
+                 "top_logprobs": [entry(t, lp) for t, lp in step.top_logprobs or []]}]
+
+    def chat_turn(self, chat: "Chat", text: str, options: dict, job: Job, max_len: int | None = None) -> "Reply":
+        """One turn of a Chat on the shared cache (MOSS's plugin loop runs here when enabled);
+        ``max_len`` caps the turn's context below the cache's (MOSS's ``max_length``)."""
+        if max_len is not None:
+            options = {**options, "max_len": max_len}
         if self.runner is not None:
             reply = self._batched_turn(chat, text, options, job)
         else:
@@ -290,7 +372,7 @@ class Worker:
     @staticmethod
     def _stream_turn(chat: "Chat", text: str, options: dict, job: Job, session: Any = None) -> "Reply":
         for delta in chat.stream(text, session=session, should_stop=job.should_stop, **options):
-            job.post("delta", delta)
+            job.post("delta", (0, delta, []))
         assert chat.last_reply is not None
         return chat.last_reply
 
@@ -319,7 +401,7 @@ class Worker:
     def meta_tokens(self) -> int:
         """Tokens of a new conversation before its first turn (its meta instruction)."""
         if self._meta_tokens is None:
-            self._meta_tokens = len(self.model.tokenizer.encode(default_meta_instruction(self.plugins)))
+            self._meta_tokens = len(self.model.tokenizer.encode(default_meta_instruction(self.plugins, self.meta_instruction)))
         return self._meta_tokens
 
     @_serialized
@@ -340,7 +422,7 @@ class Worker:
         while len(self.conversations) >= self.session_limit:
             self._drop(next(iter(self.conversations)))
         uid = str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))  # 122 random bits from the OS CSPRNG
-        chat = self.new_chat(default_meta_instruction(self.plugins))
+        chat = self.new_chat(default_meta_instruction(self.plugins, self.meta_instruction))
         self.conversations[uid] = Conversation(chat, now)
         return uid, chat
 

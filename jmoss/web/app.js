@@ -7,13 +7,16 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   messages: $("messages"), composer: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
   newChat: $("new-chat"), system: $("system"), resetSystem: $("reset-system"), temperature: $("temperature"),
-  topP: $("top-p"), maxTokens: $("max-tokens"),
+  topP: $("top-p"), maxTokens: $("max-tokens"), keyForm: $("key-form"), keyInput: $("api-key"),
 };
+const KEY_SLOT = "jmoss-api-key";  // sessionStorage: this tab only, gone when it closes
 const PANEL_TITLES = { thoughts: "Inner Thoughts", commands: "Commands", results: "Results", notice: "Notice" };
 
 let history = [];        // [{role, content}] of this chat, sent with every request
+let shown = [];          // the message element of each history entry (greyed once the server drops it)
 let controller = null;   // the AbortController of the request in flight
 let chatId = 0;          // bumped by New chat, so a request still finishing cannot write into the new chat
+let memoryKey = "";      // the key when session storage is unavailable
 
 function el(tag, className) {
   const node = document.createElement(tag);
@@ -159,6 +162,21 @@ function addEvent(message, event) {
   message.panel.append(section);
 }
 
+// The server dropped the oldest `messages` of the history to fit the model's context: they stay on the
+// page, greyed, and are not sent again (the next request starts where the server's context starts).
+function dropOldest(reply, truncation) {
+  const count = Math.min(Number(truncation.dropped_messages) || 0, history.length - 1);
+  if (count <= 0) return;
+  history.splice(0, count);
+  for (const node of shown.splice(0, count)) node.classList.add("dropped");
+  const turns = Number(truncation.dropped_turns) || count;
+  const note = el("div", "note context-note");
+  note.textContent = `The conversation outgrew the model's ${config.context}-position context: the oldest ` +
+    `${turns} turn${turns === 1 ? "" : "s"} (greyed above) ${turns === 1 ? "was" : "were"} dropped; ` +
+    "MOSS no longer sees them.";
+  reply.root.insertBefore(note, reply.content);
+}
+
 function scrollDown() {
   ui.messages.scrollTop = ui.messages.scrollHeight;
 }
@@ -167,6 +185,33 @@ function setBusy(busy) {
   document.body.dataset.state = busy ? "streaming" : "idle";
   ui.send.disabled = busy;
   ui.stop.disabled = !busy;
+}
+
+// -- the API key (servers started with --api-key): asked once, kept in the tab's session storage --
+
+function apiKey() {
+  try { return sessionStorage.getItem(KEY_SLOT) || ""; } catch (err) { return ""; }
+}
+
+function askForKey() {
+  ui.keyForm.hidden = false;
+  ui.keyInput.focus();
+}
+
+function saveKey(event) {
+  event.preventDefault();
+  const key = ui.keyInput.value.trim();
+  if (!key) return;
+  try { sessionStorage.setItem(KEY_SLOT, key); } catch (err) { /* storage off: the key lives until reload */ }
+  memoryKey = key;
+  ui.keyInput.value = "";
+  ui.keyForm.hidden = true;
+  ui.input.focus();
+}
+
+function authHeaders() {
+  const key = apiKey() || memoryKey;
+  return key ? { Authorization: "Bearer " + key } : {};
 }
 
 // -- talking to the server --
@@ -228,7 +273,7 @@ async function send() {
   ui.input.value = "";
   const mine = chatId;
   history.push({ role: "user", content: text });
-  addMessage("user", text);
+  shown.push(addMessage("user", text).root);
   const reply = addMessage("assistant");
   reply.root.classList.add("streaming");
   controller = new AbortController();
@@ -239,10 +284,15 @@ async function send() {
   let finish = null;
   try {
     const response = await fetch("v1/chat/completions", {
-      method: "POST", headers: { "Content-Type": "application/json" },
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(requestBody()), signal: controller.signal,
     });
-    if (!response.ok) {
+    if (response.status === 401) {  // no key yet, or a wrong one: forget it and ask
+      try { sessionStorage.removeItem(KEY_SLOT); } catch (err) { /* nothing stored */ }
+      memoryKey = "";
+      askForKey();
+      failure = await errorText(response);
+    } else if (!response.ok) {
       failure = await errorText(response);
     } else {
       for await (const chunk of events(response)) {
@@ -251,6 +301,7 @@ async function send() {
           break;
         }
         if (chunk.jmoss_event) addEvent(reply, chunk.jmoss_event);
+        if (chunk.jmoss_truncation && mine === chatId) dropOldest(reply, chunk.jmoss_truncation);
         const choice = chunk.choices && chunk.choices[0];
         if (choice && choice.delta && typeof choice.delta.content === "string" && choice.delta.content) {
           answer += choice.delta.content;
@@ -271,10 +322,12 @@ async function send() {
   if (failure !== null && !answer) {
     reply.root.remove();
     history.pop();  // the server did not take this turn: do not resend it
+    shown.pop();
     addMessage("error", failure).root.dataset.error = "true";
     return;
   }
   history.push({ role: "assistant", content: answer });  // a stopped reply stays, as MOSS's Chat keeps it
+  shown.push(reply.root);
   if (stopped) addNote(reply, "stopped");
   else if (finish === "length") addNote(reply, "cut off at max tokens");
   if (failure !== null) addMessage("error", failure).root.dataset.error = "true";
@@ -289,6 +342,7 @@ function newChat() {
   stop();
   chatId++;
   history = [];
+  shown = [];
   ui.messages.replaceChildren();
   ui.input.focus();
 }
@@ -312,5 +366,7 @@ ui.input.addEventListener("keydown", (event) => {
 });
 ui.stop.addEventListener("click", stop);
 ui.newChat.addEventListener("click", newChat);
+ui.keyForm.addEventListener("submit", saveKey);
 setBusy(false);
 ui.input.focus();
+if (config.auth && !apiKey()) askForKey();
