@@ -19,11 +19,11 @@ import numpy as np
 
 from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.engine.factory import build_weights
+from jmoss.engine.factory import build_hybrid, build_weights, measure_figures
 from jmoss.engine.ops import default_weight_dtype, pick_ops
 from jmoss.engine.resident import ResidentWeights
 from jmoss.engine.swap import JittorSwapWeights
-from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
+from jmoss.errors import BudgetError, DeviceError, GenerationError, ModelNotFoundError
 from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import MossModel, rotary_tables
 from jmoss.embedding import EmbeddingTable
@@ -55,6 +55,7 @@ class Model:
         weights=None,
         path: Path | None = None,
         plan=None,
+        net=None,
     ):
         self.device = resolve_device(device)
         self.jt = get_jittor(self.device)
@@ -69,7 +70,8 @@ class Model:
         self._wte = EmbeddingTable(groups[layout.EMBED], config)  # host-side (often a read-only memmap)
         self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
         self.ops = pick_ops(self.jt, self.device, self.dtype, self.compute_dtype)
-        self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
+        # the model's math; an offload-cpu plan runs it as segments on two backends (jmoss.engine.segments)
+        self.net = net or MossModel(self.jt, config, self.ops, self.compute_dtype)
         self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self._tokenizer: Tokenizer | None = None
 
@@ -176,6 +178,8 @@ def load(
     swap: str | None = None,
     batch: int = 1,
     prefill_chunk: int | None = None,
+    offload: str = "auto",
+    figures=None,
 ) -> Model:
     """Load a converted model (a store directory or a name given to ``jmoss convert``).
 
@@ -189,6 +193,13 @@ def load(
     jmoss.placement.DEFAULT_PREFILL_CHUNK), the size the plan's working buffers are billed for. ``swap="jittor"`` runs every weight as a plain Var under Jittor's own swap
     with ``cpu_mem_limit`` = device_memory: the baseline, valid only in a process started with
     JMOSS_JITTOR_SAVE_MEM=1 (``jmoss bench --compare jittor`` spawns one).
+
+    ``offload`` (cuda, when the budget holds less than the whole model): "stream" copies the layers
+    the card cannot hold to it every token; "cpu" computes them on the CPU from host RAM (decode and
+    short prompt chunks; long chunks still stream them); "auto" (default) plans both and keeps the
+    faster at decode, from ``figures`` (a jmoss.placement.Figures) or, when None, from probes run
+    once per process (pinned copy speed, the CPU kernels, the device's bandwidth). ``model.plan``
+    says which it chose and why; on cpu it has no effect.
     """
     from jmoss.placement import DEFAULT_PREFILL_CHUNK, plan_placement
     from jmoss.sizes import parse_size
@@ -219,13 +230,29 @@ def load(
         return Model(store.config, embed, weights=weights, **common)
 
     available_device, available_host = _available_memory(device)
-    plan = plan_placement(
-        store.config, device=device, device_memory=device_memory, host_memory=host_memory,
-        available_device_bytes=available_device, available_host_bytes=available_host,
-        max_seq_len=max_seq_len, prefetch_depth=prefetch_depth, weight_itemsize=2 if dtype == "float16" else 4,
-        batch=batch, kv_dtype=compute_dtype,
-        prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
-    )
+
+    def plan_for(mode: str, speeds):
+        return plan_placement(
+            store.config, device=device, device_memory=device_memory, host_memory=host_memory,
+            available_device_bytes=available_device, available_host_bytes=available_host,
+            max_seq_len=max_seq_len, prefetch_depth=prefetch_depth, weight_itemsize=2 if dtype == "float16" else 4,
+            batch=batch, kv_dtype=compute_dtype,
+            prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
+            offload=mode, figures=speeds,
+        )
+
+    def offloads() -> bool:
+        try:
+            return plan_for("stream", None).streams
+        except BudgetError:  # below streaming's minimum: offload cpu may still fit
+            return True
+
+    if device == "cuda" and offload != "stream" and figures is None and offloads():
+        figures = measure_figures(get_jittor(device), store.config)  # what the choice needs, measured once
+    plan = plan_for(offload, figures)
+    if plan.hybrid:
+        weights, net = build_hybrid(store, plan, get_jittor(device), dtype, compute_dtype=compute_dtype)
+        return Model(store.config, embed, weights=weights, plan=plan, net=net, **common)
     if plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
     else:  # read once into memory the Vars share: peak RSS is the weights, not twice them

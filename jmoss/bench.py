@@ -101,7 +101,7 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
     t0 = time.perf_counter()
     model = jmoss.load(options["model"], device=options["device"], device_memory=options["device_memory"],
                        host_memory=options.get("host_memory"), max_seq_len=options.get("max_seq_len"),
-                       swap=options.get("swap"))
+                       swap=options.get("swap"), offload=options.get("offload", "auto"))
     load_s = time.perf_counter() - t0
     prompt_n, decode_n = options["prompt_tokens"], options["decode_tokens"]
     vocab = model.config.vocab_size
@@ -399,11 +399,12 @@ def memory_bound() -> Figures:
 
 
 def run_bench(model: str, *, device: str = "cpu", device_memory: int | None = None, host_memory: int | None = None,
-              prompt_tokens: int = 64, decode_tokens: int = 16, compare: tuple[str, ...] = ()) -> tuple[Figures, list[Figures]]:
+              prompt_tokens: int = 64, decode_tokens: int = 16, compare: tuple[str, ...] = (),
+              offload: str = "auto") -> tuple[Figures, list[Figures]]:
     """(bound, rows): the measured bound, then jmoss's run and one row per comparison."""
     options = {"model": str(model), "device": device, "device_memory": device_memory, "host_memory": host_memory,
                "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
-               "max_seq_len": prompt_tokens + decode_tokens}
+               "max_seq_len": prompt_tokens + decode_tokens, "offload": offload}
     if "torch" in compare:
         # Both sides in their best CPU configuration: on a shared 2-core machine one thread can
         # beat two by 5x (a parallel region waits at its end for a thread that lost its core),

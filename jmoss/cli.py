@@ -59,14 +59,18 @@ model_options = _with_options([
                       "layers beyond it are streamed per token (default: everything resident if it fits)"),
     click.option("--host-memory", type=SIZE, default=None,
                  help="host RAM for weights streamed to a GPU, e.g. 24GiB; the rest is read from disk"),
+    click.option("--offload", type=click.Choice(["auto", "cpu", "stream"]), default="auto", show_default=True,
+                 help="GPU, layers beyond --device-memory: cpu computes them on the CPU (decode, short prompt chunks), "
+                      "stream copies them to the GPU every token; auto measures both sides and picks the faster"),
 ])
 
 
-def _load(model: str, device: str, dtype: str | None, device_memory, host_memory, batch: int = 1):
+def _load(model: str, device: str, dtype: str | None, device_memory, host_memory, offload: str = "auto",
+          batch: int = 1):
     import jmoss
 
     return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
-                      batch=batch)
+                      batch=batch, offload=offload)
 
 
 sampling_options = _with_options([
@@ -98,13 +102,13 @@ def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_pe
 @model_options
 @sampling_options
 @click.option("--stop", multiple=True, help="stop sequence (repeatable); the model's <eom> always stops")
-def generate(model, prompt, device, dtype, device_memory, host_memory, stop, **sampling):
+def generate(model, prompt, device, dtype, device_memory, host_memory, offload, stop, **sampling):
     """Print only the text MODEL generates after PROMPT, streamed.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`
     (e.g. fnlp/moss-moon-003-sft).
     """
-    m = _load(model, device, dtype, device_memory, host_memory)
+    m = _load(model, device, dtype, device_memory, host_memory, offload)
     for delta in m.stream(prompt, stop=list(stop), **_gen_kwargs(**sampling)):
         click.echo(delta, nl=False)
     click.echo()
@@ -119,7 +123,8 @@ def generate(model, prompt, device, dtype, device_memory, host_memory, stop, **s
               help="folder of .txt/.md documents the offline search plugin answers from")
 @click.option("--show-thoughts", is_flag=True, help="show Inner Thoughts, Commands and Results as they happen")
 @click.option("--quiet", "-q", is_flag=True, help="no loading/prompt status line and no tok/s line after replies")
-def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs, show_thoughts, quiet, **sampling):
+def chat(model, device, dtype, device_memory, host_memory, offload, plugins, search_docs, show_thoughts, quiet,
+         **sampling):
     """Talk with MODEL; `clear` starts over, `stop` quits, Ctrl-C interrupts a reply.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`
@@ -130,7 +135,7 @@ def chat(model, device, dtype, device_memory, host_memory, plugins, search_docs,
 
     status = Status(quiet=quiet)
     with status.ticking("loading model"):
-        m = _load(model, device, dtype, device_memory, host_memory)
+        m = _load(model, device, dtype, device_memory, host_memory, offload)
     names, options = _plugin_args(plugins, search_docs)
     run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling), status=status)
 
@@ -181,20 +186,33 @@ def verify(store):
 @click.option("--device-memory", type=SIZE, default=None, help="device budget, e.g. 12GiB")
 @click.option("--host-memory", type=SIZE, default=None, help="host budget, e.g. 24GiB")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache length (default n_positions)")
-@click.option("--link-gbps", type=float, default=None, help="host-to-device GB/s for the tok/s bound")
+@click.option("--offload", type=click.Choice(["auto", "cpu", "stream"]), default="auto", show_default=True,
+              help="cuda: compute the layers the card cannot hold on the CPU, or stream them; auto compares the two "
+                   "by the speeds below")
+@click.option("--link-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="pinned host-to-device GB/s (PCIe 4.0 x16 ~25, PCIe 5.0 x16 ~50)")
+@click.option("--cpu-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GB/s at which the CPU kernels read weights in decode (about the RAM's read speed)")
+@click.option("--cpu-gflops", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GFLOP/s of the CPU kernels on many rows (sets the prompt-chunk size from which layers stream)")
+@click.option("--device-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="the GPU's memory bandwidth in GB/s (decode of its resident layers)")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="sequences served at once (serve --max-batch): the KV cache is planned for all of them")
 @click.option("--keep-head-fp16", is_flag=True,
               help="a packed checkpoint: plan the store `jmoss convert --keep-head-fp16` writes (fp16 lm_head and wte)")
-def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_batch, keep_head_fp16):
+def info(model, device, device_memory, host_memory, max_seq_len, offload, link_gbps, cpu_gbps, cpu_gflops, device_gbps,
+         max_batch, keep_head_fp16):
     """Print MODEL's config and the placement plan for a budget (no weights are read).
 
     MODEL is a store directory, a converted name, or a folder/file with a config.json. The plan
-    is for the budgets given, whatever this machine has (plan for a card you do not own yet).
+    is for the budgets given, whatever this machine has (plan for a card you do not own yet). With
+    --link-gbps, --cpu-gbps and --device-gbps it predicts the decode tok/s of streaming and of the
+    CPU computing what the card cannot hold, and says which --offload auto picks and why.
     """
     from jmoss import layout
     from jmoss.jittor_setup import resolve_device
-    from jmoss.placement import plan_placement
+    from jmoss.placement import Figures, plan_placement
 
     config = _config_for(model)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
@@ -206,8 +224,11 @@ def info(model, device, device_memory, host_memory, max_seq_len, link_gbps, max_
     device = resolve_device(device)
     # a what-if plan: budgets are not checked against this machine's free memory (no available
     # bytes given), so no budget plans everything resident
+    speeds = (link_gbps, cpu_gbps, cpu_gflops, device_gbps)
+    figures = Figures(link_gbps=link_gbps, cpu_gbps=cpu_gbps, cpu_gflops=cpu_gflops, device_gbps=device_gbps,
+                      source="given") if any(speeds) else None
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
-                          max_seq_len=max_seq_len, batch=max_batch)
+                          max_seq_len=max_seq_len, batch=max_batch, offload=offload, figures=figures)
     click.echo(plan.describe(link_gbps=link_gbps))
 
 
@@ -300,8 +321,8 @@ def doctor(fix_cuda, undo_cuda_fix):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-web", is_flag=True, help="do not serve the chat page at GET /")
-def serve(model, device, dtype, device_memory, host_memory, host, port, model_name, plugins, search_docs, no_web,
-          max_batch, **limits):
+def serve(model, device, dtype, device_memory, host_memory, offload, host, port, model_name, plugins, search_docs,
+          no_web, max_batch, **limits):
     """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.
 
     MODEL is a converted store directory, or a model name given to `jmoss convert`.
@@ -309,7 +330,7 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
     """
     from jmoss.server import serve as run
 
-    m = _load(model, device, dtype, device_memory, host_memory, batch=max_batch)
+    m = _load(model, device, dtype, device_memory, host_memory, offload, batch=max_batch)
     names, options = _plugin_args(plugins, search_docs)
     log_level = limits.pop("log_level")
     page = "" if no_web else "chat page at /, "
@@ -324,6 +345,8 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
 @click.option("--device-memory", type=SIZE, default=None,
               help="device budget, e.g. 300MB; layers beyond it are streamed (default: everything resident)")
 @click.option("--host-memory", type=SIZE, default=None, help="host RAM for weights streamed to a GPU, e.g. 24GiB")
+@click.option("--offload", type=click.Choice(["auto", "cpu", "stream"]), default="auto", show_default=True,
+              help="cuda: compute the layers beyond --device-memory on the CPU, or stream them (auto: the faster)")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch", "ctranslate2"]),
@@ -332,7 +355,7 @@ def serve(model, device, dtype, device_memory, host_memory, host, port, model_na
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="--compare ctranslate2 only: interleaved rounds, the median reported (default 3; more on a "
                    "noisy machine)")
-def bench(model, device, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds):
+def bench(model, device, device_memory, host_memory, offload, prompt_tokens, decode_tokens, compare, rounds):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
 
@@ -363,7 +386,8 @@ def bench(model, device, device_memory, host_memory, prompt_tokens, decode_token
     if missing:
         raise click.UsageError(f"--compare {missing[0]} is not available in this jmoss yet")
     bound, rows = run_bench(model, device=device, device_memory=device_memory, host_memory=host_memory,
-                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare))
+                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare),
+                            offload=offload)
     click.echo(format_table(bound, rows))
 
 
