@@ -55,6 +55,8 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+import numpy as np
+
 from jmoss.config import MossConfig
 from jmoss.errors import BudgetError, ContextLengthError, DeviceError
 from jmoss.layout import EMBED, HEAD, Group, all_groups, embed_row_bytes, group_nbytes, head_bits, linear_shapes, packed_bits
@@ -134,7 +136,7 @@ class Figures:
         return bool(self.link_gbps and self.cpu_gbps and self.device_gbps)
 
     def describe(self) -> str:
-        parts = [f"{label} {value:g} {unit}" for label, value, unit in (
+        parts = [f"{label} {value:.4g} {unit}" for label, value, unit in (
             ("link", self.link_gbps, "GB/s"), ("CPU kernels", self.cpu_gbps, "GB/s"),
             ("CPU kernels", self.cpu_gflops, "GFLOP/s"), ("device", self.device_gbps, "GB/s"),
             ("device", self.device_tflops, "TFLOP/s"), ("disk", self.disk_gbps, "GB/s")) if value]
@@ -961,24 +963,29 @@ def predict_decode_tok_s(plan: Plan, config: MossConfig, figures: Figures, batch
     return batch / t
 
 
-def _min_rows(costs: _Costs | None, groups: list[Group], pages: list[Group], n_layers: int, max_rows: int,
-              notes: list[str]) -> int | None:
-    """The smallest forward (rows = batch x tokens) at which streaming ``groups`` to the device
-    beats computing them on the CPU; None when the CPU wins up to ``max_rows``."""
+def _min_rows(costs: _Costs | None, groups: list[Group], n_layers: int, max_rows: int, notes: list[str]) -> int | None:
+    """The smallest forward (rows = batch x tokens, at least 2: a batch-1 decode step always runs on
+    the CPU) at which streaming ``groups`` to the device, their attention handed to the CPU, beats
+    computing them on the CPU; None when the CPU wins up to ``max_rows``."""
     if not groups:
         return None
     f = costs.figures if costs is not None else None
     if f is None or not (f.link_gbps and f.cpu_gbps and f.cpu_gflops):
+        if DEFAULT_CPU_MIN_ROWS > max_rows:
+            return None
         notes.append(f"no measured CPU GEMM and link speeds: prompt chunks of {DEFAULT_CPU_MIN_ROWS}+ rows stream "
                      f"(llama.cpp's threshold)")
-        return DEFAULT_CPU_MIN_ROWS if DEFAULT_CPU_MIN_ROWS <= max_rows else None
-    d = costs.n_embd
-    for rows in range(2, max_rows + 1):
-        stream = (max(costs.link(groups, rows), costs.disk(pages))
-                  + costs.handoffs(2 * n_layers, n_layers * rows * d * 10))
-        if stream < costs.cpu(groups, rows):
-            return rows
-    return None
+        return DEFAULT_CPU_MIN_ROWS
+    rows = np.arange(2, max_rows + 1, dtype=np.float64)
+    cpu = np.zeros_like(rows)
+    for g in groups:
+        cpu += np.maximum(costs.sizes[g] / (f.cpu_gbps * 1e9), 2 * rows * costs.params[g] / (f.cpu_gflops * 1e9))
+    stream = np.full_like(rows, sum(costs.sizes[g] for g in groups) / (f.link_gbps * 1e9))
+    if f.device_tflops:
+        stream = np.maximum(stream, 2 * rows * sum(costs.params[g] for g in groups) / (f.device_tflops * 1e12))
+    stream += 2 * n_layers * HANDOFF_LATENCY_S + n_layers * rows * costs.n_embd * 10 / (f.link_gbps * 1e9)
+    wins = np.flatnonzero(stream < cpu)
+    return int(rows[wins[0]]) if wins.size else None
 
 
 def _cpu_plan(
@@ -1029,7 +1036,7 @@ def _cpu_plan(
             continue  # everything resident (the streaming plan covers it), or not the split asked for
         base = c.resident_bytes + kv_layer * c.n_resident_layers + sum(work.values()) + reserve + rows_max * d * 4
         n_cpu_layers = config.n_layer - c.n_resident_layers
-        rows = _min_rows(costs, on_cpu, [], n_cpu_layers, rows_max, threshold_notes)
+        rows = _min_rows(costs, on_cpu, n_cpu_layers, rows_max, threshold_notes)
         options.append((0 if rows is None else 2, c, 0, None, base))
         if rows is not None:
             for rank, depth in ((0, prefetch_depth), (1, 1)):
@@ -1136,7 +1143,7 @@ def _auto_choice(stream: Plan | None, cpu: Plan | None, predicted: dict[str, flo
         return stream, ("no speeds to compare the modes with (load measures them on cuda; `jmoss info` takes "
                         "--link-gbps, --cpu-gbps and --device-gbps): streaming, the default")
     n = _count(len(cpu.cpu_layers), "layer")
-    inputs = (f"the CPU kernels read at {figures.cpu_gbps:g} GB/s, the link copies at {figures.link_gbps:g} GB/s, "
+    inputs = (f"the CPU kernels read at {figures.cpu_gbps:.3g} GB/s, the link copies at {figures.link_gbps:.3g} GB/s, "
               f"{n} off the card")
     if predicted["cpu"] > predicted["stream"]:
         return cpu, (f"computing them on the CPU predicts {predicted['cpu']:.2f} decode tok/s at batch {batch} "
