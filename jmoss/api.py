@@ -201,10 +201,12 @@ def load(
     once per process (pinned copy speed, the CPU kernels, the device's bandwidth). ``model.plan``
     says which it chose and why; on cpu it has no effect.
     """
-    from jmoss.placement import DEFAULT_PREFILL_CHUNK, plan_placement
+    from jmoss.placement import DEFAULT_PREFILL_CHUNK, OFFLOAD_MODES, plan_placement
     from jmoss.sizes import parse_size
     from jmoss.store import Store, resolve_model
 
+    if offload not in OFFLOAD_MODES:  # before anything is probed or read
+        raise DeviceError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     check_model_path(model)
     device_memory, host_memory = parse_size(device_memory), parse_size(host_memory)
     store = Store.open(resolve_model(str(model)))

@@ -240,3 +240,122 @@ def test_the_cuda_backend_hands_off_through_pinned_buffers_and_matches_its_stand
     finally:
         weights.close()
     assert not runtime.pinned, "close() frees every pinned buffer, the hand-off's included"
+
+
+def _greedy(session, prompt: list[int], steps: int = 3) -> list[int]:
+    tokens = [int(np.argmax(session.prefill([prompt])[0]))]
+    for _ in range(steps):
+        tokens.append(int(np.argmax(session.decode([tokens[-1]])[0])))
+    return tokens
+
+
+def test_continuous_batching_on_the_segmented_engine_gives_each_sequence_alone(stores):
+    """serve --max-batch on offload cpu: the batch runner's steps (rows joining, padded, the cache
+    repacked, made by the engine: each layer's where it attends) give each sequence's tokens alone."""
+    import threading
+
+    from jmoss.batching import BatchRunner
+
+    reference = jmoss.load(stores["fp16"], device="cpu", prefill_chunk=CHUNK)
+    alone = [_greedy(reference.session(max_len=32), p) for p in PROMPTS]
+    model = load_hybrid(stores["fp16"], hybrid_plan(Store.open(stores["fp16"]), 1, False))
+    runner = BatchRunner(model, 2, max_len=32, step_tokens=8)
+    results: list = [None, None]
+
+    def work(i: int) -> None:
+        slot = runner.acquire()
+        try:
+            slot.reset()
+            results[i] = _greedy(slot, PROMPTS[i])
+        except BaseException as exc:  # surfaced below
+            results[i] = exc
+        finally:
+            runner.release(slot)
+
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        runner.stop()
+        model.weights.close()
+    assert results == alone
+    assert model.net.stats.small_forwards > 0  # the steps ran through the segments
+
+
+def test_jmoss_load_plans_and_builds_offload_cpu_on_cuda(stores, monkeypatch):
+    """jmoss.load(device="cuda", offload=...) end to end on the device stand-ins: the plan it makes,
+    the engine it builds, and the same numbers as a CPU standing in for the device on that plan."""
+    from test_cuda_engine import DeviceJittor, fake_runtime
+
+    from jmoss import api
+    from jmoss.engine import cuda as cuda_engine
+    from jmoss.errors import DeviceError
+
+    jt = get_jittor("cpu")
+    device_jt = DeviceJittor(jt)
+    runtime = fake_runtime(device_jt)
+    monkeypatch.setattr(cuda_engine, "cuda_runtime", runtime)
+    monkeypatch.setattr(api, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(api, "get_jittor", lambda device: device_jt)
+    store = Store.open(stores["fp16"])
+    # the budget of every layer on the CPU and the head on the device: no larger resident set fits it
+    every_layer = plan_placement(store.config, device="cuda", device_memory=None, host_memory=None, offload="cpu",
+                                 split=(0, True), max_seq_len=32, figures=LINK_WINS)
+    model = jmoss.load(stores["fp16"], device="cuda", device_memory=every_layer.device_total_bytes, offload="cpu",
+                       figures=LINK_WINS, max_seq_len=32)
+    plan = model.plan
+    try:
+        assert plan.offload == "cpu" and plan.cpu_layers == [0, 1, 2] and plan.groups_on("device") == [layout.HEAD]
+        assert isinstance(model.net, SegmentedModel) and plan.cpu_min_rows == 2
+        got = [_greedy(model.session(max_len=32), p) for p in PROMPTS]
+        assert (model.net.stats.large_forwards, model.net.stats.small_forwards) == (2, 6)  # prompts, then decode
+    finally:
+        model.weights.close()
+    stand_in = CpuBackend(jt, store.config, ops=JittorOps(jt), compute_dtype="float16", kv_dtype="float16",
+                          name="device")
+    reference = load_hybrid(stores["fp16"], plan, device=stand_in)
+    assert got == [_greedy(reference.session(max_len=32), p) for p in PROMPTS]
+    with pytest.raises(DeviceError, match="offload must be one of"):
+        jmoss.load(stores["fp16"], device="cuda", device_memory=every_layer.device_total_bytes, offload="gpu")
+
+
+def test_offload_changes_nothing_on_the_cpu(stores, references):
+    model = jmoss.load(stores["fp16"], device="cpu", prefill_chunk=CHUNK, offload="cpu")
+    assert not model.plan.hybrid and any("offload applies to cuda" in n for n in model.plan.notes)
+    assert_same(run(model), references["fp16"])
+
+
+def test_auto_measures_its_figures_once_per_process_and_chooses_by_them(stores, monkeypatch):
+    from test_cuda_engine import DeviceJittor, fake_runtime
+
+    from jmoss import api, cuda_runtime
+    from jmoss.engine import cuda as cuda_engine
+    from jmoss.engine import factory
+
+    jt = get_jittor("cpu")
+    device_jt = DeviceJittor(jt)
+    monkeypatch.setattr(cuda_engine, "cuda_runtime", fake_runtime(device_jt))
+    monkeypatch.setattr(api, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(api, "get_jittor", lambda device: device_jt)
+    calls: list[str] = []
+    # a link far slower than this CPU's kernels: offload cpu must win
+    monkeypatch.setattr(cuda_runtime, "pinned_h2d_gbps", lambda: calls.append("link") or {"gbps": 0.001})
+    monkeypatch.setattr(cuda_runtime, "device_gbps", lambda: calls.append("device") or {"gbps": 1000.0})
+    rates = factory.kernel_rates
+    monkeypatch.setattr(factory, "kernel_rates",
+                        lambda jt, config: calls.append("cpu") or rates(jt, config, nbytes=4 << 20, repeats=1))
+    monkeypatch.setattr(factory, "_measured", {})
+    store = Store.open(stores["fp16"])
+    budget = plan_placement(store.config, device="cuda", device_memory=None, host_memory=None, offload="cpu",
+                            split=(1, True), max_seq_len=32).device_total_bytes
+    for _ in range(2):
+        model = jmoss.load(stores["fp16"], device="cuda", device_memory=budget, max_seq_len=32)
+        model.weights.close()
+    assert calls == ["link", "device", "cpu"]  # the second load reused them
+    plan = model.plan
+    assert plan.figures.source == "measured at load" and plan.figures.cpu_gbps > 0
+    assert plan.offload == "cpu" and plan.predicted_tok_s["cpu"] > plan.predicted_tok_s["stream"]
+    assert "computing them on the CPU predicts" in plan.reason
