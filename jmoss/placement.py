@@ -36,7 +36,9 @@ resident weights + static KV cache (of the layers the device computes) + working
 ``prefetch_depth`` staging slots + the hand-off buffer (offload cpu) + a fixed runtime reserve
 (``RUNTIME_RESERVE``). The host side of an offload-cpu plan pays, from ``host_memory``, for the
 cpu-tier weights, the KV cache of the CPU-computed layers, the CPU's working buffers, the pinned
-hand-off buffer and the disk staging of pages-tier groups (``host_total_bytes``). A slot holds what the engine allocates for it
+hand-off buffer and the disk staging of pages-tier groups (``host_total_bytes``).
+
+A slot holds what the engine allocates for it
 (``slot_allocation``): on cpu one buffer the size of the largest streamed group; on cuda one set of
 Vars per layout streamed through it ("layer", "head"), so a slot that streams the head holds a
 layer set *and* a head set. The engines allocate exactly ``Plan.slot_layouts`` per slot. On cuda the
@@ -714,7 +716,7 @@ def plan_placement(
     if stream is not None and not stream.streams:  # it all fits: nothing to offload
         return dataclasses.replace(stream, offload_requested=offload, figures=figures,
                                    reason="everything fits on the device")
-    if offload != "stream":
+    if offload != "stream" or (figures is not None and figures.comparable):  # (streaming: for the prediction)
         try:
             cpu = _cpu_plan(figures=figures, **common)
         except BudgetError as exc:

@@ -525,3 +525,4 @@ def test_info_prints_the_choice_for_the_speeds_given():
     assert "offload: cpu (asked auto)" in out.output and "expected decode tok/s at batch 1: stream" in out.output
     out = CliRunner().invoke(main, args + ["--offload", "stream"])
     assert out.exit_code == 0 and "offload: stream (asked stream)" in out.output
+    assert "expected decode tok/s at batch 1: stream" in out.output and ", cpu " in out.output  # both, whatever runs
