@@ -359,3 +359,13 @@ def test_auto_measures_its_figures_once_per_process_and_chooses_by_them(stores, 
     assert plan.figures.source == "measured at load" and plan.figures.cpu_gbps > 0
     assert plan.offload == "cpu" and plan.predicted_tok_s["cpu"] > plan.predicted_tok_s["stream"]
     assert "computing them on the CPU predicts" in plan.reason
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int4", "int8"])
+def test_the_cpu_probe_runs_the_kernels_on_the_stores_format(stores, kind):
+    from jmoss.engine.cpu import kernel_rates
+
+    config = Store.open(stores[kind]).config
+    rates = kernel_rates(get_jittor("cpu"), config, nbytes=2 << 20, repeats=1, gemm_rows=8)
+    assert rates["gbps"] > 0 and rates["gflops"] > 0
+    assert ("fp16" if kind == "fp16" else kind) in rates["what"]
