@@ -4,14 +4,16 @@ Steps: probe pinned host->device bandwidth (CUDA events through jmoss.cuda_runti
 MOSS-16B-shaped random fp16 store to local disk (benchmarks/random_store.py: numpy bulk RNG);
 run greedy decoding unconstrained and at each ``--budgets`` device budget in each ``--modes``
 offload mode (stream: the layers the card cannot hold are copied every token; cpu: the CPU
-computes them; auto: the plan picks), ``--tokens`` tokens each; report device memory in use after
-load (cudaMemGetInfo) and, from the engine, the resident bytes copied to device Vars at load
-against what cudaMemGetInfo saw the load add; tok/s, streamed bytes/token, achieved GB/s against
-the probe, the plan's offload choice, its reason, its predicted tok/s per mode and the figures it
-used (measured at load), the CPU segment's ms per token and the hand-off bytes (offload cpu), and
-whether the greedy tokens agree (streaming computes every layer in fp16 on the device; with
-offload cpu the CPU's layers run in fp32, so on random weights those tokens may part: shown, not
-required); then Jittor's own swap at ``--swap-budget`` in a subprocess under ``--swap-seconds``.
+computes them), ``--tokens`` tokens each; report device memory in use after load (cudaMemGetInfo)
+and, from the engine, the resident bytes copied to device Vars at load against what cudaMemGetInfo
+saw the load add; tok/s, streamed bytes/token, achieved GB/s against the probe, the plan's
+predicted tok/s, the CPU segment's ms per token and GB/s and the hand-off bytes (offload cpu);
+per budget, what offload auto chooses (the plan made with the figures jmoss.load measures: pinned
+copy, CPU kernels, device bandwidth), why, and whether that was the faster of the two measured
+runs (auto is always one of them, so it is planned, not run a third time); whether the greedy
+tokens agree (streaming computes every layer in fp16 on the device; with offload cpu the CPU's
+layers run in fp32, so on random weights those tokens may part: shown, not required); then
+Jittor's own swap at ``--swap-budget`` in a subprocess under ``--swap-seconds``.
 
 ``--dry-run`` runs the same code on the CPU with a tiny shape (budgets scaled to the tiny model,
 host RSS instead of cudaMemGetInfo, a memcpy probe instead of the pinned copy; offload cpu/auto
@@ -124,6 +126,33 @@ def dry_figures(config):
     return _dry_figures
 
 
+def auto_choice(store: Path, device: str, budget: int, tokens: int, runs: list[dict]) -> dict:
+    """What offload auto picks at ``budget`` (the plan jmoss.load makes, with the figures it
+    measures), why, and whether it is the faster of the modes measured in ``runs``."""
+    import psutil
+
+    from jmoss.engine import measure_figures
+    from jmoss.jittor_setup import get_jittor
+    from jmoss.placement import RUNTIME_RESERVE, plan_placement
+    from jmoss.store import Store
+
+    config = Store.open(store).config
+    if device == "cuda":
+        figures, kv_dtype = measure_figures(get_jittor("cuda"), config), "float16"
+    else:  # the dry run's stand-in device, as load_model plans it
+        figures, kv_dtype = dry_figures(config), "float32"
+        budget = budget + RUNTIME_RESERVE["cuda"] - RUNTIME_RESERVE["cpu"]
+    plan = plan_placement(config, device="cuda", device_memory=budget, host_memory=None,
+                          available_host_bytes=int(psutil.virtual_memory().available), max_seq_len=len(PROMPT) + tokens + 1,
+                          kv_dtype=kv_dtype, offload="auto", figures=figures)
+    measured = {r["offload"]: r["tok_per_s"] for r in runs if r.get("tok_per_s") and r.get("offload") in ("stream", "cpu")}
+    choice = plan.offload if plan.streams else "none"
+    faster = max(measured, key=measured.get) if len(measured) == 2 else None
+    return {"budget": runs[0]["budget"], "offload": choice, "reason": plan.reason, "predicted_tok_s": dict(plan.predicted_tok_s),
+            "measured_tok_s": measured, "picked_the_faster": None if faster is None else choice == faster,
+            "figures": None if plan.figures is None else plan.figures.to_dict()}
+
+
 def run_budget(store: Path, device: str, budget: int | None, tokens: int, offload: str = "auto") -> dict:
     import jmoss
 
@@ -230,11 +259,13 @@ def record(args) -> dict:
     else:
         budgets = [None if b in ("none", "") else parse_size(b) for b in args.budgets.split(",")]
     result = {"device": device, "config": config.to_dict(), "store_bytes": total, "store_write_seconds": round(store_s, 1),
-              "probe": probe(device), "runs": []}
+              "probe": probe(device), "runs": [], "auto": []}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for budget in budgets:
-        for mode in (["auto"] if budget is None else modes):  # unconstrained: nothing to offload
-            result["runs"].append(run_budget(store, device, budget, args.tokens, mode))
+        runs = [run_budget(store, device, budget, args.tokens, mode) for mode in (["auto"] if budget is None else modes)]
+        result["runs"] += runs
+        if budget is not None:  # unconstrained: nothing to offload
+            result["auto"].append(auto_choice(store, device, budget, args.tokens, runs))
     streamed = [r["tokens"] for r in result["runs"] if "tokens" in r and r.get("offload") != "cpu"]
     result["greedy_tokens_equal"] = bool(streamed) and all(t == streamed[0] for t in streamed)
     for r in result["runs"]:
@@ -265,8 +296,6 @@ def as_text(result: dict) -> str:
                      f"{r['memory_in_use_after_load'] / 2**20:>13.1f}MB {r['tok_per_s'] or 0:>8.2f} "
                      f"{r['bytes_per_token'] / 1e6:>9.1f} {r['achieved_gbps'] or 0:>7.2f} {r.get('fraction_of_probe', 0):>8.2f} "
                      f"{predicted:>18}")
-        if r.get("reason") and r.get("offload_requested") == "auto" and r["budget"] is not None:
-            lines.append(f"{'':>12} auto: {r['reason']}")
         if r.get("hybrid"):
             h = r["hybrid"]
             gbps = f"{h['cpu_gbps']:.2f} GB/s" if h.get("cpu_gbps") else "n/a"
@@ -278,6 +307,10 @@ def as_text(result: dict) -> str:
             lines.append(f"{'':>12} resident {m['resident_bytes_copied'] / 2**20:.1f} MiB copied to device at load; "
                          f"cudaMemGetInfo: +{m['device_bytes_added_by_load'] / 2**20:.1f} MiB "
                          f"(on device at load: {r['resident_on_device_at_load']})")
+    for a in result.get("auto", []):
+        measured = ", ".join(f"{k} {v:.2f}" for k, v in a["measured_tok_s"].items())
+        picked = {True: "the faster", False: "NOT the faster", None: "n/a"}[a["picked_the_faster"]]
+        lines.append(f"auto at {a['budget'] / 2**30:.3f}GiB: {a['offload']} ({picked}; measured {measured}): {a['reason']}")
     lines.append(f"greedy tokens equal across budgets (streaming and unconstrained): {result['greedy_tokens_equal']}")
     hybrid = [r for r in result["runs"] if r.get("offload") == "cpu" and "tokens" in r]
     if hybrid:
@@ -297,7 +330,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "gpu-record")
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--budgets", default="none,20GiB,16GiB,12GiB,8GiB")
-    parser.add_argument("--modes", default="stream,cpu,auto", help="offload modes run at each budget")
+    parser.add_argument("--modes", default="stream,cpu", help="offload modes run at each budget (auto's choice is "
+                        "planned for each budget and set beside them)")
     parser.add_argument("--swap-budget", default="16GiB")
     parser.add_argument("--swap-seconds", type=int, default=90)
     args = parser.parse_args(argv)
