@@ -7,7 +7,9 @@
    engine on the ``CpuBackend`` (jmoss.kernels), exactly as a decode step runs them after the
    device's hand-off: a hidden state in, 17 layers, a hidden state out, KV cache growing. Printed:
    ms per token (median of ``--tokens``), the weight GB/s that is, and in the same run, before and
-   after, the kernels' memory read probe (1 GiB, the bound) and their GEMV probe on this format.
+   after, the kernels' memory read probe (1 GiB, the bound) and their GEMV probe on this format;
+   interleaved token by token with the same layers called through ``MossModel.block`` directly (no
+   segment, no hand-off), so the engine's own cost shows as the ratio of the two.
 2. ``jmoss info``'s predictions (decode tok/s at batch 1, offload stream and cpu, and auto's choice)
    for MOSS-16B fp16 at 8/12/16 GiB for the device machine we are lent (H200, PCIe 5) and for a
    desktop (12 GB card, PCIe 4.0 x16, dual-channel DDR5), from the stated inputs below, and the
@@ -70,7 +72,7 @@ def cpu_segment(store_path: Path, n_device: int, tokens: int, prompt: int) -> di
     jt = get_jittor("cpu")
     store = Store.open(store_path)
     config = store.config
-    max_len = prompt + tokens + 1
+    max_len = prompt + tokens + 5
     plan = plan_placement(config, device="cuda", device_memory=None, host_memory=None, offload="cpu",
                           split=(n_device, True), max_seq_len=max_len)
     cpu_layers = plan.cpu_layers
@@ -83,36 +85,52 @@ def cpu_segment(store_path: Path, n_device: int, tokens: int, prompt: int) -> di
     segment = Segment(backend, weights, layers=tuple(cpu_layers))
     engine = SegmentedModel(config, backend, [segment], None, None, {i: backend for i in range(config.n_layer)})
     shape = (1, config.n_head, max_len, config.head_dim)
-    keys = [backend.zeros(shape, "float32") if i in cpu_layers else None for i in range(config.n_layer)]
-    values = [backend.zeros(shape, "float32") if i in cpu_layers else None for i in range(config.n_layer)]
-    cache = KVCache.of_layers(keys, values, 1, max_len, "float32")
+
+    def new_cache() -> KVCache:
+        keys = [backend.zeros(shape, "float32") if i in cpu_layers else None for i in range(config.n_layer)]
+        values = [backend.zeros(shape, "float32") if i in cpu_layers else None for i in range(config.n_layer)]
+        return KVCache.of_layers(keys, values, 1, max_len, "float32")
+
     tables = rotary_tables(config)
     rng = np.random.default_rng(0)
-    key_mask = np.zeros((1, max_len), np.int8)
+    caches = {"segment": new_cache(), "direct": new_cache()}
+    masks = {name: np.zeros((1, max_len), np.int8) for name in caches}
 
-    def forward(start: int, width: int) -> None:
-        key_mask[:, start:start + width] = 1
+    def forward(how: str, start: int, width: int) -> None:
+        masks[how][:, start:start + width] = 1
         positions = np.arange(start, start + width)[None, :]
-        step = make_step(jt, config, tables, start, positions, key_mask)
+        step = make_step(jt, config, tables, start, positions, masks[how])
         hidden = rng.standard_normal((1, width, config.n_embd)).astype(np.float32)  # what the device hands over
-        out = engine.forward(hidden, None, None, cache, step, last_only=True, logits=False)
-        backend.send(out)  # the hand-off back to the device: one row
+        if how == "segment":
+            out = engine.forward(hidden, None, None, caches[how], step, last_only=True, logits=False)
+            backend.send(out)  # the hand-off back to the device: one row
+            return
+        h = jt.array(hidden)
+        for i in cpu_layers:
+            h = backend.net.block(h, weights.layer(i), i, caches[how], step)
+        h[:, -1:, :].numpy()
 
-    forward(0, prompt)  # the prompt (compiles the kernels), then one warm-up token
-    forward(prompt, 1)
-    times = []
+    warm = 4  # the prompt compiles the kernels; Jittor compiles the small ops of a decode step over a few more
+    for how in caches:
+        forward(how, 0, prompt)
+        for t in range(warm):
+            forward(how, prompt + t, 1)
+    times: dict[str, list[float]] = {name: [] for name in caches}
     for t in range(tokens):
-        t0 = time.perf_counter()
-        forward(prompt + 1 + t, 1)
-        times.append(time.perf_counter() - t0)
+        for how in (("segment", "direct") if t % 2 == 0 else ("direct", "segment")):  # interleaved, order alternated
+            t0 = time.perf_counter()
+            forward(how, prompt + warm + t, 1)
+            times[how].append(time.perf_counter() - t0)
     probe_after = kernels.memory_read_probe(1 << 30)
     weights.close()
-    ms = 1e3 * float(np.median(times))
+    ms = 1e3 * float(np.median(times["segment"]))
+    direct_ms = 1e3 * float(np.median(times["direct"]))
     layer_bytes = plan.cpu_bytes_per_token
     return {"store": str(store_path), "format": f"int{config.wbits}" if config.wbits in (4, 8) else "fp16",
             "cpu_layers": f"{cpu_layers[0]}-{cpu_layers[-1]} ({len(cpu_layers)} of {config.n_layer})",
             "weight_bytes_per_token": layer_bytes, "load_seconds": load_s, "ms_per_token": ms,
-            "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times), "gbps": layer_bytes / (ms / 1e3) / 1e9,
+            "ms_min": 1e3 * min(times["segment"]), "ms_max": 1e3 * max(times["segment"]),
+            "gbps": layer_bytes / (ms / 1e3) / 1e9, "direct_ms_per_token": direct_ms,
             "probe_before": probe_before, "probe_after": probe_after, "kernel_rates": rates,
             "threads": kernels.info()["threads"], "tokens": tokens, "prompt": prompt}
 
@@ -176,6 +194,8 @@ def main(argv=None) -> int:
             f"read into RAM in {r['load_seconds']:.1f} s",
             f"  decode: {r['ms_per_token']:.1f} ms/token (median of {r['tokens']}; min {r['ms_min']:.1f}, max "
             f"{r['ms_max']:.1f}) for {r['weight_bytes_per_token'] / 1e9:.2f} GB of weights = {r['gbps']:.2f} GB/s",
+            f"  the same layers through MossModel.block directly, interleaved: {r['direct_ms_per_token']:.1f} ms/token "
+            f"(segment / direct = {r['ms_per_token'] / r['direct_ms_per_token']:.3f})",
             f"  memory read probe (1 GiB, same threads): {r['probe_before']:.2f} GB/s before, {r['probe_after']:.2f} after; "
             f"the segment reaches {r['gbps'] / max(r['probe_before'], r['probe_after']):.0%} of the better",
             f"  the kernels' own probe on this format: GEMV {rates['gbps']:.2f} GB/s, {rates['gflops']:.1f} GFLOP/s "
