@@ -192,7 +192,8 @@ def verify(store):
 @click.option("--link-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
               help="pinned host-to-device GB/s (PCIe 4.0 x16 ~25, PCIe 5.0 x16 ~50)")
 @click.option("--cpu-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="GB/s at which the CPU kernels read weights in decode (about the RAM's read speed)")
+              help="GB/s at which the CPU kernels read this model's weights in decode (fp16: about the RAM's read "
+                   "speed; packed int4/int8 run slower per byte where the CPU is the limit)")
 @click.option("--cpu-gflops", type=click.FloatRange(min=0, min_open=True), default=None,
               help="GFLOP/s of the CPU kernels on many rows (sets the prompt-chunk size from which layers stream)")
 @click.option("--device-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
