@@ -326,7 +326,7 @@ class BatchRunner:
                 s.cols, s.row = [], None  # an idle slot's cache is given up (its owner re-reads it)
         longest = max((s.length for s in keep), default=0)
         model, config = self.model, self.model.config
-        cache = KVCache(model.jt, config, max(1, len(keep)), self.max_len, model.compute_dtype)
+        cache = model.net.new_cache(max(1, len(keep)), self.max_len, model.compute_dtype)
         if self._cache is not None and longest:
             olds = [(s.row, s.cols) for s in keep]
             for layer in range(config.n_layer):

@@ -200,6 +200,14 @@ class KVCache:
         for var in self.keys + self.values:
             var.sync()
 
+    @classmethod
+    def of_layers(cls, keys: list, values: list, batch: int, max_len: int, dtype: str) -> "KVCache":
+        """A cache whose per-layer buffers were allocated elsewhere (the segmented engine puts each
+        layer's where that layer's attention runs); ``dtype`` is the device side's."""
+        self = cls.__new__(cls)
+        self.batch, self.max_len, self.dtype, self.keys, self.values = batch, max_len, dtype, list(keys), list(values)
+        return self
+
     @property
     def nbytes(self) -> int:
         return sum(int(v.nbytes) for v in self.keys + self.values)
@@ -248,6 +256,11 @@ class MossModel:
 
     def __init__(self, jt: ModuleType, config: MossConfig, ops: ModelOps, compute_dtype: str):
         self.jt, self.config, self.ops, self.dtype = jt, config, ops, compute_dtype
+
+    def new_cache(self, batch: int, max_len: int, dtype: str) -> KVCache:
+        """The static KV cache this model's forward writes (one place makes it, so an engine that
+        runs the model as segments can put each layer's where it attends)."""
+        return KVCache(self.jt, self.config, batch, max_len, dtype)
 
     def _linear(self, x, w: Mapping, name: str, activation: str | None = None):
         b, t, k = x.shape

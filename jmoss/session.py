@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import numpy as np
 
 from jmoss.errors import BudgetError, ContextLengthError, GenerationError
-from jmoss.model import KVCache, make_step
+from jmoss.model import make_step
 from jmoss.placement import DEFAULT_PREFILL_CHUNK
 from jmoss.protocols import ForwardModel
 
@@ -58,7 +58,7 @@ class Session:
         self.model, self.batch, self.max_len = model, batch, max_len
         plan = getattr(model, "plan", None)
         kv_dtype = model.compute_dtype if plan is None else plan.kv_dtype
-        self.cache = KVCache(model.jt, model.config, batch, max_len, kv_dtype)
+        self.cache = model.net.new_cache(batch, max_len, kv_dtype)
         # tokens per prefill forward: what the plan's working buffers were sized for
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK if plan is None else plan.prefill_chunk
         self.key_mask = np.zeros((batch, max_len), dtype=np.int8)

@@ -24,7 +24,7 @@ import numpy as np
 
 from jmoss.config import MossConfig
 from jmoss.jittor_setup import get_jittor
-from jmoss.model import rotary_tables
+from jmoss.model import KVCache, rotary_tables
 from jmoss.session import Session
 
 Rule = Callable[[tuple[int, ...]], "int | np.ndarray"]  # visible ids -> forced token, or full logits
@@ -84,6 +84,9 @@ class ForcedNet:
 
     def __init__(self, model: "ForcedModel"):
         self.model = model
+
+    def new_cache(self, batch: int, max_len: int, dtype: str) -> KVCache:
+        return KVCache(self.model.jt, self.model.config, batch, max_len, dtype)
 
     def forward(self, embeddings, layer_weights, head_weights, cache, step, last_only: bool = False,
                 logits: bool = True, tail: int | None = None):
@@ -163,6 +166,9 @@ class _RealForcedNet:
     def __init__(self, model, inner, rule: Rule):
         self.model, self.inner, self.rule = model, inner, rule
         self.slots: dict[int, np.ndarray] = {}
+
+    def new_cache(self, batch: int, max_len: int, dtype: str):
+        return self.inner.new_cache(batch, max_len, dtype)
 
     def forward(self, embeddings, layer_weights, head_weights, cache, step, last_only: bool = False,
                 logits: bool = True, tail: int | None = None):
