@@ -20,6 +20,25 @@ from jmoss import __version__
 from jmoss.errors import JmossError
 from jmoss.sizes import SIZE
 
+
+class _Lookup(click.ParamType):
+    """--lookup off|auto|K, validated by jmoss.lookup.parse_lookup."""
+
+    name = "off|auto|K"
+
+    def convert(self, value, param, ctx):
+        from jmoss.lookup import parse_lookup
+
+        try:
+            return parse_lookup(value)
+        except JmossError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+LOOKUP_HELP = ("prompt-lookup speculative decoding: drafts up to K tokens from the context per pass and keeps what "
+               "the model itself would produce (greedy output unchanged); auto = on where it measures faster")
+
+
 class JmossPortError(JmossError):
     """The port ``jmoss serve`` was asked for cannot be bound."""
 
@@ -183,6 +202,7 @@ sampling_options = _with_options([
     click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.02, show_default=True),
     click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
     click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=None, help="seconds per reply"),
+    click.option("--lookup", type=_Lookup(), default="auto", show_default=True, help=LOOKUP_HELP),
 ])
 
 
@@ -199,9 +219,9 @@ def _plugin_args(plugins: str, search_docs: Path | None, text2image_cmd: str | N
     return names, options
 
 
-def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, max_time) -> dict:
+def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, max_time, lookup) -> dict:
     return dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p,
-                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, max_time=max_time)
+                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, max_time=max_time, lookup=lookup)
 
 
 @main.command()
@@ -555,6 +575,7 @@ def doctor(fix_cuda, undo_cuda_fix, cuda_details):
 @click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="file of API keys, one per line (# comments and blank lines skipped)")
 @click.option("--metrics-public", is_flag=True, help="serve GET /metrics without a key even when keys are set")
+@click.option("--lookup", type=_Lookup(), default="auto", show_default=True, help=LOOKUP_HELP + " (every request)")
 def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, pull, offload, host,
           port, model_name,
           max_new_tokens, system, plugins, search_docs, text2image_cmd, no_web, max_batch, api_keys, api_key_file,

@@ -322,11 +322,13 @@ class MossModel:
         step: Step,
         last_only: bool = False,
         logits: bool = True,
+        tail: int | None = None,
     ):
         """Run all blocks over host-gathered embeddings [B, T, d]; return float32 logits.
 
         ``layer_weights(i)`` is called once per layer in order, so a streaming source can prefetch.
-        With ``last_only`` only the last position's logits are computed (decode and prefill need no more).
+        With ``last_only`` only the last position's logits are computed (decode and prefill need no more);
+        ``tail`` keeps the last ``tail`` positions instead (a batch step in which rows verify drafts).
         ``logits=False`` (a prompt chunk before the last) skips the head and returns the last hidden
         state instead, to be synced so the chunk's keys and values are written; the head's weights
         are still taken, so a streaming source sees the order it prefetches in.
@@ -334,7 +336,9 @@ class MossModel:
         h = self.jt.array(embeddings).cast(self.dtype)
         for i in range(self.config.n_layer):
             h = self.block(h, layer_weights(i), i, cache, step)
-        if last_only:
+        if tail:
+            h = h[:, -tail:, :]
+        elif last_only:
             h = h[:, -1:, :]
         head = head_weights()
         return self.head(h, head) if logits else h

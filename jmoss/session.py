@@ -108,6 +108,27 @@ class Session:
                 real[b, width - len(r) :] = 1
         return self._forward(ids, real, last_only)
 
+    def verify(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append a few tokens per row in one forward and return every new position's logits [B, W, V].
+
+        The pass of speculative decoding (jmoss.lookup): a fed token and its drafts, the weights
+        read once for all of them. Rows shorter than the widest are right-padded (pad slots hidden
+        by the key mask, so a finished row may send none); ``truncate`` then drops what was not
+        kept. W must fit one prefill chunk, so the pass is one forward.
+        """
+        rows = [list(map(int, r)) for r in rows]
+        if len(rows) != self.batch:
+            raise GenerationError(f"session holds {self.batch} sequences, got {len(rows)} rows")
+        width = max(len(r) for r in rows)
+        if not 0 < width <= max(1, int(self.prefill_chunk)):
+            raise GenerationError(f"a verify pass takes 1 to {self.prefill_chunk} tokens per row, got {width}")
+        ids = np.zeros((self.batch, width), dtype=np.int64)
+        real = np.zeros((self.batch, width), dtype=np.int8)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+            real[b, : len(r)] = 1
+        return self._forward(ids, real, last_only=False)
+
     def decode(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Append one token per row; return next-token logits [B, V]."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1)

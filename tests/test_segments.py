@@ -285,6 +285,41 @@ def test_continuous_batching_on_the_segmented_engine_gives_each_sequence_alone(s
     assert model.net.stats.small_forwards > 0  # the steps ran through the segments
 
 
+def test_lookup_verify_passes_on_the_segmented_engine_give_plain_greedy(stores):
+    """Prompt-lookup decoding (jmoss.lookup) on offload cpu: a Session's verify pass and a batch
+    step keeping a verify pass's last rows (``tail``) run through the segments and give plain
+    greedy. The real engine's logits get a period-4 repetition forced on top (tests/forced_model.py),
+    so drafts from the prompt are accepted."""
+    from forced_model import forced
+    from jmoss.batching import BatchRunner
+    from jmoss.generation import GenerationOptions, generate_ids
+    from jmoss.lookup import LookupStats
+
+    model = load_hybrid(stores["fp16"], hybrid_plan(Store.open(stores["fp16"]), 1, False))
+    forced(model, lambda history: history[-4])
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]
+    stats = LookupStats()
+
+    def greedy(target, lookup) -> list[int]:
+        opts = GenerationOptions(do_sample=False, max_new_tokens=12, lookup=lookup, repetition_penalty=1.0, stop=())
+        return [s[0] for s in generate_ids(model, target, [prompt], opts, stats=stats) if s[0] is not None]
+
+    try:
+        plain = greedy(model.session(max_len=32), "off")
+        assert greedy(model.session(max_len=32), 4) == plain
+        runner = BatchRunner(model, 2, max_len=32, step_tokens=8)
+        try:
+            slot = runner.acquire()
+            slot.reset()
+            assert greedy(slot, 4) == plain
+            runner.release(slot)
+        finally:
+            runner.stop()
+    finally:
+        model.weights.close()
+    assert plain == [8, 5, 6, 7] * 3 and stats.accepted > 0
+
+
 def test_jmoss_load_plans_and_builds_offload_cpu_on_cuda(stores, monkeypatch):
     """jmoss.load(device="cuda", offload=...) end to end on the device stand-ins: the plan it makes,
     the engine it builds, and the same numbers as a CPU standing in for the device on that plan."""

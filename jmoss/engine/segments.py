@@ -195,9 +195,10 @@ class SegmentedModel:
         return KVCache.of_layers(keys, values, batch, max_len, dtype)
 
     def forward(self, embeddings: np.ndarray, layer_weights: Callable | None, head_weights: Callable | None,
-                cache: KVCache, step: Step, last_only: bool = False, logits: bool = True):
-        """MossModel.forward's contract, by segments. ``layer_weights``/``head_weights`` (the
-        Model's ``HybridWeights``) are not used: each segment reads its own source."""
+                cache: KVCache, step: Step, last_only: bool = False, logits: bool = True, tail: int | None = None):
+        """MossModel.forward's contract, by segments (``tail``: the last positions a batch step
+        with verify passes keeps, jmoss.lookup). ``layer_weights``/``head_weights`` (the Model's
+        ``HybridWeights``) are not used: each segment reads its own source."""
         batch, length = embeddings.shape[:2]
         large = self.min_rows is not None and batch * length >= self.min_rows
         route = self.routes["large" if large else "small"]
@@ -209,9 +210,9 @@ class SegmentedModel:
         h, at = embeddings, None
         for segment in route:
             backend = segment.backend
-            if segment.head and last_only:
+            if segment.head and (tail or last_only):
                 with at.scope():
-                    h = h[:, -1:, :]  # one row per sequence crosses to the head, not the chunk
+                    h = h[:, -(tail or 1):, :]  # only the rows the head must read cross to it, not the chunk
             if backend is not at:
                 h = self._hand_off(h, at, backend)
                 at = backend
