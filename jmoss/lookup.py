@@ -29,12 +29,13 @@ MIN_NGRAM = 1
 # Most draft tokens one pass verifies: a pass of k+1 rows must stay one fused decode op
 # (kernels.FUSED_MAX_ROWS = 16) and close to a 1-row pass in cost.
 MAX_DRAFT = 15
-# "auto": drafts per pass, and the weight bytes a decode token must read on a CPU for lookup to be on.
-# A pass of a few rows costs about one row's only while reading the weights dominates it (a large
-# model); a small model's pass is bound by compute and grows with every row
-# (benchmarks/bench_lookup.py passes). On CUDA a few more rows are always nearly free.
+# "auto": drafts per pass, where a pass of a few rows costs about one row's: when reading the
+# weights bounds it, which is so on CUDA and wherever layers are streamed each token (from the
+# disk or over PCIe). Not for a model resident on the CPU: there the kernels are bound by compute
+# (benchmarks/results/lookup-cpu-16b-int4.txt: on a 2-core AVX2 EPYC a pass of 2/4/8 rows of
+# MOSS-16B int4 costs 1.8/4.0/6.1 one-row passes, so lookup with 3 of 4 drafts accepted decoded at
+# 0.80x), and `--lookup K` turns it on where a measurement says it pays.
 AUTO_DRAFT = 4
-AUTO_MIN_WEIGHT_BYTES = 2 << 30
 
 
 @dataclass
@@ -114,19 +115,14 @@ class PromptLookup:
 
 def auto_drafts(model: "ForwardModel") -> int:
     """Drafts per pass under "auto": AUTO_DRAFT where a pass is bound by reading weights (CUDA, or
-    a CPU model whose layers and head read AUTO_MIN_WEIGHT_BYTES or more per token), else 0.
+    a plan that streams layers every token), else 0.
 
     It depends on the model and its plan only, never on timings, so a seeded sampled generation
     gives the same text on every run."""
     plan = getattr(model, "plan", None)
     if plan is None:
         return 0
-    if plan.device == "cuda":
-        return AUTO_DRAFT
-    from jmoss.layout import EMBED
-
-    weights = sum(p.nbytes for p in plan.placements if p.group != EMBED)
-    return AUTO_DRAFT if weights >= AUTO_MIN_WEIGHT_BYTES else 0
+    return AUTO_DRAFT if plan.device == "cuda" or plan.streams else 0
 
 
 def draft_limit(lookup: int | str, model: "ForwardModel", session: object) -> int:
