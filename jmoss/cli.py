@@ -36,7 +36,8 @@ class _Lookup(click.ParamType):
 
 
 LOOKUP_HELP = ("prompt-lookup speculative decoding: drafts up to K tokens from the context per pass and keeps what "
-               "the model itself would produce (greedy output unchanged); auto = on where it measures faster")
+               "the model itself would produce (greedy output unchanged); auto = on for CUDA and for layers streamed each "
+               "token, off for a model resident on the CPU, where every drafted row costs compute")
 
 
 class JmossPortError(JmossError):
