@@ -288,13 +288,10 @@ def load(
     if device == "cuda" and offload != "stream" and figures is None and offloads():
         figures = measure_figures(get_jittor(device), store.config)  # what the choice needs, measured once
     plan = plan_for(offload, figures)
+    net = None  # the model's own MossModel, except an offload-cpu plan's segments
     if plan.hybrid:
         weights, net = build_hybrid(store, plan, get_jittor(device), dtype, compute_dtype=compute_dtype)
-        model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, net=net, **common),
-                                tokenizer)
-        warm_up(model)
-        return model
-    if plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
+    elif plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
     elif dtype == "float16":  # the store's mapped pages: every file (the embedding's too) mapped and
         # hashed by threads that need no GIL while jittor imports and the kernels load in this one
@@ -306,7 +303,8 @@ def load(
         weights = ResidentWeights.from_store(jt, store, dtype)
     else:  # float32: read once into memory the Vars share, widened (never twice the weights)
         weights = ResidentWeights.from_store(get_jittor(device), store, dtype)
-    model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, **common), tokenizer)
+    model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, net=net, **common),
+                            tokenizer)
     warm_up(model)  # the first load of this model compiles every kernel its forwards use, now
     return model
 
