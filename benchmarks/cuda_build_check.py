@@ -19,7 +19,9 @@ No GPU is needed. What it does, and why:
    cuRAND and the cub ops compile; then runs the cub kernels (softmax, where, argsort, argmax,
    cumsum, topk), a fp16 matmul (cuBLAS) and cuRAND in one ``jt.sync`` (so Jittor's parallel op
    compiler builds them side by side), a 2-layer fp16 MossModel prefill + 2 decode steps, the
-   CUDA engine's ``jt.code`` device-pointer op and the packed-weight kernels.
+   same model with offload cpu (the CPU kernels compiled and run under ``use_cuda=0`` in the CUDA
+   process, the pinned hand-off both ways, a prompt in the large route and decode steps in the
+   small one), the CUDA engine's ``jt.code`` device-pointer op and the packed-weight kernels.
 
 What is compiled (measured, 2026-12-01): all of Jittor's core (171 objects: 133 ``src/**/*.cc``
 with g++, ``nan_checker.cu`` with nvcc, the generated pyjt sources), the CUDA extern glue, the
@@ -209,6 +211,32 @@ with tempfile.TemporaryDirectory() as tmp:
         logits = session.decode([int(np.argmax(logits[0]))])
 stage["model"] = f"{layers}-layer fp16 MossModel: prefill 7 tokens + 2 decode steps"
 stage["model_seconds"] = round(time.time() - t2, 1)
+# The hybrid path (offload cpu): in this CUDA process the CPU kernels are compiled and run under
+# use_cuda=0 (jmoss.engine.cpu.CpuBackend), the hidden state crosses through the pinned hand-off
+# (CudaBackend: D2H and H2D on a private stream), the CPU's layer is pinned once and streamed for
+# the prompt (7 rows >= the 2-row threshold these figures give: the large route, its attention
+# handed to the CPU), while the decode steps compute it on the CPU (the small route).
+t_h = time.time()
+from jmoss.placement import Figures, plan_placement
+copy_wins = Figures(link_gbps=1000.0, cpu_gbps=1.0, cpu_gflops=0.001, device_gbps=1000.0)
+with tempfile.TemporaryDirectory() as tmp:
+    write_random_store(tmp, cfg)
+    # the budget of every layer on the CPU and the head on the device: no larger resident set fits it
+    split = plan_placement(cfg, device="cuda", device_memory=None, host_memory=None, offload="cpu", split=(0, True),
+                           max_seq_len=32, figures=copy_wins)
+    model = jmoss.load(tmp, device="cuda", dtype="float16", device_memory=split.device_total_bytes, offload="cpu",
+                       figures=copy_wins, max_seq_len=32)
+    assert model.plan.cpu_layers == list(range(layers)) and model.plan.cpu_min_rows == 2, model.plan.describe()
+    session = model.session(max_len=32)
+    logits = session.prefill([[1, 2, 3, 4, 5, 6, 7]])
+    for _ in range(2):
+        logits = session.decode([int(np.argmax(logits[0]))])
+    stats = model.net.stats
+    assert (stats.large_forwards, stats.small_forwards) == (1, 2), stats
+    model.weights.close()
+stage["hybrid"] = (f"offload cpu, {len(model.plan.cpu_layers)} of {layers} layers on the CPU kernels: prefill 7 tokens "
+                   f"(streamed, attention on the CPU) + 2 decode steps (CPU segment), {stats.handoffs} hand-offs")
+stage["hybrid_seconds"] = round(time.time() - t_h, 1)
 from jmoss.engine.cuda import _device_ptr
 v = jt.empty((8,), "float16"); v.sync()
 stage["device_ptr_op"] = bool(_device_ptr(jt, v))

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu", action="store_true", help="run on CUDA (default: CPU)")
     parser.add_argument("--device-memory", default=None, help="device memory budget, e.g. 12GiB")
     parser.add_argument("--host-memory", default=None, help="host memory budget for streamed layers, e.g. 24GiB")
+    parser.add_argument("--offload", choices=["auto", "cpu", "stream"], default="auto",
+                        help="--gpu: layers beyond --device-memory computed on the CPU (cpu), copied each token (stream), "
+                             "or the faster of the two (auto)")
     parser.add_argument("--plugins", default="", help="comma-separated: calculator,solver,search")
     parser.add_argument("--show-thoughts", action="store_true")
     return parser.parse_args(argv)
@@ -45,11 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        os.environ["JMOSS_THREADS"] = str(args.threads)
     try:
         model = jmoss.load(args.model_name, device="cuda" if args.gpu else "cpu",
-                           device_memory=args.device_memory, host_memory=args.host_memory, max_seq_len=args.ctx_size)
+                           device_memory=args.device_memory, host_memory=args.host_memory, max_seq_len=args.ctx_size,
+                           offload=args.offload, threads=args.threads)
         meta = None if args.system is None else args.system if args.system.endswith("\n") else args.system + "\n"
         run_chat(model, [p for p in args.plugins.split(",") if p], {}, args.show_thoughts,
                  dict(do_sample=args.generate == "sample", temperature=args.temperature, top_p=args.top_p,

@@ -20,11 +20,11 @@ import numpy as np
 
 from jmoss import layout
 from jmoss.config import MossConfig
-from jmoss.engine.factory import build_weights
+from jmoss.engine.factory import build_hybrid, build_weights, measure_figures
 from jmoss.engine.ops import check_threads, default_weight_dtype, pick_ops
 from jmoss.engine.resident import ResidentWeights
 from jmoss.engine.swap import JittorSwapWeights
-from jmoss.errors import DeviceError, GenerationError, ModelNotFoundError
+from jmoss.errors import BudgetError, DeviceError, GenerationError, ModelNotFoundError
 from jmoss.jittor_setup import get_jittor, resolve_device
 from jmoss.model import MossModel, rotary_tables
 from jmoss.embedding import EmbeddingTable
@@ -59,6 +59,7 @@ class Model:
         path: Path | None = None,
         plan=None,
         threads: int | None = None,
+        net=None,
     ):
         self.device = resolve_device(device)
         self.jt = get_jittor(self.device)
@@ -74,7 +75,8 @@ class Model:
         self.weights = weights or ResidentWeights(self.jt, groups, config.n_layer, self.dtype)
         self.threads = check_threads(threads)  # None: the kernels' default (JMOSS_THREADS, else the affinity)
         self.ops = pick_ops(self.jt, self.device, self.dtype, self.compute_dtype, threads=self.threads)
-        self.net = MossModel(self.jt, config, self.ops, self.compute_dtype)
+        # the model's math; an offload-cpu plan runs it as segments on two backends (jmoss.engine.segments)
+        self.net = net or MossModel(self.jt, config, self.ops, self.compute_dtype)
         self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self._tokenizer: Tokenizer | None = None
         self.stats = Stats()  # every generation on this model records here (jmoss.stats; GET /metrics)
@@ -200,6 +202,8 @@ def load(
     prefill_chunk: int | None = None,
     require_tokenizer: bool = False,
     threads: int | None = None,
+    offload: str = "auto",
+    figures=None,
 ) -> Model:
     """Load a converted model (a store directory or a name given to ``jmoss convert``).
 
@@ -223,11 +227,20 @@ def load(
     ``require_tokenizer=True`` (what `jmoss generate`, `chat` and `serve` ask for) loads the store's
     tokenizer first, so a store without tokenizer files fails in a second, before any weight is
     read; otherwise the tokenizer is loaded when text is first given (token ids need none).
+
+    ``offload`` (cuda, when the budget holds less than the whole model): "stream" copies the layers
+    the card cannot hold to it every token; "cpu" computes them on the CPU from host RAM (decode and
+    short prompt chunks; long chunks still stream them); "auto" (default) plans both and keeps the
+    faster at decode, from ``figures`` (a jmoss.placement.Figures) or, when None, from probes run
+    once per process (pinned copy speed, the CPU kernels, the device's bandwidth). ``model.plan``
+    says which it chose and why; on cpu it has no effect.
     """
-    from jmoss.placement import DEFAULT_PREFILL_CHUNK, plan_placement
+    from jmoss.placement import DEFAULT_PREFILL_CHUNK, OFFLOAD_MODES, plan_placement
     from jmoss.sizes import parse_size
     from jmoss.store import Store, resolve_model
 
+    if offload not in OFFLOAD_MODES:  # before anything is probed or read
+        raise DeviceError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     check_model_path(model)
     threads = check_threads(threads)
     device_memory, host_memory = parse_size(device_memory), parse_size(host_memory)
@@ -255,14 +268,30 @@ def load(
         return _with_tokenizer(Model(store.config, _embed(store), weights=weights, **common), tokenizer)
 
     available_device, available_host = _available_memory(device)
-    plan = plan_placement(
-        store.config, device=device, device_memory=device_memory, host_memory=host_memory,
-        available_device_bytes=available_device, available_host_bytes=available_host,
-        max_seq_len=max_seq_len, prefetch_depth=prefetch_depth, weight_itemsize=2 if dtype == "float16" else 4,
-        batch=batch, kv_dtype=compute_dtype,
-        prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
-    )
-    if plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
+
+    def plan_for(mode: str, speeds):
+        return plan_placement(
+            store.config, device=device, device_memory=device_memory, host_memory=host_memory,
+            available_device_bytes=available_device, available_host_bytes=available_host,
+            max_seq_len=max_seq_len, prefetch_depth=prefetch_depth, weight_itemsize=2 if dtype == "float16" else 4,
+            batch=batch, kv_dtype=compute_dtype,
+            prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
+            offload=mode, figures=speeds,
+        )
+
+    def offloads() -> bool:
+        try:
+            return plan_for("stream", None).streams
+        except BudgetError:  # below streaming's minimum: offload cpu may still fit
+            return True
+
+    if device == "cuda" and offload != "stream" and figures is None and offloads():
+        figures = measure_figures(get_jittor(device), store.config)  # what the choice needs, measured once
+    plan = plan_for(offload, figures)
+    net = None  # the model's own MossModel, except an offload-cpu plan's segments
+    if plan.hybrid:
+        weights, net = build_hybrid(store, plan, get_jittor(device), dtype, compute_dtype=compute_dtype)
+    elif plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
     elif dtype == "float16":  # the store's mapped pages: every file (the embedding's too) mapped and
         # hashed by threads that need no GIL while jittor imports and the kernels load in this one
@@ -274,7 +303,8 @@ def load(
         weights = ResidentWeights.from_store(jt, store, dtype)
     else:  # float32: read once into memory the Vars share, widened (never twice the weights)
         weights = ResidentWeights.from_store(get_jittor(device), store, dtype)
-    model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, **common), tokenizer)
+    model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, net=net, **common),
+                            tokenizer)
     warm_up(model)  # the first load of this model compiles every kernel its forwards use, now
     return model
 

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 # Tokens one step may carry for prefill (split over the rows that prefill in it). Decode rows
 # are padded to the step's width, so a smaller chunk keeps joining cheap for those already decoding.
 STEP_TOKENS = 256
+# A verify pass (a token and its drafts, jmoss.lookup) is never split over steps: a step carries at
+# least this many tokens per row.
+VERIFY_TOKENS = 16
 GATHER_SECONDS = 0.02  # longest wait for a slot that just got its logits to ask for the next step
 
 
@@ -50,8 +53,10 @@ class StepCancelled(JmossError):
 @dataclass
 class _Request:
     tokens: list[int]
+    every: bool = False  # a verify pass: the logits of every token, not only the last
     done: threading.Event = field(default_factory=threading.Event)
     logits: np.ndarray | None = None
+    parts: list[np.ndarray] = field(default_factory=list)  # every=True: logits of the steps so far
     error: BaseException | None = None
 
 
@@ -62,6 +67,7 @@ class Slot:
     """
 
     batch = 1
+    prefill_chunk = VERIFY_TOKENS  # the widest verify pass (generation reads it as a Session's)
 
     def __init__(self, runner: "BatchRunner", index: int):
         self.runner, self.index, self.max_len = runner, index, runner.max_len
@@ -104,6 +110,13 @@ class Slot:
 
     def decode(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         return self.runner._submit(self, [int(t) for t in np.asarray(tokens).reshape(-1)])
+
+    def verify(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """A fed token and its drafts in one step; logits of every position [1, n, V] (see Session.verify)."""
+        rows = [list(map(int, r)) for r in rows]
+        if len(rows) != 1 or not 0 < len(rows[0]) <= VERIFY_TOKENS:
+            raise GenerationError(f"a batched slot verifies 1 to {VERIFY_TOKENS} tokens of 1 sequence")
+        return self.runner._submit(self, rows[0], every=True)
 
 
 class DetachedSession:
@@ -175,7 +188,7 @@ class BatchRunner:
         return len(self._rows)
 
     # -- the step (job threads submit, the runner thread computes) -----------------------------
-    def _submit(self, slot: Slot, tokens: list[int]) -> np.ndarray:
+    def _submit(self, slot: Slot, tokens: list[int], every: bool = False) -> np.ndarray:
         if slot.broken:
             raise GenerationError("an earlier batched step failed; this sequence's cache is gone (start it again)")
         if slot.length + len(tokens) > self.max_len:
@@ -185,7 +198,7 @@ class BatchRunner:
         vocab = self.model.config.vocab_size
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise GenerationError(f"token ids must be in 0..{vocab - 1}")
-        request = _Request(list(tokens))
+        request = _Request(list(tokens), every)
         with self._cv:
             if self._stopped:
                 raise GenerationError("the batch runner has stopped")
@@ -236,7 +249,7 @@ class BatchRunner:
         if any(s.row is None for s in pending) or sum(not s.busy for s in self._rows) > len(self._rows) // 2:
             self._repack()
         rows = len(self._rows)
-        chunk = max(16, self.step_tokens // rows)
+        chunk = max(VERIFY_TOKENS, self.step_tokens // rows)
         width = max(min(chunk, len(r.tokens)) for r in pending.values())
         if self._cursor + width > self.max_len:
             self._repack()
@@ -244,6 +257,7 @@ class BatchRunner:
         width = min(width, self.max_len - self._cursor)
         if width < 1:
             return None
+        tail = 1  # logits kept per row: the last position, or every token of a verify pass in this step
         start, total = self._cursor, self._cursor + width
         ids = np.zeros((rows, width), dtype=np.int64)
         positions = np.zeros((rows, width), dtype=np.int64)
@@ -260,16 +274,18 @@ class BatchRunner:
             positions[r, width - n:] = np.arange(slot.length, slot.length + n)
             key_mask[r, total - n:total] = 1
             taken.append((slot, request, n))
-        return start, ids, positions, key_mask, taken
+            if request.every:
+                tail = max(tail, n)
+        return start, ids, positions, key_mask, taken, tail
 
     def _run(self, start: int, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray,
-             taken: list[tuple[Slot, _Request, int]]) -> None:
+             taken: list[tuple[Slot, _Request, int]], tail: int = 1) -> None:
         model = self.model
         width = ids.shape[1]
         try:
             step = make_step(model.jt, model.config, model.rotary, start, positions, key_mask)
             out = model.net.forward(model.embed(ids), model.weights.layer, model.weights.head, self._cache, step,
-                                    True).numpy()
+                                    True, tail=tail).numpy()
         except BaseException as exc:  # every sequence in the cache is now suspect
             with self._cv:
                 for slot in self.slots:
@@ -289,8 +305,13 @@ class BatchRunner:
             for slot, request, n in taken:
                 slot.cols.extend(range(start + width - n, start + width))
                 del request.tokens[:n]
+                if request.every:  # this row's n tokens are the last n of the step's columns
+                    request.parts.append(out[slot.row, tail - n:, :].copy())
                 if not request.tokens:
-                    request.logits = out[slot.row : slot.row + 1, -1, :].copy()
+                    if request.every:
+                        request.logits = np.concatenate(request.parts, axis=0)[None]
+                    else:
+                        request.logits = out[slot.row : slot.row + 1, -1, :].copy()
                     del self._pending[slot]
                     served.add(slot)
                     request.done.set()
@@ -305,7 +326,7 @@ class BatchRunner:
                 s.cols, s.row = [], None  # an idle slot's cache is given up (its owner re-reads it)
         longest = max((s.length for s in keep), default=0)
         model, config = self.model, self.model.config
-        cache = KVCache(model.jt, config, max(1, len(keep)), self.max_len, model.compute_dtype)
+        cache = model.net.new_cache(max(1, len(keep)), self.max_len, model.compute_dtype)
         if self._cache is not None and longest:
             olds = [(s.row, s.cols) for s in keep]
             for layer in range(config.n_layer):

@@ -125,7 +125,8 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
     t0 = time.perf_counter()
     model = jmoss.load(options["model"], device=options["device"], device_memory=options["device_memory"],
                        host_memory=options.get("host_memory"), max_seq_len=options.get("max_seq_len"),
-                       swap=options.get("swap"), threads=options.get("threads"))
+                       swap=options.get("swap"), threads=options.get("threads"),
+                       offload=options.get("offload", "auto"))
     load_s = time.perf_counter() - t0
     prompt_n, decode_n = options["prompt_tokens"], options["decode_tokens"]
     vocab = model.config.vocab_size
@@ -472,12 +473,12 @@ def memory_bound(threads: int | None = None) -> Figures:
 
 def run_bench(model: str, *, device: str = "cpu", device_memory: int | None = None, host_memory: int | None = None,
               prompt_tokens: int = 64, decode_tokens: int = 16, compare: tuple[str, ...] = (),
-              threads: int | None = None) -> tuple[Figures, list[Figures]]:
+              threads: int | None = None, offload: str = "auto") -> tuple[Figures, list[Figures]]:
     """(bound, rows): the measured bound, then jmoss's run and one row per comparison; on
     ``threads`` CPU threads (default: JMOSS_THREADS, else the CPUs this process may run on)."""
     options = {"model": str(model), "device": device, "device_memory": device_memory, "host_memory": host_memory,
                "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
-               "max_seq_len": prompt_tokens + decode_tokens, "threads": threads}
+               "max_seq_len": prompt_tokens + decode_tokens, "threads": threads, "offload": offload}
     if "torch" in compare:
         # Both sides in their best CPU configuration: each is measured at 1 thread and at the
         # default count, and its best is shown (transformers' OpenMP team loses most of its speed

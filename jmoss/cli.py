@@ -20,6 +20,26 @@ from jmoss import __version__
 from jmoss.errors import JmossError
 from jmoss.sizes import SIZE
 
+
+class _Lookup(click.ParamType):
+    """--lookup off|auto|K, validated by jmoss.lookup.parse_lookup."""
+
+    name = "off|auto|K"
+
+    def convert(self, value, param, ctx):
+        from jmoss.lookup import parse_lookup
+
+        try:
+            return parse_lookup(value)
+        except JmossError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+LOOKUP_HELP = ("prompt-lookup speculative decoding: drafts up to K tokens from the context per pass and keeps what "
+               "the model itself would produce (greedy output unchanged); auto = on for CUDA and for layers streamed each "
+               "token, off for a model resident on the CPU, where every drafted row costs compute")
+
+
 class JmossPortError(JmossError):
     """The port ``jmoss serve`` was asked for cannot be bound."""
 
@@ -123,6 +143,9 @@ model_options = _with_options([
     threads_option,
     ctx_option,
     pull_option,
+    click.option("--offload", type=click.Choice(["auto", "cpu", "stream"]), default="auto", show_default=True,
+                 help="GPU, layers beyond --device-memory: cpu computes them on the CPU (decode, short prompt chunks), "
+                      "stream copies them to the GPU every token; auto measures both sides and picks the faster"),
 ])
 
 
@@ -150,14 +173,15 @@ def _offer_pull(exc, pull: bool) -> bool:
 
 
 def _load(model: str, device: str, dtype: str | None, device_memory, host_memory, batch: int = 1, *,
-          threads: int | None = None, ctx_size: int | None = None, pull: bool = False):
+          threads: int | None = None, ctx_size: int | None = None, pull: bool = False, offload: str = "auto"):
     import jmoss
     from jmoss.errors import NotConvertedError
 
     def load():
         # generate, chat and serve read and write text: a store without tokenizer files fails before its weights load
         return jmoss.load(model, device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
-                          batch=batch, max_seq_len=ctx_size, require_tokenizer=True, threads=threads)
+                          batch=batch, max_seq_len=ctx_size, require_tokenizer=True, threads=threads,
+                          offload=offload)
 
     try:
         return load()
@@ -179,6 +203,7 @@ sampling_options = _with_options([
     click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.02, show_default=True),
     click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
     click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=None, help="seconds per reply"),
+    click.option("--lookup", type=_Lookup(), default="auto", show_default=True, help=LOOKUP_HELP),
 ])
 
 
@@ -195,9 +220,9 @@ def _plugin_args(plugins: str, search_docs: Path | None, text2image_cmd: str | N
     return names, options
 
 
-def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, max_time) -> dict:
+def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, max_time, lookup) -> dict:
     return dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p,
-                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, max_time=max_time)
+                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, max_time=max_time, lookup=lookup)
 
 
 @main.command()
@@ -207,7 +232,8 @@ def _gen_kwargs(max_new_tokens, greedy, temperature, top_p, top_k, repetition_pe
 @sampling_options
 @click.option("--stop", multiple=True, help="stop sequence (repeatable); the model's <eom> always stops")
 @click.option("--quiet", "-q", is_flag=True, help="no note while Jittor compiles kernels (on stderr)")
-def generate(model, prompt, device, dtype, device_memory, host_memory, threads, ctx_size, pull, stop, quiet,
+def generate(model, prompt, device, dtype, device_memory, host_memory, threads, ctx_size, pull, offload, stop,
+             quiet,
              **sampling):
     """Print only the text MODEL generates after PROMPT, streamed.
 
@@ -217,7 +243,8 @@ def generate(model, prompt, device, dtype, device_memory, host_memory, threads, 
     from jmoss.jittor_setup import set_compile_notices
 
     set_compile_notices(not quiet)
-    m = _load(model, device, dtype, device_memory, host_memory, threads=threads, ctx_size=ctx_size, pull=pull)
+    m = _load(model, device, dtype, device_memory, host_memory, threads=threads, ctx_size=ctx_size, pull=pull,
+              offload=offload)
     for delta in m.stream(prompt, stop=list(stop), **_gen_kwargs(**sampling)):
         click.echo(delta, nl=False)
     click.echo()
@@ -237,8 +264,8 @@ def generate(model, prompt, device, dtype, device_memory, host_memory, threads, 
 @click.option("--show-thoughts", is_flag=True, help="show Inner Thoughts, Commands and Results as they happen")
 @click.option("--quiet", "-q", is_flag=True,
               help="no loading/prompt status line, no tok/s line after replies, no kernel-compile note")
-def chat(model, device, dtype, device_memory, host_memory, threads, ctx_size, pull, system, plugins, search_docs,
-         text2image_cmd, show_thoughts, quiet, **sampling):
+def chat(model, device, dtype, device_memory, host_memory, threads, ctx_size, pull, offload, system, plugins,
+         search_docs, text2image_cmd, show_thoughts, quiet, **sampling):
     """Talk with MODEL; /help lists the commands (/clear starts over, /bye quits), Ctrl-C interrupts a reply.
 
     MODEL is a converted store directory, or a model name (e.g. fnlp/moss-moon-003-sft, demo);
@@ -252,7 +279,8 @@ def chat(model, device, dtype, device_memory, host_memory, threads, ctx_size, pu
     status = Status(quiet=quiet)
     names, options = _plugin_args(plugins, search_docs, text2image_cmd)
     with status.ticking("loading model"):
-        m = _load(model, device, dtype, device_memory, host_memory, threads=threads, ctx_size=ctx_size, pull=pull)
+        m = _load(model, device, dtype, device_memory, host_memory, threads=threads, ctx_size=ctx_size, pull=pull,
+                  offload=offload)
     run_chat(m, names, options, show_thoughts, _gen_kwargs(**sampling), meta_instruction=_system_text(system),
              status=status)
 
@@ -371,21 +399,34 @@ def verify(store):
 @click.option("-c", "--ctx-size", "--max-seq-len", "max_seq_len", type=click.IntRange(min=1), default=None,
               help="context length: KV cache positions (default n_positions)")
 @click.option("--revision", default=None, help="Hub revision whose config.json plans a model not converted yet")
-@click.option("--link-gbps", type=float, default=None, help="host-to-device GB/s for the tok/s bound")
+@click.option("--offload", type=click.Choice(["auto", "cpu", "stream"]), default="auto", show_default=True,
+              help="cuda: compute the layers the card cannot hold on the CPU, or stream them; auto compares the two "
+                   "by the speeds below")
+@click.option("--link-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="pinned host-to-device GB/s (PCIe 4.0 x16 ~25, PCIe 5.0 x16 ~50)")
+@click.option("--cpu-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GB/s at which the CPU kernels read this model's weights in decode (fp16: about the RAM's read "
+                   "speed; packed int4/int8 run slower per byte where the CPU is the limit)")
+@click.option("--cpu-gflops", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GFLOP/s of the CPU kernels on many rows (sets the prompt-chunk size from which layers stream)")
+@click.option("--device-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="the GPU's memory bandwidth in GB/s (decode of its resident layers)")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="sequences served at once (serve --max-batch): the KV cache is planned for all of them")
 @head_options
-def info(model, device, device_memory, host_memory, max_seq_len, revision, link_gbps, max_batch, head_bits, embed_bits,
-         keep_head_fp16):
+def info(model, device, device_memory, host_memory, max_seq_len, revision, offload, link_gbps, cpu_gbps, cpu_gflops,
+         device_gbps, max_batch, head_bits, embed_bits, keep_head_fp16):
     """Print MODEL's config and the placement plan for a budget (no weights are read).
 
     MODEL is a store directory, a converted name, a folder/file with a config.json, or a Hugging
     Face name not converted yet (NAME[:fp16|int8|int4]: only its config.json is downloaded). The
     plan is for the budgets given, whatever this machine has (plan for a card you do not own yet).
+    With --link-gbps, --cpu-gbps and --device-gbps it predicts the decode tok/s of streaming and of
+    the CPU computing what the card cannot hold, and says which --offload auto picks and why.
     """
     from jmoss import layout
     from jmoss.jittor_setup import resolve_device
-    from jmoss.placement import plan_placement
+    from jmoss.placement import Figures, plan_placement
 
     config = _config_for(model, revision)
     click.echo(f"{model}: {config.model_type}, {config.n_layer} layers, n_embd {config.n_embd}, "
@@ -401,8 +442,11 @@ def info(model, device, device_memory, host_memory, max_seq_len, revision, link_
     device = resolve_device(device)
     # a what-if plan: budgets are not checked against this machine's free memory (no available
     # bytes given), so no budget plans everything resident
+    speeds = (link_gbps, cpu_gbps, cpu_gflops, device_gbps)
+    figures = Figures(link_gbps=link_gbps, cpu_gbps=cpu_gbps, cpu_gflops=cpu_gflops, device_gbps=device_gbps,
+                      source="given") if any(speeds) else None
     plan = plan_placement(config, device=device, device_memory=device_memory, host_memory=host_memory,
-                          max_seq_len=max_seq_len, batch=max_batch)
+                          max_seq_len=max_seq_len, batch=max_batch, offload=offload, figures=figures)
     click.echo(plan.describe(link_gbps=link_gbps))
     if device == "cpu":
         from jmoss.kernels.cpu import describe_plan
@@ -532,6 +576,7 @@ def doctor(fix_cuda, undo_cuda_fix, cuda_details):
 @click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="file of API keys, one per line (# comments and blank lines skipped)")
 @click.option("--metrics-public", is_flag=True, help="serve GET /metrics without a key even when keys are set")
+@click.option("--lookup", type=_Lookup(), default="auto", show_default=True, help=LOOKUP_HELP + " (every request)")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="serve on a Ray Serve cluster: --replicas copies of the model behind this front; ADDRESS "
                    "(HOST:PORT of `ray start --head`, or auto) joins a cluster, none starts a local one "
@@ -542,7 +587,8 @@ def doctor(fix_cuda, undo_cuda_fix, cuda_details):
               help="with --ray: CPUs Ray reserves per replica (also its kernel threads unless -t)")
 @click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
               help="with --ray: GPUs per replica (default 1 with --device cuda, or auto on a cluster with GPUs; else 0)")
-def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, pull, host, port, model_name,
+def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, pull, offload, host,
+          port, model_name,
           max_new_tokens, system, plugins, search_docs, text2image_cmd, no_web, max_batch, api_keys, api_key_file,
           metrics_public, ray_address, replicas, replica_cpus, replica_gpus, **limits):
     """Serve MODEL over HTTP: a chat page at GET /, MOSS's uid API at POST / and the OpenAI API under /v1.
@@ -558,6 +604,13 @@ def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, p
     keys = load_keys(api_keys, api_key_file)  # checked before the model loads: a bad key fails in a second
     _check_port(host, port)  # before loading: a busy port must not cost a model load
     names, options = _plugin_args(plugins, search_docs, text2image_cmd)
+    if ray_address is None:  # a Ray-only flag without --ray would be silently ignored
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in ("replicas", "replica_cpus", "replica_gpus")
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --ray (serve on a Ray Serve cluster); "
+                                   "add --ray, or drop them")
     if ray_address is not None:
         from jmoss.server.ray_app import serve_ray
 
@@ -570,13 +623,13 @@ def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, p
         log_level = limits.pop("log_level")
         serve_ray(model, host, port, address=None if ray_address == "local" else ray_address, replicas=replicas,
                   replica_cpus=replica_cpus, replica_gpus=replica_gpus, threads=threads, device=device, dtype=dtype,
-                  device_memory=device_memory, host_memory=host_memory, ctx_size=ctx_size, model_name=model_name,
+                  device_memory=device_memory, host_memory=host_memory, offload=offload, ctx_size=ctx_size, model_name=model_name,
                   web=not no_web, log_level=log_level, plugins=names, plugin_options=options, max_batch=max_batch,
                   default_max_tokens=max_new_tokens, meta_instruction=_system_text(system), api_keys=keys,
                   metrics_public=metrics_public, **limits)
         return
     m = _load(model, device, dtype, device_memory, host_memory, batch=max_batch, threads=threads, ctx_size=ctx_size,
-              pull=pull)
+              pull=pull, offload=offload)
     log_level = limits.pop("log_level")
     page = "" if no_web else "chat page at /, "
     guard = f", {len(keys)} API key(s)" if keys else ""
@@ -614,6 +667,8 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--device-memory", type=SIZE, default=None,
               help="device budget, e.g. 300MB; layers beyond it are streamed (default: everything resident)")
 @click.option("--host-memory", type=SIZE, default=None, help="host RAM for weights streamed to a GPU, e.g. 24GiB")
+@click.option("--offload", type=click.Choice(["auto", "cpu", "stream"]), default="auto", show_default=True,
+              help="cuda: compute the layers beyond --device-memory on the CPU, or stream them (auto: the faster)")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--compare", multiple=True, type=click.Choice(["jittor", "torch", "ctranslate2"]),
@@ -625,7 +680,7 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--competitors", is_flag=True,
               help="--compare ctranslate2 only: run every configuration again beside one CPU-bound process per CPU "
                    "(a busy desktop), in the same rounds, and compare both ways")
-def bench(model, device, threads, device_memory, host_memory, prompt_tokens, decode_tokens, compare, rounds,
+def bench(model, device, threads, device_memory, host_memory, offload, prompt_tokens, decode_tokens, compare, rounds,
           competitors):
     """Measure MODEL: prefill/decode tok/s, bytes streamed per token, read GB/s vs this machine's
     bound, peak RSS; each run in its own process, comparisons side by side.
@@ -664,7 +719,7 @@ def bench(model, device, threads, device_memory, host_memory, prompt_tokens, dec
         raise click.UsageError(f"--compare {missing[0]} is not available in this jmoss yet")
     bound, rows = run_bench(model, device=device, device_memory=device_memory, host_memory=host_memory,
                             prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, compare=tuple(compare),
-                            threads=threads)
+                            threads=threads, offload=offload)
     click.echo(format_table(bound, rows))
 
 

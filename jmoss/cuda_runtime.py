@@ -7,6 +7,10 @@ these few calls cost no dependency. Only what jmoss's streaming engine and the G
 
 ``JMOSS_CUDART`` names the library explicitly; otherwise the one Jittor loaded (found next to the
 nvcc jmoss uses) or ``libcudart.so`` on the loader path.
+
+The hybrid engine's hand-off (jmoss.engine.cuda.CudaBackend) crosses through one ``PinnedBuffer``:
+``Stream.copy_d2h`` brings a device Var's bytes into it, ``Stream.copy_h2d`` takes them back.
+``device_gbps`` and ``pinned_h2d_gbps`` are the device figures the offload choice is made with.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from jmoss.errors import DeviceError
 
 MEMCPY_HOST_TO_DEVICE = 1
 MEMCPY_DEVICE_TO_HOST = 2
+MEMCPY_DEVICE_TO_DEVICE = 3
 STREAM_NON_BLOCKING = 0x01
 EVENT_DISABLE_TIMING = 0x02
 HOST_ALLOC_DEFAULT = 0
@@ -138,6 +143,12 @@ class Stream:
     def copy_h2d(self, device_ptr: int, host_ptr: int, nbytes: int) -> None:
         check(runtime().cudaMemcpyAsync(device_ptr, host_ptr, nbytes, MEMCPY_HOST_TO_DEVICE, self.ptr), "cudaMemcpyAsync")
 
+    def copy_d2h(self, host_ptr: int, device_ptr: int, nbytes: int) -> None:
+        check(runtime().cudaMemcpyAsync(host_ptr, device_ptr, nbytes, MEMCPY_DEVICE_TO_HOST, self.ptr), "cudaMemcpyAsync")
+
+    def copy_d2d(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        check(runtime().cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, MEMCPY_DEVICE_TO_DEVICE, self.ptr), "cudaMemcpyAsync")
+
     def synchronize(self) -> None:
         check(runtime().cudaStreamSynchronize(self.ptr), "cudaStreamSynchronize")
 
@@ -189,4 +200,27 @@ def pinned_h2d_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> dict:
         return {"what": "pinned host-to-device copy (cudaMemcpyAsync, CUDA events)", "gbps": best, "bytes": nbytes}
     finally:
         for obj in (host, device, stream, start, stop):
+            obj.close()
+
+
+def device_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> dict:
+    """Best-of-``repeats`` device memory bandwidth: a device-to-device copy reads and writes each
+    byte, so the rate is 2 x nbytes / time (decimal GB/s, CUDA events). What a resident layer's
+    decode, which reads its weights once, is bounded by."""
+    src, dst, stream = DeviceBuffer(nbytes), DeviceBuffer(nbytes), Stream()
+    start, stop = Event(timing=True), Event(timing=True)
+    try:
+        best = 0.0
+        for _ in range(repeats):
+            start.record(stream)
+            stream.copy_d2d(dst.ptr, src.ptr, nbytes)
+            stop.record(stream)
+            stop.synchronize()
+            ms = stop.elapsed_ms(start)
+            if ms > 0:
+                best = max(best, 2 * nbytes / (ms / 1e3) / 1e9)
+        return {"what": "device-to-device copy (cudaMemcpyAsync, CUDA events; read + write)", "gbps": best,
+                "bytes": nbytes}
+    finally:
+        for obj in (src, dst, stream, start, stop):
             obj.close()

@@ -13,6 +13,10 @@ JSON schema, jmoss.constraints): each generated row gets its own :class:`TokenMa
 ids may come next before every sampling step and told which one came. It sits after the
 penalties and before temperature, so greedy, top-k and top-p only ever choose among allowed ids.
 
+Prompt-lookup decoding (``GenerationOptions.lookup``, jmoss.lookup) verifies draft tokens with the
+same processing, position by position, so it changes how many forward passes a reply takes, not
+what greedy decoding writes, nor the distribution sampling draws from; a mask only sees kept tokens.
+
 Text streaming never splits a UTF-8 character (the tokenizer's stream decoder holds back
 incomplete bytes) and never shows the beginning of a string stop sequence that may still match.
 """
@@ -25,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from jmoss.errors import ContextLengthError, GenerationError
+from jmoss.errors import ContextLengthError, GenerationError, TokenizerError
+from jmoss.lookup import LookupStats, PromptLookup, draft_limit, parse_lookup
 
 if TYPE_CHECKING:
     from jmoss.session import Session, TextModel
@@ -50,6 +55,8 @@ class GenerationOptions:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely (0-20)
     constraint: "Constraint | None" = None  # e.g. a JSON schema (jmoss.constraints); one TokenMask per row
+    # prompt-lookup speculative decoding (jmoss.lookup): "off"/0, "auto" (on where it pays), or at most K draft tokens per pass
+    lookup: int | str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -73,6 +80,7 @@ class GenerationOptions:
             raise GenerationError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
         if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
             raise GenerationError("constraint must have a start() that returns a TokenMask (see jmoss.constraints)")
+        object.__setattr__(self, "lookup", parse_lookup(self.lookup))
 
     @classmethod
     def from_kwargs(cls, **options) -> "GenerationOptions":
@@ -115,10 +123,22 @@ class Constraint(Protocol):
 
 
 class Sampler:
-    """Turns next-token logits into token ids for a batch, in MOSS's order.
+    """Turns next-token logits into token ids, one position at a time, in MOSS's order.
+
+    ``scores`` processes one position's logits given the ids before it (``history``: the prompt,
+    earlier turns and every token generated up to that position; ``generated``: the tail of it
+    this generation produced) and its row's TokenMask; ``pick`` draws a token from them and
+    ``verify`` decides a speculative draft token (jmoss.lookup) at one position. Lookup verifies a
+    draft position by position, each with exactly the history, generated ids and mask state plain
+    generation would have had there (accepted drafts included), so the repetition penalty, the
+    presence/frequency penalties and the mask stay exact. A TokenMask advances on each token
+    ``pick``/``verify`` return that generation keeps and on nothing else: verification never
+    processes a position after the first rejected draft (see generation.generate_ids), so a
+    rejected draft never reaches a mask and nothing needs rolling back.
 
     ``last`` holds, after each call with ``options.logprobs`` set, one ``(logprob, top)`` per row:
-    the chosen id's log-probability and ``[(id, logprob), ...]`` of the most likely ids.
+    the chosen id's log-probability and ``[(id, logprob), ...]`` of the most likely ids
+    (:meth:`logprob` gives the same for one position, e.g. an accepted draft).
     """
 
     def __init__(self, options: GenerationOptions, vocab_limit: int):
@@ -135,15 +155,19 @@ class Sampler:
         picked = [self.pick(row, history, new, mask)
                   for row, history, new, mask in zip(logits, histories, generated, masks)]
         if self.options.logprobs is not None:
-            self.last = [_logprobs(row[: self.vocab_limit], token, self.options.logprobs)
-                         for row, token in zip(logits, picked)]
+            self.last = [self.logprob(row, token) for row, token in zip(logits, picked)]
         return np.array(picked, dtype=np.int64)
 
-    def pick(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = (),
-             mask: TokenMask | None = None) -> int:
-        """One position's next id from its logits, ``history`` (every id before it, prompt included),
-        ``generated`` (the ids this generation produced so far, the tail of ``history``) and its
-        row's TokenMask (if any)."""
+    def logprob(self, logits: np.ndarray, token: int) -> tuple[float, list[tuple[int, float]]] | None:
+        """``token``'s log-probability under the model's own logits and the ``options.logprobs``
+        most likely ids (None when logprobs are off)."""
+        if self.options.logprobs is None:
+            return None
+        return _logprobs(logits[: self.vocab_limit], token, self.options.logprobs)
+
+    def _processed(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int],
+                   mask: TokenMask | None) -> np.ndarray:
+        """Penalties, then the mask; sampling: then temperature and top-k (top-p is left to the caller)."""
         o = self.options
         scores = np.array(logits[: self.vocab_limit], dtype=np.float32)
         if o.repetition_penalty != 1.0 and len(history):
@@ -160,16 +184,75 @@ class Sampler:
         if mask is not None:
             scores = _masked(scores, mask.mask())
         if not o.do_sample:
-            return int(scores.argmax())
+            return scores
         scores = scores / o.temperature
         if o.top_k and o.top_k < scores.size:
             kth = np.partition(scores, -o.top_k)[-o.top_k]
             scores = np.where(scores < kth, -np.inf, scores)
-        if o.top_p < 1.0:
-            kept, weights = _top_p_kept(scores, o.top_p)
-            return int(kept[self.rng.choice(kept.size, p=weights / weights.sum())])
-        probs = _softmax(scores)
-        return int(self.rng.choice(probs.size, p=probs))
+        return scores
+
+    def _distribution(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int],
+                      mask: TokenMask | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """Sampling's candidates and their probabilities: (kept ids ascending, probs) under top-p,
+        else (None, probs over every id)."""
+        scores = self._processed(logits, history, generated, mask)
+        if self.options.top_p < 1.0:
+            kept, weights = _top_p_kept(scores, self.options.top_p)
+            return kept, weights / weights.sum()
+        return None, _softmax(scores)
+
+    def scores(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = (),
+               mask: TokenMask | None = None) -> np.ndarray:
+        """One position's logits processed in order: repetition penalty, presence/frequency
+        penalties over ``generated``, the mask, then (sampling only) temperature, top-k and top-p;
+        excluded ids are -inf."""
+        scores = self._processed(logits, history, generated, mask)
+        if self.options.do_sample and self.options.top_p < 1.0:
+            kept, _ = _top_p_kept(scores, self.options.top_p)
+            out = np.full_like(scores, -np.inf)
+            out[kept] = scores[kept]
+            return out
+        return scores
+
+    def pick(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int] = (),
+             mask: TokenMask | None = None) -> int:
+        """One position's next id from its logits, ``history`` (every id before it, prompt included),
+        ``generated`` (the ids this generation produced so far, the tail of ``history``) and its
+        row's TokenMask (if any): the best one (greedy) or one drawn from the processed distribution."""
+        if not self.options.do_sample:
+            return int(self._processed(logits, history, generated, mask).argmax())
+        ids, probs = self._distribution(logits, history, generated, mask)
+        choice = int(self.rng.choice(probs.size, p=probs))
+        return int(ids[choice]) if ids is not None else choice
+
+    def verify(self, logits: np.ndarray, history: Sequence[int], draft: int, generated: Sequence[int] = (),
+               mask: TokenMask | None = None) -> int:
+        """The token this position gets when a drafter proposed ``draft``: ``draft`` itself when accepted.
+
+        Greedy: the best token (accepted iff it is the draft), so output equals plain greedy.
+        Sampling, the standard speculative acceptance for a deterministic drafter (whose proposal
+        distribution is a point mass on the draft): accept with probability p(draft), else draw
+        from p with the draft removed and renormalised. Then P(token = x) = p(x) for every x: for
+        the draft p(draft); for x != draft (1 - p(draft)) * p(x) / (1 - p(draft)). A draft the
+        mask forbids, or outside top-k/top-p, has p = 0: always rejected.
+        """
+        if not self.options.do_sample:
+            return int(self._processed(logits, history, generated, mask).argmax())
+        ids, probs = self._distribution(logits, history, generated, mask)
+        if ids is None:
+            at = int(draft) if 0 <= draft < probs.size else -1
+        else:
+            at = int(np.searchsorted(ids, draft))
+            at = at if at < ids.size and ids[at] == draft else -1
+        p = float(probs[at]) if at >= 0 else 0.0
+        if self.rng.random() < p:
+            return int(draft)
+        if p > 0.0:
+            probs = probs.copy()
+            probs[at] = 0.0
+            probs /= probs.sum()
+        choice = int(self.rng.choice(probs.size, p=probs))
+        return int(ids[choice]) if ids is not None else choice
 
 
 def _masked(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
@@ -316,21 +399,38 @@ def generate_ids(
     should_stop: StopCheck | None = None,
     fit_context: bool = False,
     reasons: list[str | None] | None = None,
+    stats: LookupStats | None = None,
     logprobs_out: list | None = None,
 ) -> Iterator[list[int | None]]:
-    """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None once done).
+    """Prefill ``rows`` into ``session`` and yield, per step, each row's new token (None: none this step).
 
     A row ends on a stop token sequence (the stop tokens are yielded, so callers see why), at
     max_new_tokens, at max_time, when the session is full, or when ``should_stop()`` turns true
-    (checked before the prefill and before every decode: at most one more step runs). With
+    (checked before the prefill and before every forward pass: at most one more pass runs). With
     ``fit_context`` max_new_tokens is clamped to the room the session has after the prefill
     (:func:`fit_to_context`) and a row ending there ends for "context". ``reasons`` (one entry per
     row) receives why each row ended: "stop", "length", "context", "time" or "cancelled".
     ``histories`` are the ids the repetition penalty sees before the new rows (a chat's earlier turns).
-    With ``options.constraint`` each row gets its own TokenMask, advanced by every id it takes.
-    The model's ``stats`` (jmoss.stats), when it has one, records tokens and latencies.
-    ``logprobs_out`` (with ``options.logprobs`` set) is refilled at each step with each row's
-    ``(logprob, top)`` (see :class:`Sampler`).
+    With ``options.constraint`` each row gets its own TokenMask, advanced by every id it takes
+    (and by no other: see below). The model's ``stats`` (jmoss.stats), when it has one, records
+    tokens and latencies. ``logprobs_out`` (with ``options.logprobs`` set) is refilled at each step
+    with each row's ``(logprob, top)`` (see :class:`Sampler`).
+
+    With ``options.lookup`` (jmoss.lookup) a pass may yield several steps: each live row's next
+    token is fed together with up to k draft tokens taken from its own context, one forward
+    returns the logits of every fed position, and each draft is verified in order with
+    :meth:`Sampler.verify` (each position sees the history, generated ids and mask state plain
+    decoding would have had). The accepted drafts are yielded as the following steps; the first
+    rejection (or the token after the last draft) is the next token fed, and the cache is truncated
+    past what was kept. Verification stops at the first rejected draft (and where a row's mask is
+    done), so a TokenMask only ever advances on kept tokens, and every emitted token, an accepted
+    draft included, has its logprobs from its own position's logits. Greedy output is plain
+    greedy's, token for token; sampled output follows the target distribution. Rows of a batched
+    Session keep the same number of tokens per pass (up to the first position any live row
+    rejects: the cache stays one column per token); a BatchRunner slot is one row and keeps all it
+    accepted. Whenever the generator stops (finished, closed or failed) a one-row session holds
+    exactly what plain decoding would hold: the prompt and every generated token but the last.
+    ``stats`` receives the passes run and the drafts fed and accepted.
     """
     stops = _Stops.build(model, options.stop)
     sampler = Sampler(options, vocab_limit=_vocab_limit(model))
@@ -352,48 +452,160 @@ def generate_ids(
     if should_stop is not None and should_stop():
         end("cancelled")
         return
-    stats: Any = getattr(model, "stats", None)
-    run = stats.begin(len(rows), sum(map(len, rows)), session.length, masks is not None) if stats is not None else None
+    stats = stats if stats is not None else LookupStats()
+    k = draft_limit(options.lookup, model, session)
+    drafters = [PromptLookup(s) for s in seen] if k else []
+    meter: Any = getattr(model, "stats", None)
+    run = meter.begin(len(rows), sum(map(len, rows)), session.length, masks is not None) if meter is not None else None
+    base: int | None = None  # plain decoding feeds generated token n into slot base + n - 1
+    last = limit
+    ahead = [0] * len(rows)  # tokens a row's mask advanced on that are not emitted yet (a verify pass's)
+
+    def choose(logits: np.ndarray) -> "_Chosen":
+        """Each row's next token from one position's logits (plain decoding); live rows' masks take it."""
+        tokens = [int(t) for t in sampler(logits, seen, generated, masks)]
+        if masks is not None:
+            for b, token in enumerate(tokens):
+                if why[b] is None:
+                    masks[b].advance(token)
+                    ahead[b] += 1
+        return _Chosen(tokens, list(sampler.last) if options.logprobs is not None else None,
+                       [m.done for m in masks] if masks is not None else None)
+
+    def emit(chosen: "_Chosen") -> list[int | None]:
+        """Record one step's tokens; a row that ends here gets its reason (stop before length)."""
+        step: list[int | None] = list(chosen.tokens)
+        for b, token in enumerate(step):
+            if token is None or why[b] is not None:
+                step[b] = None
+                continue
+            generated[b].append(token)
+            seen[b].append(token)
+            if drafters:
+                drafters[b].extend((token,))
+            n = len(generated[b])
+            # a completed constraint (the JSON closed) ends the row: no eos step
+            why[b] = ("stop" if stops.token_hit(generated[b]) or (chosen.done is not None and chosen.done[b])
+                      else "length" if n == options.max_new_tokens else "context" if n >= last else None)
+            if masks is not None:
+                ahead[b] -= 1
+                if why[b] is not None and ahead[b] > 0:  # it ended inside a verify pass's tokens: the
+                    masks[b].rollback(ahead[b])  # mask takes back those it will never emit
+                    ahead[b] = 0
+        if logprobs_out is not None and chosen.logprobs is not None:
+            logprobs_out[:] = chosen.logprobs
+        if run is not None:
+            run.step(sum(t is not None for t in step))
+        return step
+
     try:
         logits = session.prefill(rows)
-        for n in range(1, limit + 1):
-            tokens = sampler(logits, seen, generated, masks)
-            if logprobs_out is not None:
-                logprobs_out[:] = sampler.last
-            step: list[int | None] = []
-            for b, token in enumerate(tokens):
-                if why[b] is not None:
-                    step.append(None)
-                    continue
-                generated[b].append(int(token))
-                seen[b].append(int(token))
-                step.append(int(token))
-                if masks is not None:
-                    masks[b].advance(int(token))
-                if stops.token_hit(generated[b]) or (masks is not None and masks[b].done):
-                    why[b] = "stop"  # a completed constraint (the JSON closed) ends the row: no eos step
-            if run is not None:
-                run.step(sum(t is not None for t in step))
-            yield step
+        base = session.length
+        last = min(limit, session.max_len - base + 1)  # the token a row ends at for length or context
+        pending = choose(logits)
+        while True:
+            yield emit(pending)  # each live row's next token: what plain decoding feeds next
             if all(r is not None for r in why):
                 return  # no forward for a token nobody will read
-            reason = ("length" if n == options.max_new_tokens else "context" if n == limit or session.room == 0
-                      else "time" if deadline is not None and time.monotonic() >= deadline
+            reason = ("time" if deadline is not None and time.monotonic() >= deadline
                       else "cancelled" if should_stop is not None and should_stop() else None)
             if reason is not None:
                 end(reason)
                 return
-            feed = [int(t) if t is not None else (model.config.eos_token_id or 0) for t in step]
-            logits = session.decode(feed)
+            live = [b for b in range(len(rows)) if why[b] is None]
+            drafts = [drafters[b].propose(min(k, last - len(generated[b]), session.room - 1))
+                      if drafters and b in live else [] for b in range(len(rows))]
+            if not all(drafts[b] for b in live):  # a row without a draft would keep 1 token: plain decode
+                feed = [t if why[b] is None and t is not None else (model.config.eos_token_id or 0)
+                        for b, t in enumerate(pending.tokens)]
+                logits = session.decode(feed)
+                stats.passes += 1
+                pending = choose(logits)
+                continue
+            start = session.length
+            out = session.verify([[pending.tokens[b]] + drafts[b] if why[b] is None else [] for b in range(len(rows))])
+            runs = _verify(sampler, out, seen, generated, masks, drafts, live)
+            keep = len(runs[live[0]])  # tokens each live row keeps from this pass: its fed token + accepted drafts
+            if masks is not None:
+                for b in live:
+                    ahead[b] += keep
+            stats.passes += 1
+            stats.verify_passes += 1
+            stats.drafted += sum(len(drafts[b]) for b in live)
+            stats.accepted += (keep - 1) * len(live)
+            stats.per_pass.append((keep - 1) * len(live))
+            session.truncate(start + keep)
+            steps = [_Chosen([runs[b][j][0] if b in runs else None for b in range(len(rows))],
+                             [runs[b][j][1] if b in runs else None for b in range(len(rows))]
+                             if options.logprobs is not None else None,
+                             [b in runs and runs[b][j][2] for b in range(len(rows))] if masks is not None else None)
+                     for j in range(keep)]
+            for chosen in steps[:-1]:  # the accepted drafts, one step each
+                yield emit(chosen)
+                if all(r is not None for r in why):
+                    return
+            pending = steps[-1]
     finally:
+        if k and len(rows) == 1 and base is not None and generated[0] \
+                and session.length > base + len(generated[0]) - 1:
+            session.truncate(base + len(generated[0]) - 1)  # what plain decoding holds: all but the last token
         if run is not None:
             run.end()
+
+
+@dataclass
+class _Chosen:
+    """One step's token per row (None: none), with each one's logprobs and whether its row's mask
+    was done after it (None when logprobs or masks are off)."""
+
+    tokens: list[int | None]
+    logprobs: list | None = None
+    done: list[bool] | None = None
+
+
+def _verify(sampler: Sampler, logits: np.ndarray, seen: list[list[int]], generated: list[list[int]],
+            masks: list[TokenMask] | None, drafts: list[list[int]],
+            live: list[int]) -> dict[int, list[tuple[int, Any, bool]]]:
+    """Each live row's tokens from one verify pass, position by position: the draft where the
+    target accepts it, else the target's own token, which ends the pass for every row. Each token
+    comes with its logprobs (:meth:`Sampler.logprob`) and whether its row's mask is done after it.
+
+    ``logits[b, i]`` follows row b's fed token and ``drafts[b][:i]``; position i is processed with
+    the history, generated ids and mask state plain decoding would have had there (each row's
+    mask advances on its token at once, for the next position). A row whose drafts are all
+    accepted gets the target's token after the last one. All rows stop at the first position
+    where any row's pass ends (or any row's mask is done: nothing but the end may follow), so every
+    row keeps the same count (a batched cache stays one column per token) and no token is drawn
+    that is not kept: a mask never sees a rejected draft.
+    """
+    runs: dict[int, list[tuple[int, Any, bool]]] = {b: [] for b in live}
+    for i in range(1 + max(len(drafts[b]) for b in live)):
+        ended = False
+        for b in live:
+            so_far = [t for t, _, _ in runs[b]]
+            history, new = seen[b] + so_far, generated[b] + so_far
+            mask = masks[b] if masks is not None else None
+            if i < len(drafts[b]):
+                token = sampler.verify(logits[b, i], history, drafts[b][i], new, mask)
+                ended |= token != drafts[b][i]
+            else:
+                token = sampler.pick(logits[b, i], history, new, mask)
+                ended = True
+            done = False
+            if mask is not None:
+                mask.advance(token)
+                done = mask.done
+                ended |= done
+            runs[b].append((token, sampler.logprob(logits[b, i], token), done))
+        if ended:
+            break
+    return runs
 
 
 def _vocab_limit(model: "TextModel") -> int:
     try:
         return min(model.tokenizer.vocab_size, model.config.vocab_size)
-    except GenerationError:  # no tokenizer files: any embedding row may be produced
+    except (GenerationError, TokenizerError):  # no tokenizer files: any embedding row may be produced
         return model.config.vocab_size
 
 

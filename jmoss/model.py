@@ -200,6 +200,14 @@ class KVCache:
         for var in self.keys + self.values:
             var.sync()
 
+    @classmethod
+    def of_layers(cls, keys: list, values: list, batch: int, max_len: int, dtype: str) -> "KVCache":
+        """A cache whose per-layer buffers were allocated elsewhere (the segmented engine puts each
+        layer's where that layer's attention runs); ``dtype`` is the device side's."""
+        self = cls.__new__(cls)
+        self.batch, self.max_len, self.dtype, self.keys, self.values = batch, max_len, dtype, list(keys), list(values)
+        return self
+
     @property
     def nbytes(self) -> int:
         return sum(int(v.nbytes) for v in self.keys + self.values)
@@ -248,6 +256,11 @@ class MossModel:
 
     def __init__(self, jt: ModuleType, config: MossConfig, ops: ModelOps, compute_dtype: str):
         self.jt, self.config, self.ops, self.dtype = jt, config, ops, compute_dtype
+
+    def new_cache(self, batch: int, max_len: int, dtype: str) -> KVCache:
+        """The static KV cache this model's forward writes (one place makes it, so an engine that
+        runs the model as segments can put each layer's where it attends)."""
+        return KVCache(self.jt, self.config, batch, max_len, dtype)
 
     def _linear(self, x, w: Mapping, name: str, activation: str | None = None):
         b, t, k = x.shape
@@ -309,11 +322,13 @@ class MossModel:
         step: Step,
         last_only: bool = False,
         logits: bool = True,
+        tail: int | None = None,
     ):
         """Run all blocks over host-gathered embeddings [B, T, d]; return float32 logits.
 
         ``layer_weights(i)`` is called once per layer in order, so a streaming source can prefetch.
-        With ``last_only`` only the last position's logits are computed (decode and prefill need no more).
+        With ``last_only`` only the last position's logits are computed (decode and prefill need no more);
+        ``tail`` keeps the last ``tail`` positions instead (a batch step in which rows verify drafts).
         ``logits=False`` (a prompt chunk before the last) skips the head and returns the last hidden
         state instead, to be synced so the chunk's keys and values are written; the head's weights
         are still taken, so a streaming source sees the order it prefetches in.
@@ -321,7 +336,9 @@ class MossModel:
         h = self.jt.array(embeddings).cast(self.dtype)
         for i in range(self.config.n_layer):
             h = self.block(h, layer_weights(i), i, cache, step)
-        if last_only:
+        if tail:
+            h = h[:, -tail:, :]
+        elif last_only:
             h = h[:, -1:, :]
         head = head_weights()
         return self.head(h, head) if logits else h

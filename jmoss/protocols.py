@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from jmoss.config import MossConfig
-    from jmoss.model import MossModel
+    from jmoss.model import KVCache, Step
     from jmoss.placement import Plan
 
 
@@ -28,6 +28,16 @@ class Weights(Protocol):
     def head(self) -> Mapping[str, Any]: ...
 
 
+class Net(Protocol):
+    """The model's forward over a KV cache: ``jmoss.model.MossModel``, or the segmented engine
+    (``jmoss.engine.segments.SegmentedModel``) that runs it on two backends."""
+
+    def new_cache(self, batch: int, max_len: int, dtype: str) -> KVCache: ...
+
+    def forward(self, embeddings: np.ndarray, layer_weights: Any, head_weights: Any, cache: KVCache, step: Step,
+                last_only: bool = False, logits: bool = True, tail: int | None = None) -> Any: ...
+
+
 class ForwardModel(Protocol):
     """What running a forward pass over a KV cache reads of a model (Session, BatchRunner)."""
 
@@ -35,7 +45,7 @@ class ForwardModel(Protocol):
     jt: ModuleType
     compute_dtype: str
     rotary: tuple[np.ndarray, np.ndarray]
-    net: MossModel
+    net: Net
     weights: Weights
     plan: Plan | None  # the memory plan the KV cache must stay inside; None: built without one
 

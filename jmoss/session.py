@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import numpy as np
 
 from jmoss.errors import BudgetError, ContextLengthError, GenerationError
-from jmoss.model import KVCache, make_step
+from jmoss.model import make_step
 from jmoss.placement import DEFAULT_PREFILL_CHUNK
 from jmoss.protocols import ForwardModel
 
@@ -58,7 +58,7 @@ class Session:
         self.model, self.batch, self.max_len = model, batch, max_len
         plan = getattr(model, "plan", None)
         kv_dtype = model.compute_dtype if plan is None else plan.kv_dtype
-        self.cache = KVCache(model.jt, model.config, batch, max_len, kv_dtype)
+        self.cache = model.net.new_cache(batch, max_len, kv_dtype)
         # tokens per prefill forward: what the plan's working buffers were sized for
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK if plan is None else plan.prefill_chunk
         self.key_mask = np.zeros((batch, max_len), dtype=np.int8)
@@ -107,6 +107,27 @@ class Session:
                 ids[b, width - len(r) :] = r
                 real[b, width - len(r) :] = 1
         return self._forward(ids, real, last_only)
+
+    def verify(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append a few tokens per row in one forward and return every new position's logits [B, W, V].
+
+        The pass of speculative decoding (jmoss.lookup): a fed token and its drafts, the weights
+        read once for all of them. Rows shorter than the widest are right-padded (pad slots hidden
+        by the key mask, so a finished row may send none); ``truncate`` then drops what was not
+        kept. W must fit one prefill chunk, so the pass is one forward.
+        """
+        rows = [list(map(int, r)) for r in rows]
+        if len(rows) != self.batch:
+            raise GenerationError(f"session holds {self.batch} sequences, got {len(rows)} rows")
+        width = max(len(r) for r in rows)
+        if not 0 < width <= max(1, int(self.prefill_chunk)):
+            raise GenerationError(f"a verify pass takes 1 to {self.prefill_chunk} tokens per row, got {width}")
+        ids = np.zeros((self.batch, width), dtype=np.int64)
+        real = np.zeros((self.batch, width), dtype=np.int8)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+            real[b, : len(r)] = 1
+        return self._forward(ids, real, last_only=False)
 
     def decode(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Append one token per row; return next-token logits [B, V]."""

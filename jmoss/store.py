@@ -406,17 +406,11 @@ class Store:
         return out
 
     def _mapped(self, group: Group, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays of a group's tensors over a private np.memmap of its span, unhashed: for `verify`,
-        which has hashed the file with sha256 itself and keeps no mapping open."""
-        offsets = self.tensor_offsets(group)
-        start, nbytes = self.group_data_span(group)
-        data = np.memmap(self.group_path(group), dtype=np.uint8, mode="r", offset=start, shape=(nbytes,))
-        out = {}
-        for name in offsets if names is None else names:
-            offset, shape, dtype = offsets[name]
-            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            out[name] = data[offset - start : offset - start + n].view(dtype).reshape(shape)
-        return out
+        """Arrays of a group's tensors over a private read-only mapping of its file, unhashed: for `verify`,
+        which has hashed the file with sha256 itself and keeps no mapping open (the arrays hold it)."""
+        with open(self.group_path(group), "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        return self._arrays(mm, group, names)
 
 
 class SpanCheck:

@@ -46,6 +46,14 @@ def test_generate_prints_only_the_generated_text(store):
     assert out.stdout == expected + "\n"
 
 
+def test_generate_with_lookup_prints_the_same_greedy_text(store):
+    out = run("generate", str(store), "1 2 3 1 2 3 1 2", "--greedy", "--max-new-tokens", "12", "--lookup", "4")
+    assert out.returncode == 0, out.stderr
+    expected = jmoss.load(store, device="cpu").generate("1 2 3 1 2 3 1 2", do_sample=False, max_new_tokens=12,
+                                                         lookup="off")
+    assert out.stdout == expected + "\n"
+
+
 def test_unconverted_hub_name_offers_the_convert_command():
     out = run("generate", "fnlp/some-model-not-converted", "hi")
     assert out.returncode == 1
@@ -54,7 +62,8 @@ def test_unconverted_hub_name_offers_the_convert_command():
 
 
 @pytest.mark.parametrize("args", [["chat", "x", "--device-memory", "lots"], ["generate", "x", "y", "--top-p", "2"],
-                                  ["chat", "x", "--device", "tpu"]])
+                                  ["chat", "x", "--device", "tpu"], ["generate", "x", "y", "--lookup", "fast"],
+                                  ["serve", "x", "--lookup", "99"]])
 def test_bad_flags_are_usage_errors(args):
     out = run(*args)
     assert out.returncode == 2 and "Usage:" in out.stderr and "Traceback" not in out.stderr

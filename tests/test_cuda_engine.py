@@ -120,10 +120,17 @@ def fake_runtime(jt: DeviceJittor):
             self.queue.append((device_ptr, host_ptr, nbytes))
             log.append(("copy", self.id, device_ptr, host_ptr, nbytes))
 
+        def copy_d2h(self, host_ptr: int, device_ptr: int, nbytes: int) -> None:
+            assert inside(jt.ranges, device_ptr, nbytes), "copy from an address that is no device Var's"
+            assert inside([(p, n) for p, (n, _) in pinned.items()], host_ptr, nbytes), "copy into non-pinned memory"
+            self.queue.append((host_ptr, device_ptr, nbytes))
+            log.append(("copy_d2h", self.id, host_ptr, device_ptr, nbytes))
+
         def run_until(self, mark: int) -> None:
             while self.done < mark:
                 dst, src, n = self.queue[self.done]
-                assert inside([(p, size) for p, (size, _) in pinned.items()], src, n), "pinned buffer freed before its copy"
+                live = [(p, size) for p, (size, _) in pinned.items()]
+                assert inside(live, src, n) or inside(live, dst, n), "pinned buffer freed before its copy"
                 ctypes.memmove(dst, src, n)
                 self.done += 1
 

@@ -157,15 +157,19 @@ def test_budget_below_minimum_fails_early_with_the_minimum(moss):
     # slot costs the same and keeps more resident.
     minimum = FIXED_CUDA + HEAD_BYTES + LAYER_BYTES
     with pytest.raises(BudgetError) as info:
-        plan_placement(moss, device="cuda", device_memory=2 * GiB, host_memory=64 * GiB)
+        plan_placement(moss, device="cuda", device_memory=2 * GiB, host_memory=64 * GiB, offload="stream")
     message = str(info.value)
     assert f"{minimum / GiB:.2f} GiB" in message  # 4.22 GiB
     assert "KV cache" in message and "staging slot" in message
     assert "a shorter context with -c/--ctx-size (max_seq_len=)" in message and "prefetch_depth" not in message
-    plan = plan_placement(moss, device="cuda", device_memory=minimum, host_memory=64 * GiB)
+    plan = plan_placement(moss, device="cuda", device_memory=minimum, host_memory=64 * GiB, offload="stream")
     assert plan.minimum_device_bytes == minimum
     with pytest.raises(BudgetError):
-        plan_placement(moss, device="cuda", device_memory=minimum - 1, host_memory=64 * GiB)
+        plan_placement(moss, device="cuda", device_memory=minimum - 1, host_memory=64 * GiB, offload="stream")
+    # offload auto (the default) computes what does not fit on the CPU instead, and says why
+    plan = plan_placement(moss, device="cuda", device_memory=2 * GiB, host_memory=64 * GiB)
+    assert plan.offload == "cpu" and plan.hybrid and "below streaming's minimum" in plan.reason
+    assert plan.device_total_bytes <= 2 * GiB
 
 
 def test_budget_for_one_slot_but_not_two_degrades_prefetch_depth_and_notes_it(moss):
@@ -343,3 +347,182 @@ def test_invalid_arguments_are_rejected(moss):
         with pytest.raises(BudgetError):
             plan_placement(moss, **kwargs)
 
+
+
+# ---- offload cpu: the CPU computes what the card cannot hold ---------------------------------
+from jmoss.placement import Figures, predict_decode_tok_s  # noqa: E402
+
+PARAMS = 12 * D * D  # weights a row is multiplied by in one layer (qkv 3d^2, out d^2, MLP 8d^2)
+KV_LAYER_CUDA = KV_CUDA // N_LAYER  # fp16, on the device
+KV_LAYER_HOST = 2 * KV_LAYER_CUDA  # fp32, in host RAM (what the CPU kernels read)
+WORK_CPU = (6 * CHUNK * D * 4 + CHUNK * 3 * D * 4 + 2 * CHUNK * D * 4 + 2 * HEADS * CHUNK * POSITIONS * 4
+            + 2 * CHUNK * INNER * 4 + 2 * VOCAB * 4 + 2 * POSITIONS * ROTARY * 4)
+HANDOFF_DEVICE = CHUNK * D * 4  # the hidden state of a chunk, float32, where it lands on the device
+HANDOFF_HOST = CHUNK * D * 6  # the largest crossing: a streamed chunk's qkv in fp16 (3 x 2 bytes a value)
+# A desktop: 12 GB card (RTX 4070 class, 504 GB/s), PCIe 4.0 x16 (~25 GB/s pinned), dual-channel
+# DDR5 (the CPU kernels reading ~55 GB/s, ~700 GFLOP/s fp32 on 8 cores): stated, not measured.
+DESKTOP = Figures(link_gbps=25, cpu_gbps=55, cpu_gflops=700, device_gbps=504, source="desktop, stated")
+
+
+def hand_cpu_split(budget: int) -> int:
+    """Layers on the device with offload cpu: head + layers with their KV cache + 2 layer slots."""
+    room = budget - HEAD_BYTES - WORK_CUDA - RESERVE_CUDA - HANDOFF_DEVICE - 2 * LAYER_BYTES
+    return room // (LAYER_BYTES + KV_LAYER_CUDA)
+
+
+def hand_threshold(n_cpu: int, f: Figures) -> int:
+    """The smallest chunk (rows) at which copying the CPU's layers beats computing them there."""
+    for rows in range(2, CHUNK + 1):
+        cpu = n_cpu * max(LAYER_BYTES / (f.cpu_gbps * 1e9), 2 * rows * PARAMS / (f.cpu_gflops * 1e9))
+        copy = n_cpu * LAYER_BYTES / (f.link_gbps * 1e9) + 2 * n_cpu * 50e-6 + n_cpu * rows * D * 10 / (f.link_gbps * 1e9)
+        if copy < cpu:
+            return rows
+    raise AssertionError("the CPU wins at every chunk size")
+
+
+@pytest.mark.parametrize("gib", [8, 12, 16])
+def test_offload_cpu_bills_each_side_by_hand(moss, gib):
+    budget = gib * GiB
+    plan = plan_placement(moss, device="cuda", device_memory=budget, host_memory=None, offload="cpu", figures=DESKTOP)
+    n = hand_cpu_split(budget)
+    assert plan.offload == "cpu" and plan.groups_on("device") == [*range(n), "head"]
+    assert plan.groups_on("cpu") == list(range(n, N_LAYER)) and plan.cpu_layers == list(range(n, N_LAYER))
+    assert plan.cpu_min_rows == hand_threshold(N_LAYER - n, DESKTOP)
+    # the device: its layers' KV cache only, 2 layer slots for large chunks, the hand-off Var
+    assert plan.kv_bytes == n * KV_LAYER_CUDA and plan.slot_layouts == {"layer": LAYER_BYTES}
+    total = n * LAYER_BYTES + HEAD_BYTES + n * KV_LAYER_CUDA + WORK_CUDA + RESERVE_CUDA + 2 * LAYER_BYTES + HANDOFF_DEVICE
+    assert plan.handoff_device_bytes == HANDOFF_DEVICE and plan.device_total_bytes == total <= budget
+    assert total + LAYER_BYTES + KV_LAYER_CUDA > budget  # not wasteful
+    # the host: the CPU's layers pinned, their KV cache in fp32, the kernels' buffers, the hand-off
+    assert plan.host_bytes == (N_LAYER - n) * LAYER_BYTES and plan.host_kv_bytes == (N_LAYER - n) * KV_LAYER_HOST
+    assert plan.host_work_bytes == WORK_CPU and plan.handoff_host_bytes == HANDOFF_HOST
+    assert plan.host_total_bytes == plan.host_bytes + plan.host_kv_bytes + WORK_CPU + HANDOFF_HOST
+    # nothing but the hidden state crosses per decode token
+    assert plan.streamed_bytes_per_token == EMBED_ROW and plan.cpu_bytes_per_token == (N_LAYER - n) * LAYER_BYTES
+
+
+def test_the_predictions_follow_the_timing_model(moss):
+    plan = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, offload="cpu", figures=DESKTOP)
+    n_cpu = len(plan.cpu_layers)
+    device = (N_LAYER - n_cpu) * LAYER_BYTES + HEAD_BYTES
+    decode = device / 504e9 + n_cpu * LAYER_BYTES / 55e9 + 2 * 50e-6 + 2 * D * 4 / 25e9
+    assert plan.predicted_tok_s["cpu"] == pytest.approx(1 / decode)
+    stream = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, offload="stream",
+                            figures=DESKTOP)
+    n = EXPECTED_LAYERS[12]
+    assert stream.predicted_tok_s["stream"] == pytest.approx(25e9 / ((N_LAYER - n) * LAYER_BYTES))
+    assert predict_decode_tok_s(stream, moss, DESKTOP) == stream.predicted_tok_s["stream"]
+
+
+def test_auto_picks_the_faster_mode_and_says_why(moss):
+    desktop = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, figures=DESKTOP)
+    assert desktop.offload == "cpu" and desktop.offload_requested == "auto"
+    assert desktop.predicted_tok_s["cpu"] > 2 * desktop.predicted_tok_s["stream"]
+    assert "computing them on the CPU predicts" in desktop.reason and "55 GB/s" in desktop.reason
+    # a fast link and a slow CPU: streaming wins, and says so
+    slow_cpu = Figures(link_gbps=50, cpu_gbps=12, cpu_gflops=200, device_gbps=4800)
+    plan = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, figures=slow_cpu)
+    assert plan.offload == "stream" and not plan.hybrid and plan.reason.startswith("streaming predicts")
+    assert plan.predicted_tok_s["stream"] > plan.predicted_tok_s["cpu"]
+    # no speeds to compare: streaming, and how to give them
+    plan = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None)
+    assert plan.offload == "stream" and plan.predicted_tok_s == {} and "--cpu-gbps" in plan.reason
+    # everything fits: nothing to offload
+    plan = plan_placement(moss, device="cuda", device_memory=40 * GiB, host_memory=None, figures=DESKTOP)
+    assert not plan.streams and plan.reason == "everything fits on the device"
+
+
+def test_batched_serving_grows_the_cpus_cost_not_the_links(moss):
+    plan = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, figures=DESKTOP,
+                          max_seq_len=256, batch=8, offload="cpu")
+    stream = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, figures=DESKTOP,
+                            max_seq_len=256, batch=8, offload="stream")
+
+    def step_seconds(p, batch):  # one decode step for ``batch`` sequences
+        return batch / predict_decode_tok_s(p, moss, DESKTOP, batch)
+
+    # streaming reads the same bytes for 1 or 24 rows; the CPU, compute-bound past ~13 rows here, does not
+    assert 24 < plan.cpu_min_rows <= 8 * 256
+    assert step_seconds(stream, 24) == pytest.approx(step_seconds(stream, 1))
+    assert step_seconds(plan, 24) > 1.5 * step_seconds(plan, 1)
+    # from the threshold on, a decode step streams those layers like a prompt chunk (the large route)
+    at = plan.cpu_min_rows
+    assert step_seconds(plan, at) < step_seconds(plan, at - 1)
+    # 48 sequences: streaming's KV cache no longer fits the card, the CPU-side one lives in host RAM
+    many = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, figures=DESKTOP,
+                          max_seq_len=256, batch=48)
+    assert many.offload == "cpu" and "below streaming's minimum" in many.reason
+    assert many.host_kv_bytes == len(many.cpu_layers) * 48 * 2 * 256 * D * 4
+
+
+def test_short_host_memory_computes_the_last_groups_from_the_stores_pages(moss):
+    host = 12 * GiB
+    plan = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=host, offload="cpu",
+                          figures=DESKTOP)
+    n = hand_cpu_split(12 * GiB)
+    fixed = (N_LAYER - n) * KV_LAYER_HOST + WORK_CPU + HANDOFF_HOST + 2 * LAYER_BYTES  # + disk staging
+    n_pinned = (host - fixed) // LAYER_BYTES
+    assert plan.groups_on("cpu") == list(range(n, n + n_pinned))
+    assert plan.groups_on("pages") == list(range(n + n_pinned, N_LAYER))
+    assert plan.host_staging_bytes == 2 * LAYER_BYTES and plan.host_total_bytes <= host
+    assert plan.mapped_bytes == (N_LAYER - n - n_pinned) * LAYER_BYTES
+    assert any("mapped pages" in note for note in plan.notes)
+    with pytest.raises(BudgetError, match="KV cache"):
+        plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=GiB, offload="cpu", figures=DESKTOP)
+
+
+def test_a_small_card_without_room_for_a_slot_computes_every_chunk_on_the_cpu(moss):
+    plan = plan_placement(moss, device="cuda", device_memory=GiB, host_memory=None, offload="cpu", figures=DESKTOP)
+    assert plan.cpu_min_rows is None and plan.prefetch_depth == 0 and plan.staging_bytes == 0
+    assert plan.groups_on("device") == [] and len(plan.cpu_layers) == N_LAYER
+    assert any("no room on the device for a staging slot" in note for note in plan.notes)
+    with pytest.raises(BudgetError, match="offload cpu"):
+        plan_placement(moss, device="cuda", device_memory=100 * MiB, host_memory=None, offload="cpu")
+
+
+def test_offload_is_checked_and_ignored_on_cpu(moss):
+    with pytest.raises(DeviceError, match="offload"):
+        plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, offload="gpu")
+    with pytest.raises(BudgetError, match="positive number"):
+        Figures(link_gbps=-1)
+    with pytest.raises(BudgetError, match="split"):
+        plan_placement(moss, device="cuda", device_memory=None, host_memory=None, offload="stream", split=(3, True))
+    plan = plan_placement(moss, device="cpu", device_memory=8 * GiB, host_memory=None, offload="cpu")
+    assert not plan.hybrid and any("offload applies to cuda" in note for note in plan.notes)
+
+
+def test_a_given_split_is_planned_as_given(moss):
+    plan = plan_placement(moss, device="cuda", device_memory=None, host_memory=None, offload="cpu", split=(17, True))
+    assert plan.resident_layers == list(range(17)) and plan.cpu_layers == list(range(17, N_LAYER))
+    assert plan.budget_bytes is None and "split was given" in plan.reason
+
+
+def test_describe_explains_the_offload_and_both_predictions(moss):
+    plan = plan_placement(moss, device="cuda", device_memory=12 * GiB, host_memory=None, figures=DESKTOP)
+    text = plan.describe()
+    lines = text.splitlines()
+    assert lines[1].startswith("offload: cpu (asked auto): computing them on the CPU predicts")
+    assert f"chunks of {plan.cpu_min_rows}+ rows stream them to the device" in lines[2]
+    n = hand_cpu_split(12 * GiB)
+    assert any(line.split()[:3] == ["layers", f"{n}-33", "cpu"] for line in lines)
+    assert "host memory:" in text and "float32, the" in text and "hand-off" in text
+    assert (f"expected decode tok/s at batch 1: stream {plan.predicted_tok_s['stream']:.2f}, "
+            f"cpu {plan.predicted_tok_s['cpu']:.2f}") in text
+    assert "link 25 GB/s" in text and "desktop, stated" in text
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["offload"] == "cpu" and data["cpu_layers"] == plan.cpu_layers and data["figures"]["cpu_gbps"] == 55
+
+
+def test_info_prints_the_choice_for_the_speeds_given():
+    from click.testing import CliRunner
+
+    from jmoss.cli import main
+
+    args = ["info", str(MOSS_CONFIG), "--device", "cuda", "--device-memory", "12GiB", "--link-gbps", "25",
+            "--cpu-gbps", "55", "--cpu-gflops", "700", "--device-gbps", "504"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    assert "offload: cpu (asked auto)" in out.output and "expected decode tok/s at batch 1: stream" in out.output
+    out = CliRunner().invoke(main, args + ["--offload", "stream"])
+    assert out.exit_code == 0 and "offload: stream (asked stream)" in out.output
+    assert "expected decode tok/s at batch 1: stream" in out.output and ", cpu " in out.output  # both, whatever runs

@@ -1,4 +1,5 @@
-"""The CPU backend: ``StreamingWeights`` executes a placement plan with buffers allocated once.
+"""The CPU backend: ``StreamingWeights`` executes a placement plan with buffers allocated once;
+``CpuBackend`` and ``HostWeights`` are the CPU's side of the segmented engine (jmoss.engine.segments).
 
 ``StreamingWeights`` is the weight source the model reads from (the ``jmoss.protocols.Weights``
 interface, like ``jmoss.engine.resident.ResidentWeights``: ``.layer(i)`` and ``.head()``):
@@ -21,21 +22,36 @@ With ``dtype="float32"`` (CPU without the fp16 kernels) each slot is a float32 b
 data is read into its upper half and widened in place, front to back, through a 1 MiB scratch
 (the float32 write of element ``j`` never reaches fp16 data not yet converted), so there is no
 second staging buffer.
+
+With offload "cpu" on a GPU (jmoss.placement), the CPU computes the layers the card cannot hold:
+``CpuBackend`` is that backend (jmoss.kernels on float32 activations, host memory) and
+``HostWeights`` its weights (the plan's cpu-tier groups in pinned RAM shared with the CUDA engine,
+pages-tier groups mapped from the store). In a process whose Jittor runs CUDA, all of it is built
+and run under ``use_cuda=0`` (``CpuBackend.scope``): Jittor runs whatever is pending each time that
+flag flips, so device work queued before a CPU segment runs on the device and the segment's ops
+run on the CPU; Vars made there live in host memory, and only there does Jittor wrap numpy memory
+without a copy (py_array_op.cc: zero-copy is off under use_cuda). ``kernel_rates`` is the probe
+the offload choice reads the CPU's speed from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from types import ModuleType
-from typing import Mapping
+from typing import Any, ContextManager, Mapping
 
 import numpy as np
 
+from jmoss import layout
+from jmoss.config import MossConfig
+from jmoss.engine.ops import pick_ops
 from jmoss.engine.pipeline import StreamPipeline, _layout_key, read_span
 from jmoss.errors import BudgetError, DeviceError
-from jmoss.layout import EMBED, Group, all_groups
-from jmoss.placement import Plan
+from jmoss.layout import EMBED, HEAD, Group, all_groups
+from jmoss.model import ModelOps, MossModel, Step
+from jmoss.placement import CPU_TIERS, Plan
 
 _WIDEN_CHUNK = 1 << 20  # elements per in-place fp16 -> fp32 widening step (4 MiB of output)
 
@@ -121,7 +137,8 @@ class StreamingWeights(StreamPipeline):
     """
 
     def __init__(self, store, plan: Plan, jt: ModuleType, dtype: str = "float16") -> None:
-        if plan.device != "cpu":
+        if plan.device != "cpu" and not plan.hybrid:
+            # (an offload-cpu plan may run here with the CPU standing in for the device: the engine's tests)
             raise DeviceError("StreamingWeights is the CPU backend; CUDA plans use jmoss.engine.cuda")
         if dtype not in ("float16", "float32"):
             raise DeviceError(f"the streaming engine holds weights as float16 or float32, not {dtype!r}")
@@ -131,6 +148,8 @@ class StreamingWeights(StreamPipeline):
         self.itemsize = 2 if dtype == "float16" else 4
         where = {p.group: p.where for p in plan.placements}
         sequence = [g for g in all_groups(store.config) if g != EMBED and where[g] != "device"]
+        if plan.hybrid and not plan.prefetch_depth:
+            sequence = []  # offload cpu without slots: the CPU computes those groups in every forward
         self._init_pipeline(sequence, plan.prefetch_depth, {g: store.group_data_span(g) for g in sequence})
         self._fds: dict[Group, int] = {}
 
@@ -223,3 +242,158 @@ class StreamingWeights(StreamPipeline):
             self.close()
         except Exception:
             pass
+
+
+# ------------------------------------------------------------------------------ the segmented engine's CPU side
+
+
+class CpuBackend:
+    """The CPU as a backend of jmoss.engine.segments: its own MossModel on ``ops`` (jmoss.kernels
+    where they run here) in ``compute_dtype``, its KV cache in host memory.
+
+    ``ops``/``compute_dtype``/``kv_dtype`` are only overridden where a CPU stands in for the device
+    (tests: the device's plain Jittor fp16 math on the CPU).
+    """
+
+    name = "cpu"
+
+    def __init__(self, jt: ModuleType, config: MossConfig, *, weight_dtype: str = "float16",
+                 ops: ModelOps | None = None, compute_dtype: str = "float32", kv_dtype: str = "float32",
+                 name: str = "cpu") -> None:
+        self.jt, self.name, self.kv_dtype = jt, name, kv_dtype
+        self._flip = bool(getattr(jt.flags, "use_cuda", 0))  # a CUDA process: run under use_cuda=0
+        with self.scope():
+            ops = ops or pick_ops(jt, "cpu", weight_dtype, compute_dtype)  # the kernels' self-check runs here
+        self.net = MossModel(jt, config, ops, compute_dtype)
+
+    def scope(self) -> ContextManager:
+        return self.jt.flag_scope(use_cuda=0) if self._flip else contextlib.nullcontext()
+
+    def receive(self, array: np.ndarray):
+        with self.scope():
+            return self.jt.array(np.ascontiguousarray(array, dtype=self.net.dtype))
+
+    def send(self, var) -> np.ndarray:
+        with self.scope():
+            return var.numpy()
+
+    def step(self, step: Step) -> Step:
+        """The step's Vars made here from their host values (in a CUDA process; elsewhere shared)."""
+        if not self._flip:
+            return step
+        with self.scope():
+            sin, cos, bias = (self.jt.array(v.numpy()) for v in (step.sin, step.cos, step.attn_bias))
+        return Step(step.start, step.length, sin, cos, bias)
+
+    def zeros(self, shape: tuple[int, ...], dtype: str):
+        with self.scope():
+            var = self.jt.zeros(shape, dtype)
+            var.sync()
+        return var
+
+    def sync(self) -> None:
+        with self.scope():
+            self.jt.sync_all()
+
+
+class HostWeights:
+    """The groups a plan has the CPU compute, as Vars over host memory (never copied).
+
+    cpu tier: a pinned buffer of the CUDA engine (``held``: group -> its data span, read and
+    hash-checked there), or where no device engine holds one (a CPU standing in for the device)
+    one read here like resident groups (``read_group``). pages tier: the store's memory map
+    (``Store.group`` hashes the file first), so the OS page cache decides what stays in RAM.
+    """
+
+    def __init__(self, store, plan: Plan, backend: CpuBackend, held: Mapping[Group, np.ndarray] | None = None) -> None:
+        self.backend = backend
+        self._groups: dict[Group, dict] = {}
+        self._owned: list[np.ndarray] = []
+        self._shared = 0
+        self._mapped = 0
+        jt = backend.jt
+        for p in plan.placements:
+            if p.where not in CPU_TIERS or p.group == EMBED:
+                continue
+            g = p.group
+            if p.where == "pages":
+                arrays = {name: np.asarray(a) for name, a in store.group(g).items()}
+                self._mapped += p.nbytes
+            elif held is not None and g in held:
+                start, _ = store.group_data_span(g)
+                arrays = group_views(held[g], _group_layout(store.tensor_offsets(g), start, 2), 2)
+                self._shared += p.nbytes
+            else:
+                buf, arrays = read_group(store, g, 2)
+                self._owned.append(buf)
+            with backend.scope():
+                self._groups[g] = {name: wrap_zero_copy(jt, a) for name, a in arrays.items()}
+
+    def layer(self, i: int) -> Mapping:
+        return self._groups[i]
+
+    def head(self) -> Mapping:
+        return self._groups[HEAD]
+
+    def memory(self) -> dict[str, int]:
+        """Host bytes of the CPU's weights: read here, shared with the device engine's pinned
+        buffers (allocated there), and mapped from the store (the page cache's, not allocated)."""
+        return {"host_weights_owned": sum(b.nbytes for b in self._owned), "host_weights_shared": self._shared,
+                "host_weights_mapped": self._mapped}
+
+    def close(self) -> None:
+        self._groups.clear()
+        self._owned.clear()
+
+
+def kernel_rates(jt: ModuleType, config: MossConfig, nbytes: int = 256 << 20, repeats: int = 5,
+                 gemm_rows: int = 64) -> dict[str, Any]:
+    """The CPU kernels' speed on this store's weight format, for the offload choice.
+
+    ``gbps``: weight bytes per second of a one-row GEMV over ``nbytes`` of weights (decode; beyond
+    the last-level cache, so it is the kernels against DRAM); ``gflops``: fp32 FLOP/s of a
+    ``gemm_rows``-row GEMM on a 4096 x 4096 weight (prompt chunks, batches). Both best of
+    ``repeats`` after a first call; the buffers are freed on return. Runs under the CPU's scope.
+    """
+    backend = CpuBackend(jt, config)
+    ops = backend.net.ops
+    bits = layout.packed_bits(config)
+    k_in = 4096
+
+    def weight(n_out: int) -> dict:
+        if bits is None:
+            return {"weight": jt.array(np.full((n_out, k_in), 0.01, np.float16))}
+        parts = layout.packed_parts("w", (n_out, k_in), bits, config.groupsize)
+        values = {"w.perm": np.arange(k_in, dtype=np.int32)}
+        return {name[2:]: jt.array(values.get(name, np.ones(shape, dtype))) for name, (shape, dtype) in parts.items()}
+
+    def run(w: dict, x):
+        if bits is None:
+            return ops.linear(x, w["weight"])
+        return ops.quant_linear(x, w["perm"], w["qweight"], w["scales"], w["zeros"], bits=bits,
+                                group_size=config.groupsize)
+
+    def best(w: dict, rows: int) -> float:
+        x = jt.array(np.full((rows, k_in), 0.5, np.float32))
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            run(w, x).sync()
+            if i:  # the first call compiles and faults pages in
+                times.append(time.perf_counter() - t0)
+        return min(times)
+
+    row_bytes = 2 * k_in if bits is None else (layout.packed_row_bytes(k_in, bits)
+                                                + 4 * layout.packed_groups(k_in, config.groupsize))
+    with backend.scope():
+        big = weight(max(1, nbytes // max(1, row_bytes)))
+        weight_bytes = sum(int(v.nbytes) for v in big.values())
+        gemv = best(big, 1)
+        del big
+        small = weight(4096)
+        gemm = best(small, gemm_rows)
+        del small
+        jt.gc()
+    return {"what": f"jmoss.kernels {'fp16' if bits is None else f'int{bits}'} GEMV over "
+                    f"{weight_bytes >> 20} MiB and a {gemm_rows}-row GEMM (best of {repeats})",
+            "gbps": weight_bytes / gemv / 1e9, "gflops": 2 * gemm_rows * 4096 * k_in / gemm / 1e9}

@@ -35,24 +35,38 @@ extra device copy. Jittor's kernels run on the legacy default stream; ``jt.sync_
 before a slot is released guarantees they finished reading it, and ``Event.synchronize()``
 before it is handed out guarantees the copy landed.
 
+With offload "cpu" (jmoss.placement) the same engine holds the device's side of the segmented
+engine (jmoss.engine.segments): cpu-tier groups sit in pinned host buffers like host-tier ones
+(``held``: the CPU computes from them, and large prompt chunks stream them through the slots),
+pages-tier groups are read for large chunks like disk-tier ones but without dropping the page
+cache the CPU reads them from. ``CudaBackend`` is the device as a backend: the hidden state crosses
+through one pinned buffer and one device Var, both allocated at start-up and billed by the plan
+(``handoff_host_bytes``, ``handoff_device_bytes``).
+
 Nothing here touches the CUDA runtime at import, so ``import jmoss.engine.cuda`` works anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from types import ModuleType
-from typing import Mapping
+from typing import ContextManager, Mapping
 
 import numpy as np
 
 from jmoss import cuda_runtime
+from jmoss.config import MossConfig
 from jmoss.engine.pipeline import StreamPipeline, _layout_key, read_span
 from jmoss.engine.resident import ResidentWeights
 from jmoss.errors import BudgetError, DeviceError
 from jmoss.layout import EMBED, HEAD, Group, all_groups
+from jmoss.model import JittorOps, MossModel, Step
 from jmoss.placement import Plan
+
+PINNED = ("host", "cpu")  # tiers held in pinned host buffers
+READ = ("disk", "pages")  # tiers read from the store into pinned staging when they stream
 
 _PTR_SRC = """
     long long address = (long long)in0_p;
@@ -252,17 +266,19 @@ class CudaStreamingWeights(StreamPipeline):
         self.store, self.plan, self.jt = store, plan, jt
         self._buffers: list = []  # the PinnedBuffers behind _host and _staging, freed on close
         where = {p.group: p.where for p in plan.placements}
-        sequence = [g for g in all_groups(store.config) if g != EMBED and where[g] != "device"]
+        off_device = [g for g in all_groups(store.config) if g != EMBED and where[g] != "device"]
+        # offload cpu without slots: the CPU computes its groups in every forward, nothing streams
+        sequence = [] if plan.hybrid and not plan.prefetch_depth else off_device
         self._init_pipeline(sequence, plan.prefetch_depth, {g: store.group_data_span(g) for g in sequence})
         self._where = where
         resident = [g for g in all_groups(store.config) if g != EMBED and where[g] == "device"]
         self._resident, copied = upload_resident(store, resident, jt, dtype)
         self._offsets = {g: store.tensor_offsets(g) for g in sequence}
-        # Pinned host copies of host-tier groups (read once) and pinned staging for disk-tier ones.
+        # Pinned host copies of host- and cpu-tier groups (read once), pinned staging for disk and pages.
         self._host: dict[Group, np.ndarray] = {}
-        for g in sequence:
-            if where[g] == "host":
-                offset, n = self._spans[g]
+        for g in off_device:
+            if where[g] in PINNED:
+                offset, n = store.group_data_span(g)
                 self._host[g] = self._pinned(n)
                 fd = os.open(store.group_path(g), os.O_RDONLY)
                 try:
@@ -273,8 +289,8 @@ class CudaStreamingWeights(StreamPipeline):
                 if hasher is not None:
                     store.finish_span_check(g, hasher)
         self._staging = [self._pinned(plan.staging_slot_bytes) for _ in range(self.depth)] \
-            if any(where[g] == "disk" for g in sequence) else []
-        self._fds = {g: os.open(store.group_path(g), os.O_RDONLY) for g in sequence if where[g] == "disk"}
+            if any(where[g] in READ for g in sequence) else []
+        self._fds = {g: os.open(store.group_path(g), os.O_RDONLY) for g in sequence if where[g] in READ}
         # Device slots: exactly the Var sets the plan names per slot (placement.slot_allocation).
         self._slot_vars, self._slot_ptrs, self._slot_nbytes = allocate_slots(
             jt, plan, self._offsets, lambda var: _device_ptr(jt, var))
@@ -295,10 +311,11 @@ class CudaStreamingWeights(StreamPipeline):
         out, and its staging buffer refilled, only after the copies landed."""
         offset, n = self._spans[g]
         t0 = time.perf_counter()
-        if self._where[g] == "disk":
+        if self._where[g] in READ:
             source = self._staging[slot][:n]
             hasher = self.store.span_hasher(g)  # first read of g only; then None
-            read_span(self._fds[g], memoryview(source), offset, hasher=hasher)
+            # pages-tier groups keep their page cache: the CPU computes from those pages in decode
+            read_span(self._fds[g], memoryview(source), offset, hasher=hasher, drop_cache=self._where[g] == "disk")
             if hasher is not None:
                 self.store.finish_span_check(g, hasher)
         else:
@@ -316,6 +333,11 @@ class CudaStreamingWeights(StreamPipeline):
 
     def _slot_weights(self, slot: int, g: Group) -> Mapping:
         return self._slot_vars[slot][_layout_key(g)]
+
+    @property
+    def held(self) -> dict[Group, np.ndarray]:
+        """The pinned host copies of cpu-tier groups (their data spans): the CPU computes from these."""
+        return {g: a for g, a in self._host.items() if self._where[g] == "cpu"}
 
     def _sync(self) -> None:
         t0 = time.perf_counter()
@@ -340,3 +362,72 @@ class CudaStreamingWeights(StreamPipeline):
             obj.close()
         self._buffers, self._events, self._stream = [], [], None
         self._host, self._staging = {}, []
+
+
+class CudaBackend:
+    """The device as a backend of jmoss.engine.segments: Jittor's CUDA ops (JittorOps) in the
+    model's compute dtype, the KV cache of the layers it attends for in device memory.
+
+    The hand-off: ``send`` copies a Var's bytes (its device address from ``_device_ptr``, which
+    also runs everything the Var depends on) into the pinned buffer on a private stream and waits;
+    ``receive`` copies a host array (float32) into the pinned buffer, then into the device Var
+    allocated at start-up, and returns a view of it cast to the compute dtype. Both buffers are
+    the plan's (``handoff_host_bytes``/``handoff_device_bytes``); nothing is allocated per token
+    beyond Jittor's own activations.
+    """
+
+    name = "cuda"
+
+    def __init__(self, jt: ModuleType, config: MossConfig, plan: Plan, *, compute_dtype: str = "float16") -> None:
+        self.jt, self.kv_dtype = jt, plan.kv_dtype
+        self.net = MossModel(jt, config, JittorOps(jt), compute_dtype)
+        self._pinned = cuda_runtime.PinnedBuffer(plan.handoff_host_bytes)
+        self._inbox = jt.empty((plan.handoff_device_bytes // 4,), "float32")
+        self._inbox.sync()
+        self._inbox_ptr = _device_ptr(jt, self._inbox)
+        self._stream = cuda_runtime.Stream()
+
+    def scope(self) -> ContextManager:
+        return contextlib.nullcontext()  # Jittor runs on the device by default in this process
+
+    def receive(self, array: np.ndarray):
+        n = int(array.size)
+        if 4 * n > self._pinned.nbytes or n > int(self._inbox.shape[0]):
+            raise BudgetError(f"a hand-off of {n} values exceeds the plan's buffers ({self._pinned.nbytes} B pinned, "
+                              f"{int(self._inbox.shape[0])} values on the device): plan with this batch and prefill chunk")
+        self.jt.sync_all(True)  # whatever read the inbox last has run
+        staging = self._pinned.array[: 4 * n].view(np.float32).reshape(array.shape)
+        np.copyto(staging, array)
+        self._stream.copy_h2d(self._inbox_ptr, self._pinned.ptr, 4 * n)
+        self._stream.synchronize()
+        return self._inbox[:n].reshape(array.shape).cast(self.net.dtype)
+
+    def send(self, var) -> np.ndarray:
+        dtype = np.dtype(str(var.dtype))
+        nbytes = int(var.numel()) * dtype.itemsize
+        if nbytes > self._pinned.nbytes:
+            raise BudgetError(f"a hand-off of {nbytes} B exceeds the plan's pinned buffer ({self._pinned.nbytes} B)")
+        address = _device_ptr(self.jt, var)  # runs var (and what it depends on) on the legacy stream
+        self._stream.copy_d2h(self._pinned.ptr, address, nbytes)
+        self._stream.synchronize()
+        return self._pinned.array[:nbytes].view(dtype).reshape(tuple(var.shape))
+
+    def step(self, step: Step) -> Step:
+        return step
+
+    def zeros(self, shape: tuple[int, ...], dtype: str):
+        var = self.jt.zeros(shape, dtype)
+        var.sync()
+        return var
+
+    def sync(self) -> None:
+        self.jt.sync_all(True)
+
+    def memory(self) -> dict[str, int]:
+        """The hand-off buffers (== plan.handoff_host_bytes and plan.handoff_device_bytes)."""
+        return {"handoff_pinned": self._pinned.nbytes, "handoff_device": int(self._inbox.shape[0]) * 4}
+
+    def close(self) -> None:
+        for obj in (self._pinned, self._stream):
+            obj.close()
+

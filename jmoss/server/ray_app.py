@@ -565,8 +565,8 @@ def replica_states(name: str = APP_NAME) -> dict:
 def serve_ray(model: str, host: str = "127.0.0.1", port: int = 19324, *, address: str | None = None,
               replicas: int = 2, replica_cpus: float = 1.0, replica_gpus: float | None = None,
               threads: int | None = None, device: str = "auto", dtype: str | None = None,
-              device_memory: Any = None, host_memory: Any = None, ctx_size: int | None = None,
-              model_name: str | None = None, web: bool = True, log_level: str = "info",
+              device_memory: Any = None, host_memory: Any = None, offload: str = "auto",
+              ctx_size: int | None = None, model_name: str | None = None, web: bool = True, log_level: str = "info",
               header_timeout: float | None = None, body_timeout: float | None = None,
               idle_timeout: float | None = None, max_connections: int | None = None,
               keep_cluster: bool = False, **limits: Any) -> None:
@@ -595,7 +595,7 @@ def serve_ray(model: str, host: str = "127.0.0.1", port: int = 19324, *, address
     if replica_gpus and device == "auto":
         device = "cuda"
     load = dict(device=device, dtype=dtype, device_memory=device_memory, host_memory=host_memory,
-                max_seq_len=ctx_size, batch=limits.get("max_batch", 1))
+                offload=offload, max_seq_len=ctx_size, batch=limits.get("max_batch", 1))
     app = dict(limits, model_name=model_name or model, web=web)
     try:
         handle = deploy(target, replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,

@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from jmoss import dialogue
 from jmoss.errors import JmossError
+from jmoss.lookup import parse_lookup
 from jmoss.server.response_format import constraint_for
 from jmoss.server.schemas import (
     MOSS_DEFAULTS, ChatCompletionRequest, CompletionRequest, MossRequest, Sampling, ServerRequestError,
@@ -62,6 +63,7 @@ class Service:
     default_max_tokens: int = 256  # a reply's length when the request names none (jmoss serve -n)
     page: Any = None  # the chat page (jmoss.web), when served
     metrics: Any = None  # jmoss.server.metrics.Metrics
+    lookup: int | str = "auto"  # prompt-lookup decoding for every request (jmoss.lookup; serve --lookup)
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> Any:
         body = await _read_body(request, self.max_body_bytes)
@@ -75,7 +77,8 @@ class Service:
         for another server keep their model string; replies name the model that answered."""
 
     def options(self, req: Sampling, default_max: int, stop: Sequence[str] = ()):
-        return sampling_options(req, max_tokens_limit=self.max_tokens_limit, default_max=default_max, stop=stop)
+        opts = sampling_options(req, max_tokens_limit=self.max_tokens_limit, default_max=default_max, stop=stop)
+        return replace(opts, lookup=self.lookup)
 
     async def constraint(self, fmt: Any, *, reply: bool) -> Any:
         """The request's response_format as a token constraint, compiled off the event loop (None: text)."""
@@ -138,7 +141,8 @@ async def moss_api(request: Request) -> Any:
         limit = min(req.max_new_tokens or svc.max_tokens_limit, svc.max_tokens_limit)
         try:
             # max_length counts prompt + reply (§5.1): the Chat drops the oldest turns to fit it
-            reply = worker.chat_turn(chat, req.prompt, moss_options(req, limit), job, max_len=req.max_length)
+            options = {**moss_options(req, limit), "lookup": svc.lookup}
+            reply = worker.chat_turn(chat, req.prompt, options, job, max_len=req.max_length)
         except BaseException:
             if known is None:  # its client never learns the uid: the new session is useless
                 worker.forget(uid)
@@ -554,6 +558,7 @@ def create_app(
     metrics_public: bool = False,
     default_max_tokens: int = 256,
     meta_instruction: str | None = None,
+    lookup: int | str = "auto",
 ) -> FastAPI:
     """The ASGI app serving ``model``; its worker thread starts here and stops at shutdown.
 
@@ -565,7 +570,8 @@ def create_app(
     ``default_max_tokens``: a reply's length when a request names none. ``meta_instruction``:
     what a conversation without a system message starts with (default MOSS's).
     ``api_keys``: when given, every route but ``/health`` and the page (and ``/metrics`` with
-    ``metrics_public``) needs ``Authorization: Bearer KEY`` (jmoss.server.auth).
+    ``metrics_public``) needs ``Authorization: Bearer KEY`` (jmoss.server.auth). ``lookup`` is
+    every request's prompt-lookup setting (jmoss.lookup: "off", "auto" or a draft length).
     """
     from jmoss.server.auth import ApiKeyMiddleware, check_key
     from jmoss.server.metrics import Metrics
@@ -581,7 +587,8 @@ def create_app(
     svc = Service(worker, model_name, model.tokenizer, tools,
                   max_prompt_tokens=min(max_prompt_tokens or context - 1, context - 1),
                   max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, created=int(time.time()),
-                  context=context, default_max_tokens=default_max_tokens, eos_token_id=model.config.eos_token_id)
+                  context=context, default_max_tokens=default_max_tokens, eos_token_id=model.config.eos_token_id,
+                  lookup=parse_lookup(lookup))
     svc.metrics = Metrics(model, worker)
     keys = [check_key(k) for k in api_keys]
 
