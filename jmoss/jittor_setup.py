@@ -692,6 +692,11 @@ def _import_jittor(device: str) -> ModuleType:
         flags = os.environ.get("cc_flags", "")
         env["cc_flags"] = flags if SAVE_MEM_CC_FLAG in flags else f"{flags} {SAVE_MEM_CC_FLAG}".strip()
         home = home.with_name(home.name + "-savemem")
+    if "ray" in sys.modules:
+        # A Ray worker runs gRPC and core-worker threads; jittor's import forks a multiprocessing
+        # pool of compile workers (even when every object is cached), and a fork while one of those
+        # threads holds a lock left a serve replica stuck initializing forever. Compile in-process.
+        env["DISABLE_MULTIPROCESSING"] = "1"
     os.environ.update(env)
     os.environ.pop("log_silent", None)  # see module docstring: it would swallow fatal errors
 

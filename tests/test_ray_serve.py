@@ -314,6 +314,13 @@ def test_the_cli_flags_reach_serve_ray(monkeypatch, tmp_path):
     # --pull converts into one machine's store; the replicas load on theirs
     refused = runner.invoke(cli.main, ["serve", "fnlp/moss-moon-003-sft", "--ray", "--pull", "--port", "0"])
     assert refused.exit_code == 2 and "--pull cannot be used with --ray" in refused.output and len(calls) == 2
+    # the replica flags mean nothing without --ray: refused before any model loads, not ignored
+    ignored = runner.invoke(cli.main, ["serve", str(tmp_path), "--replicas", "4", "--replica-gpus", "1", "--port", "0"])
+    assert ignored.exit_code == 2 and "--replicas, --replica-gpus only apply with --ray" in ignored.output
+    # --offload and --lookup reach the replicas' jmoss.load and app
+    assert runner.invoke(cli.main, ["serve", str(tmp_path), "--ray", "--offload", "cpu", "--lookup", "off",
+                                    "--port", "0"]).exit_code == 0
+    assert calls[2][1]["offload"] == "cpu" and calls[2][1]["lookup"] == 0  # "off": no drafts
 
 
 def test_replicas_get_an_absolute_path_or_a_name(monkeypatch, tmp_path):
