@@ -102,8 +102,8 @@ _HEADER_DIR = Path(__file__).with_name("cpu_kernels")
 # The C++ of the kernels, one file per op family (cpu_kernels/README.md), in the order they are
 # concatenated into the one `cpu_header` text jt.code compiles: each file uses only those before it.
 HEADER_FILES = ("simd.h", "pool.h", "activations.h", "gemv.h", "gemm.h", "gemm_amx.h", "linear.h", "norm_rotary.h",
-                "attention.h", "quant_gemv.h", "quant_gemm.h", "quant_vnni.h", "quant_linear.h", "decode_block.h",
-                "entry.h")
+                "attention.h", "quant_gemv.h", "quant_gemm.h", "quant_vnni.h", "quant_q8.h",
+                "quant_linear.h", "decode_block.h", "entry.h")
 _ISA_NAMES = {0: "portable", 1: "avx2+f16c", 2: "avx512"}
 _ACTIVATIONS = {None: 0, "gelu_new": 1}
 ISAS = ("native", "avx2", "portable")
@@ -604,6 +604,12 @@ def vnni_ready() -> bool:
     return bool(_ask("native", "jmoss_vnni_ready()"))
 
 
+def q8_decode_ready() -> bool:
+    """True when the int8 compute mode covers packed decode (M < 16 rows) on the configured ISA path
+    (AVX2 and AVX-512 builds: cpu_kernels/quant_q8.h); the portable path keeps fp32 there."""
+    return bool(_ask(_isa(), "jmoss_q8_ready()"))
+
+
 def threads_used(threads: int | None = None) -> int:
     """How many pool threads a kernel asking for ``threads`` (default: the configured count) really
     runs on at once (each chunk of a probe job waits for all the others to be claimed)."""
@@ -722,6 +728,7 @@ def info() -> dict[str, Any]:
         result["amx_min_m"] = AMX_MIN_M
         result["quant_compute"] = _quant_compute()
         result["vnni"] = vnni_ready()
+        result["q8_decode"] = q8_decode_ready()
     else:
         result["isa"] = None
     return result
