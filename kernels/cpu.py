@@ -58,6 +58,13 @@ then off by up to max|x_row|/254, measured ~1e-2 of max|y| on random layers (tes
 test_quant_kernels.py prints it), far from the 1e-4 fidelity of the default fp32 mode. Packed
 weights keep their codes; fp16/fp32 weights are rounded too, per row and group of 128 to
 max|w|/127 steps, one 12-row panel at a time (never a quantized copy of the layer).
+The same mode covers packed decode and small M (M < 16: decode steps, lookup's verify passes) on
+AVX2 and AVX-512 builds (``q8_decode_ready()``, cpu_kernels/quant_q8.h): x is rounded per row and
+block of 32 permuted positions to max|x_block|/127 steps (a finer step than per row: activation
+outliers coarsen only their own block), the products run on vpmaddubsw/vpmaddwd and one unpacked
+weight vector serves up to 6 x rows, so the pass is no longer compute-bound on the fp32 widening
+(needs group sizes that are multiples of 32; others keep the fp32 GEMV). Measured ~1.5e-2 of
+max|logit| on random packed CodeGen/MOSS-shaped stores (benchmarks/accuracy_q8.py).
 
 Prefill without AMX (M >= 32 rows for fp16/fp32 weights, >= 16 for packed ones; fewer rows keep
 the dot-product tiles, which win there; AVX-512 or AVX2): each thread turns
@@ -327,8 +334,9 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
     into fp32 and runs the outer-product fp32 GEMM over it (4-15 rows: 4-row panels, 4x4 tiles).
     No dequantized copy of the layer is ever made. With ``configured(quant_compute="int8")`` (or
     ``JMOSS_KERNELS_QUANT_COMPUTE=int8``) prefill instead quantizes x per row to 8 bits and
-    multiplies on AVX-512 VNNI where ``vnni_ready()``: faster, but approximate (see the module
-    docstring); elsewhere it is ignored.
+    multiplies on AVX-512 VNNI where ``vnni_ready()``, and decode / small M (< 16 rows) quantizes x per
+    block of 32 for integer AVX2 dot products where ``q8_decode_ready()``: faster, but approximate
+    (see the module docstring); elsewhere it is ignored.
     """
     jt = _jittor()
     if bits not in (4, 8):
