@@ -7,9 +7,12 @@
 // pass) costs ~2-6 one-row passes. Here x is quantized to 8 bits per block of Q8_BLOCK = 32
 // consecutive (permuted) positions and row, and the products are integer: vpmaddubsw (32 u8 x s8
 // products summed in pairs to int16) then vpmaddwd with ones (pairs to int32), one fp32 FMA by
-// the block scale per 32 or 64 codes; one unpacked weight vector serves up to 6 x rows from
-// registers, so extra rows cost only their own few instructions (what llama.cpp's Q4_0 x Q8_0
-// dot products do; written here for store format 2's codes, zero points and groups).
+// the block scale per 32 or 64 codes; one unpacked weight vector serves several x rows from
+// registers (int8: up to 6; int4: up to 4, with 4 weight rows folded into one accumulator,
+// q8_tile4x), so extra rows cost only their own few instructions (what llama.cpp's Q4_0 x Q8_0
+// dot products do; written here for store format 2's codes, zero points and groups). On a Zen 3
+// core the integer multiplies (one vector pipe) are the limit: measured on the 16B fc_in shape,
+// 1 thread, int4 M = 1/2/4/8: 6.0/8.1/11.9/22 ms against the fp32 GEMV's 14/20-26/49-53/76-81.
 //
 //   x[m, j] ~ d[m, b] qx[m, j],  qx in [-127, 127],  d[m, b] = max_{j in b} |x[m, j]| / 127
 //   W[n, j] = s[n, g] (q[n, j] - z[n, g]) = s (w'[n, j] - z'),  w' = q - c, z' = z - c  (c = 128 int8, 0 int4)
@@ -184,6 +187,76 @@ static inline void q8_tile(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, 
         }
 }
 
+// int4, 4 weight rows x MT x rows: each x row's four int16 block sums (one per weight row, lanes
+// <= 7620) folded by two vphaddw into one vector (pair sums <= 15240, quads <= 30480: no
+// wrap) before the single vpmaddwd, so a unit costs per x row 8 vpmaddubsw + 1 vpmaddwd + 1 FMA for
+// four weight rows instead of 8 + 4 + 4: int32 lane l of each 128-bit half = weight row l's sum
+// over that half's block, so the block scales keep q8_quantize's lane layout and the group scales
+// go in as [s_0..s_3 | s_0..s_3] (SPLIT: the second half's group).
+template <int MT, bool SPLIT>
+static inline void q8_tile4x(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, i64 GS, i64 K, i64 NU, i64 nfull,
+                             const int8_t* xq, const float* xd, i64 M, i64 m0, float res[4][MT]) {
+    constexpr i64 UC = 64;
+    const i64 UG = SPLIT ? 1 : GS / UC;
+    const i64 nseg = SPLIT ? NU : G;
+    alignas(32) uint8_t tail[4][32];
+    if (nfull < NU) {
+        const i64 have = (K * 4 + 7) / 8 - nfull * 32;
+        for (int r = 0; r < 4; r++) {
+            std::memset(tail[r], 0, 32);
+            std::memcpy(tail[r], q + r * ldq + nfull * 32, (size_t)have);
+        }
+    }
+    const __m256i ones = _mm256_set1_epi16(1), m15 = _mm256_set1_epi8(15);
+    __m256 tot[MT];
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++) tot[i] = _mm256_setzero_ps();
+    for (i64 g = 0; g < nseg; g++) {
+        const i64 u0 = g * UG, u1 = std::min(NU, u0 + UG);
+        __m256 acc[MT];
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
+        for (i64 u = u0; u < u1; u++) {
+            const int8_t* xu = xq + (u * M + m0) * UC;
+            const float* du = xd + (u * M + m0) * 8;
+            __m256i lo[4], hi[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                _mm_prefetch((const char*)(q + r * ldq + u * 32 + Q8_PF * 4 * ldq), _MM_HINT_T0);
+                const __m256i wv = u < nfull ? _mm256_loadu_si256((const __m256i*)(q + r * ldq + u * 32))
+                                             : _mm256_load_si256((const __m256i*)tail[r]);
+                lo[r] = _mm256_and_si256(wv, m15);
+                hi[r] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m15);
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < MT; i++) {
+                const __m256i xa = _mm256_load_si256((const __m256i*)(xu + i * UC));
+                const __m256i xb = _mm256_load_si256((const __m256i*)(xu + i * UC + 32));
+                __m256i sr[4];
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++)
+                    sr[r] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xa), _mm256_maddubs_epi16(hi[r], xb));
+                const __m256i t = _mm256_hadd_epi16(_mm256_hadd_epi16(sr[0], sr[1]), _mm256_hadd_epi16(sr[2], sr[3]));
+                const __m256i p = _mm256_madd_epi16(t, ones);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_load_ps(du + i * 8), acc[i]);
+            }
+        }
+        alignas(32) float sl[8];
+        for (int r = 0; r < 4; r++) {
+            sl[r] = jmoss_k::scalar_load(s + r * G + (SPLIT ? g * UC / GS : g));
+            sl[4 + r] = SPLIT ? jmoss_k::scalar_load(s + r * G + std::min(G - 1, (g * UC + Q8_BLOCK) / GS)) : sl[r];
+        }
+        const __m256 sv = _mm256_load_ps(sl);
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; i++) tot[i] = _mm256_fmadd_ps(acc[i], sv, tot[i]);
+    }
+    for (int i = 0; i < MT; i++) {
+        alignas(32) float v[8];
+        _mm256_store_ps(v, tot[i]);
+        for (int r = 0; r < 4; r++) res[r][i] = v[r] + v[4 + r];
+    }
+}
+
 // sum_g s[g] (z[g] - c) xz[g] for one weight row (sz: that row's s (z - c), made once per row).
 static inline void q8_zero_factors(const uint16_t* s, const uint16_t* z, i64 G, float c, float* sz) {
     i64 g = 0;
@@ -211,7 +284,15 @@ static inline void q8_rows(const uint8_t* q, i64 ldq, const uint16_t* s, const u
                            i64 NU, i64 nfull, const int8_t* xq, const float* xd, const float* xz, i64 M, i64 m0, i64 n0,
                            float* y, i64 N, float* sz) {
     float res[NR][MT];
-    if (BITS == 4 && GS % 64 != 0)
+    if (BITS == 4 && NR == 4) {
+        float r4[4][MT];
+        if (GS % 64 != 0)
+            q8_tile4x<MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+        else
+            q8_tile4x<MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+        for (int r = 0; r < NR; r++)
+            for (int i = 0; i < MT; i++) res[r][i] = r4[r < 4 ? r : 0][i];
+    } else if (BITS == 4 && GS % 64 != 0)
         q8_tile<BITS, NR, MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
     else
         q8_tile<BITS, NR, MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
@@ -221,6 +302,13 @@ static inline void q8_rows(const uint8_t* q, i64 ldq, const uint16_t* s, const u
     }
 }
 
+// weight rows per tile: 4 where few x rows share them (independent FMA chains), int4 always up to
+// 4 x rows (q8_tile4x folds the 4 rows into one accumulator per x row)
+template <int BITS, int MT>
+static inline constexpr int q8_nr() {
+    return (BITS == 4 && MT <= 4) || MT == 1 ? 4 : MT <= 3 ? 2 : 1;
+}
+
 // x rows of one pass over a weight row set: one weight vector is unpacked once for all of them,
 // as many as the 16 ymm registers hold (2 accumulators per (weight row, x row)); more weight rows
 // per tile where there are few x rows, so the FMA chains of a group stay independent.
@@ -228,13 +316,23 @@ template <int BITS, int MT>
 static inline void q8_mtile(const uint8_t* q, i64 ldq, const uint16_t* s, const uint16_t* z, i64 G, i64 GS, i64 K,
                             i64 NU, i64 nfull, const int8_t* xq, const float* xd, const float* xz, i64 M, i64 m0,
                             i64 n0, int nr, float* y, i64 N, float* sz) {
-    constexpr int NR = MT == 1 ? 4 : MT <= 3 ? 2 : 1;
+    constexpr int NR = q8_nr<BITS, MT>();
     if (nr >= NR) {
         q8_rows<BITS, NR, MT>(q, ldq, s, z, G, GS, K, NU, nfull, xq, xd, xz, M, m0, n0, y, N, sz);
     } else {
         for (int r = 0; r < nr; r++)
             q8_rows<BITS, 1, MT>(q, ldq, s, z, G, GS, K, NU, nfull, xq, xd, xz, M, m0, n0 + r, y, N, sz);
     }
+}
+
+// nr (<= 4) weight rows from n0 in tiles of q8_nr
+template <int BITS, int MT>
+static inline void q8_span(const uint8_t* q, i64 ldq, const uint16_t* s, const uint16_t* z, i64 G, i64 GS, i64 K,
+                           i64 NU, i64 nfull, const int8_t* xq, const float* xd, const float* xz, i64 M, i64 m0,
+                           i64 n0, int nr, float* y, i64 N, float* sz) {
+    constexpr int NR = q8_nr<BITS, MT>();
+    for (int r = 0; r < nr; r += NR)
+        q8_mtile<BITS, MT>(q, ldq, s, z, G, GS, K, NU, nfull, xq, xd, xz, M, m0, n0 + r, std::min(NR, nr - r), y, N, sz);
 }
 
 template <int BITS, class BT>
@@ -255,7 +353,8 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
     i64 tiles[16][2];
     int ntiles = 0;
     for (i64 m0 = 0; m0 < M;) {
-        const i64 rem = M - m0, mt = rem <= 6 ? rem : 4;
+        // int4 (4 weight rows per tile, q8_tile4x): up to 4 x rows a tile, 5-8 split in two
+        const i64 rem = M - m0, mt = BITS == 4 ? (rem <= 4 ? rem : rem <= 8 ? (rem + 1) / 2 : 4) : rem <= 6 ? rem : 4;
         tiles[ntiles][0] = m0;
         tiles[ntiles++][1] = mt;
         m0 += mt;
@@ -273,24 +372,12 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
                 const i64 m0 = tiles[t][0];
 #define JMOSS_Q8_ARGS q, ldq, s, z, G, GS, K, NU, nfull, xq, xd, xz, M, m0
                 switch (tiles[t][1]) {
-                    case 1: q8_mtile<BITS, 1>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
-                    case 2:
-                        for (int r = 0; r < nr; r += 2)
-                            q8_mtile<BITS, 2>(JMOSS_Q8_ARGS, n0 + r, std::min(2, nr - r), y, N, sz);
-                        break;
-                    case 3:
-                        for (int r = 0; r < nr; r += 2)
-                            q8_mtile<BITS, 3>(JMOSS_Q8_ARGS, n0 + r, std::min(2, nr - r), y, N, sz);
-                        break;
-                    default:
-                        for (int r = 0; r < nr; r++) {
-                            switch (tiles[t][1]) {
-                                case 4: q8_mtile<BITS, 4>(JMOSS_Q8_ARGS, n0 + r, 1, y, N, sz); break;
-                                case 5: q8_mtile<BITS, 5>(JMOSS_Q8_ARGS, n0 + r, 1, y, N, sz); break;
-                                default: q8_mtile<BITS, 6>(JMOSS_Q8_ARGS, n0 + r, 1, y, N, sz); break;
-                            }
-                        }
-                        break;
+                    case 1: q8_span<BITS, 1>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
+                    case 2: q8_span<BITS, 2>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
+                    case 3: q8_span<BITS, 3>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
+                    case 4: q8_span<BITS, 4>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
+                    case 5: q8_span<BITS, 5>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
+                    default: q8_span<BITS, 6>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
                 }
 #undef JMOSS_Q8_ARGS
             }
