@@ -263,28 +263,33 @@ def run_replay(args, costs: dict[int, float] | None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_passes(model, rows: list[int], reps: int, prompt_len: int) -> dict[str, dict[int, float]]:
+def run_passes(model, rows: list[int], reps: int, prompt_len: int,
+               computes: tuple[str, ...] = ("fp32",)) -> dict[str, dict[int, float]]:
     """Median seconds of a one-row session's forward of r tokens (Session.verify: every position's
-    logits, as lookup runs it), fused one-op layer and per-op path, interleaved round by round."""
+    logits, as lookup runs it), fused one-op layer and per-op path (and each kernels quant_compute
+    mode in ``computes``), interleaved round by round."""
+    from jmoss import kernels
     from jmoss.kernels import cpu as kernels_cpu
 
     session = model.session(max_len=prompt_len + max(rows) + 8)
     session.prefill([[(37 * i) % 50000 + 100 for i in range(prompt_len)]])
     fused_rows = kernels_cpu.FUSED_MAX_ROWS
-    paths = {"fused": fused_rows, "per-op": 0}
+    paths = {name + (f" {c}" if computes != ("fp32",) else ""): (limit, c)
+             for c in computes for name, limit in (("fused", fused_rows), ("per-op", 0))}
     times: dict[str, dict[int, list[float]]] = {p: {r: [] for r in rows} for p in paths}
     for rep in range(reps + 1):  # the first round warms up (kernel compiles, page cache) and is dropped
-        for path, limit in paths.items():
+        for path, (limit, compute) in paths.items():
             kernels_cpu.FUSED_MAX_ROWS = limit
             try:
-                for r in rows:
-                    start = session.length
-                    t0 = time.perf_counter()
-                    session.verify([[(11 * j) % 50000 + 200 for j in range(r)]])
-                    dt = time.perf_counter() - t0
-                    session.truncate(start)
-                    if rep:
-                        times[path][r].append(dt)
+                with kernels.configured(quant_compute=compute):
+                    for r in rows:
+                        start = session.length
+                        t0 = time.perf_counter()
+                        session.verify([[(11 * j) % 50000 + 200 for j in range(r)]])
+                        dt = time.perf_counter() - t0
+                        session.truncate(start)
+                        if rep:
+                            times[path][r].append(dt)
             finally:
                 kernels_cpu.FUSED_MAX_ROWS = fused_rows
     return {p: {r: statistics.median(v) for r, v in by.items()} for p, by in times.items()}
@@ -295,9 +300,12 @@ def print_passes(med: dict[str, dict[int, float]]) -> dict[int, float]:
     base = min(m[1] for m in med.values())
     print("\npass cost: median seconds of one forward of r rows on a one-row session (every position's logits), "
           "and relative to the fastest 1-row pass")
-    print(f"{'rows':>5}" + "".join(f"{p + ' s':>12}{p + ' x':>10}" for p in med))
+    print(f"{'rows':>5}" + "".join(f"{p + ' s':>16}{p + ' x':>14}" for p in med))
     for r in sorted(next(iter(med.values()))):
-        print(f"{r:>5}" + "".join(f"{m[r]:>12.4f}{m[r] / base:>10.3f}" for m in med.values()))
+        print(f"{r:>5}" + "".join(f"{m[r]:>16.4f}{m[r] / base:>14.3f}" for m in med.values()))
+    print("each path relative to its own 1-row pass:")
+    for p, m in med.items():
+        print(f"  {p:>16}: " + "  ".join(f"{r} rows {m[r] / m[1]:.2f}x" for r in sorted(m) if 1 in m))
     best = {r: min(m[r] for m in med.values()) / base for r in next(iter(med.values()))}
     return best
 
@@ -375,6 +383,8 @@ def main() -> None:
         p.add_argument("--prompt-tokens", type=int, default=128)
         p.add_argument("--decode-tokens", type=int, default=32)
         p.add_argument("--rounds", type=int, default=2)
+        p.add_argument("--compute", default="fp32",
+                       help="passes: kernels quant_compute modes side by side, comma-separated (fp32, int8)")
     for p in (replay, everything):
         p.add_argument("--shared", type=Path, default=SHARED)
         p.add_argument("--ks", default="1,2,3,4,6,8")
@@ -398,7 +408,8 @@ def main() -> None:
           f"{info()['threads']} threads; {'streaming ' + str(plan.disk_bytes_per_token) + ' B/token' if plan and plan.streams else 'resident'}")
     costs = None
     if args.cmd in ("passes", "all"):
-        med = run_passes(model, [int(r) for r in args.rows.split(",")], args.reps, args.prompt_tokens)
+        med = run_passes(model, [int(r) for r in args.rows.split(",")], args.reps, args.prompt_tokens,
+                         tuple(c.strip() for c in args.compute.split(",") if c.strip()))
         costs = print_passes(med)
         print(_load())
     if args.cmd in ("forced", "all"):

@@ -16,7 +16,11 @@ average is printed before and after each store: figures taken beside other work 
 "quiet" is only as quiet as the machine was.
 
     flock /work/heavy.lock python benchmarks/bench_threads.py /work/stores/moss16b-int4 /work/stores/moss16b-int8 \\
-        [--tokens 4] [--rounds 3] [--out benchmarks/results/threads-16b.txt]
+        [--tokens 4] [--rounds 3] [--compute fp32,int8] [--out benchmarks/results/threads-16b.txt]
+
+``--compute fp32,int8`` measures each configuration in each kernels quant_compute mode, interleaved
+in the same process (int8: x quantized to 8 bits per block of 32 in the packed decode kernels,
+approximate; rows are then named e.g. "2T quiet int8").
 """
 
 from __future__ import annotations
@@ -90,7 +94,11 @@ def competitors(count: int | None = None) -> Iterator[int]:
 # ------------------------------------------------------------------------------ child: one store
 
 
-def measure(store: str, threads: list[int], tokens: int, rounds: int) -> dict:
+def _key(t: int, loaded: bool, compute: str, computes: list[str]) -> str:
+    return f"{t}T {'loaded' if loaded else 'quiet'}" + (f" {compute}" if computes != ["fp32"] else "")
+
+
+def measure(store: str, threads: list[int], tokens: int, rounds: int, computes: list[str] | None = None) -> dict:
     import jmoss
     from jmoss import kernels
     from jmoss.bench import resident_weight_bytes
@@ -99,14 +107,16 @@ def measure(store: str, threads: list[int], tokens: int, rounds: int) -> dict:
     model = jmoss.load(store, device="cpu")
     load_s = time.perf_counter() - t0
     weight_bytes = resident_weight_bytes(model)
+    computes = computes or ["fp32"]
     configs = [(t, False) for t in threads] + [(t, True) for t in sorted(threads, reverse=True)]
-    steps = 2 + rounds * len(configs) * tokens
+    steps = 2 + rounds * len(configs) * len(computes) * tokens + len(threads) * len(computes)
     session = model.session(max_len=4 + steps)
     logits = session.prefill([[11, 12, 13, 14]])
     token = int(np.argmax(logits[0]))
-    for t in threads:  # compile and warm both thread counts
-        with kernels.configured(threads=t):
-            token = int(np.argmax(session.decode([token])[0]))
+    for t in threads:  # compile and warm both thread counts (and compute modes)
+        for c in computes:
+            with kernels.configured(threads=t, quant_compute=c):
+                token = int(np.argmax(session.decode([token])[0]))
 
     decode: dict[str, list[float]] = {}
     probe: dict[str, list[float]] = {}
@@ -116,13 +126,14 @@ def measure(store: str, threads: list[int], tokens: int, rounds: int) -> dict:
                 for t, want_loaded in configs:
                     if want_loaded != loaded:
                         continue
-                    key = f"{t}T {'loaded' if loaded else 'quiet'}"
-                    probe.setdefault(key, []).append(kernels.memory_read_probe(1 << 30, repeats=3, threads=t))
-                    with kernels.configured(threads=t):
-                        start = time.perf_counter()
-                        for _ in range(tokens):
-                            token = int(np.argmax(session.decode([token])[0]))
-                        decode.setdefault(key, []).append(tokens / (time.perf_counter() - start))
+                    for c in computes:
+                        key = _key(t, loaded, c, computes)
+                        probe.setdefault(key, []).append(kernels.memory_read_probe(1 << 30, repeats=3, threads=t))
+                        with kernels.configured(threads=t, quant_compute=c):
+                            start = time.perf_counter()
+                            for _ in range(tokens):
+                                token = int(np.argmax(session.decode([token])[0]))
+                            decode.setdefault(key, []).append(tokens / (time.perf_counter() - start))
     return {"store": store, "load_s": load_s, "weight_bytes": weight_bytes, "isa": kernels.isa_path(),
             "decode": decode, "probe": probe}
 
@@ -130,7 +141,7 @@ def measure(store: str, threads: list[int], tokens: int, rounds: int) -> dict:
 # ------------------------------------------------------------------------------ parent
 
 
-def report(result: dict, threads: list[int]) -> list[str]:
+def report(result: dict, threads: list[int], computes: list[str] | None = None) -> list[str]:
     med = {k: statistics.median(v) for k, v in result["decode"].items()}
     probe = {k: statistics.median(v) for k, v in result["probe"].items()}
     gb = result["weight_bytes"] / 1e9
@@ -141,13 +152,20 @@ def report(result: dict, threads: list[int]) -> list[str]:
         lines.append(f"{key:<12} {med[key]:7.3f} {gbps:6.2f} {probe[key]:10.2f} {gbps / probe[key]:8.0%}   "
                      + " ".join(f"{v:.3f}" for v in result["decode"][key]))
     checks = []
-    for t in threads:
-        q = f"{t}T quiet"
-        checks.append((f"{q} >= 85% of its probe", med[q] * gb / probe[q] >= 0.85, f"{med[q] * gb / probe[q]:.0%}"))
-    if 2 in threads and 1 in threads:
-        l2, q2, l1 = med["2T loaded"], med["2T quiet"], med["1T loaded"]
-        checks.append(("2T loaded >= 0.45x 2T quiet", l2 >= 0.45 * q2, f"{l2 / q2:.2f}x"))
-        checks.append(("2T loaded >= 1T loaded", l2 >= l1, f"{l2 / l1:.2f}x"))
+    computes = computes or ["fp32"]
+    for c in computes:
+        for t in threads:
+            q = _key(t, False, c, computes)
+            checks.append((f"{q} >= 85% of its probe", med[q] * gb / probe[q] >= 0.85, f"{med[q] * gb / probe[q]:.0%}"))
+        if 2 in threads and 1 in threads:
+            l2, q2, l1 = (med[_key(2, True, c, computes)], med[_key(2, False, c, computes)],
+                          med[_key(1, True, c, computes)])
+            checks.append((_key(2, True, c, computes) + " >= 0.45x quiet", l2 >= 0.45 * q2, f"{l2 / q2:.2f}x"))
+            checks.append((_key(2, True, c, computes) + " >= 1T loaded", l2 >= l1, f"{l2 / l1:.2f}x"))
+    if "fp32" in computes and "int8" in computes:
+        for t in threads:
+            a, b = med[_key(t, False, "int8", computes)], med[_key(t, False, "fp32", computes)]
+            checks.append((f"{t}T quiet int8 / fp32 (same process)", True, f"{a / b:.2f}x"))
     for what, ok, value in checks:
         lines.append(f"check: {what}: {value} {'PASS' if ok else 'FAIL'}")
     return lines
@@ -159,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default 1,2)")
     parser.add_argument("--tokens", type=int, default=4, help="decode tokens per measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compute", default="fp32",
+                        help="kernels quant_compute modes to measure side by side, comma-separated (fp32, int8)")
     parser.add_argument("--out", type=Path, default=None, help="append the report to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
+    computes = [c.strip() for c in args.compute.split(",") if c.strip()]
     if args.child:
-        print("RESULT" + json.dumps(measure(args.stores[0], threads, args.tokens, args.rounds)), flush=True)
+        print("RESULT" + json.dumps(measure(args.stores[0], threads, args.tokens, args.rounds, computes)), flush=True)
         return 0
     lines = [f"# ==== {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}",
              f"# CPU: {cpu_name()}; {args.rounds} interleaved rounds of {args.tokens} greedy decode tokens per configuration;",
@@ -174,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     for store in args.stores:
         before = load_average()
         cmd = [sys.executable, __file__, store, "--child", "--threads", args.threads, "--tokens", str(args.tokens),
-               "--rounds", str(args.rounds)]
+               "--rounds", str(args.rounds), "--compute", args.compute]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         result = next((json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("RESULT")), None)
         if result is None:
             section = [f"## {store}: failed (exit {proc.returncode})", *proc.stderr.strip().splitlines()[-15:]]
         else:
-            section = report(result, threads)
+            section = report(result, threads, computes)
         section.append(f"# {before} before, {load_average()} after")
         print("\n".join(section), flush=True)
         lines += section

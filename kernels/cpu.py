@@ -58,6 +58,13 @@ then off by up to max|x_row|/254, measured ~1e-2 of max|y| on random layers (tes
 test_quant_kernels.py prints it), far from the 1e-4 fidelity of the default fp32 mode. Packed
 weights keep their codes; fp16/fp32 weights are rounded too, per row and group of 128 to
 max|w|/127 steps, one 12-row panel at a time (never a quantized copy of the layer).
+The same mode covers packed decode and small M (M < 16: decode steps, lookup's verify passes) on
+AVX2 and AVX-512 builds (``q8_decode_ready()``, cpu_kernels/quant_q8.h): x is rounded per row and
+block of 32 permuted positions to max|x_block|/127 steps (a finer step than per row: activation
+outliers coarsen only their own block), the products run on vpmaddubsw/vpmaddwd and one unpacked
+weight vector serves up to 6 x rows, so the pass is no longer compute-bound on the fp32 widening
+(needs group sizes that are multiples of 32; others keep the fp32 GEMV). Measured ~1.5e-2 of
+max|logit| on random packed CodeGen/MOSS-shaped stores (benchmarks/accuracy_q8.py).
 
 Prefill without AMX (M >= 32 rows for fp16/fp32 weights, >= 16 for packed ones; fewer rows keep
 the dot-product tiles, which win there; AVX-512 or AVX2): each thread turns
@@ -102,8 +109,8 @@ _HEADER_DIR = Path(__file__).with_name("cpu_kernels")
 # The C++ of the kernels, one file per op family (cpu_kernels/README.md), in the order they are
 # concatenated into the one `cpu_header` text jt.code compiles: each file uses only those before it.
 HEADER_FILES = ("simd.h", "pool.h", "activations.h", "gemv.h", "gemm.h", "gemm_amx.h", "linear.h", "norm_rotary.h",
-                "attention.h", "quant_gemv.h", "quant_gemm.h", "quant_vnni.h", "quant_linear.h", "decode_block.h",
-                "entry.h")
+                "attention.h", "quant_gemv.h", "quant_gemm.h", "quant_vnni.h", "quant_q8.h",
+                "quant_linear.h", "decode_block.h", "entry.h")
 _ISA_NAMES = {0: "portable", 1: "avx2+f16c", 2: "avx512"}
 _ACTIVATIONS = {None: 0, "gelu_new": 1}
 ISAS = ("native", "avx2", "portable")
@@ -327,8 +334,9 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
     into fp32 and runs the outer-product fp32 GEMM over it (4-15 rows: 4-row panels, 4x4 tiles).
     No dequantized copy of the layer is ever made. With ``configured(quant_compute="int8")`` (or
     ``JMOSS_KERNELS_QUANT_COMPUTE=int8``) prefill instead quantizes x per row to 8 bits and
-    multiplies on AVX-512 VNNI where ``vnni_ready()``: faster, but approximate (see the module
-    docstring); elsewhere it is ignored.
+    multiplies on AVX-512 VNNI where ``vnni_ready()``, and decode / small M (< 16 rows) quantizes x per
+    block of 32 for integer AVX2 dot products where ``q8_decode_ready()``: faster, but approximate
+    (see the module docstring); elsewhere it is ignored.
     """
     jt = _jittor()
     if bits not in (4, 8):
@@ -604,6 +612,12 @@ def vnni_ready() -> bool:
     return bool(_ask("native", "jmoss_vnni_ready()"))
 
 
+def q8_decode_ready() -> bool:
+    """True when the int8 compute mode covers packed decode (M < 16 rows) on the configured ISA path
+    (AVX2 and AVX-512 builds: cpu_kernels/quant_q8.h); the portable path keeps fp32 there."""
+    return bool(_ask(_isa(), "jmoss_q8_ready()"))
+
+
 def threads_used(threads: int | None = None) -> int:
     """How many pool threads a kernel asking for ``threads`` (default: the configured count) really
     runs on at once (each chunk of a probe job waits for all the others to be claimed)."""
@@ -722,6 +736,7 @@ def info() -> dict[str, Any]:
         result["amx_min_m"] = AMX_MIN_M
         result["quant_compute"] = _quant_compute()
         result["vnni"] = vnni_ready()
+        result["q8_decode"] = q8_decode_ready()
     else:
         result["isa"] = None
     return result

@@ -129,3 +129,23 @@ def test_weights_whose_shapes_disagree_with_x_or_the_cache_are_refused_not_run(s
     if bits:
         with pytest.raises(JmossError, match="group 0"):
             kernels.decode_block(h, w, *args, **{**kw, "group_size": 0})
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_fused_layer_in_the_int8_compute_mode_gives_the_per_op_logits(stores, kind, monkeypatch):
+    """quant_compute="int8" quantizes x in the packed decode kernels (quant_q8.h); the fused layer
+    calls the same qlinear with the mode on, so it still agrees with the per-op path, and the
+    logits differ from the fp32 mode's (the mode is really taken) by the mode's rounding only."""
+    model = jmoss.load(stores[kind], device="cpu")
+    for isa in ("native", "avx2"):
+        with kernels.configured(isa=isa, threads=2):
+            exact = _run(model, SHORT)
+            with kernels.configured(quant_compute="int8"):
+                monkeypatch.setattr(kernels_cpu, "FUSED_MAX_ROWS", 16)
+                got = _run(model, SHORT)
+                monkeypatch.setattr(kernels_cpu, "FUSED_MAX_ROWS", 0)
+                want = _run(model, SHORT)
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() / scale <= 1e-6, (kind, isa)
+        err = np.abs(got - exact).max() / np.abs(exact).max()
+        assert 0 < err < 0.05, (kind, isa, err)

@@ -51,6 +51,15 @@ static inline int jmoss_threads_used(int threads) { return jmoss_pool::threads_u
 static inline const uint8_t* jmoss_u8(const uint8_t* p) { return p; }
 static inline const uint8_t* jmoss_u8(const int8_t* p) { return reinterpret_cast<const uint8_t*>(p); }
 
+// 1 when the int8 compute mode's packed decode kernels (quant_q8.h, AVX2) are compiled in.
+static inline int jmoss_q8_ready() {
+#if JMOSS_Q8
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // 1 when the opt-in int8 (VNNI) prefill compute mode is compiled in (AVX-512 VNNI + BW).
 static inline int jmoss_vnni_ready() {
 #if JMOSS_VNNI

@@ -1,5 +1,5 @@
 // The entry dispatchers for a linear layer: flinear (fp16 / fp32 weights) and qlinear (packed),
-// each choosing the int8 VNNI mode, the prefill GEMM or the decode GEMV.
+// each choosing the int8 compute mode (VNNI prefill, AVX2 decode), the prefill GEMM or the decode GEMV.
 namespace jmoss_q {
 using jmoss_k::i64;
 
@@ -40,6 +40,12 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
 #if JMOSS_VNNI
     if (i8 && M >= jmoss_k::QUANT_GEMM_MIN_M && GS % 4 == 0) {
         qlinear_vnni<BITS>(x, perm, q, s, z, bias, y, M, K, N, ldq, GS, threads, act);
+        return;
+    }
+#endif
+#if JMOSS_Q8
+    if (i8 && M < jmoss_k::QUANT_GEMM_MIN_M && q8_applies<BITS>(GS)) {
+        qlinear_q8<BITS>(x, perm, q, s, z, bias, y, M, K, N, ldq, GS, threads, act);
         return;
     }
 #endif
