@@ -42,7 +42,7 @@ CT2_COMPUTE = ("float32", "int8", "int8_float32")  # compute types; int8* run th
 INSTALL = (f"pip install ctranslate2=={CT2_VERSION} torch 'transformers>=5,<6' "
            "(bench time only; or put a folder holding ctranslate2 on PYTHONPATH)")
 
-# The jmoss rows with int8 activations (the opt-in quant_compute="int8" prefill mode,
+# The jmoss rows with int8 activations (the opt-in quant_compute="int8" mode: VNNI prefill, packed decode,
 # JMOSS_KERNELS_QUANT_COMPUTE=int8, what CTranslate2's int8 modes do) are labelled with this.
 INT8_ACT = "i8-act"
 
@@ -50,7 +50,8 @@ INT8_ACT = "i8-act"
 def configs(int8_activations: bool = False) -> tuple[tuple[str, str, str], ...]:
     """(label, kind "jmoss"|"ct2", what), in round order: what is a jmoss format (":int8" appended
     for int8 activations) or a CTranslate2 compute type. The int8-activation jmoss rows only where
-    that mode exists (AVX-512 VNNI; elsewhere the setting is ignored and they would repeat the others)."""
+    that mode exists (AVX-512 VNNI prefill, AVX2/AVX-512 packed decode; elsewhere the setting is ignored
+    and they would repeat the others)."""
     rows = [(f"jmoss {f}", "jmoss", f) for f in JMOSS_FORMATS]
     if int8_activations:
         rows += [(f"jmoss {f} {INT8_ACT}", "jmoss", f"{f}:int8") for f in JMOSS_FORMATS]
@@ -321,7 +322,7 @@ def compare_ctranslate2(model: str | Path, *, prompt_tokens: int = 64, decode_to
                "vocab_size": config.vocab_size, "n_embd": config.n_embd}
     from jmoss import kernels
 
-    order = configs(int8_activations=kernels.vnni_ready())
+    order = configs(int8_activations=kernels.vnni_ready() or kernels.q8_decode_ready())
     runs = run_rounds(paths, options, runner or default_runner, rounds, log, order, competitors=competitors)
 
     with kernels.configured(threads=threads):
