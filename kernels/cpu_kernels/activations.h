@@ -55,4 +55,19 @@ static inline void gelu_row(float* row, i64 n) {
     for (; i < n; i++) row[i] = gelu_new(row[i]);
 }
 
+// The epilogue every linear layer runs on the output columns [n_begin, n_end) one pool chunk has
+// just written, in all M rows of y (M x N): + bias, then gelu_new when act == 1.
+template <class BT>
+static inline void bias_act_columns(float* y, i64 M, i64 N, i64 n_begin, i64 n_end, const BT* bias, int act) {
+    if (!bias && !act) return;
+    for (i64 m = 0; m < M; m++) {
+        float* row = y + m * N;
+        if (bias) {
+#pragma omp simd
+            for (i64 n = n_begin; n < n_end; n++) row[n] += scalar_load(bias + n);
+        }
+        if (act == 1) gelu_row(row + n_begin, n_end - n_begin);
+    }
+}
+
 }  // namespace jmoss_k

@@ -47,18 +47,7 @@ static void linear(const float* x, const WT* w, const BT* bias, float* y, i64 M,
                 if (m0 < me) tile_any(x, w, y, m0, (int)(me - m0), n0, nr, K, N);
             }
         }
-        if (bias || act) {
-            for (i64 m = 0; m < M; m++) {
-                float* row = y + m * N;
-                if (bias) {
-#pragma omp simd
-                    for (i64 n = n_begin; n < n_end; n++) row[n] += scalar_load(bias + n);
-                }
-                if (act == 1) {
-                    gelu_row(row + n_begin, n_end - n_begin);
-                }
-            }
-        }
+        bias_act_columns(y, M, N, n_begin, n_end, bias, act);
     });
 }
 

@@ -102,14 +102,7 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
                 if (m0 < me) jmoss_k::tile_any(xp, (const float*)w, y + n0, m0, (int)(me - m0), 0, nr, K, N);
             }
         }
-        if (bias || act) {
-            for (i64 m = 0; m < M; m++) {
-                float* row = y + m * N;
-                if (bias)
-                    for (i64 n = n_begin; n < n_end; n++) row[n] += jmoss_k::scalar_load(bias + n);
-                if (act == 1) jmoss_k::gelu_row(row + n_begin, n_end - n_begin);
-            }
-        }
+        jmoss_k::bias_act_columns(y, M, N, n_begin, n_end, bias, act);
     });
 }
 }  // namespace jmoss_q

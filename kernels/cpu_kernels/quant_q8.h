@@ -382,14 +382,7 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
 #undef JMOSS_Q8_ARGS
             }
         }
-        if (bias || act) {
-            for (i64 m = 0; m < M; m++) {
-                float* row = y + m * N;
-                if (bias)
-                    for (i64 n = n_begin; n < n_end; n++) row[n] += jmoss_k::scalar_load(bias + n);
-                if (act == 1) jmoss_k::gelu_row(row + n_begin, n_end - n_begin);
-            }
-        }
+        jmoss_k::bias_act_columns(y, M, N, n_begin, n_end, bias, act);
     });
 }
 #else
