@@ -604,13 +604,10 @@ def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, p
     keys = load_keys(api_keys, api_key_file)  # checked before the model loads: a bad key fails in a second
     _check_port(host, port)  # before loading: a busy port must not cost a model load
     names, options = _plugin_args(plugins, search_docs, text2image_cmd)
-    if ray_address is None:  # a Ray-only flag without --ray would be silently ignored
-        ctx = click.get_current_context()
-        given = [f"--{name.replace('_', '-')}" for name in ("replicas", "replica_cpus", "replica_gpus")
-                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise click.UsageError(f"{', '.join(given)} only apply with --ray (serve on a Ray Serve cluster); "
-                                   "add --ray, or drop them")
+    # what the single-process app and every Ray replica's app are given alike
+    app = dict(log_level=limits.pop("log_level"), web=not no_web, plugins=names, plugin_options=options,
+               max_batch=max_batch, default_max_tokens=max_new_tokens, meta_instruction=_system_text(system),
+               api_keys=keys, metrics_public=metrics_public, **limits)
     if ray_address is not None:
         from jmoss.server.ray_app import serve_ray
 
@@ -620,23 +617,23 @@ def serve(model, device, dtype, device_memory, host_memory, threads, ctx_size, p
         click.echo(f"jmoss: deploying {replicas} replicas of {model} on "
                    f"{'a local Ray cluster' if ray_address == 'local' else 'the Ray cluster at ' + ray_address}",
                    err=True)
-        log_level = limits.pop("log_level")
         serve_ray(model, host, port, address=None if ray_address == "local" else ray_address, replicas=replicas,
                   replica_cpus=replica_cpus, replica_gpus=replica_gpus, threads=threads, device=device, dtype=dtype,
-                  device_memory=device_memory, host_memory=host_memory, offload=offload, ctx_size=ctx_size, model_name=model_name,
-                  web=not no_web, log_level=log_level, plugins=names, plugin_options=options, max_batch=max_batch,
-                  default_max_tokens=max_new_tokens, meta_instruction=_system_text(system), api_keys=keys,
-                  metrics_public=metrics_public, **limits)
+                  device_memory=device_memory, host_memory=host_memory, offload=offload, ctx_size=ctx_size,
+                  model_name=model_name, **app)
         return
+    ctx = click.get_current_context()  # a Ray-only flag without --ray would be silently ignored
+    given = [f"--{name.replace('_', '-')}" for name in ("replicas", "replica_cpus", "replica_gpus")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only apply with --ray (serve on a Ray Serve cluster); "
+                               "add --ray, or drop them")
     m = _load(model, device, dtype, device_memory, host_memory, batch=max_batch, threads=threads, ctx_size=ctx_size,
               pull=pull, offload=offload)
-    log_level = limits.pop("log_level")
     page = "" if no_web else "chat page at /, "
     guard = f", {len(keys)} API key(s)" if keys else ""
     click.echo(f"jmoss serving {model} on http://{host}:{port} ({page}OpenAI API under /v1{guard})", err=True)
-    run(m, host, port, log_level=log_level, web=not no_web, model_name=model_name or model, plugins=names,
-        plugin_options=options, max_batch=max_batch, default_max_tokens=max_new_tokens,
-        meta_instruction=_system_text(system), api_keys=keys, metrics_public=metrics_public, **limits)
+    run(m, host, port, model_name=model_name or model, **app)
 
 
 def _check_port(host: str, port: int) -> None:
