@@ -8,7 +8,7 @@
 // consecutive (permuted) positions and row, and the products are integer: vpmaddubsw (32 u8 x s8
 // products summed in pairs to int16) then vpmaddwd with ones (pairs to int32), one fp32 FMA by
 // the block scale per 32 or 64 codes; one unpacked weight vector serves several x rows from
-// registers (int8: up to 6; int4: up to 4, with 4 weight rows folded into one accumulator,
+// registers (int8: up to 6; int4: up to 8, with 4 weight rows folded into one accumulator,
 // q8_tile4x), so extra rows cost only their own few instructions (what llama.cpp's Q4_0 x Q8_0
 // dot products do; written here for store format 2's codes, zero points and groups). On a Zen 3
 // core the integer multiplies (one vector pipe) are the limit: measured on the 16B fc_in shape,
@@ -40,6 +40,13 @@ using jmoss_k::i64;
 #define JMOSS_Q8 1
 static const i64 Q8_BLOCK = 32;
 static const int Q8_PF = 4;  // weight row sets prefetched ahead, as q4_prefetch (quant_gemv.h)
+// int4 4-row sets prefetched ahead by q8_tile4x, whose prefetch walks the set's bytes in address
+// order (one stream) rather than at each row's column: measured on the 16B fc_in shape, 2 threads,
+// M = 1 3.5-4.1 -> 3.0-3.6 ms (1.5x the read probe's pattern of 4 interleaved rows is what costs)
+static const int Q8_PF4_SETS = 2;
+// int4 x rows per q8_tile4x pass: up to 8 share each unpacked weight vector (5-8 rows are a lookup
+// verify pass; splitting them re-reads and re-unpacks every weight row)
+static const int Q8_MT4 = 8;
 
 template <int BITS>
 static inline bool q8_applies(i64 GS) {
@@ -193,6 +200,16 @@ static inline void q8_tile(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, 
 // four weight rows instead of 8 + 4 + 4: int32 lane l of each 128-bit half = weight row l's sum
 // over that half's block, so the block scales keep q8_quantize's lane layout and the group scales
 // go in as [s_0..s_3 | s_0..s_3] (SPLIT: the second half's group).
+// the fp16 scales of 4 weight rows (stride G) at group g as 4 floats, built in registers: 8 floats
+// stored one by one and loaded as a vector would stall on store forwarding once per group
+static inline __m128 q8_scales4(const uint16_t* s, i64 G, i64 g) {
+    __m128i h = _mm_cvtsi32_si128(s[g]);
+    h = _mm_insert_epi16(h, s[G + g], 1);
+    h = _mm_insert_epi16(h, s[2 * G + g], 2);
+    h = _mm_insert_epi16(h, s[3 * G + g], 3);
+    return _mm_cvtph_ps(h);
+}
+
 template <int MT, bool SPLIT>
 static inline void q8_tile4x(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, i64 GS, i64 K, i64 NU, i64 nfull,
                              const int8_t* xq, const float* xd, i64 M, i64 m0, float res[4][MT]) {
@@ -222,7 +239,8 @@ static inline void q8_tile4x(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G
             __m256i lo[4], hi[4];
 #pragma GCC unroll 4
             for (int r = 0; r < 4; r++) {
-                _mm_prefetch((const char*)(q + r * ldq + u * 32 + Q8_PF * 4 * ldq), _MM_HINT_T0);
+                if (r < 2)  // a set's 4 * ldq bytes, 128 a unit: two lines Q8_PF4_SETS sets ahead
+                    _mm_prefetch((const char*)(q + Q8_PF4_SETS * 4 * ldq + u * 128 + r * 64), _MM_HINT_T0);
                 const __m256i wv = u < nfull ? _mm256_loadu_si256((const __m256i*)(q + r * ldq + u * 32))
                                              : _mm256_load_si256((const __m256i*)tail[r]);
                 lo[r] = _mm256_and_si256(wv, m15);
@@ -241,12 +259,8 @@ static inline void q8_tile4x(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_load_ps(du + i * 8), acc[i]);
             }
         }
-        alignas(32) float sl[8];
-        for (int r = 0; r < 4; r++) {
-            sl[r] = jmoss_k::scalar_load(s + r * G + (SPLIT ? g * UC / GS : g));
-            sl[4 + r] = SPLIT ? jmoss_k::scalar_load(s + r * G + std::min(G - 1, (g * UC + Q8_BLOCK) / GS)) : sl[r];
-        }
-        const __m256 sv = _mm256_load_ps(sl);
+        const __m128 s_lo = q8_scales4(s, G, SPLIT ? g * UC / GS : g);
+        const __m256 sv = _mm256_set_m128(SPLIT ? q8_scales4(s, G, std::min(G - 1, (g * UC + Q8_BLOCK) / GS)) : s_lo, s_lo);
 #pragma GCC unroll 8
         for (int i = 0; i < MT; i++) tot[i] = _mm256_fmadd_ps(acc[i], sv, tot[i]);
     }
@@ -306,7 +320,7 @@ static inline void q8_rows(const uint8_t* q, i64 ldq, const uint16_t* s, const u
 // 4 x rows (q8_tile4x folds the 4 rows into one accumulator per x row)
 template <int BITS, int MT>
 static inline constexpr int q8_nr() {
-    return (BITS == 4 && MT <= 4) || MT == 1 ? 4 : MT <= 3 ? 2 : 1;
+    return (BITS == 4 && MT <= Q8_MT4) || MT == 1 ? 4 : MT <= 3 ? 2 : 1;
 }
 
 // x rows of one pass over a weight row set: one weight vector is unpacked once for all of them,
@@ -349,12 +363,13 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
     float* xd = jmoss_k::aligned64(xd_v, NU * M * 8);
     float* xz = jmoss_k::aligned64(xz_v, M * G);
     q8_quantize<BITS>(xp, M, K, GS, G, NU, xq, xd, xz);
-    // x row tiles: up to 6 rows share a weight vector; 7+ rows go as tiles of 4 and the rest
+    // x row tiles: up to 6 (int8) / 8 (int4) rows share a weight vector; more go as tiles
     i64 tiles[16][2];
     int ntiles = 0;
     for (i64 m0 = 0; m0 < M;) {
-        // int4 (4 weight rows per tile, q8_tile4x): up to 4 x rows a tile, 5-8 split in two
-        const i64 rem = M - m0, mt = BITS == 4 ? (rem <= 4 ? rem : rem <= 8 ? (rem + 1) / 2 : 4) : rem <= 6 ? rem : 4;
+        // int4 (4 weight rows per tile, q8_tile4x): up to Q8_MT4 x rows a tile, up to twice that split in two
+        const i64 rem = M - m0,
+                  mt = BITS == 4 ? (rem <= Q8_MT4 ? rem : rem <= 2 * Q8_MT4 ? (rem + 1) / 2 : Q8_MT4) : rem <= 6 ? rem : 4;
         tiles[ntiles][0] = m0;
         tiles[ntiles++][1] = mt;
         m0 += mt;
@@ -377,7 +392,9 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
                     case 3: q8_span<BITS, 3>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
                     case 4: q8_span<BITS, 4>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
                     case 5: q8_span<BITS, 5>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
-                    default: q8_span<BITS, 6>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
+                    case 6: q8_span<BITS, 6>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
+                    case 7: q8_span<BITS, 7>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
+                    default: q8_span<BITS, 8>(JMOSS_Q8_ARGS, n0, nr, y, N, sz); break;
                 }
 #undef JMOSS_Q8_ARGS
             }
