@@ -225,3 +225,23 @@ def test_top_p_keeps_what_sorting_the_whole_vocabulary_keeps():
     masked = np.full(1000, -np.inf, np.float32)
     masked[[3, 500, 999]] = [1.0, 3.0, 2.0]  # top_k left three finite scores
     assert list(_top_p_kept(masked, 0.8)[0]) == [500, 999]
+
+
+def test_top_p_with_a_wide_nucleus_sorts_only_its_boundary():
+    """A nucleus beyond the first candidates (a flat distribution: a random model, a high
+    temperature) is found by binning the scores; ties, -inf and weights that underflow to 0 are
+    handled as the full sort handles them."""
+    from jmoss.generation import TOP_P_FIRST, _top_p_kept
+
+    rng = np.random.default_rng(1)
+    scores = (rng.standard_normal(50_000) * 0.3).astype(np.float32)
+    scores[rng.choice(scores.size, 20_000, replace=False)] = -np.inf  # a mask
+    scores[:10] = -800.0  # finite, but exp underflows to 0 beside the rest
+    for top_p in (0.5, 0.9, 0.99999):
+        kept, _ = _top_p_kept(scores, top_p)
+        assert kept.size > TOP_P_FIRST
+        assert np.array_equal(kept, _top_p_by_full_sort(scores, top_p)), top_p
+    even = np.zeros(1000, np.float32)  # every score equal: which ids is a tie-break, how many is not
+    kept, weights = _top_p_kept(even, 0.5505)  # off the 1/1000 steps: no rounding at the boundary
+    assert kept.size == _top_p_by_full_sort(even, 0.5505).size == 551 and np.all(np.diff(kept) > 0)
+    assert np.all(weights == 1.0)
