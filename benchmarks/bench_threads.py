@@ -101,7 +101,7 @@ def _key(t: int, loaded: bool, compute: str, computes: list[str]) -> str:
 def measure(store: str, threads: list[int], tokens: int, rounds: int, computes: list[str] | None = None) -> dict:
     import jmoss
     from jmoss import kernels
-    from jmoss.bench import resident_weight_bytes
+    from jmoss.bench import huge_page_bytes, resident_weight_bytes
 
     t0 = time.perf_counter()
     model = jmoss.load(store, device="cpu")
@@ -135,7 +135,7 @@ def measure(store: str, threads: list[int], tokens: int, rounds: int, computes: 
                                 token = int(np.argmax(session.decode([token])[0]))
                             decode.setdefault(key, []).append(tokens / (time.perf_counter() - start))
     return {"store": store, "load_s": load_s, "weight_bytes": weight_bytes, "isa": kernels.isa_path(),
-            "decode": decode, "probe": probe}
+            "decode": decode, "probe": probe, "huge_bytes": huge_page_bytes()}
 
 
 # ------------------------------------------------------------------------------ parent
@@ -145,7 +145,9 @@ def report(result: dict, threads: list[int], computes: list[str] | None = None) 
     med = {k: statistics.median(v) for k, v in result["decode"].items()}
     probe = {k: statistics.median(v) for k, v in result["probe"].items()}
     gb = result["weight_bytes"] / 1e9
-    lines = [f"## {result['store']}: {gb:.2f} GB read per token, kernels {result['isa']}, loaded in {result['load_s']:.0f} s"]
+    huge = result.get("huge_bytes")
+    lines = [f"## {result['store']}: {gb:.2f} GB read per token, kernels {result['isa']}, loaded in {result['load_s']:.0f} s"
+             + (f", {min(1.0, huge / result['weight_bytes']):.0%} of it mapped in 2 MiB pages" if huge is not None else "")]
     lines.append(f"{'config':<12} {'tok/s':>7} {'GB/s':>6} {'probe GB/s':>10} {'of probe':>8}   per round tok/s")
     for key in result["decode"]:
         gbps = med[key] * gb

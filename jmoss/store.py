@@ -263,7 +263,8 @@ class Store:
         first mapping the fast hash is computed over the mapped bytes themselves, header included,
         so the bytes checked are the bytes the model reads; the file's identity (device, inode,
         size, mtime, ctime) is taken before and after, and a write in between is a mismatch too.
-        Then ``store_check`` checks the values the kernels depend on. ``MADV_WILLNEED`` first asks
+        Then ``store_check`` checks the values the kernels depend on. ``MADV_HUGEPAGE`` asks for
+        2 MiB page-cache folios and mappings where the file is read in, ``MADV_WILLNEED`` first asks
         the kernel to read the whole file ahead of the hash (a cold cache is read in large requests,
         not page fault by page fault). The descriptor stays open so ``changed_files`` can tell later
         whether the mapped file was written since.
@@ -282,6 +283,10 @@ class Store:
             if before.st_size != record["size"]:
                 raise self._mismatch(name)
             mm = mmap.mmap(file.fileno(), before.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            # 2 MiB folios where the file is read from disk (ext4 and XFS on Linux >= 6.16 cache in
+            # large folios): decode streams every weight once a token, and on 4 KiB pages the TLB
+            # misses cost ~15% of the read rate (a 241 MB layer summed at 17 vs 20 GB/s, 1 thread)
+            _advise(mm, getattr(mmap, "MADV_HUGEPAGE", None))
             if name not in self._verified and isinstance(record.get(FAST_HASH), str):
                 _advise(mm, getattr(mmap, "MADV_WILLNEED", None))
                 digest = fast_hash_mapping(mm)

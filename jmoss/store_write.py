@@ -207,6 +207,11 @@ class GroupWriter:
             bad = [name for name in self.spans if crc[name] != self._crc[name]]
             if bad:
                 raise StoreError(f"{self.tmp}: read-back of {', '.join(bad)} differs from what was written; check the disk")
+            if hasattr(os, "posix_fadvise"):
+                # the written pages leave the page cache: cached as written they are 4 KiB pages,
+                # and a load would map those; read back from disk they come in 2 MiB folios
+                # (Store.mapping), which decode reads faster (fewer TLB misses)
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(self._fd)
             self._fd = -1
             os.replace(self.tmp, self.path)
