@@ -10,9 +10,11 @@
 // the block scale per 32 or 64 codes; one unpacked weight vector serves several x rows from
 // registers (int8: up to 6; int4: up to 8, with 4 weight rows folded into one accumulator,
 // q8_tile4x), so extra rows cost only their own few instructions (what llama.cpp's Q4_0 x Q8_0
-// dot products do; written here for store format 2's codes, zero points and groups). On a Zen 3
-// core the integer multiplies (one vector pipe) are the limit: measured on the 16B fc_in shape,
-// 1 thread, int4 M = 1/2/4/8: 6.0/8.1/11.9/22 ms against the fp32 GEMV's 14/20-26/49-53/76-81.
+// dot products do; written here for store format 2's codes, zero points and groups). Measured on
+// the 16B fc_in shape (weights in 2 MiB pages), Zen 3, int4 M = 1/2/4/5/8: 1 thread 4.4/6.6/9.8/
+// 11.9/17.8 ms (the fp32 GEMV: 14/20-26/49-53/-/76-81), 2 threads 3.1/3.9/5.5/6.5/9.5 ms. An extra
+// x row costs ~8-9 cycles per 4-row unit, spread over every vector pipe (vpmaddubsw, the nibble
+// shifts, vphaddw); folding with blends or two accumulators, or widening by shifts, measured slower.
 //
 //   x[m, j] ~ d[m, b] qx[m, j],  qx in [-127, 127],  d[m, b] = max_{j in b} |x[m, j]| / 127
 //   W[n, j] = s[n, g] (q[n, j] - z[n, g]) = s (w'[n, j] - z'),  w' = q - c, z' = z - c  (c = 128 int8, 0 int4)

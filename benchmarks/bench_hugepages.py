@@ -1,0 +1,88 @@
+"""Decode with the weights mapped in 2 MiB pages against 4 KiB pages, same store, same cached pages.
+
+jmoss.store.Store.mapping asks for 2 MiB pages (MADV_HUGEPAGE). Whether a mapping gets them depends
+on the page cache: Linux 6.16+ caches ext4/XFS files in large folios when it reads them from disk,
+and then maps them whole; pages cached as a program wrote them stay 4 KiB. This script loads the
+store in child processes, alternately as jmoss does and with MADV_NOHUGEPAGE instead (4 KiB page
+table entries over the same folios), and prints each one's share of the weights in 2 MiB pages and
+its greedy decode tok/s at 2 and 1 threads, so the only difference between rows is the mapping.
+Drop the store from the page cache first (e.g. ``echo 1 > /proc/sys/vm/drop_caches``) so that the
+next load reads it back in large folios.
+
+    flock /work/heavy.lock python benchmarks/bench_hugepages.py STORE [--rounds 3] [--tokens 10] [--compute int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_threads import commit, cpu_name, load_average  # noqa: E402
+
+
+def child(store: str, mode: str, tokens: int, compute: str) -> dict:
+    import jmoss.store
+
+    if mode == "4KiB":  # the same call jmoss makes, asking for the opposite
+        advise = jmoss.store._advise
+        jmoss.store._advise = lambda mm, adv: advise(mm, mmap.MADV_NOHUGEPAGE if adv == mmap.MADV_HUGEPAGE else adv)
+    import jmoss
+    from jmoss import kernels
+    from jmoss.bench import huge_page_bytes, resident_weight_bytes
+
+    model = jmoss.load(store, device="cpu")
+    weight_bytes = resident_weight_bytes(model)
+    huge = huge_page_bytes()
+    session = model.session(max_len=16 + 4 * tokens)
+    token = int(np.argmax(session.prefill([[11, 12, 13, 14]])[0]))
+    out = {"mode": mode, "huge": None if huge is None else huge / weight_bytes}
+    for threads in (2, 1):
+        with kernels.configured(threads=threads, quant_compute=compute):
+            for _ in range(2):
+                token = int(np.argmax(session.decode([token])[0]))
+            start = time.perf_counter()
+            for _ in range(tokens):
+                token = int(np.argmax(session.decode([token])[0]))
+            out[f"{threads}T"] = tokens / (time.perf_counter() - start)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("store")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=10)
+    parser.add_argument("--compute", default="int8", choices=["fp32", "int8"], help="kernels quant_compute mode")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT" + json.dumps(child(args.store, args.child, args.tokens, args.compute)), flush=True)
+        return 0
+    print(f"# bench_hugepages: {cpu_name()}, commit {commit()}, {args.store}, {args.compute} compute, "
+          f"{args.tokens} tokens per figure; {load_average()}", flush=True)
+    for r in range(args.rounds):
+        for mode in ("2MiB", "4KiB"):
+            proc = subprocess.run([sys.executable, __file__, args.store, "--child", mode, "--tokens", str(args.tokens),
+                                   "--compute", args.compute], capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
+            if proc.returncode or not line:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            d = json.loads(line[0][len("RESULT"):])
+            share = "?" if d["huge"] is None else f"{min(1.0, d['huge']):.0%}"
+            print(f"round {r} {mode}: {share} of the weights in 2 MiB pages, 2T {d['2T']:.3f} tok/s, "
+                  f"1T {d['1T']:.3f} tok/s", flush=True)
+    print(f"# {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
