@@ -43,8 +43,8 @@ using jmoss_k::i64;
 static const i64 Q8_BLOCK = 32;
 static const int Q8_PF = 4;  // weight row sets prefetched ahead, as q4_prefetch (quant_gemv.h)
 // int4 4-row sets prefetched ahead by q8_tile4x, whose prefetch walks the set's bytes in address
-// order (one stream) rather than at each row's column: measured on the 16B fc_in shape, 2 threads,
-// M = 1 3.5-4.1 -> 3.0-3.6 ms (1.5x the read probe's pattern of 4 interleaved rows is what costs)
+// order (one stream of two lines a unit) rather than at each row's column (four streams): measured
+// on the 16B fc_in shape, 2 threads, M = 1 3.5-4.1 -> 3.0-3.6 ms
 static const int Q8_PF4_SETS = 2;
 // int4 x rows per q8_tile4x pass: up to 8 share each unpacked weight vector (5-8 rows are a lookup
 // verify pass; splitting them re-reads and re-unpacks every weight row)
@@ -196,12 +196,6 @@ static inline void q8_tile(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, 
         }
 }
 
-// int4, 4 weight rows x MT x rows: each x row's four int16 block sums (one per weight row, lanes
-// <= 7620) folded by two vphaddw into one vector (pair sums <= 15240, quads <= 30480: no
-// wrap) before the single vpmaddwd, so a unit costs per x row 8 vpmaddubsw + 1 vpmaddwd + 1 FMA for
-// four weight rows instead of 8 + 4 + 4: int32 lane l of each 128-bit half = weight row l's sum
-// over that half's block, so the block scales keep q8_quantize's lane layout and the group scales
-// go in as [s_0..s_3 | s_0..s_3] (SPLIT: the second half's group).
 // the fp16 scales of 4 weight rows (stride G) at group g as 4 floats, built in registers: 8 floats
 // stored one by one and loaded as a vector would stall on store forwarding once per group
 static inline __m128 q8_scales4(const uint16_t* s, i64 G, i64 g) {
@@ -212,6 +206,12 @@ static inline __m128 q8_scales4(const uint16_t* s, i64 G, i64 g) {
     return _mm_cvtph_ps(h);
 }
 
+// int4, 4 weight rows x MT x rows: each x row's four int16 block sums (one per weight row, lanes
+// <= 7620) folded by two vphaddw into one vector (pair sums <= 15240, quads <= 30480: no
+// wrap) before the single vpmaddwd, so a unit costs per x row 8 vpmaddubsw + 1 vpmaddwd + 1 FMA for
+// four weight rows instead of 8 + 4 + 4: int32 lane l of each 128-bit half = weight row l's sum
+// over that half's block, so the block scales keep q8_quantize's lane layout and the group scales
+// go in as [s_0..s_3 | s_0..s_3] (SPLIT: the second half's group).
 template <int MT, bool SPLIT>
 static inline void q8_tile4x(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, i64 GS, i64 K, i64 NU, i64 nfull,
                              const int8_t* xq, const float* xd, i64 M, i64 m0, float res[4][MT]) {
