@@ -177,6 +177,9 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
     if uses_kernels(getattr(model, "ops", None)):
         config += ", AMX-BF16 prefill" if kernels.amx_prefill() else ", fp32 prefill GEMM"
         config += f", {kernels.isa_path()} kernels; decode: {kernels.cpu.describe_decode_path()}"
+    huge = huge_page_bytes() if resident is not None and options.get("device", "cpu") == "cpu" else None
+    if huge is not None and resident:
+        config += f"; {min(1.0, huge / resident):.0%} of the weights mapped in 2 MiB pages"
     return {
         "name": options.get("name", "jmoss"),
         "config": config,
@@ -195,7 +198,7 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
     }
 
 
-def huge_page_bytes() -> int | None:
+def huge_page_bytes(rollup: str = "/proc/self/smaps_rollup") -> int | None:
     """Bytes this process maps in 2 MiB pages (file folios mapped whole, plus anonymous huge pages),
     from /proc/self/smaps_rollup; None where that is not available.
 
@@ -205,7 +208,7 @@ def huge_page_bytes() -> int | None:
     reader with small folios, maps in 4 KiB ones until the cache drops it).
     """
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(rollup) as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
         return sum(int(fields[k].split()[0]) * 1024 for k in ("FilePmdMapped", "AnonHugePages") if k in fields)
     except (OSError, ValueError):

@@ -155,3 +155,18 @@ def test_resolve_model_by_name_path_or_explains_the_convert_command(written, tmp
         resolve_model(str(empty))
     with pytest.raises(ModelNotFoundError, match="not a Hugging Face repo id"):
         resolve_model("not a name")
+
+
+def test_huge_page_bytes_reads_file_and_anonymous_2mib_mappings(tmp_path):
+    """What bench prints as the share of the weights in 2 MiB pages: FilePmdMapped (page-cache
+    folios mapped whole, as Store.mapping asks with MADV_HUGEPAGE) plus AnonHugePages."""
+    from jmoss.bench import huge_page_bytes
+
+    rollup = tmp_path / "smaps_rollup"
+    rollup.write_text("55d0c0000000-7ffd00000000 ---p 00000000 00:00 0    [rollup]\n"
+                      "Rss:             9000000 kB\nAnonHugePages:      2048 kB\n"
+                      "FilePmdMapped:   7340032 kB\nShmemPmdMapped:        0 kB\n")
+    assert huge_page_bytes(str(rollup)) == (2048 + 7340032) * 1024
+    assert huge_page_bytes(str(tmp_path / "missing")) is None
+    here = huge_page_bytes()
+    assert here is None or here >= 0
