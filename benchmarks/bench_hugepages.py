@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_threads import commit, cpu_name, load_average  # noqa: E402
+from bench_threads import commit, cpu_name, load_average, run_child  # noqa: E402
 
 
 def child(store: str, mode: str, tokens: int, compute: str) -> dict:
@@ -36,14 +35,12 @@ def child(store: str, mode: str, tokens: int, compute: str) -> dict:
         jmoss.store._advise = lambda mm, adv: advise(mm, mmap.MADV_NOHUGEPAGE if adv == mmap.MADV_HUGEPAGE else adv)
     import jmoss
     from jmoss import kernels
-    from jmoss.bench import huge_page_bytes, resident_weight_bytes
+    from jmoss.bench import huge_page_share, resident_weight_bytes
 
     model = jmoss.load(store, device="cpu")
-    weight_bytes = resident_weight_bytes(model)
-    huge = huge_page_bytes()
     session = model.session(max_len=16 + 4 * tokens)
     token = int(np.argmax(session.prefill([[11, 12, 13, 14]])[0]))
-    out = {"mode": mode, "huge": None if huge is None else huge / weight_bytes}
+    out = {"mode": mode, "huge": huge_page_share(resident_weight_bytes(model))}
     for threads in (2, 1):
         with kernels.configured(threads=threads, quant_compute=compute):
             for _ in range(2):
@@ -70,14 +67,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.tokens} tokens per figure; {load_average()}", flush=True)
     for r in range(args.rounds):
         for mode in ("2MiB", "4KiB"):
-            proc = subprocess.run([sys.executable, __file__, args.store, "--child", mode, "--tokens", str(args.tokens),
-                                   "--compute", args.compute], capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
-            if proc.returncode or not line:
+            d, proc = run_child([sys.executable, __file__, args.store, "--child", mode, "--tokens", str(args.tokens),
+                                 "--compute", args.compute])
+            if proc.returncode or d is None:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
-            d = json.loads(line[0][len("RESULT"):])
-            share = "?" if d["huge"] is None else f"{min(1.0, d['huge']):.0%}"
+            share = "?" if d["huge"] is None else f"{d['huge']:.0%}"
             print(f"round {r} {mode}: {share} of the weights in 2 MiB pages, 2T {d['2T']:.3f} tok/s, "
                   f"1T {d['1T']:.3f} tok/s", flush=True)
     print(f"# {load_average()}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_threads import commit, cpu_name, load_average  # noqa: E402
+from bench_threads import commit, cpu_name, load_average, run_child  # noqa: E402
 
 
 def measure(store: str, tokens: int) -> dict:
@@ -77,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
              f"# CPU: {cpu_name()}; {args.tokens} tokens per figure; generate = the CLI's sampling defaults"]
     for store in args.stores:
         before = load_average()
-        proc = subprocess.run([sys.executable, __file__, store, "--child", "--tokens", str(args.tokens)],
-                              capture_output=True, text=True)
-        result = next((json.loads(l[6:]) for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
+        result, proc = run_child([sys.executable, __file__, store, "--child", "--tokens", str(args.tokens)])
         if result is None:
             lines += [f"## {store}: failed (exit {proc.returncode})", *proc.stderr.strip().splitlines()[-10:]]
             continue

@@ -69,6 +69,14 @@ def commit() -> str:
         return "unknown"
 
 
+def run_child(cmd: list[str]) -> tuple[dict | None, subprocess.CompletedProcess]:
+    """Run a benchmark's child process (a fresh interpreter per store or configuration): its
+    result is the JSON it prints on the stdout line that starts with RESULT, None if it printed none."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    return next((json.loads(line[len("RESULT"):]) for line in lines if line.startswith("RESULT")), None), proc
+
+
 def load_average() -> str:
     return "load average %.2f, %.2f, %.2f" % os.getloadavg()
 
@@ -101,7 +109,7 @@ def _key(t: int, loaded: bool, compute: str, computes: list[str]) -> str:
 def measure(store: str, threads: list[int], tokens: int, rounds: int, computes: list[str] | None = None) -> dict:
     import jmoss
     from jmoss import kernels
-    from jmoss.bench import huge_page_bytes, resident_weight_bytes
+    from jmoss.bench import huge_page_share, resident_weight_bytes
 
     t0 = time.perf_counter()
     model = jmoss.load(store, device="cpu")
@@ -135,7 +143,7 @@ def measure(store: str, threads: list[int], tokens: int, rounds: int, computes: 
                                 token = int(np.argmax(session.decode([token])[0]))
                             decode.setdefault(key, []).append(tokens / (time.perf_counter() - start))
     return {"store": store, "load_s": load_s, "weight_bytes": weight_bytes, "isa": kernels.isa_path(),
-            "decode": decode, "probe": probe, "huge_bytes": huge_page_bytes()}
+            "decode": decode, "probe": probe, "huge_share": huge_page_share(weight_bytes)}
 
 
 # ------------------------------------------------------------------------------ parent
@@ -145,9 +153,9 @@ def report(result: dict, threads: list[int], computes: list[str] | None = None) 
     med = {k: statistics.median(v) for k, v in result["decode"].items()}
     probe = {k: statistics.median(v) for k, v in result["probe"].items()}
     gb = result["weight_bytes"] / 1e9
-    huge = result.get("huge_bytes")
+    share = result.get("huge_share")
     lines = [f"## {result['store']}: {gb:.2f} GB read per token, kernels {result['isa']}, loaded in {result['load_s']:.0f} s"
-             + (f", {min(1.0, huge / result['weight_bytes']):.0%} of it mapped in 2 MiB pages" if huge is not None else "")]
+             + (f", {share:.0%} of it mapped in 2 MiB pages" if share is not None else "")]
     lines.append(f"{'config':<12} {'tok/s':>7} {'GB/s':>6} {'probe GB/s':>10} {'of probe':>8}   per round tok/s")
     for key in result["decode"]:
         gbps = med[key] * gb
@@ -198,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         before = load_average()
         cmd = [sys.executable, __file__, store, "--child", "--threads", args.threads, "--tokens", str(args.tokens),
                "--rounds", str(args.rounds), "--compute", args.compute]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        result = next((json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("RESULT")), None)
+        result, proc = run_child(cmd)
         if result is None:
             section = [f"## {store}: failed (exit {proc.returncode})", *proc.stderr.strip().splitlines()[-15:]]
         else:

@@ -177,9 +177,9 @@ def measure_in_this_process(options: dict[str, Any]) -> Figures:
     if uses_kernels(getattr(model, "ops", None)):
         config += ", AMX-BF16 prefill" if kernels.amx_prefill() else ", fp32 prefill GEMM"
         config += f", {kernels.isa_path()} kernels; decode: {kernels.cpu.describe_decode_path()}"
-    huge = huge_page_bytes() if resident is not None and options.get("device", "cpu") == "cpu" else None
-    if huge is not None and resident:
-        config += f"; {min(1.0, huge / resident):.0%} of the weights mapped in 2 MiB pages"
+    share = huge_page_share(resident) if options.get("device", "cpu") == "cpu" else None
+    if share is not None:
+        config += f"; {share:.0%} of the weights mapped in 2 MiB pages"
     return {
         "name": options.get("name", "jmoss"),
         "config": config,
@@ -213,6 +213,13 @@ def huge_page_bytes(rollup: str = "/proc/self/smaps_rollup") -> int | None:
         return sum(int(fields[k].split()[0]) * 1024 for k in ("FilePmdMapped", "AnonHugePages") if k in fields)
     except (OSError, ValueError):
         return None
+
+
+def huge_page_share(weight_bytes: int | None) -> float | None:
+    """The share of ``weight_bytes`` resident weights mapped in 2 MiB pages (``huge_page_bytes``
+    over them, at most 1), or None where either is unknown."""
+    huge = huge_page_bytes()
+    return None if huge is None or not weight_bytes else min(1.0, huge / weight_bytes)
 
 
 def resident_weight_bytes(model) -> int | None:
