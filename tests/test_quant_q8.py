@@ -1,7 +1,8 @@
 """The int8 compute mode's packed decode kernels (kernels/cpu_kernels/quant_q8.h, M < 16 rows).
 
 x is quantized per row and block of 32 consecutive permuted positions to max|x|/127 steps, the
-products are integer (vpmaddubsw / vpmaddwd) and the group scales and zero points are applied in
+products are integer (vpmaddubsw / vpmaddwd; int4 on AVX-512 VNNI vpdpbusd, where the "native"
+cases run it and the "avx2" ones the AVX2 tile) and the group scales and zero points are applied in
 fp32. Two references: a numpy model of the same quantization in float64 (the kernel's only other
 rounding is fp32 accumulation of exact integer block sums, so a tight bound), and the exact
 fp32-mode result (each x off by at most its block's max/254: the mode's approximation bound).

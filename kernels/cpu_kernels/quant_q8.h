@@ -1,5 +1,6 @@
 // Packed int4 / int8 weights at decode (M < QUANT_GEMM_MIN_M rows) in the opt-in int8 compute mode
-// (quant_compute="int8"), AVX2 (AVX-512 builds run the same code).
+// (quant_compute="int8"), AVX2 (AVX-512 builds run the same code, except int4's 4-row tile, which
+// has an AVX-512 VNNI form, q8_tile4x_vnni, where the CPU offers it).
 //
 // Why: the fp32 GEMV (quant_gemv.h) widens every code to fp32 and FMAs it, 4+ instructions per
 // 8 codes per x row, so on a core without AVX-512 it is compute-bound (int4 ~12 GB/s of weights
@@ -273,6 +274,97 @@ static inline void q8_tile4x(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G
     }
 }
 
+#if JMOSS_ISA == 2 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define JMOSS_Q8_VNNI 1
+// The 4-row tiles on AVX-512 VNNI: two weight rows' units side by side in one zmm (rows 0|1, 2|3),
+// each x row's unit bytes broadcast to both halves, and vpdpbusd (u8 codes x s8 x, four products
+// summed into each int32 lane) in place of vpmaddubsw + vpaddw (+ vphaddw) + vpmaddwd: per unit and
+// x row, int4 4 vpdpbusd + 2 converts + 2 FMAs for 4 weight rows (int8: 2 vpdpbusd). int32 lane l
+// of a 256-bit half belongs to the half's row and (int4) to block l / 4 (lanes 0-3 the unit's
+// first block, 4-7 its second), the lane layout of xd, so the block scale d is applied per lane and
+// no horizontal add runs before the end. int8 codes go in as they are (u8 0..255: no saturation in
+// int32, so c = 0, not 128, in the zero-point term: q8_zero_c). The group scale is folded into d per
+// unit (ds = d x [s_r | s_r+1]), so each x row keeps one accumulator per row pair (8 x rows: 16 zmm)
+// and no per-group partial sums.
+template <int BITS, int MT, bool SPLIT>
+static inline void q8_tile4x_vnni(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, i64 GS, i64 K, i64 NU,
+                                  i64 nfull, const int8_t* xq, const float* xd, i64 M, i64 m0, float res[4][MT]) {
+    constexpr i64 UC = BITS == 4 ? 64 : 32;
+    alignas(64) uint8_t tail[4][32];
+    if (nfull < NU) {
+        const i64 have = (K * BITS + 7) / 8 - nfull * 32;
+        for (int r = 0; r < 4; r++) {
+            std::memset(tail[r], 0, 32);
+            std::memcpy(tail[r], q + r * ldq + nfull * 32, (size_t)have);
+        }
+    }
+    const __m512i m15 = _mm512_set1_epi8(15);
+    __m512 tot01[MT], tot23[MT];
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++) tot01[i] = tot23[i] = _mm512_setzero_ps();
+    __m512 s01 = _mm512_setzero_ps(), s23 = s01;
+    i64 sg = -1;  // the group (non-SPLIT) whose scales s01 / s23 hold
+    for (i64 u = 0; u < NU; u++) {
+        const i64 g = u * UC / GS;
+        if (SPLIT || g != sg) {
+            // [s0..s3 at g | s0..s3 at g2] (g2: SPLIT, the group of the unit's second block) spread
+            // to row r in lanes 0-3 (g) and 4-7 (g2), row r + 1 in lanes 8-11 and 12-15
+            const i64 g2 = SPLIT ? std::min(G - 1, (u * UC + Q8_BLOCK) / GS) : g;
+            const __m512 a = _mm512_castps256_ps512(_mm256_set_m128(q8_scales4(s, G, g2), q8_scales4(s, G, g)));
+            s01 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5), a);
+            s23 = _mm512_permutexvar_ps(_mm512_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7), a);
+            sg = g;
+        }
+        const int8_t* xu = xq + (u * M + m0) * UC;
+        const float* du = xd + (u * M + m0) * 8;
+        // the set's 4 * ldq bytes, 128 a unit: two lines Q8_PF4_SETS sets ahead, in address order
+        _mm_prefetch((const char*)(q + Q8_PF4_SETS * 4 * ldq + u * 128), _MM_HINT_T0);
+        _mm_prefetch((const char*)(q + Q8_PF4_SETS * 4 * ldq + u * 128 + 64), _MM_HINT_T0);
+        const uint8_t* r0 = u < nfull ? q + u * 32 : tail[0];
+        const uint8_t* r1 = u < nfull ? q + ldq + u * 32 : tail[1];
+        const uint8_t* r2 = u < nfull ? q + 2 * ldq + u * 32 : tail[2];
+        const uint8_t* r3 = u < nfull ? q + 3 * ldq + u * 32 : tail[3];
+        const __m512i w01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r0)),
+                                               _mm256_loadu_si256((const __m256i*)r1), 1);
+        const __m512i w23 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r2)),
+                                               _mm256_loadu_si256((const __m256i*)r3), 1);
+        __m512i lo01 = w01, lo23 = w23, hi01 = w01, hi23 = w23;
+        if (BITS == 4) {
+            lo01 = _mm512_and_si512(w01, m15);
+            hi01 = _mm512_and_si512(_mm512_srli_epi16(w01, 4), m15);
+            lo23 = _mm512_and_si512(w23, m15);
+            hi23 = _mm512_and_si512(_mm512_srli_epi16(w23, 4), m15);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; i++) {
+            const __m512i xa = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)(xu + i * UC)));
+            const __m512 d = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_load_pd((const double*)(du + i * 8))));
+            __m512i p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo01, xa);
+            __m512i p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo23, xa);
+            if (BITS == 4) {
+                const __m512i xb = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)(xu + i * UC + 32)));
+                p01 = _mm512_dpbusd_epi32(p01, hi01, xb);
+                p23 = _mm512_dpbusd_epi32(p23, hi23, xb);
+            }
+            tot01[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_mul_ps(d, s01), tot01[i]);
+            tot23[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_mul_ps(d, s23), tot23[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) {
+        alignas(64) float v[32];
+        _mm512_store_ps(v, tot01[i]);
+        _mm512_store_ps(v + 16, tot23[i]);
+        for (int r = 0; r < 4; r++) {
+            float t = 0.f;
+            for (int l = 0; l < 8; l++) t += v[8 * r + l];
+            res[r][i] = t;
+        }
+    }
+}
+#else
+#define JMOSS_Q8_VNNI 0
+#endif
+
 // sum_g s[g] (z[g] - c) xz[g] for one weight row (sz: that row's s (z - c), made once per row).
 static inline void q8_zero_factors(const uint16_t* s, const uint16_t* z, i64 G, float c, float* sz) {
     i64 g = 0;
@@ -295,34 +387,52 @@ static inline float q8_dot_g(const float* a, const float* b, i64 G) {
     return t;
 }
 
+// Whether MT x rows go through the 4-row tiles: int4 always; int8 on VNNI from 4 x rows (they take
+// its codes as u8, c = 0). Below that the AVX2 int8 tile stays: measured on the 16B fc_in shape,
+// 1 thread, Xeon (AVX-512 VNNI), M = 1/2/3/4/5/8: AVX2 tile 12-18/20/17-21/23-31/32/48 ms, VNNI
+// 4-row tile 17-22/22/21-22/18-24/26/27 ms.
+template <int BITS, int MT>
+static inline constexpr bool q8_t4() {
+    return BITS == 4 || (JMOSS_Q8_VNNI && MT >= 4);
+}
+
 template <int BITS, int NR, int MT>
 static inline void q8_rows(const uint8_t* q, i64 ldq, const uint16_t* s, const uint16_t* z, i64 G, i64 GS, i64 K,
                            i64 NU, i64 nfull, const int8_t* xq, const float* xd, const float* xz, i64 M, i64 m0, i64 n0,
                            float* y, i64 N, float* sz) {
     float res[NR][MT];
-    if (BITS == 4 && NR == 4) {
+    constexpr bool T4 = NR == 4 && q8_t4<BITS, MT>();
+    if constexpr (T4) {
         float r4[4][MT];
+#if JMOSS_Q8_VNNI
+        if (BITS == 4 && GS % 64 != 0)
+            q8_tile4x_vnni<BITS, MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+        else
+            q8_tile4x_vnni<BITS, MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+#else
         if (GS % 64 != 0)
             q8_tile4x<MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
         else
             q8_tile4x<MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+#endif
         for (int r = 0; r < NR; r++)
             for (int i = 0; i < MT; i++) res[r][i] = r4[r < 4 ? r : 0][i];
     } else if (BITS == 4 && GS % 64 != 0)
         q8_tile<BITS, NR, MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
     else
         q8_tile<BITS, NR, MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
+    constexpr float c = BITS == 8 && !T4 ? 128.f : 0.f;  // q8_tile's int8 codes are w' = q - 128
     for (int r = 0; r < NR; r++) {
-        q8_zero_factors(s + (n0 + r) * G, z + (n0 + r) * G, G, BITS == 8 ? 128.f : 0.f, sz);
+        q8_zero_factors(s + (n0 + r) * G, z + (n0 + r) * G, G, c, sz);
         for (int i = 0; i < MT; i++) y[(m0 + i) * N + n0 + r] = res[r][i] - q8_dot_g(sz, xz + (m0 + i) * G, G);
     }
 }
 
-// weight rows per tile: 4 where few x rows share them (independent FMA chains), int4 always up to
-// 4 x rows (q8_tile4x folds the 4 rows into one accumulator per x row)
+// weight rows per tile: 4 where few x rows share them (independent FMA chains); the 4-row tiles
+// (q8_t4) always, up to Q8_MT4 x rows (they fold the 4 rows into one or two accumulators per x row)
 template <int BITS, int MT>
 static inline constexpr int q8_nr() {
-    return (BITS == 4 && MT <= Q8_MT4) || MT == 1 ? 4 : MT <= 3 ? 2 : 1;
+    return (q8_t4<BITS, MT>() && MT <= Q8_MT4) || MT == 1 ? 4 : MT <= 3 ? 2 : 1;
 }
 
 // x rows of one pass over a weight row set: one weight vector is unpacked once for all of them,
@@ -365,13 +475,14 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
     float* xd = jmoss_k::aligned64(xd_v, NU * M * 8);
     float* xz = jmoss_k::aligned64(xz_v, M * G);
     q8_quantize<BITS>(xp, M, K, GS, G, NU, xq, xd, xz);
-    // x row tiles: up to 6 (int8) / 8 (int4) rows share a weight vector; more go as tiles
+    // x row tiles: up to 6 (int8 on AVX2) / 8 (the 4-row tiles) rows share a weight vector; more go as tiles
     i64 tiles[16][2];
     int ntiles = 0;
     for (i64 m0 = 0; m0 < M;) {
-        // int4 (4 weight rows per tile, q8_tile4x): up to Q8_MT4 x rows a tile, up to twice that split in two
+        // 4 weight rows per tile (q8_tile4x*): up to Q8_MT4 x rows a tile, up to twice that split in two
         const i64 rem = M - m0,
-                  mt = BITS == 4 ? (rem <= Q8_MT4 ? rem : rem <= 2 * Q8_MT4 ? (rem + 1) / 2 : Q8_MT4) : rem <= 6 ? rem : 4;
+                  mt = BITS == 4 || JMOSS_Q8_VNNI ? (rem <= Q8_MT4 ? rem : rem <= 2 * Q8_MT4 ? (rem + 1) / 2 : Q8_MT4)
+                                                  : rem <= 6 ? rem : 4;
         tiles[ntiles][0] = m0;
         tiles[ntiles++][1] = mt;
         m0 += mt;
