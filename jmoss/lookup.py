@@ -31,11 +31,17 @@ MIN_NGRAM = 1
 MAX_DRAFT = 15
 # "auto": drafts per pass, where a pass of a few rows costs about one row's: when reading the
 # weights bounds it, which is so on CUDA and wherever layers are streamed each token (from the
-# disk or over PCIe). Not for a model resident on the CPU: there the kernels are bound by compute
-# (benchmarks/results/lookup-cpu-16b-int4.txt: on a 2-core AVX2 EPYC a pass of 2/4/8 rows of
-# MOSS-16B int4 costs 1.8/4.0/6.1 one-row passes, so lookup with 3 of 4 drafts accepted decoded at
-# 0.80x), and `--lookup K` turns it on where a measurement says it pays.
+# disk or over PCIe). Not, in general, for a model resident on the CPU: there the kernels are bound
+# by compute (benchmarks/results/lookup-cpu-16b-int4.txt: on a 2-core AVX2 EPYC a pass of 2/4/8 rows
+# of MOSS-16B int4 costs 1.8/4.0/6.1 one-row passes, so lookup with 3 of 4 drafts accepted decoded
+# at 0.80x), and `--lookup K` turns it on where a measurement says it pays.
 AUTO_DRAFT = 4
+# The one resident CPU case that pays: an int4 model in the int8 compute mode on AVX-512 VNNI, where
+# a pass of 2/4/5 rows costs 0.96/1.13/1.19 one-row passes (benchmarks/results/
+# lookup-cpu-16b-int4-vnni-xeon.txt), so replaying MOSS's recorded replies at those costs predicts
+# 1.23-1.51x for every conversation kind but text-to-image (1.06x) at 3 drafts, which is at least as
+# good as 4 or more in every kind.
+AUTO_DRAFT_CPU_VNNI = 3
 
 
 @dataclass
@@ -115,14 +121,31 @@ class PromptLookup:
 
 def auto_drafts(model: "ForwardModel") -> int:
     """Drafts per pass under "auto": AUTO_DRAFT where a pass is bound by reading weights (CUDA, or
-    a plan that streams layers every token), else 0.
+    a plan that streams layers every token), AUTO_DRAFT_CPU_VNNI for a resident int4 model whose
+    packed passes run the int8 compute mode's VNNI tiles, else 0.
 
-    It depends on the model and its plan only, never on timings, so a seeded sampled generation
-    gives the same text on every run."""
+    It depends on the model, its plan and the kernels' mode and build only, never on timings, so a
+    seeded sampled generation gives the same text on every run."""
     plan = getattr(model, "plan", None)
     if plan is None:
         return 0
-    return AUTO_DRAFT if plan.device == "cuda" or plan.streams else 0
+    if plan.device == "cuda" or plan.streams:
+        return AUTO_DRAFT
+    return AUTO_DRAFT_CPU_VNNI if _cpu_passes_cost_about_one_row(model) else 0
+
+
+def _cpu_passes_cost_about_one_row(model: "ForwardModel") -> bool:
+    """A CPU model with int4 weights in groups the int8 decode kernels take (multiples of 32), the
+    kernels in the int8 compute mode, and their 4-row tiles built for AVX-512 VNNI."""
+    config = getattr(model, "config", None)
+    if model.plan.device != "cpu" or config is None or getattr(config, "wbits", 32) != 4:
+        return False
+    group = getattr(config, "groupsize", 0) or 0
+    if group <= 0 or group % 32:
+        return False
+    from jmoss import kernels
+
+    return kernels.quant_compute() == "int8" and kernels.q8_vnni_ready()
 
 
 def draft_limit(lookup: int | str, model: "ForwardModel", session: object) -> int:

@@ -7,9 +7,9 @@ its docstring is the API contract.
 """
 
 from jmoss.kernels.cpu import (amx_prefill, amx_ready, attention, available, configured, decode_block, info, isa_path,
-                               layer_norm, linear, memory_read_probe, q8_decode_ready, quant_linear, threads_used,
-                               vnni_ready)
+                               layer_norm, linear, memory_read_probe, q8_decode_ready, q8_vnni_ready, quant_compute,
+                               quant_linear, threads_used, vnni_ready)
 
 __all__ = ["amx_prefill", "amx_ready", "attention", "available", "configured", "decode_block", "info", "isa_path",
-           "layer_norm", "linear", "memory_read_probe", "q8_decode_ready", "quant_linear", "threads_used",
-           "vnni_ready"]
+           "layer_norm", "linear", "memory_read_probe", "q8_decode_ready", "q8_vnni_ready", "quant_compute",
+           "quant_linear", "threads_used", "vnni_ready"]

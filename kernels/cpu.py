@@ -61,8 +61,9 @@ max|w|/127 steps, one 12-row panel at a time (never a quantized copy of the laye
 The same mode covers packed decode and small M (M < 16: decode steps, lookup's verify passes) on
 AVX2 and AVX-512 builds (``q8_decode_ready()``, cpu_kernels/quant_q8.h): x is rounded per row and
 block of 32 permuted positions to max|x_block|/127 steps (a finer step than per row: activation
-outliers coarsen only their own block), the products run on vpmaddubsw/vpmaddwd and one unpacked
-weight vector serves up to 6 x rows, so the pass is no longer compute-bound on the fp32 widening
+outliers coarsen only their own block), the products run on vpmaddubsw/vpmaddwd (on AVX-512 VNNI:
+vpdpbusd, two weight rows per zmm) and one unpacked weight vector serves up to 8 x rows, so the
+pass is no longer compute-bound on the fp32 widening
 (needs group sizes that are multiples of 32; others keep the fp32 GEMV). Measured ~1.5e-2 of
 max|logit| on random packed CodeGen/MOSS-shaped stores (benchmarks/accuracy_q8.py).
 
@@ -335,7 +336,7 @@ def quant_linear(x: "jt.Var", perm: "jt.Var", qweight: "jt.Var", scales: "jt.Var
     No dequantized copy of the layer is ever made. With ``configured(quant_compute="int8")`` (or
     ``JMOSS_KERNELS_QUANT_COMPUTE=int8``) prefill instead quantizes x per row to 8 bits and
     multiplies on AVX-512 VNNI where ``vnni_ready()``, and decode / small M (< 16 rows) quantizes x per
-    block of 32 for integer AVX2 dot products where ``q8_decode_ready()``: faster, but approximate
+    block of 32 for integer AVX2 (VNNI where offered) dot products where ``q8_decode_ready()``: faster, but approximate
     (see the module docstring); elsewhere it is ignored.
     """
     jt = _jittor()
@@ -618,6 +619,18 @@ def q8_decode_ready() -> bool:
     return bool(_ask(_isa(), "jmoss_q8_ready()"))
 
 
+def q8_vnni_ready() -> bool:
+    """True when, on the configured ISA path, the int8 compute mode runs packed passes of a few rows
+    on AVX-512 VNNI (vpdpbusd 4-row tiles, cpu_kernels/quant_q8.h): there a pass of 2-5 rows of an
+    int4 model costs ~1-1.2 one-row passes, which lookup's "auto" relies on."""
+    return bool(_ask(_isa(), "jmoss_q8_vnni_ready()"))
+
+
+def quant_compute() -> str:
+    """The compute mode packed weights run in now: "fp32" (exact, the default) or "int8"."""
+    return _quant_compute()
+
+
 def threads_used(threads: int | None = None) -> int:
     """How many pool threads a kernel asking for ``threads`` (default: the configured count) really
     runs on at once (each chunk of a probe job waits for all the others to be claimed)."""
@@ -737,6 +750,7 @@ def info() -> dict[str, Any]:
         result["quant_compute"] = _quant_compute()
         result["vnni"] = vnni_ready()
         result["q8_decode"] = q8_decode_ready()
+        result["q8_vnni"] = q8_vnni_ready()
     else:
         result["isa"] = None
     return result

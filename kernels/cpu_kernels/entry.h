@@ -60,6 +60,15 @@ static inline int jmoss_q8_ready() {
 #endif
 }
 
+// 1 when the int8 compute mode's packed decode runs its 4-row tiles on AVX-512 VNNI (quant_q8.h).
+static inline int jmoss_q8_vnni_ready() {
+#if JMOSS_Q8 && JMOSS_Q8_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // 1 when the opt-in int8 (VNNI) prefill compute mode is compiled in (AVX-512 VNNI + BW).
 static inline int jmoss_vnni_ready() {
 #if JMOSS_VNNI
