@@ -426,11 +426,15 @@ async def _slow_clients(port: int) -> dict:
     limit = max(HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT) + SLACK + 5
 
     async def trickle(head: bytes, drip: Iterator[bytes]) -> tuple[float, bytes]:
-        """Send ``head`` at once, then one piece of ``drip`` every 0.25 s until the server closes."""
+        """Send ``head`` at once, then one piece of ``drip`` every 0.25 s until the server closes.
+
+        Timed from before connecting: the server's clock starts at accept, and with 225 sockets opened
+        at once the loop may come back to this one well after that (a stamp taken after the connect
+        read 1.44 s for a 2 s limit on a busy 2-core CI machine)."""
+        start = time.monotonic()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(head)
         await writer.drain()
-        start = time.monotonic()
         closer = asyncio.ensure_future(_closed_after(reader, start, limit))
         try:
             for piece in drip:
@@ -453,14 +457,16 @@ async def _slow_clients(port: int) -> dict:
         return trickle(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n", itertools.repeat(b" "))
 
     async def idle(after_request: bool) -> tuple[float, bytes]:
+        start = time.monotonic()  # no later than the server's clock starts (see trickle)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         if after_request:  # one request, then silence: the keep-alive (idle) limit applies
+            start = time.monotonic()  # before the request: the idle clock starts once it is answered
             writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             await reader.readexactly(length)
-        result = await _closed_after(reader, time.monotonic(), limit)
+        result = await _closed_after(reader, start, limit)
         writer.close()
         return result
 
