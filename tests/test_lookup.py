@@ -97,7 +97,7 @@ def test_the_lookup_option_is_off_auto_or_a_draft_length():
         GenerationOptions(lookup="sometimes")
 
 
-def test_auto_is_on_where_a_pass_of_a_few_rows_costs_about_one_row(shared_dir):
+def test_auto_is_on_where_a_pass_of_a_few_rows_costs_about_one_row(shared_dir, monkeypatch):
     from types import SimpleNamespace
 
     from jmoss.config import MossConfig
@@ -127,22 +127,18 @@ def test_auto_is_on_where_a_pass_of_a_few_rows_costs_about_one_row(shared_dir):
     from jmoss import kernels
     from jmoss.lookup import AUTO_DRAFT_CPU_VNNI
 
-    real = kernels.q8_vnni_ready
-    try:
-        for vnni in (True, False):
-            kernels.q8_vnni_ready = lambda vnni=vnni: vnni
-            with kernels.configured(quant_compute="int8"):
-                assert auto_drafts(model(moss_int4)) == (AUTO_DRAFT_CPU_VNNI if vnni else 0)
-                assert auto_drafts(model(moss)) == 0  # fp16 weights: the fp32 GEMV tiles
-                odd = resolved(MossConfig(**{**moss.__dict__, "wbits": 4, "groupsize": 48}))
-                assert auto_drafts(model(odd)) == 0  # groups the int8 decode kernels leave to fp32
-                int8 = resolved(MossConfig(**{**moss.__dict__, "wbits": 8, "groupsize": 128}))
-                assert auto_drafts(model(int8)) == 0  # not measured: int8 stores keep lookup off
-            assert auto_drafts(model(moss_int4)) == 0  # the default, exact fp32 mode
-    finally:
-        kernels.q8_vnni_ready = real
     with kernels.configured(quant_compute="int8"):
         assert auto_drafts(model(moss_int4)) == (AUTO_DRAFT_CPU_VNNI if kernels.q8_vnni_ready() else 0)
+    for vnni in (True, False):
+        monkeypatch.setattr(kernels, "q8_vnni_ready", lambda vnni=vnni: vnni)
+        with kernels.configured(quant_compute="int8"):
+            assert auto_drafts(model(moss_int4)) == (AUTO_DRAFT_CPU_VNNI if vnni else 0)
+            assert auto_drafts(model(moss)) == 0  # fp16 weights: the fp32 GEMV tiles
+            odd = resolved(MossConfig(**{**moss.__dict__, "wbits": 4, "groupsize": 48}))
+            assert auto_drafts(model(odd)) == 0  # groups the int8 decode kernels leave to fp32
+            int8 = resolved(MossConfig(**{**moss.__dict__, "wbits": 8, "groupsize": 128}))
+            assert auto_drafts(model(int8)) == 0  # not measured: int8 stores keep lookup off
+        assert auto_drafts(model(moss_int4)) == 0  # the default, exact fp32 mode
     session = SimpleNamespace(verify=None, prefill_chunk=3)
     assert draft_limit("auto", streamed, session) == 2  # a pass stays one prefill chunk
     assert draft_limit(8, streamed, SimpleNamespace(prefill_chunk=512)) == 0  # no verify: a stand-in

@@ -114,6 +114,18 @@ static void q8_quantize(const float* xp, i64 M, i64 K, i64 GS, i64 G, i64 NU, in
     }
 }
 
+// NR weight rows' K tail (the bytes past their nfull whole 32-byte units), each copied into a zeroed
+// 32-byte buffer so the tiles read whole units and no read passes the row (x is 0 there).
+template <int BITS, int NR>
+static inline void q8_tail(const uint8_t* q, i64 ldq, i64 K, i64 NU, i64 nfull, uint8_t (*tail)[32]) {
+    if (nfull == NU) return;
+    const i64 have = (K * BITS + 7) / 8 - nfull * 32;
+    for (int r = 0; r < NR; r++) {
+        std::memset(tail[r], 0, 32);
+        std::memcpy(tail[r], q + r * ldq + nfull * 32, (size_t)have);
+    }
+}
+
 // NR weight rows x MT x rows (from m0) over all K: res[r][i] = the sum over groups before the
 // zero-point term. Accumulators: per (row, x row) one for the group and one for the total.
 template <int BITS, int NR, int MT, bool SPLIT>
@@ -124,13 +136,7 @@ static inline void q8_tile(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, 
     const i64 UG = SPLIT ? 1 : GS / UC;  // units per segment: a group, or one unit (SPLIT)
     const i64 nseg = SPLIT ? NU : G;
     alignas(32) uint8_t tail[NR][32];
-    if (nfull < NU) {  // the K tail: its bytes only, zero after (x is 0 there)
-        const i64 have = (K * BITS + 7) / 8 - nfull * 32;
-        for (int r = 0; r < NR; r++) {
-            std::memset(tail[r], 0, 32);
-            std::memcpy(tail[r], q + r * ldq + nfull * 32, (size_t)have);
-        }
-    }
+    q8_tail<BITS, NR>(q, ldq, K, NU, nfull, tail);
     const __m256i ones = _mm256_set1_epi16(1), m15 = _mm256_set1_epi8(15), flip = _mm256_set1_epi8((char)0x80);
     __m256 tot[NR][MT];
 #pragma GCC unroll 8
@@ -220,13 +226,7 @@ static inline void q8_tile4x(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G
     const i64 UG = SPLIT ? 1 : GS / UC;
     const i64 nseg = SPLIT ? NU : G;
     alignas(32) uint8_t tail[4][32];
-    if (nfull < NU) {
-        const i64 have = (K * 4 + 7) / 8 - nfull * 32;
-        for (int r = 0; r < 4; r++) {
-            std::memset(tail[r], 0, 32);
-            std::memcpy(tail[r], q + r * ldq + nfull * 32, (size_t)have);
-        }
-    }
+    q8_tail<4, 4>(q, ldq, K, NU, nfull, tail);
     const __m256i ones = _mm256_set1_epi16(1), m15 = _mm256_set1_epi8(15);
     __m256 tot[MT];
 #pragma GCC unroll 8
@@ -291,13 +291,7 @@ static inline void q8_tile4x_vnni(const uint8_t* q, i64 ldq, const uint16_t* s, 
                                   i64 nfull, const int8_t* xq, const float* xd, i64 M, i64 m0, float res[4][MT]) {
     constexpr i64 UC = BITS == 4 ? 64 : 32;
     alignas(64) uint8_t tail[4][32];
-    if (nfull < NU) {
-        const i64 have = (K * BITS + 7) / 8 - nfull * 32;
-        for (int r = 0; r < 4; r++) {
-            std::memset(tail[r], 0, 32);
-            std::memcpy(tail[r], q + r * ldq + nfull * 32, (size_t)have);
-        }
-    }
+    q8_tail<BITS, 4>(q, ldq, K, NU, nfull, tail);
     const __m512i m15 = _mm512_set1_epi8(15);
     __m512 tot01[MT], tot23[MT];
 #pragma GCC unroll 8
@@ -402,21 +396,18 @@ static inline void q8_rows(const uint8_t* q, i64 ldq, const uint16_t* s, const u
                            float* y, i64 N, float* sz) {
     float res[NR][MT];
     constexpr bool T4 = NR == 4 && q8_t4<BITS, MT>();
-    if constexpr (T4) {
-        float r4[4][MT];
+    if constexpr (T4) {  // NR == 4: res is the tiles' float[4][MT]
 #if JMOSS_Q8_VNNI
         if (BITS == 4 && GS % 64 != 0)
-            q8_tile4x_vnni<BITS, MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+            q8_tile4x_vnni<BITS, MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
         else
-            q8_tile4x_vnni<BITS, MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+            q8_tile4x_vnni<BITS, MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
 #else
         if (GS % 64 != 0)
-            q8_tile4x<MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+            q8_tile4x<MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
         else
-            q8_tile4x<MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, r4);
+            q8_tile4x<MT, false>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
 #endif
-        for (int r = 0; r < NR; r++)
-            for (int i = 0; i < MT; i++) res[r][i] = r4[r < 4 ? r : 0][i];
     } else if (BITS == 4 && GS % 64 != 0)
         q8_tile<BITS, NR, MT, true>(q + n0 * ldq, ldq, s + n0 * G, G, GS, K, NU, nfull, xq, xd, M, m0, res);
     else
@@ -481,8 +472,8 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
     for (i64 m0 = 0; m0 < M;) {
         // 4 weight rows per tile (q8_tile4x*): up to Q8_MT4 x rows a tile, up to twice that split in two
         const i64 rem = M - m0,
-                  mt = BITS == 4 || JMOSS_Q8_VNNI ? (rem <= Q8_MT4 ? rem : rem <= 2 * Q8_MT4 ? (rem + 1) / 2 : Q8_MT4)
-                                                  : rem <= 6 ? rem : 4;
+                  mt = q8_t4<BITS, Q8_MT4>() ? (rem <= Q8_MT4 ? rem : rem <= 2 * Q8_MT4 ? (rem + 1) / 2 : Q8_MT4)
+                                             : rem <= 6 ? rem : 4;
         tiles[ntiles][0] = m0;
         tiles[ntiles++][1] = mt;
         m0 += mt;
