@@ -415,3 +415,29 @@ def test_attention_rejects_mismatched_cache():
     with pytest.raises(JmossError, match="disagree"):
         kernels.attention(qkv, jt.zeros((1, 3, 4, 8)), jt.zeros((1, 3, 4, 8)), jt.ones((1, 1, 1, 2)),
                           jt.ones((1, 1, 1, 2)), jt.zeros((1, 1, 1, 1)), 0, 4)
+
+
+def test_the_kernel_header_is_included_from_a_file_named_by_its_hash(tmp_path, monkeypatch):
+    """jittor puts a jt.code op's header into the key it builds on every run of the op: the ~136 KB
+    text goes in as one #include line of a file whose name is the text's hash (kernels.cpu)."""
+    from pathlib import Path
+
+    from jmoss.kernels import cpu
+
+    live = cpu._header("avx2")  # what every op gets (before JMOSS_HOME moves below)
+    assert live.startswith("#define JMOSS_FORCE_AVX2 1\n#include ") and live.count("\n") == 2
+    assert Path(live.split('"')[1]).read_text().startswith("// ---- cpu_kernels/simd.h")
+    monkeypatch.setenv("JMOSS_HOME", str(tmp_path / "home"))
+    line = cpu._header_include("int x;\n")
+    path = Path(line.split('"')[1])
+    assert line == f'#include "{path}"\n' and path.parent == tmp_path / "home" / "kernels"
+    assert path.read_text() == "int x;\n"
+    assert cpu._header_include("int y;\n") != line  # another text: another file, another key, another kernel
+    path.write_text("int z;\n")  # a file that no longer holds its text is written again
+    assert cpu._header_include("int x;\n") == line and path.read_text() == "int x;\n"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("JMOSS_HOME", str(tmp_path / "file" / "home"))  # cannot be created: the text itself
+    assert cpu._header_include("int x;\n") is None
+    monkeypatch.setenv("JMOSS_HOME", str(tmp_path / 'quote"d'))  # not writable in a C string literal
+    assert cpu._header_include("int x;\n") is None
