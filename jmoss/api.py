@@ -22,7 +22,7 @@ from jmoss import layout
 from jmoss.config import MossConfig
 from jmoss.engine.factory import build_hybrid, build_weights, measure_figures
 from jmoss.engine.ops import check_threads, default_weight_dtype, pick_ops
-from jmoss.engine.resident import ResidentWeights
+from jmoss.engine.resident import ResidentWeights, read_huge_pages, weight_pages
 from jmoss.engine.swap import JittorSwapWeights
 from jmoss.errors import BudgetError, DeviceError, GenerationError, ModelNotFoundError
 from jmoss.jittor_setup import get_jittor, resolve_device
@@ -293,14 +293,24 @@ def load(
         weights, net = build_hybrid(store, plan, get_jittor(device), dtype, compute_dtype=compute_dtype)
     elif plan.streams or device == "cuda":  # cuda: resident weights go straight to device memory (engine.cuda)
         weights = build_weights(store, plan, get_jittor(device), dtype)
-    elif dtype == "float16":  # the store's mapped pages: every file (the embedding's too) mapped and
-        # hashed by threads that need no GIL while jittor imports and the kernels load in this one
+    elif dtype == "float16":  # the store's mapped pages, or a copy in 2 MiB pages (weight_pages): read
+        # and hashed by threads that need no GIL while jittor imports and the kernels load in this one
+        groups = [*range(store.config.n_layer), layout.HEAD]
+        pages = weight_pages(sum(store.group_data_span(g)[1] for g in groups))
+
+        def read() -> dict | None:
+            if pages != "copied":
+                store.map_groups(layout.all_groups(store.config))
+                return None
+            store.map_groups([layout.EMBED])  # the embedding stays mapped: decode reads a row a token
+            return read_huge_pages(store, groups)
+
         with ThreadPoolExecutor(1, thread_name_prefix="jmoss-load") as pool:
-            mapped = pool.submit(store.map_groups, layout.all_groups(store.config))
+            reading = pool.submit(read)
             jt = get_jittor(device)
             pick_ops(jt, device, dtype, compute_dtype)
-            mapped.result()
-        weights = ResidentWeights.from_store(jt, store, dtype)
+            copied = reading.result()
+        weights = ResidentWeights.from_store(jt, store, dtype, copied=copied, copy_later=pages == "copy later")
     else:  # float32: read once into memory the Vars share, widened (never twice the weights)
         weights = ResidentWeights.from_store(get_jittor(device), store, dtype)
     model = _with_tokenizer(Model(store.config, _embed(store), weights=weights, plan=plan, net=net, **common),

@@ -830,7 +830,8 @@ def _stream_plan(
             notes.append(
                 "resident weights are the store's own pages, mapped read-only (jmoss.engine.resident): billed here in "
                 "full, held in the page cache (the process's RssFile, not RssAnon) and shared with any other process "
-                "on this store, so a second start reads nothing from disk"
+                "on this store, so a second start reads nothing from disk; where they fit in RAM twice over, a thread "
+                "then copies them into 2 MiB pages of the process (RssAnon) for decode (JMOSS_WEIGHT_PAGES=mapped: never)"
             )
     else:
         host_staging = _assign_host(

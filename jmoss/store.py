@@ -311,6 +311,12 @@ class Store:
             self._identity[name] = file_identity(before)
         return mm
 
+    def mapped_file(self, group: Group):
+        """The open file ``mapping(group)`` mapped (the same inode, whatever happened to the path since)."""
+        self.mapping(group)
+        with self._lock:
+            return self._maps[_group_key(group)][0]
+
     def map_groups(self, groups: Iterable[Group], workers: int | None = None) -> dict[Group, dict[str, np.ndarray]]:
         """``group(g)`` for each of ``groups``, ``workers`` files mapped and checked at once.
 

@@ -2,7 +2,8 @@
 
 A fully resident fp16 CPU load holds its weights as the store's mapped pages: measured from outside
 in a child process, the anonymous memory it allocates beyond a 1-layer baseline stays under 10% of
-the weights (the pages are the page cache's, counted as the plan's resident weights all the same).
+the weights (the pages are the page cache's, counted as the plan's resident weights all the same);
+copied into 2 MiB pages (JMOSS_WEIGHT_PAGES=copied) it is the weights once, never twice.
 
 CPU: every tier jmoss.load can choose (all resident, some layers streamed from disk, everything
 streamed at the minimum budget), in fp16 and fp32, against the bytes the plan names (resident
@@ -166,20 +167,22 @@ def test_cuda_slots_refuse_a_plan_made_for_other_sizes(store_path):
 
 
 RESIDENT_CHILD = """
-import json, sys
+import json, os, sys
 import numpy as np
+os.environ["JMOSS_WEIGHT_PAGES"] = sys.argv[2]
 import jmoss
 model = jmoss.load(sys.argv[1], device="cpu", dtype="float16", max_seq_len=32)
 session = model.session(max_len=32)
 logits = session.prefill([[int(t) for t in np.arange(16) % model.config.vocab_size]])
 session.decode([int(np.argmax(logits[0]))])
-print("RESULT " + json.dumps({"mapped": bool(model.weights.mapped), "resident": model.plan.resident_bytes}))
+print("RESULT " + json.dumps({"mapped": bool(model.weights.mapped), "resident": model.plan.resident_bytes,
+                             "buffers": len(model.weights._buffers)}))
 from jmoss.bench import stop_for_measurement
 stop_for_measurement()
 """
 
 
-def _resident_child(store: Path) -> dict:
+def _resident_child(store: Path, pages: str = "mapped") -> dict:
     import json
     import sys
     import tempfile
@@ -187,7 +190,7 @@ def _resident_child(store: Path) -> dict:
     from jmoss.bench import spawn_measured_memory
 
     with tempfile.TemporaryFile("w+") as log:
-        code, memory = spawn_measured_memory([sys.executable, "-c", RESIDENT_CHILD, str(store)], log=log)
+        code, memory = spawn_measured_memory([sys.executable, "-c", RESIDENT_CHILD, str(store), pages], log=log)
         log.seek(0)
         out = log.read()
     assert code == 0 and memory["peak_rss"] is not None, out[-3000:]
@@ -199,12 +202,17 @@ def test_a_resident_load_allocates_under_a_tenth_of_its_weights_beyond_the_basel
     big = cached_store(BIG)  # 1.0 GB of fp16 weights (shared with test_engine)
     baseline = _resident_child(cached_store({**BIG, "n_layer": 1}))
     run = _resident_child(big)
+    copied = _resident_child(big, "copied")  # JMOSS_WEIGHT_PAGES=copied: one copy in 2 MiB pages, never two
     weights = run["resident"]
-    assert run["mapped"] and baseline["mapped"]
+    assert run["mapped"] and baseline["mapped"] and not copied["mapped"]
     extra_anon = run["peak_anon"] - baseline["peak_anon"]
+    copy_anon = copied["peak_anon"] - baseline["peak_anon"]
     report(f"resident load of {weights / 2**20:.0f} MiB of fp16 weights: peak anonymous memory "
            f"{run['peak_anon'] / 2**20:.0f} MiB vs {baseline['peak_anon'] / 2**20:.0f} MiB for the 1-layer baseline "
            f"(+{extra_anon / weights:.1%} of the weights); peak RSS {run['peak_rss'] / 2**20:.0f} MiB, of which "
-           f"{run['file_at_end'] / 2**20:.0f} MiB mapped store pages at the end")
+           f"{run['file_at_end'] / 2**20:.0f} MiB mapped store pages at the end; copied into 2 MiB pages: "
+           f"+{copy_anon / weights:.1%} of the weights in anonymous memory")
     assert extra_anon <= 0.10 * weights, (extra_anon, weights)
     assert run["file_at_end"] >= 0.9 * weights  # the weights are in the process as mapped file pages
+    # each group's buffer ends in a 2 MiB page that its last bytes touch whole
+    assert 0.9 * weights <= copy_anon <= 1.05 * weights + copied["buffers"] * (2 << 20), (copy_anon, weights)

@@ -5,8 +5,10 @@ changed after a load is caught, and a store that cannot do text fails before its
 mapped pages (docs/store-format.md, "What is checked, and when"). Here: the Vars really are the
 file's pages (a write to the file shows through, so nothing was copied), and a store modified after
 a load (one byte in place; a file replaced by another of the same size and mtime) is caught at the
-next load, and by the loaded model before its next forward. ``generate``/``chat``/``serve`` load the
-tokenizer first: a store without tokenizer files says so before any weight is read.
+next load, and by the loaded model before its next forward, also after the weights were copied into
+2 MiB pages (``weight_pages``: the copy computes exactly what the mapped pages do).
+``generate``/``chat``/``serve`` load the tokenizer first: a store without tokenizer files says so
+before any weight is read.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def _replace_same_size_and_mtime(path: Path) -> None:
     assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
-def test_resident_fp16_weights_are_the_mapped_pages_not_a_copy(store: Path) -> None:
+def test_resident_fp16_weights_are_the_mapped_pages_not_a_copy(store: Path, monkeypatch) -> None:
+    monkeypatch.setenv("JMOSS_WEIGHT_PAGES", "mapped")
     model = _load(store)
     assert model.weights.mapped and model.plan is not None and not model.plan.streams
     assert model.weights.memory()["resident_weights"] == model.plan.resident_bytes
@@ -92,9 +95,73 @@ def test_resident_fp16_weights_are_the_mapped_pages_not_a_copy(store: Path) -> N
         model.logits(PROMPT)  # the next forward refuses the changed weights
 
 
+def _pages(monkeypatch, pages: str) -> None:
+    """Make the next load hold its weights as ``pages`` says (jmoss.engine.resident.weight_pages)."""
+    monkeypatch.setattr("jmoss.api.weight_pages", lambda *a, **k: pages)
+
+
+def _load_settled(path: Path, pages: str, monkeypatch):
+    """A model loaded with ``pages``; for "copy later", with the copy finished and taken by a forward."""
+    _pages(monkeypatch, pages)
+    model = _load(path)
+    if pages == "copy later":
+        assert model.weights.mapped and model.weights.wait_for_copy(60)
+        model.logits(PROMPT)
+    assert model.weights.mapped == (pages == "mapped")
+    return model
+
+
+@pytest.mark.parametrize("pages", ["copied", "copy later"])
+def test_weights_copied_into_huge_pages_compute_what_the_mapped_pages_do(store: Path, pages: str, monkeypatch) -> None:
+    mapped = _load_settled(store, "mapped", monkeypatch)
+    model = _load_settled(store, pages, monkeypatch)
+    np.testing.assert_array_equal(model.logits(PROMPT), mapped.logits(PROMPT))  # same bytes, same kernels
+    assert model.weights.memory() == mapped.weights.memory()
+    for buf in model.weights._buffers:  # each group's copy: 2 MiB-aligned (whole huge pages), read-only
+        assert buf.ctypes.data % (2 << 20) == 0 and not buf.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        model.weights._buffers[1][0] = 1
+
+
+def test_a_store_truncated_before_the_background_copy_is_refused_not_a_crash(store: Path, monkeypatch) -> None:
+    model = _load_settled(store, "mapped", monkeypatch)
+    before = model.logits(PROMPT)
+    weights = model.weights
+    with open(store / VICTIM, "r+b") as f:  # the mapping now ends before its last pages: touching them is SIGBUS
+        f.truncate(os.path.getsize(store / VICTIM) // 2)
+    weights._copy_in_background(weights._store, [*range(SHAPE["n_layer"]), layout.HEAD])
+    assert not weights.wait_for_copy(60)  # a short read: no copy, and the process is alive
+    with pytest.raises(StoreError, match=f"{VICTIM} changed on disk"):
+        model.logits(PROMPT)
+    assert np.isfinite(before).all()
+
+
+def test_weight_pages_copies_later_only_where_the_copy_and_the_page_cache_both_fit(monkeypatch) -> None:
+    from jmoss.engine import resident
+    from jmoss.errors import JmossError
+
+    gib = 1 << 30
+    monkeypatch.delenv("JMOSS_WEIGHT_PAGES", raising=False)
+    monkeypatch.setattr(resident, "transparent_huge_pages", lambda: True)
+    monkeypatch.setattr(resident, "_meminfo_bytes", lambda field: 22 * gib if field == "MemAvailable" else None)
+    assert resident.weight_pages(9 * gib) == "copy later"  # 2 x 9 + 1 <= 22
+    assert resident.weight_pages(11 * gib) == "mapped"
+    assert resident.weight_pages(11 * gib, "copied") == "copied"  # asked for: no policy
+    monkeypatch.setattr(resident, "transparent_huge_pages", lambda: False)
+    assert resident.weight_pages(gib) == "mapped"  # THP "never": a copy would gain nothing
+    monkeypatch.setenv("JMOSS_WEIGHT_PAGES", "copied")
+    assert resident.weight_pages(gib) == "copied"
+    monkeypatch.setenv("JMOSS_WEIGHT_PAGES", "huge")
+    with pytest.raises(JmossError, match="JMOSS_WEIGHT_PAGES='huge': choose one of auto, mapped, copied"):
+        resident.weight_pages(gib)
+
+
+@pytest.mark.parametrize("pages", ["mapped", "copy later"])
 @pytest.mark.parametrize("keep_times", [False, True], ids=["one byte", "one byte, mtime put back"])
-def test_a_byte_written_after_a_load_is_caught_by_the_model_and_at_the_next_load(store: Path, keep_times: bool) -> None:
-    model = _load(store)
+def test_a_byte_written_after_a_load_is_caught_by_the_model_and_at_the_next_load(store: Path, keep_times: bool,
+                                                                                  pages: str, monkeypatch) -> None:
+    # "copy later": the copy was taken by the first forward, and the files are still checked after it
+    model = _load_settled(store, pages, monkeypatch)
     before = model.logits(PROMPT)
     _flip_in_place(store, keep_times)
     with pytest.raises(StoreError, match=VICTIM):
@@ -104,8 +171,8 @@ def test_a_byte_written_after_a_load_is_caught_by_the_model_and_at_the_next_load
     assert np.isfinite(before).all()
 
 
-def test_a_file_replaced_with_the_same_size_and_mtime_is_caught_at_the_next_load(store: Path) -> None:
-    model = _load(store)
+def test_a_file_replaced_with_the_same_size_and_mtime_is_caught_at_the_next_load(store: Path, monkeypatch) -> None:
+    model = _load_settled(store, "mapped", monkeypatch)
     before = model.logits(PROMPT)
     _replace_same_size_and_mtime(store)
     # The loaded model still maps the old file's checked bytes, but unlinking it changed its ctime,

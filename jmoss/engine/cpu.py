@@ -37,6 +37,7 @@ the offload choice reads the CPU's speed from.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import time
 from types import ModuleType
@@ -89,27 +90,52 @@ def group_views(buf: np.ndarray, layout: Mapping[str, tuple[int, tuple[int, ...]
     return out
 
 
-def read_group(store, g: Group, itemsize: int) -> tuple[np.ndarray, dict]:
+HUGE_PAGE = 2 << 20
+
+
+def huge_page_buffer(nbytes: int) -> np.ndarray:
+    """A uint8 array of ``nbytes`` that starts on a 2 MiB boundary of a private anonymous mapping
+    advised ``MADV_HUGEPAGE`` before anything touches it, so the kernel backs it with 2 MiB pages
+    where transparent huge pages are enabled ("always" or "madvise"): decode reads every weight
+    once a token, and on 4 KiB pages the TLB misses cost a share of the read rate (numbers:
+    ``weight_pages`` in jmoss.engine.resident). The array keeps the mapping alive."""
+    size = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
+    mm = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # private: shmem THP is off by default
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):  # advice only
+            mm.madvise(advice)
+    whole = np.frombuffer(mm, dtype=np.uint8)
+    skip = -whole.ctypes.data % HUGE_PAGE
+    return whole[skip : skip + nbytes]
+
+
+def read_group(store, g: Group, itemsize: int, *, huge_pages: bool = False) -> tuple[np.ndarray, dict]:
     """One group read into a buffer this process owns: (buffer, name -> view).
 
     One ``preadv`` of the group's data span, hashed as it is read (first read only) and checked
-    before any byte is used, then dropped from the page cache: the weights exist once in RAM, as
-    anonymous memory RSS reports honestly, never as a memmap copy plus a jittor copy. For
-    ``itemsize`` 4 the fp16 data lands in the upper half and is widened in place.
+    before any byte is used. For ``itemsize`` 4 the fp16 data lands in the upper half and is
+    widened in place, and the span is dropped from the page cache: the weights exist once in RAM,
+    as anonymous memory RSS reports honestly, never as a memmap copy plus a jittor copy. With
+    ``huge_pages`` (float16 as stored) the buffer is ``huge_page_buffer``'s, read-only once
+    filled, and the page cache keeps the file for the next start (the kernel reclaims it first).
     """
     start, nbytes = store.group_data_span(g)
-    buf = np.empty(nbytes // 2 * itemsize, dtype=np.uint8)
+    size = nbytes // 2 * itemsize
+    buf = huge_page_buffer(size) if huge_pages else np.empty(size, dtype=np.uint8)
     fd = os.open(store.group_path(g), os.O_RDONLY)
     try:
         target = memoryview(buf)[nbytes:] if itemsize == 4 else memoryview(buf)
         hasher = store.span_hasher(g)
-        read_span(fd, target, start, hasher=hasher)
+        read_span(fd, target, start, drop_cache=not huge_pages, hasher=hasher)
     finally:
         os.close(fd)
     if hasher is not None:
         store.finish_span_check(g, hasher)  # before any byte is used
     if itemsize == 4:
         widen_in_place(buf, nbytes // 2, np.empty(_WIDEN_CHUNK, np.float16))
+    if huge_pages:
+        buf.flags.writeable = False  # like the mapped pages: the views made next are read-only
     return buf, group_views(buf, _group_layout(store.tensor_offsets(g), start, itemsize), itemsize)
 
 
