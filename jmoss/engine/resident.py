@@ -64,8 +64,9 @@ def weight_pages(weight_bytes: int, mode: str | None = None) -> str:
 
     A mapped store is read through 4 KiB pages unless the page cache holds it in 2 MiB folios
     (ext4 and XFS since Linux 6.16, and only for files read after the mapping asked for them), and
-    on 4 KiB pages decode loses to TLB misses: on a 2-vCPU Xeon VM a CodeGen-350M int4 store decoded
-    3-23% faster copied, a MOSS-16B int4 one (61% of it in 2 MiB folios) 3-38%. The copy costs RAM
+    on 4 KiB pages decode loses to TLB misses: MOSS-16B int4 on a 2-vCPU Xeon VM decoded at 1.01-1.11
+    tok/s copied (1 thread) against 0.67-0.68 mapped in 4 KiB pages and 0.90-0.98 mapped as cached,
+    56% in 2 MiB folios (benchmarks/bench_hugepages.py). The copy costs RAM
     the page cache would otherwise share, and time: ``auto`` copies later (a load takes what mapping
     takes) and only where transparent huge pages are on and the weights fit in RAM twice over (the
     copy, and the page cache keeping the file for the next start) with 1 GiB to spare. ``mode``:
@@ -177,20 +178,22 @@ class ResidentWeights:
         after the load is refused never depends on when the copy finished. Any failure (no
         memory) keeps the mapped pages."""
 
+        # what the thread reads, taken here: the mapped inodes (not through the mapping: a file
+        # truncated meanwhile is a short read, dropping the copy, where touching the mapping past
+        # the new end would be SIGBUS), spans and layouts; the thread calls nothing of the Store
+        spans = {g: (store.mapped_file(g), *store.group_data_span(g)) for g in groups}
+        layouts = {g: _group_layout(store.tensor_offsets(g), spans[g][1], 2) for g in groups}
+
         def copy() -> None:
             try:
                 copied = {}
-                for g in groups:
-                    start, nbytes = store.group_data_span(g)
+                for g, (file, start, nbytes) in spans.items():
                     buf = huge_page_buffer(nbytes)
-                    # read from the mapped inode, not through the mapping: a file truncated meanwhile
-                    # is a short read here (the copy is dropped and the next forward refuses the
-                    # store), where touching the mapping past the new end would be SIGBUS
-                    read_span(store.mapped_file(g).fileno(), memoryview(buf), start, drop_cache=False)
+                    read_span(file.fileno(), memoryview(buf), start, drop_cache=False)
                     buf.flags.writeable = False
-                    copied[g] = (buf, group_views(buf, _group_layout(store.tensor_offsets(g), start, 2), 2))
+                    copied[g] = (buf, group_views(buf, layouts[g], 2))
                 self._pending = copied
-            except (MemoryError, OSError, ValueError, JmossError):
+            except Exception:  # noqa: BLE001 -- an optimisation: whatever stops it, the mapped pages serve
                 pass
 
         self._copier = threading.Thread(target=copy, name="jmoss-huge-pages", daemon=True)
