@@ -36,6 +36,8 @@ def measure(store: str, tokens: int) -> dict:
     from jmoss.generation import generate_tokens
 
     model = jmoss.load(store, device="cpu")
+    if hasattr(model.weights, "wait_for_copy"):  # weights being copied into 2 MiB pages: measure the copy
+        model.weights.wait_for_copy()
     weight_bytes = resident_weight_bytes(model)
     out: dict = {"store": store, "weight_bytes": weight_bytes, "vocab": model.config.vocab_size,
                  "layers": model.config.n_layer}
