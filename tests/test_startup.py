@@ -121,6 +121,12 @@ def test_weights_copied_into_huge_pages_compute_what_the_mapped_pages_do(store: 
         assert buf.ctypes.data % (2 << 20) == 0 and not buf.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
         model.weights._buffers[1][0] = 1
+    # the embedding stays mapped and read every token: a write to it is still refused
+    with open(store / "embed.safetensors", "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        f.write(b"\x01")
+    with pytest.raises(StoreError, match="embed.safetensors changed on disk"):
+        model.logits(PROMPT)
 
 
 def test_a_store_truncated_before_the_background_copy_is_refused_not_a_crash(store: Path, monkeypatch) -> None:

@@ -139,6 +139,7 @@ class ResidentWeights:
         if dtype == "float16" and copied is not None:  # as stored, in this process's 2 MiB pages
             self._take(copied)
             self._nbytes = sum(int(b.nbytes) for b in self._buffers)
+            self._store = store  # the embedding is still mapped: each forward checks it is unchanged
             return self
         if dtype == "float16":  # used as stored: the mapped pages themselves
             groups = store.map_groups([*range(n_layer), layout.HEAD])
