@@ -296,7 +296,7 @@ def load(
     elif dtype == "float16":  # the store's mapped pages, or a copy in 2 MiB pages (weight_pages): read
         # and hashed by threads that need no GIL while jittor imports and the kernels load in this one
         groups = [*range(store.config.n_layer), layout.HEAD]
-        pages = weight_pages(sum(store.group_data_span(g)[1] for g in groups))
+        pages = weight_pages(sum(store.group_data_span(g)[1] for g in groups), available_host)
 
         def read() -> dict | None:
             if pages != "copied":

@@ -149,17 +149,17 @@ def test_weight_pages_copies_later_only_where_the_copy_and_the_page_cache_both_f
     gib = 1 << 30
     monkeypatch.delenv("JMOSS_WEIGHT_PAGES", raising=False)
     monkeypatch.setattr(resident, "transparent_huge_pages", lambda: True)
-    monkeypatch.setattr(resident, "_meminfo_bytes", lambda field: 22 * gib if field == "MemAvailable" else None)
-    assert resident.weight_pages(9 * gib) == "copy later"  # 2 x 9 + 1 <= 22
-    assert resident.weight_pages(11 * gib) == "mapped"
-    assert resident.weight_pages(11 * gib, "copied") == "copied"  # asked for: no policy
+    assert resident.weight_pages(9 * gib, 22 * gib) == "copy later"  # 2 x 9 + 1 <= 22
+    assert resident.weight_pages(11 * gib, 22 * gib) == "mapped"
+    assert resident.weight_pages(gib, None) == "mapped"  # free memory unknown: no copy
+    assert resident.weight_pages(11 * gib, 22 * gib, "copied") == "copied"  # asked for: no policy
     monkeypatch.setattr(resident, "transparent_huge_pages", lambda: False)
-    assert resident.weight_pages(gib) == "mapped"  # THP "never": a copy would gain nothing
+    assert resident.weight_pages(gib, 22 * gib) == "mapped"  # THP "never": a copy would gain nothing
     monkeypatch.setenv("JMOSS_WEIGHT_PAGES", "copied")
-    assert resident.weight_pages(gib) == "copied"
+    assert resident.weight_pages(gib, 22 * gib) == "copied"
     monkeypatch.setenv("JMOSS_WEIGHT_PAGES", "huge")
     with pytest.raises(JmossError, match="JMOSS_WEIGHT_PAGES='huge': choose one of auto, mapped, copied"):
-        resident.weight_pages(gib)
+        resident.weight_pages(gib, 22 * gib)
 
 
 @pytest.mark.parametrize("pages", ["mapped", "copy later"])

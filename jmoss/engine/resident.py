@@ -38,17 +38,6 @@ from jmoss.errors import DeviceError, JmossError
 WEIGHT_PAGES = ("auto", "mapped", "copied")
 
 
-def _meminfo_bytes(field: str, path: str = "/proc/meminfo") -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def transparent_huge_pages() -> bool:
     """Whether anonymous memory advised MADV_HUGEPAGE can get 2 MiB pages ("always" or "madvise")."""
     try:
@@ -58,7 +47,7 @@ def transparent_huge_pages() -> bool:
         return False
 
 
-def weight_pages(weight_bytes: int, mode: str | None = None) -> str:
+def weight_pages(weight_bytes: int, available: int | None, mode: str | None = None) -> str:
     """How resident float16 CPU weights are held: "mapped" (the page cache's pages), "copied" (read
     into 2 MiB pages at load) or "copy later" (mapped at load, copied by a thread after it).
 
@@ -69,7 +58,8 @@ def weight_pages(weight_bytes: int, mode: str | None = None) -> str:
     56% in 2 MiB folios (benchmarks/bench_hugepages.py). The copy costs RAM
     the page cache would otherwise share, and time: ``auto`` copies later (a load takes what mapping
     takes) and only where transparent huge pages are on and the weights fit in RAM twice over (the
-    copy, and the page cache keeping the file for the next start) with 1 GiB to spare. ``mode``:
+    copy, and the page cache keeping the file for the next start) with 1 GiB to spare (``available``:
+    the host bytes free now, as jmoss.load measured them; None: unknown, no copy). ``mode``:
     "auto", "mapped" or "copied"; default ``$JMOSS_WEIGHT_PAGES``, else auto.
     """
     mode = mode or os.environ.get("JMOSS_WEIGHT_PAGES") or "auto"
@@ -77,7 +67,6 @@ def weight_pages(weight_bytes: int, mode: str | None = None) -> str:
         raise JmossError(f"JMOSS_WEIGHT_PAGES={mode!r}: choose one of {', '.join(WEIGHT_PAGES)}")
     if mode != "auto":
         return mode
-    available = _meminfo_bytes("MemAvailable")
     fits = available is not None and 2 * weight_bytes + (1 << 30) <= available
     return "copy later" if fits and transparent_huge_pages() else "mapped"
 
