@@ -110,6 +110,18 @@ def huge_page_buffer(nbytes: int) -> np.ndarray:
     return whole[skip : skip + nbytes]
 
 
+def read_huge_page_span(fd: int, start: int, nbytes: int, tensors: Mapping, *,
+                        hasher: Any = None) -> tuple[np.ndarray, dict]:
+    """``nbytes`` of float16-as-stored data at ``start`` of ``fd`` read into ``huge_page_buffer``
+    memory, made read-only (like mapped pages) before its views are made: (buffer, name -> view).
+    By ``preadv`` from the file, never through a mapping of it, so a file truncated meanwhile is a
+    short read (StoreError), not SIGBUS. ``hasher`` as in ``read_span``; the caller checks it."""
+    buf = huge_page_buffer(nbytes)
+    read_span(fd, memoryview(buf), start, drop_cache=False, hasher=hasher)
+    buf.flags.writeable = False
+    return buf, group_views(buf, tensors, 2)
+
+
 def read_group(store, g: Group, itemsize: int, *, huge_pages: bool = False) -> tuple[np.ndarray, dict]:
     """One group read into a buffer this process owns: (buffer, name -> view).
 
@@ -117,26 +129,31 @@ def read_group(store, g: Group, itemsize: int, *, huge_pages: bool = False) -> t
     before any byte is used. For ``itemsize`` 4 the fp16 data lands in the upper half and is
     widened in place, and the span is dropped from the page cache: the weights exist once in RAM,
     as anonymous memory RSS reports honestly, never as a memmap copy plus a jittor copy. With
-    ``huge_pages`` (float16 as stored) the buffer is ``huge_page_buffer``'s, read-only once
-    filled, and the page cache keeps the file for the next start (the kernel reclaims it first).
+    ``huge_pages`` (float16 as stored) the buffer is ``read_huge_page_span``'s and the page cache
+    keeps the file for the next start (the kernel reclaims it first).
     """
     start, nbytes = store.group_data_span(g)
-    size = nbytes // 2 * itemsize
-    buf = huge_page_buffer(size) if huge_pages else np.empty(size, dtype=np.uint8)
+    layout = _group_layout(store.tensor_offsets(g), start, itemsize)
+    hasher = store.span_hasher(g)
     fd = os.open(store.group_path(g), os.O_RDONLY)
     try:
-        target = memoryview(buf)[nbytes:] if itemsize == 4 else memoryview(buf)
-        hasher = store.span_hasher(g)
-        read_span(fd, target, start, drop_cache=not huge_pages, hasher=hasher)
+        if huge_pages:
+            if itemsize != 2:
+                raise ValueError("huge-page groups hold float16 as stored (itemsize 2)")
+            buf, views = read_huge_page_span(fd, start, nbytes, layout, hasher=hasher)
+        else:
+            buf = np.empty(nbytes // 2 * itemsize, dtype=np.uint8)
+            target = memoryview(buf)[nbytes:] if itemsize == 4 else memoryview(buf)
+            read_span(fd, target, start, drop_cache=True, hasher=hasher)
     finally:
         os.close(fd)
     if hasher is not None:
         store.finish_span_check(g, hasher)  # before any byte is used
+    if huge_pages:
+        return buf, views
     if itemsize == 4:
         widen_in_place(buf, nbytes // 2, np.empty(_WIDEN_CHUNK, np.float16))
-    if huge_pages:
-        buf.flags.writeable = False  # like the mapped pages: the views made next are read-only
-    return buf, group_views(buf, _group_layout(store.tensor_offsets(g), start, itemsize), itemsize)
+    return buf, group_views(buf, layout, itemsize)
 
 
 def wrap_zero_copy(jt: ModuleType, array: np.ndarray):

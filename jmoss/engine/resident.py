@@ -29,8 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jmoss import layout
-from jmoss.engine.cpu import _group_layout, group_views, huge_page_buffer, read_group, wrap_zero_copy
-from jmoss.engine.pipeline import read_span
+from jmoss.engine.cpu import _group_layout, read_group, read_huge_page_span, wrap_zero_copy
 from jmoss.errors import DeviceError, JmossError
 
 
@@ -176,13 +175,8 @@ class ResidentWeights:
 
         def copy() -> None:
             try:
-                copied = {}
-                for g, (file, start, nbytes) in spans.items():
-                    buf = huge_page_buffer(nbytes)
-                    read_span(file.fileno(), memoryview(buf), start, drop_cache=False)
-                    buf.flags.writeable = False
-                    copied[g] = (buf, group_views(buf, layouts[g], 2))
-                self._pending = copied
+                self._pending = {g: read_huge_page_span(file.fileno(), start, nbytes, layouts[g])
+                                 for g, (file, start, nbytes) in spans.items()}
             except Exception:  # noqa: BLE001 -- an optimisation: whatever stops it, the mapped pages serve
                 pass
 
