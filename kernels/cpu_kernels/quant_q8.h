@@ -296,54 +296,54 @@ static inline void q8_tile4x_vnni(const uint8_t* q, i64 ldq, const uint16_t* s, 
     __m512 tot01[MT], tot23[MT];
 #pragma GCC unroll 8
     for (int i = 0; i < MT; i++) tot01[i] = tot23[i] = _mm512_setzero_ps();
-    __m512 s01 = _mm512_setzero_ps(), s23 = s01;
-    i64 sg = -1;  // the group (non-SPLIT) whose scales s01 / s23 hold
-    for (i64 u = 0; u < NU; u++) {
-        const i64 g = u * UC / GS;
-        if (SPLIT || g != sg) {
-            // [s0..s3 at g | s0..s3 at g2] (g2: SPLIT, the group of the unit's second block) spread
-            // to row r in lanes 0-3 (g) and 4-7 (g2), row r + 1 in lanes 8-11 and 12-15
-            const i64 g2 = SPLIT ? std::min(G - 1, (u * UC + Q8_BLOCK) / GS) : g;
-            const __m512 a = _mm512_castps256_ps512(_mm256_set_m128(q8_scales4(s, G, g2), q8_scales4(s, G, g)));
-            s01 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5), a);
-            s23 = _mm512_permutexvar_ps(_mm512_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7), a);
-            sg = g;
-        }
-        const int8_t* xu = xq + (u * M + m0) * UC;
-        const float* du = xd + (u * M + m0) * 8;
-        // the set's 4 * ldq bytes, 128 a unit: two lines Q8_PF4_SETS sets ahead, in address order,
-        // into L2 (T1), not L1: on an AVX-512 Xeon (2-vCPU VM) the 16B fc_in shape at 1 thread went
-        // from 8.1-9.0 to 6.9-7.7 ms (M = 1) and 9.8-10.0 to 8.5-9.1 ms (M = 4), interleaved runs
-        _mm_prefetch((const char*)(q + Q8_PF4_SETS * 4 * ldq + u * 128), _MM_HINT_T1);
-        _mm_prefetch((const char*)(q + Q8_PF4_SETS * 4 * ldq + u * 128 + 64), _MM_HINT_T1);
-        const uint8_t* r0 = u < nfull ? q + u * 32 : tail[0];
-        const uint8_t* r1 = u < nfull ? q + ldq + u * 32 : tail[1];
-        const uint8_t* r2 = u < nfull ? q + 2 * ldq + u * 32 : tail[2];
-        const uint8_t* r3 = u < nfull ? q + 3 * ldq + u * 32 : tail[3];
-        const __m512i w01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r0)),
-                                               _mm256_loadu_si256((const __m256i*)r1), 1);
-        const __m512i w23 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r2)),
-                                               _mm256_loadu_si256((const __m256i*)r3), 1);
-        __m512i lo01 = w01, lo23 = w23, hi01 = w01, hi23 = w23;
-        if (BITS == 4) {
-            lo01 = _mm512_and_si512(w01, m15);
-            hi01 = _mm512_and_si512(_mm512_srli_epi16(w01, 4), m15);
-            lo23 = _mm512_and_si512(w23, m15);
-            hi23 = _mm512_and_si512(_mm512_srli_epi16(w23, 4), m15);
-        }
-#pragma GCC unroll 8
-        for (int i = 0; i < MT; i++) {
-            const __m512i xa = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)(xu + i * UC)));
-            const __m512 d = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_load_pd((const double*)(du + i * 8))));
-            __m512i p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo01, xa);
-            __m512i p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo23, xa);
+    // one segment a group (SPLIT: a unit), its scales spread once: a group index computed per unit
+    // (u * UC / GS, an idiv) cost the 16B fc_in shape ~10% at 1 thread (perf: the divide sat in the loop)
+    const i64 UG = SPLIT ? 1 : GS / UC, nseg = SPLIT ? NU : (NU + UG - 1) / UG;
+    for (i64 sgm = 0; sgm < nseg; sgm++) {
+        const i64 u0 = sgm * UG, u1 = std::min(NU, u0 + UG);
+        // [s0..s3 at g | s0..s3 at g2] (g2: SPLIT, the group of the unit's second block) spread
+        // to row r in lanes 0-3 (g) and 4-7 (g2), row r + 1 in lanes 8-11 and 12-15
+        const i64 g = SPLIT ? u0 * UC / GS : sgm, g2 = SPLIT ? std::min(G - 1, (u0 * UC + Q8_BLOCK) / GS) : g;
+        const __m512 a = _mm512_castps256_ps512(_mm256_set_m128(q8_scales4(s, G, g2), q8_scales4(s, G, g)));
+        const __m512 s01 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5), a);
+        const __m512 s23 = _mm512_permutexvar_ps(_mm512_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7), a);
+        for (i64 u = u0; u < u1; u++) {
+            const int8_t* xu = xq + (u * M + m0) * UC;
+            const float* du = xd + (u * M + m0) * 8;
+            // the set's 4 * ldq bytes, 128 a unit: two lines Q8_PF4_SETS sets ahead, in address order,
+            // into L2 (T1), not L1: on an AVX-512 Xeon (2-vCPU VM) the 16B fc_in shape at 1 thread went
+            // from 8.1-9.0 to 6.9-7.7 ms (M = 1) and 9.8-10.0 to 8.5-9.1 ms (M = 4), interleaved runs
+            _mm_prefetch((const char*)(q + Q8_PF4_SETS * 4 * ldq + u * 128), _MM_HINT_T1);
+            _mm_prefetch((const char*)(q + Q8_PF4_SETS * 4 * ldq + u * 128 + 64), _MM_HINT_T1);
+            const uint8_t* r0 = u < nfull ? q + u * 32 : tail[0];
+            const uint8_t* r1 = u < nfull ? q + ldq + u * 32 : tail[1];
+            const uint8_t* r2 = u < nfull ? q + 2 * ldq + u * 32 : tail[2];
+            const uint8_t* r3 = u < nfull ? q + 3 * ldq + u * 32 : tail[3];
+            const __m512i w01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r0)),
+                                                   _mm256_loadu_si256((const __m256i*)r1), 1);
+            const __m512i w23 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r2)),
+                                                   _mm256_loadu_si256((const __m256i*)r3), 1);
+            __m512i lo01 = w01, lo23 = w23, hi01 = w01, hi23 = w23;
             if (BITS == 4) {
-                const __m512i xb = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)(xu + i * UC + 32)));
-                p01 = _mm512_dpbusd_epi32(p01, hi01, xb);
-                p23 = _mm512_dpbusd_epi32(p23, hi23, xb);
+                lo01 = _mm512_and_si512(w01, m15);
+                hi01 = _mm512_and_si512(_mm512_srli_epi16(w01, 4), m15);
+                lo23 = _mm512_and_si512(w23, m15);
+                hi23 = _mm512_and_si512(_mm512_srli_epi16(w23, 4), m15);
             }
-            tot01[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_mul_ps(d, s01), tot01[i]);
-            tot23[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_mul_ps(d, s23), tot23[i]);
+#pragma GCC unroll 8
+            for (int i = 0; i < MT; i++) {
+                const __m512i xa = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)(xu + i * UC)));
+                const __m512 d = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_load_pd((const double*)(du + i * 8))));
+                __m512i p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo01, xa);
+                __m512i p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo23, xa);
+                if (BITS == 4) {
+                    const __m512i xb = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)(xu + i * UC + 32)));
+                    p01 = _mm512_dpbusd_epi32(p01, hi01, xb);
+                    p23 = _mm512_dpbusd_epi32(p23, hi23, xb);
+                }
+                tot01[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_mul_ps(d, s01), tot01[i]);
+                tot23[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_mul_ps(d, s23), tot23[i]);
+            }
         }
     }
     for (int i = 0; i < MT; i++) {
