@@ -18,6 +18,16 @@
 namespace jmoss_q {
 using jmoss_k::i64;
 
+// Weight rows a thread claims at a time in the packed GEMVs (qlinear, qlinear_q8). The tiles
+// prefetch a few 4-row sets ahead (Q4_PF, Q8_PF4_SETS), which lands in the next chunk: at one
+// thread that is the next one it computes, but at two a chunk's first sets were never prefetched
+// (the thread's next chunk is claimed later, the line ahead is the other thread's), a quarter of
+// a 32-row chunk. 128 rows: MOSS-16B int4 shapes, 2 threads, int8 compute mode, fc_in 3.84 ->
+// 3.50 ms, qkv 2.81 -> 2.56, fc_out 3.54 -> 3.36; fp32 mode fc_in 4.76 -> 4.57; 1 thread
+// unchanged (Xeon VM, interleaved runs). Still 48+ chunks per 16B matrix for a descheduled
+// thread to lose only its own.
+static const i64 QGEMV_CHUNK = 128;
+
 template <int BITS>
 static inline float q_at(const uint8_t* row, i64 j) {
     if (BITS == 8) return (float)row[j];

@@ -74,7 +74,7 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
     }
 #endif
     const float* xs = xsum.data();
-    const i64 CHUNK = 32;
+    const i64 CHUNK = QGEMV_CHUNK;
     const i64 nchunks = (N + CHUNK - 1) / CHUNK;
     const i64 MB = std::max<i64>(4, std::min<i64>(M, (512 * 1024 / 4) / std::max<i64>(K, 1) / 4 * 4));
     threads = jmoss_pool::threads_for_bytes(threads, N * ldq * M);

@@ -480,7 +480,7 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
         tiles[ntiles++][1] = mt;
         m0 += mt;
     }
-    const i64 CHUNK = 32;
+    const i64 CHUNK = QGEMV_CHUNK;
     const i64 nchunks = (N + CHUNK - 1) / CHUNK;
     threads = jmoss_pool::threads_for_bytes(threads, N * ldq * M);
     jmoss_pool::parallel_for(threads, nchunks, [&](i64 c) {
