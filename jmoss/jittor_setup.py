@@ -744,3 +744,21 @@ def _import_jittor(device: str) -> ModuleType:
     jittor.flags.no_grad = 1
     jittor.flags.use_cuda = 1 if device == "cuda" else 0
     return jittor
+
+
+def wrap_zero_copy(jt: ModuleType, array):
+    """A jittor Var over ``array``'s memory (a C-contiguous numpy array; no copy, CPU only,
+    jittor-notes §4): resident weights, and the read probe's buffer, keep the pages they were given."""
+    import numpy as np
+
+    if not (type(array) is np.ndarray and array.flags.c_contiguous):
+        raise ValueError("zero-copy wrapping needs a C-contiguous plain ndarray")
+    reuse = getattr(jt, "reuse_np_array", None)
+    if reuse is not None:
+        return reuse(array)
+    saved = jt.flags.reuse_array
+    jt.flags.reuse_array = 1
+    try:
+        return jt.array(array)
+    finally:
+        jt.flags.reuse_array = saved

@@ -50,6 +50,7 @@ from jmoss.config import MossConfig
 from jmoss.engine.ops import pick_ops
 from jmoss.engine.pipeline import StreamPipeline, _layout_key, read_span
 from jmoss.errors import BudgetError, DeviceError
+from jmoss.jittor_setup import wrap_zero_copy
 from jmoss.layout import EMBED, HEAD, Group, all_groups
 from jmoss.model import ModelOps, MossModel, Step
 from jmoss.placement import CPU_TIERS, Plan
@@ -154,21 +155,6 @@ def read_group(store, g: Group, itemsize: int, *, huge_pages: bool = False) -> t
     if itemsize == 4:
         widen_in_place(buf, nbytes // 2, np.empty(_WIDEN_CHUNK, np.float16))
     return buf, group_views(buf, layout, itemsize)
-
-
-def wrap_zero_copy(jt: ModuleType, array: np.ndarray):
-    """A jittor Var over ``array``'s memory (no copy; CPU only, jittor-notes §4)."""
-    if not (type(array) is np.ndarray and array.flags.c_contiguous):
-        raise ValueError("zero-copy wrapping needs a C-contiguous plain ndarray")
-    reuse = getattr(jt, "reuse_np_array", None)
-    if reuse is not None:
-        return reuse(array)
-    saved = jt.flags.reuse_array
-    jt.flags.reuse_array = 1
-    try:
-        return jt.array(array)
-    finally:
-        jt.flags.reuse_array = saved
 
 
 class StreamingWeights(StreamPipeline):
