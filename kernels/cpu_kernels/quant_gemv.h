@@ -22,11 +22,14 @@ using jmoss_k::i64;
 // prefetch a few 4-row sets ahead (Q4_PF, Q8_PF4_SETS), which lands in the next chunk: at one
 // thread that is the next one it computes, but at two a chunk's first sets were never prefetched
 // (the thread's next chunk is claimed later, the line ahead is the other thread's), a quarter of
-// a 32-row chunk. 128 rows: MOSS-16B int4 shapes, 2 threads, int8 compute mode, fc_in 3.84 ->
-// 3.50 ms, qkv 2.81 -> 2.56, fc_out 3.54 -> 3.36; fp32 mode fc_in 4.76 -> 4.57; 1 thread
-// unchanged (Xeon VM, interleaved runs). Still 48+ chunks per 16B matrix for a descheduled
-// thread to lose only its own.
-static const i64 QGEMV_CHUNK = 128;
+// a 32-row chunk. So chunks are long, up to 256 rows, while each thread still gets ~8 of them to
+// balance and a descheduled thread loses only its own. MOSS-16B int4 shapes, 2 threads, int8
+// compute mode, 32 -> 128 rows: fc_in 3.84 -> 3.50 ms, qkv 2.81 -> 2.56, fc_out 3.54 -> 3.36
+// (fp32 mode fc_in 4.76 -> 4.57); 128 -> 256: fc_in 3.28 -> 3.14; 1 thread unchanged (Xeon VM,
+// interleaved runs).
+static inline i64 qgemv_chunk(i64 N, int threads) {
+    return std::max<i64>(32, std::min<i64>(256, N / (8 * std::max(1, threads)) / 4 * 4));
+}
 
 template <int BITS>
 static inline float q_at(const uint8_t* row, i64 j) {

@@ -74,10 +74,9 @@ static void qlinear(const float* x, const int32_t* perm, const uint8_t* q, const
     }
 #endif
     const float* xs = xsum.data();
-    const i64 CHUNK = QGEMV_CHUNK;
-    const i64 nchunks = (N + CHUNK - 1) / CHUNK;
     const i64 MB = std::max<i64>(4, std::min<i64>(M, (512 * 1024 / 4) / std::max<i64>(K, 1) / 4 * 4));
     threads = jmoss_pool::threads_for_bytes(threads, N * ldq * M);
+    const i64 CHUNK = qgemv_chunk(N, threads), nchunks = (N + CHUNK - 1) / CHUNK;
     jmoss_pool::parallel_for(threads, nchunks, [&](i64 c) {
         const i64 n_begin = c * CHUNK, n_end = std::min(N, n_begin + CHUNK);
         for (i64 n0 = n_begin; n0 < n_end; n0 += 4) {

@@ -516,9 +516,8 @@ static void qlinear_q8(const float* x, const int32_t* perm, const uint8_t* q, co
         tiles[ntiles++][1] = mt;
         m0 += mt;
     }
-    const i64 CHUNK = QGEMV_CHUNK;
-    const i64 nchunks = (N + CHUNK - 1) / CHUNK;
     threads = jmoss_pool::threads_for_bytes(threads, N * ldq * M);
+    const i64 CHUNK = qgemv_chunk(N, threads), nchunks = (N + CHUNK - 1) / CHUNK;
     jmoss_pool::parallel_for(threads, nchunks, [&](i64 c) {
         static thread_local std::vector<float> sz_v;
         float* sz = jmoss_k::aligned64(sz_v, G + 8);
