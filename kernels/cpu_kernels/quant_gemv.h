@@ -28,7 +28,7 @@ using jmoss_k::i64;
 // (fp32 mode fc_in 4.76 -> 4.57); 128 -> 256: fc_in 3.28 -> 3.14; 1 thread unchanged (Xeon VM,
 // interleaved runs).
 static inline i64 qgemv_chunk(i64 N, int threads) {
-    return std::max<i64>(32, std::min<i64>(256, N / (8 * std::max(1, threads)) / 4 * 4));
+    return std::max<i64>(32, std::min<i64>(256, N / (8 * std::max(1, threads)) / 8 * 8));  // whole 8-row tiles
 }
 
 template <int BITS>
