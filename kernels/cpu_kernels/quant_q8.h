@@ -296,8 +296,8 @@ static inline void q8_tile4x_vnni(const uint8_t* q, i64 ldq, const uint16_t* s, 
     __m512 tot01[MT], tot23[MT];
 #pragma GCC unroll 8
     for (int i = 0; i < MT; i++) tot01[i] = tot23[i] = _mm512_setzero_ps();
-    // one segment a group (SPLIT: a unit), its scales spread once: a group index computed per unit
-    // (u * UC / GS, an idiv) cost the 16B fc_in shape ~10% at 1 thread (perf: the divide sat in the loop)
+    // one segment a group (SPLIT: a unit), its scales spread once, rather than each unit's group
+    // computed as u * UC / GS (perf showed that 64-bit divide in the unit loop; neutral to 5% faster)
     const i64 UG = SPLIT ? 1 : GS / UC, nseg = SPLIT ? NU : (NU + UG - 1) / UG;
     for (i64 sgm = 0; sgm < nseg; sgm++) {
         const i64 u0 = sgm * UG, u1 = std::min(NU, u0 + UG);
@@ -360,9 +360,10 @@ static inline void q8_tile4x_vnni(const uint8_t* q, i64 ldq, const uint16_t* s, 
 
 // int4 decode (one x row) on AVX-512 VNNI: 8 weight rows a pass, q8_tile4x_vnni's arithmetic for
 // each row pair unchanged (so every row's result is bit-identical to the 4-row tile's), but each x
-// unit is loaded once for 8 rows and 8 row streams are read at once. Standalone on the 16B fc_in
-// shape, 1 thread: 13.4-14.1 -> 15.5-15.9 GB/s, at the plain read rate; the 4-row tile's demand
-// loads were too few and too far apart for the prefetchers to keep up.
+// unit is loaded once for 8 rows and 8 row streams are read at once. Measured on a 2-vCPU Xeon VM,
+// the 16B shapes, interleaved runs: the tile alone 13.4-13.8 -> 14.3 GB/s at 1 thread (12.9 when
+// the next set was prefetched in plain address order, 256 bytes a unit, instead of as two 4-row
+// halves); the whole GEMV 1T fc_in 5.83 -> 5.42 ms, fc_out 6.10 -> 5.40, 2T fc_in 3.13 -> 2.83.
 template <bool SPLIT>
 static inline void q8_tile8x_vnni(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G, i64 GS, i64 K, i64 NU,
                                   i64 nfull, const int8_t* xq, const float* xd, i64 M, i64 m0, float res[8][1]) {
@@ -442,8 +443,9 @@ static inline void q8_zero_factors(const uint16_t* s, const uint16_t* z, i64 G, 
 
 // One x row's zero-point term for one weight row in a single pass, sum_g s[g] (z[g] - c) xz[g],
 // each product formed as q8_zero_factors then q8_dot_g form it (s (z - c), times xz), 16 groups a
-// step on AVX-512. Decode (one x row) takes this: storing the factors and reading them back cost
-// ~70 instructions a row against ~20, measured as 8% of the 16B fc_in GEMV at 1 thread.
+// step on AVX-512. Decode (one x row) takes this: storing the factors and reading them back took
+// ~70 instructions a row against ~20; the term cost ~8% of the 16B fc_in GEMV at 1 thread, this
+// form 3-4% less in all.
 static inline float q8_zero_term(const uint16_t* s, const uint16_t* z, const float* xz, i64 G, float c) {
     i64 g = 0;
     float t = 0.f;
