@@ -276,6 +276,14 @@ static inline void q8_tile4x(const uint8_t* q, i64 ldq, const uint16_t* s, i64 G
 
 #if JMOSS_ISA == 2 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define JMOSS_Q8_VNNI 1
+// The group scales of 4 weight rows (stride G) as two row-pair vectors: [s0..s3 at g | s0..s3 at g2]
+// (g2: SPLIT, the group of the unit's second block) spread to row r in lanes 0-3 (g) and 4-7 (g2),
+// row r + 1 in lanes 8-11 and 12-15: s01 for rows 0 and 1, s23 for rows 2 and 3.
+static inline void q8_pair_scales(const uint16_t* s, i64 G, i64 g, i64 g2, __m512& s01, __m512& s23) {
+    const __m512 a = _mm512_castps256_ps512(_mm256_set_m128(q8_scales4(s, G, g2), q8_scales4(s, G, g)));
+    s01 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5), a);
+    s23 = _mm512_permutexvar_ps(_mm512_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7), a);
+}
 // The 4-row tiles on AVX-512 VNNI: two weight rows' units side by side in one zmm (rows 0|1, 2|3),
 // each x row's unit bytes broadcast to both halves, and vpdpbusd (u8 codes x s8 x, four products
 // summed into each int32 lane) in place of vpmaddubsw + vpaddw (+ vphaddw) + vpmaddwd: per unit and
@@ -301,12 +309,9 @@ static inline void q8_tile4x_vnni(const uint8_t* q, i64 ldq, const uint16_t* s, 
     const i64 UG = SPLIT ? 1 : GS / UC, nseg = SPLIT ? NU : (NU + UG - 1) / UG;
     for (i64 sgm = 0; sgm < nseg; sgm++) {
         const i64 u0 = sgm * UG, u1 = std::min(NU, u0 + UG);
-        // [s0..s3 at g | s0..s3 at g2] (g2: SPLIT, the group of the unit's second block) spread
-        // to row r in lanes 0-3 (g) and 4-7 (g2), row r + 1 in lanes 8-11 and 12-15
         const i64 g = SPLIT ? u0 * UC / GS : sgm, g2 = SPLIT ? std::min(G - 1, (u0 * UC + Q8_BLOCK) / GS) : g;
-        const __m512 a = _mm512_castps256_ps512(_mm256_set_m128(q8_scales4(s, G, g2), q8_scales4(s, G, g)));
-        const __m512 s01 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5), a);
-        const __m512 s23 = _mm512_permutexvar_ps(_mm512_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7), a);
+        __m512 s01, s23;
+        q8_pair_scales(s, G, g, g2, s01, s23);
         for (i64 u = u0; u < u1; u++) {
             const int8_t* xu = xq + (u * M + m0) * UC;
             const float* du = xd + (u * M + m0) * 8;
@@ -374,20 +379,13 @@ static inline void q8_tile8x_vnni(const uint8_t* q, i64 ldq, const uint16_t* s, 
     __m512 tot[4];
 #pragma GCC unroll 4
     for (int pr = 0; pr < 4; pr++) tot[pr] = _mm512_setzero_ps();
-    const __m512i lo_idx = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5);
-    const __m512i hi_idx = _mm512_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7);
     const i64 UG = SPLIT ? 1 : GS / UC, nseg = SPLIT ? NU : (NU + UG - 1) / UG;
     for (i64 sgm = 0; sgm < nseg; sgm++) {
         const i64 u0 = sgm * UG, u1 = std::min(NU, u0 + UG);
         const i64 g = SPLIT ? u0 * UC / GS : sgm, g2 = SPLIT ? std::min(G - 1, (u0 * UC + Q8_BLOCK) / GS) : g;
-        __m512 sc[4];  // row pair pr's scales, spread as in q8_tile4x_vnni (rows 0-3, then 4-7)
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; h++) {
-            const uint16_t* sh = s + 4 * h * G;
-            const __m512 a = _mm512_castps256_ps512(_mm256_set_m128(q8_scales4(sh, G, g2), q8_scales4(sh, G, g)));
-            sc[2 * h] = _mm512_permutexvar_ps(lo_idx, a);
-            sc[2 * h + 1] = _mm512_permutexvar_ps(hi_idx, a);
-        }
+        __m512 sc[4];  // row pair pr's scales (rows 0-3, then 4-7)
+        q8_pair_scales(s, G, g, g2, sc[0], sc[1]);
+        q8_pair_scales(s + 4 * G, G, g, g2, sc[2], sc[3]);
         // one unit of the 8 rows at base, rows stride bytes apart (the rows in place, or the tail copies)
         auto unit = [&](const uint8_t* base, i64 stride, i64 u) __attribute__((always_inline)) {
             const int8_t* xu = xq + (u * M + m0) * UC;
@@ -442,35 +440,18 @@ static inline void q8_zero_factors(const uint16_t* s, const uint16_t* z, i64 G, 
 }
 
 // One x row's zero-point term for one weight row in a single pass, sum_g s[g] (z[g] - c) xz[g],
-// each product formed as q8_zero_factors then q8_dot_g form it (s (z - c), times xz), 16 groups a
-// step on AVX-512. Decode (one x row) takes this: storing the factors and reading them back took
+// each product formed as q8_zero_factors then q8_dot_g form it (s (z - c), times xz), a vector of
+// groups a step. Decode (one x row) takes this: storing the factors and reading them back took
 // ~70 instructions a row against ~20; the term cost ~8% of the 16B fc_in GEMV at 1 thread, this
 // form 3-4% less in all.
 static inline float q8_zero_term(const uint16_t* s, const uint16_t* z, const float* xz, i64 G, float c) {
+    using namespace jmoss_k;
+    const vec cv = vbroadcast1(c);
+    vec acc = vzero();
     i64 g = 0;
-    float t = 0.f;
-#if JMOSS_ISA == 2
-    const __m512 cv = _mm512_set1_ps(c);
-    __m512 acc = _mm512_setzero_ps();
-    for (; g + 16 <= G; g += 16) {
-        const __m512 sg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + g)));
-        const __m512 zg = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(z + g)));
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(sg, _mm512_sub_ps(zg, cv)), _mm512_loadu_ps(xz + g), acc);
-    }
-    t = _mm512_reduce_add_ps(acc);
-#endif
-    const __m256 cv8 = _mm256_set1_ps(c);
-    __m256 acc8 = _mm256_setzero_ps();
-    for (; g + 8 <= G; g += 8) {
-        const __m256 sg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + g)));
-        const __m256 zg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(z + g)));
-        acc8 = _mm256_fmadd_ps(_mm256_mul_ps(sg, _mm256_sub_ps(zg, cv8)), _mm256_loadu_ps(xz + g), acc8);
-    }
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc8), _mm256_extractf128_ps(acc8, 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-    t += _mm_cvtss_f32(v);
-    for (; g < G; g++) t += jmoss_k::scalar_load(s + g) * (jmoss_k::scalar_load(z + g) - c) * xz[g];
+    for (; g + VW <= G; g += VW) acc = vfma(vmul(vload(s + g), vsub(vload(z + g), cv)), vload(xz + g), acc);
+    float t = vsum(acc);
+    for (; g < G; g++) t += scalar_load(s + g) * (scalar_load(z + g) - c) * xz[g];
     return t;
 }
 

@@ -168,6 +168,20 @@ static inline vec vadd(vec a, vec b) {
     return _mm256_add_ps(a, b);
 #endif
 }
+static inline vec vsub(vec a, vec b) {
+#if JMOSS_ISA == 2
+    return _mm512_sub_ps(a, b);
+#else
+    return _mm256_sub_ps(a, b);
+#endif
+}
+static inline vec vmul(vec a, vec b) {
+#if JMOSS_ISA == 2
+    return _mm512_mul_ps(a, b);
+#else
+    return _mm256_mul_ps(a, b);
+#endif
+}
 static inline void vstore(float* p, vec v) {
 #if JMOSS_ISA == 2
     _mm512_storeu_ps(p, v);
