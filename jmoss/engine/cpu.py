@@ -134,14 +134,14 @@ def read_group(store, g: Group, itemsize: int, *, huge_pages: bool = False) -> t
     keeps the file for the next start (the kernel reclaims it first).
     """
     start, nbytes = store.group_data_span(g)
-    layout = _group_layout(store.tensor_offsets(g), start, itemsize)
+    tensors = _group_layout(store.tensor_offsets(g), start, itemsize)
     hasher = store.span_hasher(g)
     fd = os.open(store.group_path(g), os.O_RDONLY)
     try:
         if huge_pages:
             if itemsize != 2:
                 raise ValueError("huge-page groups hold float16 as stored (itemsize 2)")
-            buf, views = read_huge_page_span(fd, start, nbytes, layout, hasher=hasher)
+            buf, views = read_huge_page_span(fd, start, nbytes, tensors, hasher=hasher)
         else:
             buf = np.empty(nbytes // 2 * itemsize, dtype=np.uint8)
             target = memoryview(buf)[nbytes:] if itemsize == 4 else memoryview(buf)
@@ -154,7 +154,7 @@ def read_group(store, g: Group, itemsize: int, *, huge_pages: bool = False) -> t
         return buf, views
     if itemsize == 4:
         widen_in_place(buf, nbytes // 2, np.empty(_WIDEN_CHUNK, np.float16))
-    return buf, group_views(buf, layout, itemsize)
+    return buf, group_views(buf, tensors, itemsize)
 
 
 class StreamingWeights(StreamPipeline):
